@@ -1,0 +1,203 @@
+"""From (prompt, response) strings to model inputs on both sides, with aligned spans.
+
+Rules (method §3.5, and where we deliberately differ from the authors' code):
+
+* **Truncate text, not tokens.** The authors truncate each side's tokens separately, so the two sides cover
+  different amounts of the response and the tail spans mismatch. Here the *response text* is cut so that it
+  fits ``max_response_tokens`` tokens of the counting tokenizer (the student's unless ``length_unit`` says
+  ``teacher``); both tokenizers then tokenize the identical, shorter string. The cut falls before the first
+  token that would not fit, so it never splits a character. The prompt is cut the same way, keeping its
+  *end* (the text closest to the response), so both models condition on the identical prompt string.
+* **EOS is an event both models predict.** With ``eos_span`` (default on) each side appends its own EOS
+  token and the pair of EOS tokens forms a final span of its own, so the loss sees "the response ends here".
+  ``eos_span=False`` keeps the paper's behaviour: no EOS, so the end of the response is never scored.
+  A truncated response did not end where it was cut, so it gets no EOS span.
+* **Prompt format.** ``raw``: the prompt text followed by the response text, each tokenized on its own (so
+  span offsets start at 0 and the first response token never merges with prompt text), with the special
+  tokens the tokenizer itself puts at the start of a text (Gemma's ``<bos>``; SmolLM2 adds none).
+  ``chat_template``: each model's own chat template renders a one-turn user message with the generation
+  prompt, and the response follows it. When a side's prompt would be empty, its EOS token stands in as the
+  start of context (the GPT-2 convention), since the first response token needs a position to be predicted
+  from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from ctpd_core.alignment import SpanAlignment, TokenizedText, align_spans, tokenize_with_byte_offsets
+
+PromptFormat = Literal["raw", "chat_template"]
+LengthUnit = Literal["student", "teacher"]
+
+
+@dataclass(frozen=True)
+class EncodingConfig:
+    max_prompt_tokens: int = 128
+    max_response_tokens: int = 384
+    length_unit: LengthUnit = "student"
+    eos_span: bool = True
+    prompt_format: PromptFormat = "raw"
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_tokens < 1 or self.max_response_tokens < 1:
+            raise ValueError(
+                f"max_prompt_tokens and max_response_tokens must be >= 1 (got {self.max_prompt_tokens}, "
+                f"{self.max_response_tokens})"
+            )
+        if self.length_unit not in ("student", "teacher"):
+            raise ValueError(f"length_unit must be 'student' or 'teacher', not {self.length_unit!r}")
+        if self.prompt_format not in ("raw", "chat_template"):
+            raise ValueError(f"prompt_format must be 'raw' or 'chat_template', not {self.prompt_format!r}")
+
+
+@dataclass(frozen=True)
+class EncodedSide:
+    """One (prompt, response) under one tokenizer.
+
+    ``input_ids`` = prompt tokens then response tokens (then EOS when it is a span). ``token_span`` gives the
+    span of each response token (and of the EOS), in order; response token j sits at position
+    ``prompt_length + j`` and is predicted from position ``prompt_length + j - 1``.
+    """
+
+    input_ids: np.ndarray  # [P + R] int64
+    prompt_length: int
+    token_span: np.ndarray  # [R] int64
+
+    @property
+    def response_length(self) -> int:
+        return int(self.token_span.shape[0])
+
+
+@dataclass(frozen=True)
+class EncodedResponse:
+    response: str  # the (possibly truncated) response text both sides cover
+    truncated: bool
+    alignment: SpanAlignment
+    num_spans: int  # alignment spans, plus one when the EOS span is on
+    student: EncodedSide
+    teacher: EncodedSide
+
+
+def _special_prefix(tokenizer: Any) -> list[int]:
+    """The special tokens ``tokenizer`` puts at the start of a text by itself (e.g. Gemma's <bos>)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    start = _find_sublist(full, plain)
+    return list(full[:start]) if start is not None else []
+
+
+def _find_sublist(haystack: Sequence[int], needle: Sequence[int]) -> int | None:
+    for start in range(len(haystack) - len(needle) + 1):
+        if list(haystack[start : start + len(needle)]) == list(needle):
+            return start
+    return None
+
+
+def truncate_text(text: str, tokenizer: Any, max_tokens: int, keep: Literal["start", "end"] = "start") -> str:
+    """The longest part of ``text`` (its start, or its end) that ``tokenizer`` encodes in <= ``max_tokens``.
+
+    Cuts on character offsets, before the first token that does not fit, then re-tokenizes to check: BPE is
+    not perfectly prefix-stable, so a few rounds may be needed.
+    """
+    for _ in range(16):
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+        if len(offsets) <= max_tokens:
+            return text
+        if keep == "start":
+            text = text[: offsets[max_tokens][0]]
+        else:
+            text = text[offsets[len(offsets) - max_tokens - 1][1] :]
+    raise ValueError(f"could not truncate a text to {max_tokens} tokens in 16 rounds; shorten it in the dataset")
+
+
+class PairEncoder:
+    """Encodes (prompt, response) pairs for a student/teacher tokenizer pair under one :class:`EncodingConfig`."""
+
+    def __init__(self, student_tokenizer: Any, teacher_tokenizer: Any, config: EncodingConfig) -> None:
+        self.student_tokenizer = student_tokenizer
+        self.teacher_tokenizer = teacher_tokenizer
+        self.config = config
+        for role, tokenizer in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
+            if config.eos_span and tokenizer.eos_token_id is None:
+                raise ValueError(f"the {role} tokenizer defines no EOS token; set eos_span: false")
+            if config.prompt_format == "chat_template" and not getattr(tokenizer, "chat_template", None):
+                raise ValueError(
+                    f"the {role} tokenizer has no chat template; set prompt_format: raw "
+                    "(or use a model folder whose tokenizer_config.json has one)"
+                )
+        self._prefix = {"student": _special_prefix(student_tokenizer), "teacher": _special_prefix(teacher_tokenizer)}
+
+    @property
+    def counting_tokenizer(self) -> Any:
+        return self.student_tokenizer if self.config.length_unit == "student" else self.teacher_tokenizer
+
+    def prompt_ids(self, prompt: str, role: Literal["student", "teacher"]) -> list[int]:
+        """The prompt's token ids on one side (after :meth:`truncate_prompt`)."""
+        tokenizer = self.student_tokenizer if role == "student" else self.teacher_tokenizer
+        if self.config.prompt_format == "chat_template":
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            ids = list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        else:
+            ids = self._prefix[role] + (list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else [])
+        return ids or [tokenizer.eos_token_id]
+
+    def truncate_prompt(self, prompt: str) -> str:
+        return truncate_text(prompt, self.counting_tokenizer, self.config.max_prompt_tokens, keep="end")
+
+    def truncate_response(self, response: str) -> str:
+        return truncate_text(response, self.counting_tokenizer, self.config.max_response_tokens, keep="start")
+
+    def encode_responses(self, prompt: str, responses: Sequence[str]) -> list[EncodedResponse]:
+        """Encode several responses to one prompt (a chosen and a rejected one, or samples)."""
+        prompt = self.truncate_prompt(prompt)
+        prompt_ids = {role: self.prompt_ids(prompt, role) for role in ("student", "teacher")}
+        cut = [self.truncate_response(response) for response in responses]
+        student = tokenize_with_byte_offsets(self.student_tokenizer, cut, role="student tokenizer")
+        teacher = tokenize_with_byte_offsets(self.teacher_tokenizer, cut, role="teacher tokenizer")
+        return [
+            self._encode_one(text, len(text) < len(original), prompt_ids, s, t)
+            for original, text, s, t in zip(responses, cut, student, teacher, strict=True)
+        ]
+
+    def _encode_one(
+        self,
+        response: str,
+        truncated: bool,
+        prompt_ids: dict[str, list[int]],
+        student: TokenizedText,
+        teacher: TokenizedText,
+    ) -> EncodedResponse:
+        alignment = align_spans(student, teacher, response)
+        with_eos = self.config.eos_span and not truncated
+        num_spans = alignment.num_spans + int(with_eos)
+        sides = {}
+        for role, tokens, token_span, tokenizer in (
+            ("student", student, alignment.student_span, self.student_tokenizer),
+            ("teacher", teacher, alignment.teacher_span, self.teacher_tokenizer),
+        ):
+            response_ids = tokens.token_ids
+            if with_eos:
+                response_ids = np.append(response_ids, tokenizer.eos_token_id)
+                token_span = np.append(token_span, alignment.num_spans)
+            prompt = np.asarray(prompt_ids[role], dtype=np.int64)
+            sides[role] = EncodedSide(
+                input_ids=np.concatenate([prompt, response_ids]).astype(np.int64),
+                prompt_length=int(prompt.shape[0]),
+                token_span=token_span.astype(np.int64),
+            )
+        return EncodedResponse(
+            response=response,
+            truncated=truncated,
+            alignment=alignment,
+            num_spans=num_spans,
+            student=sides["student"],
+            teacher=sides["teacher"],
+        )

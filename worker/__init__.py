@@ -1,0 +1,1 @@
+"""worker: the data plane (Celery workers running the CTPD training core)."""
