@@ -102,10 +102,12 @@ def tokenize_with_byte_offsets(tokenizer: Any, texts: Sequence[str], role: str =
     texts = list(texts)
     if not texts:
         return []
+    char_to_byte_maps = [_char_to_byte_offsets(text) for text in texts]  # validates the text first
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     results = []
-    for text, ids, offsets in zip(texts, encoded["input_ids"], encoded["offset_mapping"], strict=True):
-        char_to_byte = _char_to_byte_offsets(text)
+    for text, char_to_byte, ids, offsets in zip(
+        texts, char_to_byte_maps, encoded["input_ids"], encoded["offset_mapping"], strict=True
+    ):
         token_ids = np.asarray(ids, dtype=np.int64)
         if len(offsets):
             char_ends = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 1]

@@ -1,0 +1,203 @@
+"""The job spec: THE contract shared by the API, the worker and the CLI. Torch-free (the API imports it).
+
+Every default lives here and nowhere else; defaults follow the paper (method §6) unless a comment says why
+not. Unknown fields are errors (``extra="forbid"``), so a typo never silently falls back to a default.
+The minimal form names a teacher, a student and a dataset; everything else is filled in, and the resolved
+spec (``JobSpec.model_validate(data).model_dump()``) is what gets stored and reported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["ctpd", "dpo", "tisdpo"]
+WeightSource = Literal["teacher_contrastive", "student_contrastive", "uniform", "random"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(_Strict):
+    model: str = Field(
+        min_length=1,
+        description="A catalog name (`ctpd models list`), a local Hugging Face folder, or a hub id "
+        "(only where the Hugging Face Hub is reachable).",
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) of a hub id.")
+    trust_remote_code: bool = Field(
+        default=False, description="Run the model repository's own Python code. Off unless you trust it."
+    )
+
+
+class DatasetRef(_Strict):
+    path: str | None = Field(
+        default=None, description="A JSONL, JSON or Parquet file of preference pairs (prompt, chosen, rejected)."
+    )
+    id: str | None = Field(default=None, description="The id of a dataset uploaded with POST /v1/datasets.")
+    validation_path: str | None = Field(
+        default=None, description="A separate held-out file; when unset, `validation_fraction` of the rows is held out."
+    )
+    validation_fraction: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="Share of rows held out for evaluation when no validation set is given."
+    )
+    max_pairs: int | None = Field(default=None, ge=1, description="Use at most this many training pairs (for quick runs).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetRef:
+        if (self.path is None) == (self.id is None):
+            raise ValueError("give exactly one of dataset.path (a file) or dataset.id (an uploaded dataset)")
+        return self
+
+
+class SequenceSpec(_Strict):
+    max_prompt_tokens: int = Field(default=128, ge=1, description="Prompt budget; the prompt keeps its end.")
+    max_response_tokens: int = Field(
+        default=384, ge=1, description="Response budget; the response *text* is cut so both models see the same string."
+    )
+    length_unit: Literal["student", "teacher"] = Field(
+        default="student", description="Whose tokens the budgets count."
+    )
+    eos_span: bool = Field(
+        default=True,
+        description="Score the end of the response as a final span of its own on both sides "
+        "(false: the paper's behaviour, which never scores EOS).",
+    )
+    prompt_format: Literal["raw", "chat_template"] = Field(
+        default="raw", description="raw text, or each model's own chat template around the prompt."
+    )
+
+
+class ContrastiveSpec(_Strict):
+    """π+ and π− (method §2, stages 2a/2b): given as models, or trained by DPO and by DPO on swapped pairs,
+    both initialised from (and referenced to) the teacher (or the student, for TIS-DPO weights)."""
+
+    positive: ModelRef | None = Field(default=None, description="A ready π+; trained when unset.")
+    negative: ModelRef | None = Field(default=None, description="A ready π−; trained when unset.")
+    beta: float = Field(default=0.3, gt=0, description="DPO β for training π+ and π− (paper: 0.3).")
+    learning_rate: float = Field(default=2e-6, gt=0, description="Paper: 2e-6 for both π+ and π−.")
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1, description="Cap on optimizer steps per contrastive model.")
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> ContrastiveSpec:
+        if (self.positive is None) != (self.negative is None):
+            raise ValueError("give both contrastive.positive and contrastive.negative, or neither (to train them)")
+        return self
+
+
+class WeightsSpec(_Strict):
+    source: WeightSource | None = Field(
+        default=None,
+        description="teacher_contrastive (the paper), student_contrastive, uniform or random. "
+        "Default: teacher_contrastive for ctpd, student_contrastive for tisdpo, uniform for dpo.",
+    )
+    lower: float = Field(default=-0.5, description="Clamp lower bound L on log π+ − log π− (method §4.2).")
+    upper: float = Field(default=1.5, description="Clamp upper bound U.")
+    scale: float = Field(default=1.0, gt=0, description="The normaliser k.")
+    random_low: float = Field(default=0.7, gt=0, description="Random ablation: U(random_low, random_high).")
+    random_high: float = Field(default=1.3, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> WeightsSpec:
+        if self.lower >= self.upper:
+            raise ValueError(f"weights.lower ({self.lower}) must be below weights.upper ({self.upper})")
+        if self.random_low >= self.random_high:
+            raise ValueError("weights.random_low must be below weights.random_high")
+        return self
+
+
+class LoraSpec(_Strict):
+    enabled: bool = Field(default=False, description="LoRA adapters (peft) instead of full fine-tuning (the paper).")
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainingSpec(_Strict):
+    learning_rate: float = Field(default=1e-6, gt=0, description="Paper: 1e-6 for CTPD.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of steps spent warming up (paper: 10 %).")
+    epochs: float = Field(default=1.0, gt=0, description="Paper: one epoch.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(default=16, ge=1, description="Pairs per optimizer step (paper: 16).")
+    micro_batch_size: int = Field(default=2, ge=1, description="Pairs per forward pass; gradients accumulate.")
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0, description="AdamW (torch default).")
+    precision: Precision = Field(default="auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
+    seed: int = 0
+    checkpoint_every: int = Field(default=100, ge=1, description="Save a resumable checkpoint every N steps.")
+
+    @model_validator(mode="after")
+    def _batches(self) -> TrainingSpec:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"training.batch_size ({self.batch_size}) must be a multiple of training.micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+        return self
+
+
+class EvaluationSpec(_Strict):
+    max_pairs: int | None = Field(default=256, ge=1, description="Held-out pairs to evaluate (None: all).")
+    batch_size: int = Field(default=8, ge=1)
+
+
+class JobSpec(_Strict):
+    method: Method = Field(default="ctpd", description="ctpd, or a baseline on the student alone: dpo, tisdpo.")
+    teacher: ModelRef | None = Field(default=None, description="The teacher; required for ctpd.")
+    student: ModelRef
+    dataset: DatasetRef
+    beta: float = Field(default=0.1, gt=0, description="β of the distillation loss (paper: 0.1).")
+    weights: WeightsSpec = WeightsSpec()
+    contrastive: ContrastiveSpec = ContrastiveSpec()
+    training: TrainingSpec = TrainingSpec()
+    sequence: SequenceSpec = SequenceSpec()
+    lora: LoraSpec = LoraSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    name: str | None = Field(default=None, max_length=200, description="A label for people.")
+    metadata: dict[str, str] = Field(default_factory=dict, description="Free-form key/value labels (filterable).")
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> JobSpec:
+        default_source: dict[str, WeightSource] = {
+            "ctpd": "teacher_contrastive",
+            "tisdpo": "student_contrastive",
+            "dpo": "uniform",
+        }
+        if self.weights.source is None:
+            object.__setattr__(self, "weights", self.weights.model_copy(update={"source": default_source[self.method]}))
+        if self.method == "ctpd" and self.teacher is None:
+            raise ValueError("method ctpd needs a teacher: add {\"teacher\": {\"model\": ...}}")
+        if self.weights.source == "teacher_contrastive" and self.method != "ctpd":
+            raise ValueError(
+                f"weights.source teacher_contrastive needs method ctpd (the {self.method} baseline trains the "
+                "student alone); use student_contrastive or uniform"
+            )
+        if self.method == "dpo" and self.weights.source != "uniform":
+            raise ValueError("method dpo uses no weights; use tisdpo for weighted DPO, or drop weights.source")
+        return self
+
+    @property
+    def needs_contrastive(self) -> bool:
+        return self.weights.source in ("teacher_contrastive", "student_contrastive")
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a spec from a YAML or JSON file."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    data: Any
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    return JobSpec.model_validate(data)
