@@ -158,20 +158,141 @@ def load_tokenizer(reference: str, *, cache_dir: Path, trust_remote_code: bool =
     elif path.exists():
         raise ModelLoadError(f"{path} is neither a folder nor a tokenizer.json; give a Hugging Face folder or file")
     else:
-        tokenizer = _hub_tokenizer(reference, trust_remote_code)
+        tokenizer = _hub_tokenizer(reference, trust_remote_code, role)
     require_offsets(tokenizer, role)
     return tokenizer
 
 
-def _hub_tokenizer(reference: str, trust_remote_code: bool) -> Any:
+def _hub_unreachable_reason(reference: str) -> str | None:
+    """Why the Hugging Face Hub cannot serve ``reference`` right now, or None if it may.
+
+    Checked before any download so that an unreachable hub fails in seconds: the hub client otherwise
+    retries with back-off for about a minute per file.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as error:
+        return f"{host} is unreachable ({error})"
+    return None
+
+
+def _from_hub(load: Callable[..., Any], reference: str, role: str, **kwargs: Any) -> Any:
+    """``load(reference, **kwargs)`` from the local hub cache or the hub, with one clear error on failure."""
+    from huggingface_hub import try_to_load_from_cache
+
+    reason = _hub_unreachable_reason(reference)
+    try:
+        if reason is not None and not isinstance(try_to_load_from_cache(reference, "config.json"), str):
+            raise OSError(reason)  # not in the local hub cache either: fail now, not after a minute of retries
+        return load(reference, local_files_only=reason is not None, **kwargs)
+    except (OSError, ValueError) as error:
+        detail = reason or f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        raise ModelLoadError(
+            f"the {role} {reference!r} is not a catalog model ({', '.join(sorted(CATALOG))}), not a local folder "
+            f"or tokenizer.json, and is not available from the Hugging Face Hub ({detail}); pass a local folder, "
+            "or run where the hub is reachable"
+        ) from error
+
+
+def _hub_tokenizer(reference: str, trust_remote_code: bool, role: str = "tokenizer") -> Any:
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(reference, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(
-            f"{reference!r} is not a catalog model ({', '.join(sorted(CATALOG))}), not a local folder or "
-            f"tokenizer.json, and could not be fetched from the Hugging Face Hub ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); pass a local folder, or run where the hub "
-            "is reachable"
-        ) from error
+    return _from_hub(AutoTokenizer.from_pretrained, reference, role, trust_remote_code=trust_remote_code)
+
+
+
+def _catalog_model_folder(name: str, cache_dir: Path) -> Path:
+    """The cached safetensors folder of a catalog model, converting its GGUF once on first use.
+
+    The GGUF is dequantised to fp32 and written as a plain Hugging Face folder (safetensors + tokenizer),
+    so later loads take about a second instead of a minute.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(cache_dir) / name / "model"
+    if (folder / "config.json").exists():
+        return folder
+    gguf = catalog_gguf_path(name, cache_dir)
+    logger.info("converting %s from %s to safetensors (once; cached in %s)", name, gguf, folder)
+    tokenizer = _catalog_tokenizer(name, cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
+    )
+    # save_pretrained refuses a model that still carries its GGUF quantizer; the weights are already fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    def save(path: Path) -> None:
+        model.save_pretrained(str(path), safe_serialization=True)
+        tokenizer.save_pretrained(str(path))
+
+    _atomic_save(save, folder)
+    return folder
+
+
+def resolve_model_folder(reference: str, *, cache_dir: Path) -> Path | None:
+    """The local folder a reference names (converting a catalog entry on first use), or None for a hub id."""
+    if reference in CATALOG:
+        return _catalog_model_folder(reference, Path(cache_dir))
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file; a model is a Hugging Face folder (config.json + *.safetensors)")
+    return None
+
+
+def load_causal_lm(
+    reference: str,
+    *,
+    cache_dir: Path,
+    dtype: Any = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    role: str = "model",
+) -> tuple[Any, Any]:
+    """Load ``(model, fast tokenizer)`` from a catalog name, a Hugging Face folder or a hub id.
+
+    Refuses what is unsafe or cannot work: weights load from safetensors only (a pickled ``.bin`` can run
+    code when loaded), remote code runs only when ``trust_remote_code`` is set, and a tokenizer without
+    offsets is an error. ``dtype`` defaults to fp32.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    folder = resolve_model_folder(reference, cache_dir=cache_dir)
+    if folder is not None:
+        if not (folder / "config.json").exists():
+            raise ModelLoadError(f"{folder} has no config.json; it is not a Hugging Face model folder")
+        if not any(folder.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"{folder} holds no *.safetensors weights; pickled .bin weights are refused because loading them "
+                "can run arbitrary code. Convert them once with model.save_pretrained(dir, safe_serialization=True)"
+            )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), local_files_only=True, use_safetensors=True, dtype=dtype,
+                trust_remote_code=trust_remote_code,
+            )
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"cannot load the {role} from {folder}: {error}") from error
+        tokenizer = load_tokenizer(str(folder), cache_dir=cache_dir, trust_remote_code=trust_remote_code, role=role)
+        return model, tokenizer
+    model = _from_hub(
+        AutoModelForCausalLM.from_pretrained, reference, role,
+        revision=revision, use_safetensors=True, dtype=dtype, trust_remote_code=trust_remote_code,
+    )
+    tokenizer = _hub_tokenizer(reference, trust_remote_code, role)
+    require_offsets(tokenizer, role)
+    return model, tokenizer

@@ -1,0 +1,122 @@
+"""Content-addressed stage outputs and the small storage formats they use.
+
+A stage's output lives in ``root/<stage>/<key>/`` where ``key`` is the sha256 of everything that determines
+it (:func:`content_key`). A folder is complete only once its ``_complete.json`` marker exists; it is built
+under a temporary name and renamed into place, so a crash or a concurrent run never leaves (or reads) half
+an output. Ragged per-example arrays are stored flat in safetensors with offsets (safe to load: no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MARKER = "_complete.json"
+
+
+def content_key(parts: Mapping[str, Any]) -> str:
+    """sha256 of a JSON-serialisable description of a stage's inputs (keys sorted, so order never matters)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class StageCache:
+    """``root/<stage>/<key>/`` folders, each built once (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key[:24]
+
+    def is_complete(self, stage: str, key: str) -> bool:
+        return (self.path(stage, key) / MARKER).exists()
+
+    def build(self, stage: str, key: str, parts: Mapping[str, Any], write: Callable[[Path], None]) -> Path:
+        """Run ``write(folder)`` into a fresh temporary folder and publish it as the output for ``key``."""
+        target = self.path(stage, key)
+        if self.is_complete(stage, key):
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            write(staging)
+            (staging / MARKER).write_text(json.dumps({"stage": stage, "key": key, "inputs": parts}, indent=2, default=str))
+            if target.exists():  # an incomplete leftover from a crash, or another run finished first
+                if (target / MARKER).exists():
+                    shutil.rmtree(staging)
+                    return target
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+
+def save_ragged(path: Path, columns: Mapping[str, Sequence[np.ndarray]]) -> None:
+    """Save named lists of 1-D arrays (one per example) as flat safetensors columns plus offsets."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for name, arrays in columns.items():
+        lengths = np.asarray([len(a) for a in arrays], dtype=np.int64)
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.concatenate([np.asarray(a) for a in arrays]) if len(arrays) else np.zeros(0)
+        tensors[f"{name}.values"] = np.ascontiguousarray(flat)
+        tensors[f"{name}.offsets"] = offsets
+    save_file(tensors, str(path))
+
+
+def load_ragged(path: Path) -> dict[str, list[np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(path))
+    columns = {}
+    for key in tensors:
+        if key.endswith(".offsets"):
+            name = key[: -len(".offsets")]
+            values, offsets = tensors[f"{name}.values"], tensors[key]
+            columns[name] = [values[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    return columns
+
+
+def file_sha256(path: Path, cache: dict[str, Any] | None = None) -> str:
+    """sha256 of a file, memoised in ``cache`` by (path, size, mtime) so big weights are hashed once."""
+    stat = path.stat()
+    memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    if cache is not None and memo_key in cache:
+        return cache[memo_key]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    if cache is not None:
+        cache[memo_key] = digest.hexdigest()
+    return digest.hexdigest()
+
+
+def folder_fingerprint(folder: Path, memo_file: Path | None = None) -> str:
+    """Content fingerprint of a model folder: its config and the sha256 of every weight file."""
+    memo: dict[str, Any] = {}
+    if memo_file is not None and memo_file.exists():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except json.JSONDecodeError:
+            memo = {}
+    parts: dict[str, str] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".safetensors", ".json") and path.is_file() and path.name != MARKER:
+            parts[path.name] = file_sha256(path, memo)
+    if memo_file is not None:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        memo_file.write_text(json.dumps(memo))
+    return content_key(parts)
