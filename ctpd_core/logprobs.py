@@ -346,3 +346,54 @@ def span_logprobs(token_logps: torch.Tensor, token_span: torch.Tensor, num_spans
     if num_spans == 0:
         return spans
     return spans.scatter_add(1, scatter_index, contributions)  # [B, K]
+
+
+def _final_hidden_and_head(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
+    head = model.get_output_embeddings()
+    outputs = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return outputs.last_hidden_state, head.weight, getattr(head, "bias", None), _final_logit_softcapping(model)
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None):
+    logits = F.linear(hidden, weight, bias).float()  # [N, V]
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return torch.log_softmax(logits, dim=1)  # [N, V]
+
+
+@torch.no_grad()
+def model_label_kl(
+    model: nn.Module,
+    reference_model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """KL(model ‖ reference_model) of the full next-token distributions at every labelled position.
+
+    Same conventions as :func:`model_label_logprobs` (labels already shifted, -100 ignored); both models
+    must share the tokenizer (e.g. a student and its initial copy). Chunked over positions, so neither
+    model's ``[B, T, V]`` logits exist. Returns ``[B, T]`` float32, 0.0 at ignored positions.
+    """
+    hidden, weight, bias, softcap = _final_hidden_and_head(model, input_ids, attention_mask)
+    hidden_ref, weight_ref, bias_ref, softcap_ref = _final_hidden_and_head(reference_model, input_ids, attention_mask)
+    if weight.shape[0] != weight_ref.shape[0]:
+        raise ValueError("model_label_kl compares two models over one vocabulary; their heads differ in size")
+    flat_labels = labels.reshape(-1)
+    positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # [N]
+    size = hidden.shape[-1]
+    selected = hidden.reshape(-1, size).index_select(0, positions)  # [N, H]
+    selected_ref = hidden_ref.reshape(-1, hidden_ref.shape[-1]).index_select(0, positions)
+    kl = hidden.new_zeros(flat_labels.shape[0], dtype=torch.float32)
+    pieces = []
+    for chunk, chunk_ref in zip(selected.split(chunk_size), selected_ref.split(chunk_size), strict=True):
+        logp = _chunk_logps(chunk, weight, bias, softcap)  # [n, V]
+        logq = _chunk_logps(chunk_ref, weight_ref, bias_ref, softcap_ref)
+        pieces.append((logp.exp() * (logp - logq)).sum(dim=1))  # [n]
+    if pieces:
+        kl = kl.index_copy(0, positions, torch.cat(pieces))
+    return kl.view(labels.shape)  # [B, T]

@@ -10,6 +10,7 @@ Nothing here reads environment variables: callers (the CLI, the worker) pass ``c
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -296,3 +297,38 @@ def load_causal_lm(
     tokenizer = _hub_tokenizer(reference, trust_remote_code, role)
     require_offsets(tokenizer, role)
     return model, tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of everything about a tokenizer that changes token ids: its model, special tokens, template."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = {
+        "tokenizer": backend.to_str() if backend is not None else type(tokenizer).__name__,
+        "special": {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id},
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(reference: str, *, cache_dir: Path, revision: str | None = None, memo_file: Path | None = None) -> str:
+    """A content identity of a model reference, for stage cache keys.
+
+    Catalog entries are identified by name and package version (their GGUF is sha256-checked on install);
+    local folders by the sha256 of their config and weight files (memoised by size and mtime); hub ids by
+    id and revision.
+    """
+    from ctpd_core.artifacts import content_key, folder_fingerprint
+
+    if reference in CATALOG:
+        entry = CATALOG[reference]
+        try:
+            version = importlib.metadata.version(entry.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not-installed"
+        return content_key({"catalog": reference, "package": entry.distribution, "version": version})
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return content_key({"folder": folder_fingerprint(path, memo_file)})
+    return content_key({"hub": reference, "revision": revision})

@@ -104,3 +104,68 @@ def real_teacher_tokenizer():
     from ctpd_core.models import load_tokenizer
 
     return load_tokenizer("gemma-3-270m", cache_dir=catalog_cache())
+
+
+def _save_tiny_model(model, tokenizer, folder: Path) -> Path:
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_student_folder(tmp_path_factory, student_tokenizer) -> Path:
+    """A 2-layer Llama on the tiny byte-level BPE, saved as a Hugging Face folder (safetensors)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=len(student_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=student_tokenizer.eos_token_id, attention_dropout=0.0,
+    )
+    return _save_tiny_model(LlamaForCausalLM(config), student_tokenizer, tmp_path_factory.mktemp("tiny-student"))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_folder(tmp_path_factory, teacher_tokenizer) -> Path:
+    """A 2-layer Gemma-3 on the tiny Unigram tokenizer, saved as a Hugging Face folder (safetensors)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(2)
+    config = Gemma3TextConfig(
+        vocab_size=len(teacher_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512, sliding_window=16,
+        eos_token_id=teacher_tokenizer.eos_token_id, bos_token_id=teacher_tokenizer.bos_token_id,
+        pad_token_id=teacher_tokenizer.pad_token_id,
+    )
+    return _save_tiny_model(Gemma3ForCausalLM(config), teacher_tokenizer, tmp_path_factory.mktemp("tiny-teacher"))
+
+
+def make_pairs(sentences: list[str], count: int) -> list[dict]:
+    """Preference rows from real sentences: the prompt is a sentence's opening, chosen its real ending,
+    rejected the ending of a different sentence (a coherent-vs-incoherent preference a model can learn)."""
+    rows = []
+    usable = [s for s in sentences if len(s.split()) >= 8]
+    for index in range(count):
+        words = usable[index].split()
+        other = usable[(index * 7 + 3) % len(usable)].split()
+        cut = min(6, len(words) // 2)
+        rows.append(
+            {
+                "prompt": " ".join(words[:cut]),
+                "chosen": " " + " ".join(words[cut : cut + 10]),
+                "rejected": " " + " ".join(other[-min(10, len(other) - 1) :]),
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_path(tmp_path_factory, botchan_sentences) -> Path:
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in make_pairs(botchan_sentences, 40)))
+    return path
