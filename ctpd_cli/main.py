@@ -108,7 +108,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ctpd_core.spec import load_spec
     from worker.recipe import RunContext, run_spec
 
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, args.set)
     artifacts = Path(args.artifacts) if args.artifacts else ctpd_home() / "artifacts"
     run_dir = artifacts / "runs" / content_key(spec.model_dump(mode="json"))[:16]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="a job spec, YAML or JSON (see examples/)")
     run.add_argument("--artifacts", help="artifact root (default: $CTPD_HOME/artifacts)")
     run.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set method=dpo --set training.max_steps=4 (repeatable)",
+    )
     run.set_defaults(handler=_cmd_run)
 
     models = commands.add_parser("models", help="the catalog of packaged models")

@@ -189,15 +189,45 @@ class JobSpec(_Strict):
         return self.weights.source in ("teacher_contrastive", "student_contrastive")
 
 
-def load_spec(path: str | Path) -> JobSpec:
-    """Read a spec from a YAML or JSON file."""
+def read_spec_data(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a YAML or JSON spec file (not yet validated)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
-    data: Any
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
         data = yaml.safe_load(text)
     else:
         data = json.loads(text)
-    return JobSpec.model_validate(data)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping (a job spec), not {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML: numbers, booleans, null, strings)."""
+    import copy
+
+    import yaml
+
+    data = copy.deepcopy(data)
+    for override in overrides:
+        key, separator, raw = override.partition("=")
+        if not separator or not key:
+            raise ValueError(f"override {override!r} must look like section.field=value, e.g. training.max_steps=4")
+        target = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = target.get(part)
+            if child is None:
+                child = target[part] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"override {override!r}: {part} is not a section")
+            target = child
+        target[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read a spec from a YAML or JSON file, with optional ``dotted.key=value`` overrides."""
+    return JobSpec.model_validate(apply_overrides(read_spec_data(path), overrides or []))
