@@ -246,12 +246,14 @@ def plan_steps(config: FitConfig, num_items: int) -> StepPlan:
 def lr_multiplier(step: int, *, schedule: LrSchedule, warmup_steps: int, total_steps: int) -> float:
     """The factor on the base learning rate for optimizer step ``step`` (0-based).
 
-    Linear warmup ``step / warmup_steps``, then decay over the remaining steps. The decay progress is clamped
+    Linear warmup ``(step + 1) / (warmup_steps + 1)``, so that every step trains (Hugging Face's
+    ``step / warmup_steps`` spends step 0 at learning rate 0, a real loss on a short run), then decay over
+    the remaining steps. The decay progress is clamped
     to [0, 1], so any step at or past ``total_steps`` gets the final value (0 for cosine and linear) instead of
     a cosine that climbs back up (method §9.7).
     """
     if step < warmup_steps:
-        return step / warmup_steps
+        return (step + 1) / (warmup_steps + 1)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -216,10 +216,10 @@ def test_each_epoch_is_a_seeded_permutation_with_drop_last(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("schedule", "expected"),
     [
-        # warmup 2 of 10 steps: 0, 1/2, then the peak at step 2; the decay spans steps 2..10 (progress (s−2)/8)
-        ("cosine", {0: 0.0, 1: 0.5, 2: 1.0, 4: 0.5 * (1 + math.cos(math.pi / 4)), 6: 0.5, 9: 0.5 * (1 + math.cos(math.pi * 7 / 8)), 10: 0.0}),
-        ("linear", {0: 0.0, 1: 0.5, 2: 1.0, 4: 0.75, 6: 0.5, 9: 0.125, 10: 0.0}),
-        ("constant", {0: 0.0, 1: 0.5, 2: 1.0, 6: 1.0, 10: 1.0}),
+        # warmup 2 of 10 steps: 1/3, 2/3, then the peak at step 2; the decay spans steps 2..10 (progress (s−2)/8)
+        ("cosine", {0: 1 / 3, 1: 2 / 3, 2: 1.0, 4: 0.5 * (1 + math.cos(math.pi / 4)), 6: 0.5, 9: 0.5 * (1 + math.cos(math.pi * 7 / 8)), 10: 0.0}),
+        ("linear", {0: 1 / 3, 1: 2 / 3, 2: 1.0, 4: 0.75, 6: 0.5, 9: 0.125, 10: 0.0}),
+        ("constant", {0: 1 / 3, 1: 2 / 3, 2: 1.0, 6: 1.0, 10: 1.0}),
     ],
 )  # fmt: skip
 def test_lr_multiplier_by_hand(schedule: str, expected: dict[int, float]) -> None:
