@@ -265,6 +265,17 @@ def test_checkpointing_keeps_no_chunk_logits_alive_for_backward(generator: torch
     assert saved_fp32_elements(lambda: naive_label_logprobs(logits, labels)) >= BATCH * SEQ * VOCAB
 
 
+def test_a_single_chunk_is_not_recomputed_and_stays_within_one_chunk(generator: torch.Generator) -> None:
+    """When every labelled position fits one chunk, nothing is checkpointed (no recompute); what autograd
+    saves is still bounded by one chunk of logits."""
+    hidden = torch.randn(BATCH, SEQ, HIDDEN, generator=generator).requires_grad_(True)
+    weight = torch.randn(VOCAB, HIDDEN, generator=generator).requires_grad_(True)
+    labels = make_labels(generator)
+    labelled = int((labels != IGNORE_INDEX).sum())
+    saved = saved_fp32_elements(lambda: label_logprobs_from_hidden(hidden, weight, labels, chunk_size=BATCH * SEQ))
+    assert labelled * VOCAB <= saved <= 2 * labelled * VOCAB + VOCAB * HIDDEN + BATCH * SEQ * (HIDDEN + 2)
+
+
 def test_from_hidden_rejects_bad_inputs(generator: torch.Generator) -> None:
     hidden = torch.randn(BATCH, SEQ, HIDDEN, generator=generator)
     weight = torch.randn(VOCAB, HIDDEN, generator=generator)
