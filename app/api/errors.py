@@ -1,0 +1,175 @@
+"""One error shape for every failure: ``{"error": {"code", "message", "param", ...}}``.
+
+``param`` names the offending field as a dotted path into the request (``training.batch_size``,
+``lora.target_modules[0]``), a query parameter (``limit``), a header (``Idempotency-Key``) or the upload
+field (``file``); null when no single field is at fault. A 422 carries ``errors``: one
+``{"param", "message"}`` per problem, and ``message`` joins them, so one response lists every fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ctpd_core.spec import JobSpec
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """Raised by handlers and dependencies; rendered as the error shape with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers, self.extra = headers, extra
+
+
+def error_body(code: str, message: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "param": param, **extra}}
+
+
+def invalid_request(problems: Sequence[tuple[str | None, str]]) -> ApiError:
+    """A 422 listing ``(param, message)`` problems; the first one's param is the error's ``param``."""
+    return ApiError(
+        422, "invalid_request", "; ".join(message for _, message in problems), problems[0][0],
+        errors=[{"param": param, "message": message} for param, message in problems],
+    )
+
+
+# ------------------------------------------------------------------------ pydantic errors -> our shape
+
+_DOTTED = re.compile(r"\b[a-z_]+(?:\.[a-z_]+)+\b")
+_QUOTED_KEY = re.compile(r'\{"([a-z_]+)"')
+
+
+def _param_of(loc: Sequence[Any]) -> tuple[str, str | None]:
+    """``("body", "training", "batch_size")`` -> ``("body", "training.batch_size")``."""
+    where = str(loc[0]) if loc else "body"
+    path = ""
+    for part in loc[1:]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif isinstance(part, str) and not re.search(r"[\[\](),'\"]", part):
+            path += f".{part}" if path else part
+        # else: a union member's tag such as "list[str]" or "literal['all-linear']": not a field
+    return where, path or None
+
+
+def _model_at(path: str | None) -> type[BaseModel] | None:
+    """The spec model a dotted body path points into (for listing the allowed fields)."""
+    model: type[BaseModel] | None = JobSpec
+    for part in (path or "").split(".") if path else []:
+        part = part.split("[", 1)[0]
+        if model is None or part not in model.model_fields:
+            return None
+        model = _model_in(model.model_fields[part].annotation)
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _is_spec_path(path: str) -> bool:
+    parent, _, leaf = path.rpartition(".")
+    model = _model_at(parent) if parent else JobSpec
+    return model is not None and leaf in model.model_fields
+
+
+def _describe(error: dict[str, Any]) -> tuple[str | None, str]:
+    where, param = _param_of(error.get("loc", ()))
+    kind, msg = error.get("type", ""), str(error.get("msg", "invalid value"))
+    if where == "header" and param:
+        param = "-".join(word.capitalize() for word in param.split("-"))
+    if kind == "json_invalid":
+        detail = (error.get("ctx") or {}).get("error", "")
+        return None, f"the request body is not valid JSON ({detail}); send a JSON object".replace(" ()", "")
+    if kind == "extra_forbidden" and where == "body":
+        parent = param.rpartition(".")[0] if param and "." in param else None
+        model = _model_at(parent)
+        allowed = f" (allowed here: {', '.join(model.model_fields)})" if model is not None else ""
+        return param, f"{param}: unknown field; check the spelling{allowed}"
+    if kind == "missing":
+        if param is None:
+            return None, "the request body is missing; send a JSON object"
+        return param, f"{param}: required"
+    if kind in ("model_type", "model_attributes_type", "dict_type") and param is None and where == "body":
+        return None, "the request body must be a JSON object (sent as Content-Type: application/json)"
+    if kind == "value_error":
+        message = msg.removeprefix("Value error, ")
+        # A model-level check (loc = the model) usually names the field it is about: point param at it.
+        for candidate in _DOTTED.findall(message):
+            if where == "body" and _is_spec_path(candidate) and (param is None or candidate.startswith(param + ".")):
+                param = candidate
+                break
+        if param is None and where == "body":
+            quoted = _QUOTED_KEY.search(message)  # e.g. 'add {"teacher": {"model": ...}}'
+            if quoted and quoted.group(1) in JobSpec.model_fields:
+                param = quoted.group(1)
+        return param, message if param is None or param in message else f"{param}: {message}"
+    value = error.get("input")
+    got = f" (got {value!r})" if isinstance(value, str | int | float | bool) and len(repr(value)) <= 80 else ""
+    return param, f"{param}: {msg}{got}" if param else f"{msg}{got}"
+
+
+def from_validation_errors(errors: Iterable[dict[str, Any]]) -> ApiError:
+    problems = [_describe(error) for error in errors]
+    return invalid_request(problems or [(None, "invalid request")])
+
+
+# ------------------------------------------------------------------------------------------- handlers
+
+
+def _render(error: ApiError) -> JSONResponse:
+    return JSONResponse(
+        error_body(error.code, error.message, error.param, **error.extra), status_code=error.status,
+        headers=error.headers,
+    )
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 409: "conflict", 413: "file_too_large", 415: "unsupported_media_type"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
+        return _render(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+        return _render(from_validation_errors(error.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(error.status_code, "http_error")
+        message = str(error.detail)
+        if error.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}; see /docs for the API"
+        return JSONResponse(error_body(code, message), status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:  # the API's process boundary
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal_error", "internal server error; the service log has the details"),
+                            status_code=500)

@@ -1,0 +1,365 @@
+"""/v1/jobs: submit, list, read, cancel; events, metrics, artifacts and the model download."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from app.api.artifacts import export_files, tar_gz_stream
+from app.api.deps import DbDep, PrincipalDep, QueueDep, SettingsDep
+from app.api.errors import ApiError, invalid_request
+from app.api.schemas import (
+    Artifact,
+    ArtifactList,
+    ErrorResponse,
+    Job,
+    JobEventList,
+    JobList,
+    JobMetrics,
+    MetricPoint,
+    event_object,
+    job_object,
+)
+from app.db import repository as repo
+from app.db.repository import Database, Principal
+from app.settings import Settings
+from ctpd_core.spec import JobSpec
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(
+    prefix="/v1/jobs", tags=["jobs"],
+    responses={422: {"model": ErrorResponse, "description": "Invalid request; `error.param` names the field."}},
+)
+
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+_METADATA_QUERY = re.compile(r"^metadata\[(.+)\]$")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
+    404: {"model": ErrorResponse, "description": "No such job for this API key's tenant."},
+}
+
+
+async def _raw_body(request: Request) -> bytes:
+    return await request.body()  # already read (and cached) by FastAPI for the JobSpec
+
+
+def _request_hash(body: bytes) -> str:
+    canonical = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _job_for(db: Database, job_id: str, principal: Principal) -> repo.JobRow:
+    job = repo.get_job(db, job_id, principal.tenant)
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r} for this API key", "job_id")
+    return job
+
+
+def _view(db: Database, job: repo.JobRow) -> Job:
+    return job_object(job, repo.job_transitions(db, [job.id])[job.id])
+
+
+# --------------------------------------------------------------------------- what a spec may point at
+
+
+def _metadata_problems(metadata: dict[str, str]) -> list[tuple[str | None, str]]:
+    problems: list[tuple[str | None, str]] = []
+    if len(metadata) > MAX_METADATA_PAIRS:
+        problems.append(("metadata", f"metadata: at most {MAX_METADATA_PAIRS} pairs, got {len(metadata)}"))
+    for key, value in metadata.items():
+        if not key or len(key) > MAX_METADATA_KEY:
+            problems.append((f"metadata.{key}", f"metadata keys need 1 to {MAX_METADATA_KEY} characters, got {key!r}"))
+        elif len(value) > MAX_METADATA_VALUE:
+            problems.append((f"metadata.{key}", f"metadata.{key}: at most {MAX_METADATA_VALUE} characters"))
+    return problems
+
+
+def _private_path_problem(value: str, principal: Principal, db: Database, settings: Settings) -> str | None:
+    """A path into the artifact root must be one of the caller's own jobs or datasets."""
+    path = Path(value).expanduser()
+    resolved = Path(os.path.realpath(path if path.is_absolute() else Path.cwd() / path))
+    root = Path(os.path.realpath(settings.artifact_root))  # type: ignore[arg-type]
+    if resolved != root and root not in resolved.parents:
+        return None  # a catalog name, a hub id or a folder the operator provides
+    parts = resolved.relative_to(root).parts
+    if len(parts) >= 2 and parts[0] == "jobs" and repo.owns_job(db, parts[1], principal.tenant):
+        return None
+    if len(parts) >= 2 and parts[0] == "datasets" and repo.get_dataset(db, parts[1], principal.tenant) is not None:
+        return None
+    return (f"{value!r} is inside the service's artifact root but not one of your jobs or datasets; use a model id "
+            "from GET /v1/models, or upload the dataset with POST /v1/datasets and pass {\"dataset\": {\"id\": ...}}")
+
+
+def _reference_problems(spec: JobSpec, principal: Principal, db: Database, settings: Settings) -> list[tuple[str | None, str]]:
+    problems: list[tuple[str | None, str]] = []
+    if spec.dataset.id is not None and repo.get_dataset(db, spec.dataset.id, principal.tenant) is None:
+        problems.append(("dataset.id", f"dataset.id: no dataset {spec.dataset.id!r} for this API key; upload the file "
+                         "with POST /v1/datasets and use the id it returns"))
+    if principal.is_admin:
+        return problems  # operators may point anywhere
+    references = {
+        "dataset.path": spec.dataset.path,
+        "dataset.validation_path": spec.dataset.validation_path,
+        "student.model": spec.student.model,
+        "teacher.model": spec.teacher.model if spec.teacher else None,
+        "contrastive.positive.model": spec.contrastive.positive.model if spec.contrastive.positive else None,
+        "contrastive.negative.model": spec.contrastive.negative.model if spec.contrastive.negative else None,
+    }
+    for param, value in references.items():
+        problem = _private_path_problem(value, principal, db, settings) if value else None
+        if problem:
+            problems.append((param, f"{param}: {problem}"))
+    return problems
+
+
+# ------------------------------------------------------------------------------------------- endpoints
+
+
+@router.post(
+    "",
+    operation_id="create_job",
+    status_code=201,
+    response_model=Job,
+    summary="Submit a job",
+    description=(
+        "The body is a JobSpec; the stored and returned `spec` is the resolved spec (every default filled in). "
+        "Invalid input is a 422 naming the field (`error.param`) and the fix, and nothing is stored.\n\n"
+        "**Idempotency:** with an `Idempotency-Key` header, the first request creates the job (201); repeating "
+        "the same key with the same body returns that same job with **200** and `Idempotent-Replayed: true`, "
+        "and nothing is enqueued again; the same key with a different body is a 409 `idempotency_conflict`. "
+        "Keys are per tenant and never expire."
+    ),
+    responses={
+        200: {"model": Job, "description": "Replay of an earlier request with the same Idempotency-Key and body."},
+        409: {"model": ErrorResponse, "description": "The Idempotency-Key was used with a different body."},
+        422: {"model": ErrorResponse, "description": "Invalid spec; `error.param` names the field."},
+        401: _ERRORS[401],
+    },
+)
+def create_job(
+    spec: JobSpec,
+    response: Response,
+    principal: PrincipalDep,
+    db: DbDep,
+    queue: QueueDep,
+    settings: SettingsDep,
+    body: Annotated[bytes, Depends(_raw_body)],
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", min_length=1, max_length=255,
+               description="Any unique string (e.g. a UUID); retrying with it never creates a second job."),
+    ] = None,
+) -> Job:
+    problems = _metadata_problems(spec.metadata) + _reference_problems(spec, principal, db, settings)
+    if problems:
+        raise invalid_request(problems)
+    try:
+        job, created = repo.create_job(
+            db, tenant=principal.tenant, spec=spec.model_dump(mode="json"), name=spec.name, metadata=spec.metadata,
+            idempotency_key=idempotency_key, request_hash=_request_hash(body), max_attempts=settings.max_attempts,
+        )
+    except repo.IdempotencyConflict as conflict:
+        raise ApiError(409, "idempotency_conflict",
+                       f"{conflict}; use a new Idempotency-Key for a different request", "Idempotency-Key") from None
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+        return _view(db, job)
+    # The row is committed: now ring the doorbell. A failure here loses nothing, the job stays queued and
+    # the reaper enqueues it again after requeue_after_seconds.
+    try:
+        queue.enqueue_job(job.id)
+    except Exception as error:  # the broker is down or misconfigured: record it and answer anyway
+        logger.warning("could not enqueue job %s: %s", job.id, error)
+        repo.add_event(db, job.id, "job_queued",
+                       f"could not reach the broker ({type(error).__name__}: {error}); the job stays queued and is "
+                       f"enqueued again within {settings.requeue_after_seconds} s", level="warning",
+                       data={"enqueued": False, "error": f"{type(error).__name__}: {error}"})
+    else:
+        repo.add_event(db, job.id, "job_queued", "enqueued for a worker", data={"enqueued": True, "queue": "train"})
+    return _view(db, job)
+
+
+@router.get(
+    "",
+    operation_id="list_jobs",
+    response_model=JobList,
+    summary="List jobs",
+    description=(
+        "Newest first. Cursor pagination: pass the last job's `id` of a page as `after` for the next one, while "
+        "`has_more` is true. Filter by `status` and by metadata with `metadata[key]=value` (repeatable; all must "
+        "match)."
+    ),
+    responses=_ERRORS,
+    openapi_extra={
+        "parameters": [
+            {
+                "name": "metadata",
+                "in": "query",
+                "required": False,
+                "style": "deepObject",
+                "explode": True,
+                "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+                "description": "Filter by metadata: `metadata[team]=nlp&metadata[run]=3`.",
+            }
+        ]
+    },
+)
+def list_jobs(
+    request: Request,
+    principal: PrincipalDep,
+    db: DbDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
+    after: Annotated[str | None, Query(description="The id of the last job of the previous page.")] = None,
+    status: Annotated[
+        Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"] | None,
+        Query(description="Only jobs in this status."),
+    ] = None,
+) -> JobList:
+    metadata = {}
+    for key, value in request.query_params.multi_items():
+        match = _METADATA_QUERY.match(key)
+        if match:
+            metadata[match.group(1)] = value
+    try:
+        rows, has_more = repo.list_jobs(db, principal.tenant, limit=limit, after=after, status=status, metadata=metadata)
+    except repo.InvalidCursor as error:
+        raise ApiError(422, "invalid_request", str(error), "after") from None
+    transitions = repo.job_transitions(db, [row.id for row in rows])
+    return JobList(data=[job_object(row, transitions[row.id]) for row in rows], has_more=has_more)
+
+
+@router.get("/{job_id}", operation_id="get_job", response_model=Job, summary="Get a job", responses=_ERRORS)
+def get_job(job_id: str, principal: PrincipalDep, db: DbDep) -> Job:
+    return _view(db, _job_for(db, job_id, principal))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    operation_id="cancel_job",
+    response_model=Job,
+    summary="Cancel a job",
+    description=(
+        "A queued job is `cancelled` at once. A running job becomes `cancelling`: the worker checkpoints and "
+        "stops at its next check, then the job is `cancelled`. Cancelling a cancelling or cancelled job returns "
+        "it unchanged; a succeeded or failed job is a 409."
+    ),
+    responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "The job already succeeded or failed."}},
+)
+def cancel_job(job_id: str, principal: PrincipalDep, db: DbDep) -> Job:
+    try:
+        job = repo.request_cancel(db, job_id, principal.tenant)
+    except repo.JobNotCancellable as error:
+        raise ApiError(409, "job_not_cancellable", str(error), "job_id") from None
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r} for this API key", "job_id")
+    return _view(db, job)
+
+
+@router.get(
+    "/{job_id}/events",
+    operation_id="list_job_events",
+    response_model=JobEventList,
+    summary="List a job's events",
+    description=(
+        "Oldest first, so a client follows a running job by passing the last event `id` it saw as `after`. "
+        "Each event has a `type` (job_created, job_queued, job_started, stage_started, stage_finished, "
+        "checkpoint_saved, job_restarted, cancel_requested, job_succeeded, job_failed, job_cancelled), a "
+        "`level` and typed `data`."
+    ),
+    responses=_ERRORS,
+)
+def list_job_events(
+    job_id: str,
+    principal: PrincipalDep,
+    db: DbDep,
+    after: Annotated[int | None, Query(ge=0, description="Only events with a larger id.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> JobEventList:
+    _job_for(db, job_id, principal)
+    rows, has_more = repo.list_events(db, job_id, after=after, limit=limit)
+    return JobEventList(data=[event_object(row) for row in rows], has_more=has_more)
+
+
+@router.get(
+    "/{job_id}/metrics",
+    operation_id="get_job_metrics",
+    response_model=JobMetrics,
+    summary="Get a job's metric series",
+    description=(
+        "`data` maps `<stage>/<metric>` to its points `[{step, value}, ...]` in step order, for training "
+        "(`distill/loss`, `contrastive:positive/loss`, ...) and evaluation (`evaluate/...`, at the final distill "
+        "step). Example: `{\"object\": \"job.metrics\", \"job_id\": \"job_...\", \"data\": {\"distill/loss\": "
+        "[{\"step\": 1, \"value\": 0.69}, {\"step\": 2, \"value\": 0.65}]}}`."
+    ),
+    responses=_ERRORS,
+)
+def get_job_metrics(job_id: str, principal: PrincipalDep, db: DbDep) -> JobMetrics:
+    _job_for(db, job_id, principal)
+    data: dict[str, dict[int, float]] = {}
+    for name, points in repo.metric_series(db, job_id).items():
+        for stage, step, value in points:
+            data.setdefault(f"{stage}/{name}", {})[step] = value  # a repeated step keeps its last value
+    return JobMetrics(
+        job_id=job_id,
+        data={key: [MetricPoint(step=step, value=value) for step, value in sorted(points.items())]
+              for key, points in sorted(data.items())},
+    )
+
+
+def _export_folder(job: repo.JobRow) -> Path | None:
+    if job.status != "succeeded" or not job.export_dir:
+        return None
+    folder = Path(job.export_dir)
+    return folder if folder.is_dir() else None
+
+
+@router.get(
+    "/{job_id}/artifacts",
+    operation_id="list_job_artifacts",
+    response_model=ArtifactList,
+    summary="List a job's exported files",
+    description="The files of the exported model folder with their sizes; empty until the job succeeded.",
+    responses=_ERRORS,
+)
+def list_job_artifacts(job_id: str, principal: PrincipalDep, db: DbDep) -> ArtifactList:
+    folder = _export_folder(_job_for(db, job_id, principal))
+    files = export_files(folder) if folder is not None else []
+    return ArtifactList(data=[Artifact(path=relative, size_bytes=size) for relative, _, size in files])
+
+
+@router.get(
+    "/{job_id}/artifacts/model.tar.gz",
+    operation_id="download_job_model",
+    summary="Download the exported model folder",
+    description="The exported Hugging Face folder as a streamed tar.gz whose top folder is the job id.",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+              "description": "The model folder as tar.gz."},
+        409: {"model": ErrorResponse, "description": "The job has not succeeded (or its export is gone)."},
+        **_ERRORS,
+    },
+)
+def download_job_model(job_id: str, principal: PrincipalDep, db: DbDep) -> StreamingResponse:
+    job = _job_for(db, job_id, principal)
+    if job.status != "succeeded":
+        raise ApiError(409, "job_not_succeeded",
+                       f"job {job_id} is {job.status}; the model can be downloaded once it has succeeded", "job_id")
+    folder = _export_folder(job)
+    if folder is None:
+        raise ApiError(409, "artifacts_unavailable", f"the export folder of job {job_id} is no longer on disk", "job_id")
+    return StreamingResponse(
+        tar_gz_stream(folder, job_id), media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="{job_id}-model.tar.gz"'},
+    )

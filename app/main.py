@@ -1,0 +1,79 @@
+"""The control plane's FastAPI app.
+
+``create_app(settings, queue=None)`` builds an app from explicit settings; nothing connects at import or
+at creation (the engine connects on first use). Logging is configured only by the entry points
+(:func:`serve`, or whoever calls :func:`configure_logging`). For uvicorn directly:
+``uvicorn --factory app.main:app_from_env``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api import datasets, health, jobs, models
+from app.api.errors import install_error_handlers
+from app.db.repository import Database
+from app.queue import CeleryTaskQueue, TaskQueue
+from app.settings import Settings, get_settings
+
+API_VERSION = "0.1.0"
+
+DESCRIPTION = """\
+Preference distillation jobs (CTPD): submit a JobSpec, follow its status, events and metrics, download the
+distilled student.
+
+* **Auth:** `Authorization: Bearer <key>` (`ctpd keys create --tenant NAME`). A tenant sees only its own jobs
+  and datasets; another tenant's id is a 404.
+* **Errors:** `{"error": {"code", "message", "param"}}`; `param` names the offending field as a dotted path
+  (`training.batch_size`). A 422 also lists every problem in `error.errors`.
+* **Pagination:** lists return `{"object": "list", "data": [...], "has_more": bool}`; pass the last item's id as
+  `after`.
+* **Idempotency:** `POST /v1/jobs` with `Idempotency-Key`: 201 the first time, 200 (same job,
+  `Idempotent-Replayed: true`) on a replay with the same body, 409 with a different body.
+"""
+
+
+def create_app(settings: Settings, queue: TaskQueue | None = None) -> FastAPI:
+    database = Database(settings.database_url)
+    task_queue: TaskQueue = queue if queue is not None else CeleryTaskQueue(settings.broker_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        close = getattr(task_queue, "close", None)
+        if callable(close):
+            close()
+        database.dispose()
+
+    app = FastAPI(title="ctpd", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.db = database
+    app.state.queue = task_queue
+    install_error_handlers(app)
+    for router in (jobs.router, datasets.router, models.router, health.router):
+        app.include_router(router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """An app from the environment's settings (``uvicorn --factory app.main:app_from_env``)."""
+    return create_app(get_settings())
+
+
+def configure_logging(level: str | int = "INFO") -> None:
+    """Handlers for a process entry point; library modules only ever call ``logging.getLogger(__name__)``."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve(settings: Settings | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+          log_level: str = "INFO") -> None:
+    """Run the API with uvicorn (the entry point behind ``ctpd serve``; ``ctpd up`` runs a worker beside it)."""
+    import uvicorn
+
+    configure_logging(log_level)
+    uvicorn.run(create_app(settings or get_settings()), host=host, port=port, log_config=None,
+                log_level=log_level.lower())

@@ -1,0 +1,1 @@
+"""Alembic migrations; run them with ``Database(url).upgrade()`` (``ctpd db upgrade``)."""

@@ -1,0 +1,69 @@
+"""The doorbell to the workers (docs/service-contract.md, "Queue"). SQL is the source of truth; a message
+only carries a job id, and a lost one loses no job (the reaper enqueues stale queued jobs again).
+
+:class:`CeleryTaskQueue` sends tasks **by name** from a Celery app that registers no tasks, so ``app/``
+never imports ``worker/``. Celery is imported on first use: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+RUN_JOB_TASK = "ctpd.run_job"
+RUN_JOB_QUEUE = "train"
+REAPER_TASK = "ctpd.reap_stale_jobs"
+REAPER_QUEUE = "default"
+
+# A publish against a dead broker gives up after a few seconds instead of blocking the API request;
+# the job row is already committed and the reaper enqueues it again.
+_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+
+
+class TaskQueue(Protocol):
+    def enqueue_job(self, job_id: str) -> None: ...
+    def enqueue_reaper(self) -> None: ...
+
+
+class CeleryTaskQueue:
+    """Publishes ``ctpd.run_job`` (queue ``train``) and ``ctpd.reap_stale_jobs`` (queue ``default``)."""
+
+    def __init__(self, broker_url: str) -> None:
+        self.broker_url = broker_url
+        self._app: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def celery(self) -> Any:
+        with self._lock:
+            if self._app is None:
+                from celery import Celery
+
+                app = Celery("ctpd-api", broker=self.broker_url, set_as_current=False)
+                app.conf.update(
+                    task_ignore_result=True,
+                    broker_connection_timeout=2,
+                    broker_connection_retry=False,
+                    task_default_queue=REAPER_QUEUE,
+                )
+                self._app = app
+            return self._app
+
+    def _send(self, name: str, args: list[Any], queue: str) -> None:
+        self.celery.send_task(name, args=args, queue=queue, retry=True, retry_policy=_PUBLISH_RETRY_POLICY)
+
+    def enqueue_job(self, job_id: str) -> None:
+        self._send(RUN_JOB_TASK, [job_id], RUN_JOB_QUEUE)
+        logger.info("enqueued %s for job %s on %s", RUN_JOB_TASK, job_id, RUN_JOB_QUEUE)
+
+    def enqueue_reaper(self) -> None:
+        self._send(REAPER_TASK, [], REAPER_QUEUE)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._app is not None:
+                self._app.close()
+                self._app = None

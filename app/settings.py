@@ -1,0 +1,56 @@
+"""Service settings (docs/service-contract.md, "Settings"): pydantic-settings, env prefix ``CTPD_``.
+
+Nothing is created at import: :func:`get_settings` builds (and caches) a :class:`Settings` from the
+environment; tests build ``Settings(...)`` explicitly and pass it to ``create_app``. Paths that default to a
+place under ``home`` are filled in after validation, so ``Settings(home=tmp)`` moves everything at once.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CTPD_", extra="ignore")
+
+    home: Path = Field(default=Path(".ctpd"), description="Root of everything local (CTPD_HOME).")
+    database_url: str = Field(
+        default="", description="SQLAlchemy URL; default sqlite:///$CTPD_HOME/ctpd.db (postgresql+psycopg://... in production)."
+    )
+    broker_url: str = Field(
+        default="", description="Celery broker; default sqla+sqlite:///$CTPD_HOME/broker.db (redis://... in production)."
+    )
+    artifact_root: Path | None = Field(
+        default=None, description="Stage cache, job run folders (jobs/<job_id>/), uploaded datasets (datasets/<id>/)."
+    )
+    model_cache: Path | None = Field(default=None, description="Catalog model conversions; default $CTPD_HOME/catalog.")
+    lease_seconds: int = Field(default=120, ge=5, description="A running job's lease; the worker heartbeats every lease/4.")
+    max_attempts: int = Field(default=3, ge=1, description="Deliveries of a job before it fails with worker_lost.")
+    requeue_after_seconds: int = Field(
+        default=300, ge=1, description="A queued job no worker claimed for this long is enqueued again."
+    )
+    max_upload_bytes: int = Field(default=512 * MiB, ge=1, description="Dataset upload cap in bytes.")
+
+    @model_validator(mode="after")
+    def _fill_paths(self) -> Settings:
+        # Absolute, so that a later chdir (or a worker started elsewhere) sees the same files.
+        self.home = self.home.expanduser().absolute()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'ctpd.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.home / 'broker.db'}"
+        self.artifact_root = (self.artifact_root or self.home / "artifacts").expanduser().absolute()
+        self.model_cache = (self.model_cache or self.home / "catalog").expanduser().absolute()
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once."""
+    return Settings()
