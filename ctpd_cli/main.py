@@ -152,6 +152,330 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- the service
+# These commands import only the control plane (app/) unless they run a worker, so they also work in the
+# API image, which carries no torch.
+
+
+def _service_settings():
+    from app.settings import get_settings
+
+    return get_settings()
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):  # a URL SQLAlchemy cannot parse: show it without credentials
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}" if "@" in rest else url
+
+
+def _cmd_db(args: argparse.Namespace) -> int:
+    from app.db.repository import Database
+
+    settings = _service_settings()
+    db = Database(settings.database_url)
+    try:
+        db.upgrade()
+    finally:
+        db.dispose()
+    print(f"database {_redacted(settings.database_url)}: migrated to the latest revision")
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from app.db.repository import Database, create_api_key
+
+    settings = _service_settings()
+    db = Database(settings.database_url)
+    try:
+        key = create_api_key(db, args.tenant, args.name or "cli", is_admin=args.admin)
+    finally:
+        db.dispose()
+    print(key)
+    print(f"(tenant {args.tenant}{', admin' if args.admin else ''}; shown once, stored only as a hash)", file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from app.main import serve  # uvicorn on app.main:create_app(get_settings()), logging configured
+
+    serve(_service_settings(), host=args.host, port=args.port, log_level=args.log_level.upper())
+    return 0
+
+
+WORKER_QUEUES = ("train", "default")
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    """A Celery worker: one per GPU (``CUDA_VISIBLE_DEVICES=i``), concurrency 1, a fresh child per job."""
+    from worker.celery_app import create_celery
+
+    queues = [name.strip() for name in args.queues.split(",") if name.strip()]
+    unknown = sorted(set(queues) - set(WORKER_QUEUES))
+    if not queues or unknown:
+        raise ValueError(f"--queues {args.queues!r}: use a comma-separated subset of {','.join(WORKER_QUEUES)}")
+    settings = _service_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if devices and "," in devices and "train" in queues:
+        logger.warning("CUDA_VISIBLE_DEVICES=%s lists several GPUs; a worker trains on the first one only: "
+                       "start one `ctpd worker` per GPU, each with CUDA_VISIBLE_DEVICES=<index>", devices)
+    tag = f"gpu{devices.replace(',', '-')}" if devices else "worker"
+    argv = [
+        "worker",
+        f"--queues={','.join(queues)}",
+        "--concurrency=1",
+        f"--hostname={args.hostname or f'ctpd-{tag}@%h'}",
+        f"--loglevel={args.log_level.upper()}",
+    ]
+    if args.beat:
+        argv += ["--beat", f"--schedule={settings.home / 'celerybeat-schedule'}"]
+    create_celery(settings).worker_main(argv)
+    return 0
+
+
+def _die_with_parent(signum: int):
+    """A preexec_fn: the child gets ``signum`` when ``ctpd up`` dies, even by SIGKILL (Linux only)."""
+
+    def set_death_signal() -> None:
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signum)  # PR_SET_PDEATHSIG
+
+    return set_death_signal
+
+
+class _Child:
+    """A service process of ``ctpd up``, in its own process group, logging to a file."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str], death_signal: int) -> None:
+        import subprocess
+
+        self.name, self.log_path = name, log_path
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, preexec_fn=_die_with_parent(death_signal),
+            )
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def terminate(self) -> None:
+        import signal
+
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+
+    def kill_group(self) -> None:
+        """SIGKILL whatever is left of the child's process group (a worker's pool process, beat)."""
+        import contextlib
+        import signal
+
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+def _ensure_api_key(db, key_file: Path) -> tuple[str, bool]:
+    """The admin key of the embedded service: the stored one if it still authenticates, else a new one."""
+    from app.db.repository import authenticate, create_api_key
+
+    if key_file.exists():
+        stored = key_file.read_text().strip()
+        if stored and authenticate(db, stored) is not None:
+            return stored, False
+    key = create_api_key(db, "default", "ctpd up", is_admin=True)
+    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)
+        os.write(descriptor, (key + "\n").encode())
+    finally:
+        os.close(descriptor)
+    return key, True
+
+
+def _prepare_broker(settings) -> None:
+    """Declare the queues once before any process uses the broker: with Celery's SQLAlchemy transport this
+    creates its tables and queue rows here, instead of the API and the worker racing to create them. It
+    also fails early, with the URL, when the broker is unreachable.
+
+    That transport keeps every delivered message as a row with ``visible = false`` and never deletes it;
+    nothing consumes while ``ctpd up`` starts (it holds the home's lock), so those rows are purged here."""
+    from worker.celery_app import create_celery
+
+    celery = create_celery(settings)
+    try:
+        with celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=3)
+            channel = connection.default_channel
+            for queue in celery.conf.task_queues:
+                queue.bind(channel).declare()
+            if settings.broker_url.startswith(("sqla+", "sqlalchemy+")):
+                from sqlalchemy import delete
+
+                message = channel.message_cls
+                channel.session.execute(delete(message).where(message.visible.is_(False)))
+                channel.session.commit()
+    finally:
+        celery.close()
+
+
+def _requeue_orphans(db, settings) -> list[str]:
+    """Embedded mode owns its SQLite database, so a job still ``running`` at start was left by a previous
+    ``ctpd up`` that died: requeue it now (it resumes from its checkpoints) instead of after its lease."""
+    from datetime import timedelta
+
+    from app.db.models import utcnow
+    from app.db.repository import reap_stale_jobs
+    from app.queue import CeleryTaskQueue
+
+    job_ids = reap_stale_jobs(db, now=utcnow() + timedelta(seconds=settings.lease_seconds + 1))
+    if job_ids:
+        queue = CeleryTaskQueue(settings.broker_url)
+        try:
+            for job_id in job_ids:
+                queue.enqueue_job(job_id)
+        finally:
+            queue.close()
+    return job_ids
+
+
+def _wait_ready(url: str, children: list[_Child], stop, timeout: float) -> bool:
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stop.is_set():
+        for child in children:
+            if not child.alive():
+                raise RuntimeError(f"the {child.name} exited during start-up (code {child.process.returncode}); "
+                                   f"its log {child.log_path} ends with:\n{child.tail()}")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        stop.wait(0.5)
+    return False
+
+
+def _stop_children(children: list[_Child], grace: float) -> None:
+    """SIGTERM (uvicorn: graceful; Celery: warm shutdown, waiting for a running task) and, after ``grace``
+    seconds, SIGKILL to each child's whole process group. A job killed here stays ``running`` in SQL and is
+    requeued by the next ``ctpd up`` (or the reaper of another deployment), resuming from its checkpoint."""
+    import subprocess
+    import time
+
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + grace
+    for child in children:
+        try:
+            child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"ctpd up: the {child.name} did not stop within {grace:g} s; killing it", file=sys.stderr)
+        child.kill_group()
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    """The embedded service: SQLite state, Celery's SQLAlchemy transport, the API and one worker (with beat)."""
+    import fcntl
+    import signal
+    import threading
+
+    from app.db.repository import Database
+
+    settings = _service_settings()
+    home = settings.home
+    home.mkdir(parents=True, exist_ok=True)
+    lock = open(home / "up.lock", "w")  # noqa: SIM115 (held for the life of the command)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as error:
+        raise ValueError(f"another `ctpd up` is already running on CTPD_HOME={home}; stop it first") from error
+
+    db = Database(settings.database_url)
+    try:
+        db.upgrade()
+        key, created = _ensure_api_key(db, home / "api-key")
+        _prepare_broker(settings)
+        orphans = _requeue_orphans(db, settings) if db.is_sqlite else []
+    finally:
+        db.dispose()
+    if orphans:
+        print(f"requeued {len(orphans)} job(s) left running by a previous start: {', '.join(orphans)}")
+
+    logs = home / "logs"
+    logs.mkdir(exist_ok=True)
+    env = {
+        **os.environ,
+        "CTPD_HOME": str(home),
+        "CTPD_DATABASE_URL": settings.database_url,
+        "CTPD_BROKER_URL": settings.broker_url,
+        "CTPD_ARTIFACT_ROOT": str(settings.artifact_root),
+        "CTPD_MODEL_CACHE": str(settings.model_cache),
+        "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
+    }
+    command = [sys.executable, "-m", "ctpd_cli.main"]
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    children = [
+        _Child("API", [*command, "serve", "--host", args.host, "--port", str(args.port)], logs / "api.log", env,
+               signal.SIGTERM),
+        # Cold shutdown (SIGQUIT) if ctpd up dies: nobody is left to wait for a warm one.
+        _Child("worker", [*command, "worker", "--queues", "train,default", "--beat"], logs / "worker.log", env,
+               signal.SIGQUIT),
+    ]
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    url = f"http://{host}:{args.port}"
+    code = 0
+    try:
+        if not _wait_ready(url, children, stop, args.start_timeout):
+            if stop.is_set():
+                return 130
+            raise RuntimeError(f"the API did not answer {url}/readyz within {args.start_timeout:g} s; "
+                               f"see {children[0].log_path}:\n{children[0].tail()}")
+        print(f"ctpd is up at {url} (OpenAPI: {url}/docs)")
+        if created:
+            print(f"admin API key (shown once; stored in {home / 'api-key'}, mode 0600):\n  {key}")
+        else:
+            print(f"admin API key: in {home / 'api-key'}")
+        print(f"state {_redacted(settings.database_url)}, broker {_redacted(settings.broker_url)}, "
+              f"artifacts {settings.artifact_root}")
+        print(f"logs: {logs / 'api.log'}, {logs / 'worker.log'}. Ctrl-C stops.", flush=True)
+        while not stop.wait(0.5):
+            dead = [child for child in children if not child.alive()]
+            if dead:
+                child = dead[0]
+                print(f"ctpd up: the {child.name} exited (code {child.process.returncode}); stopping. "
+                      f"{child.log_path} ends with:\n{child.tail()}", file=sys.stderr)
+                code = 1
+                break
+    finally:
+        print("ctpd up: stopping", flush=True)
+        _stop_children(children, args.stop_timeout)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        lock.close()
+    print("ctpd up: stopped", flush=True)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctpd", description="Cross-Tokenizer Preference Distillation")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -184,6 +508,51 @@ def build_parser() -> argparse.ArgumentParser:
     model_import = models_commands.add_parser("import", help="convert a catalog model now (otherwise its first use does)")
     model_import.add_argument("name")
     models.set_defaults(handler=_cmd_models)
+
+    db = commands.add_parser("db", help="the service database")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("upgrade", help="run the migrations (CTPD_DATABASE_URL; default SQLite under CTPD_HOME)")
+    db.set_defaults(handler=_cmd_db)
+
+    keys = commands.add_parser("keys", help="API keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    keys_create = keys_commands.add_parser("create", help="create a key and print it (shown once)")
+    keys_create.add_argument("--tenant", required=True, help="the tenant the key belongs to")
+    keys_create.add_argument("--name", help="a label for the key (default: cli)")
+    keys_create.add_argument("--admin", action="store_true", help="an admin key")
+    keys.set_defaults(handler=_cmd_keys)
+
+    serve = commands.add_parser("serve", help="the API server (uvicorn on app.main:create_app)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 in a container)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(handler=_cmd_serve)
+
+    worker = commands.add_parser(
+        "worker",
+        help="a Celery worker: run one per GPU with CUDA_VISIBLE_DEVICES=<index>",
+        description="A Celery worker with concurrency 1 and a fresh process per job. Start one per GPU, each "
+        "with CUDA_VISIBLE_DEVICES=<index>, on --queues train; run exactly one worker with --beat (the reaper's "
+        "clock), e.g. a CPU worker on --queues default.",
+    )
+    worker.add_argument("--queues", default="train,default", help="comma-separated: train, default (default both)")
+    worker.add_argument("--beat", action="store_true", help="also run beat (the reaper every 30 s); one per deployment")
+    worker.add_argument("--hostname", help="the Celery node name (default ctpd-gpu<CUDA_VISIBLE_DEVICES>@<host>)")
+    worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    worker.set_defaults(handler=_cmd_worker)
+
+    up = commands.add_parser(
+        "up",
+        help="the embedded service: API + one worker, SQLite state and broker under CTPD_HOME",
+        description="Runs the migrations, creates an admin key on first start (stored in $CTPD_HOME/api-key), "
+        "starts the API and one worker (with beat) as child processes, and stops both on Ctrl-C or SIGTERM.",
+    )
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for /readyz (default 120)")
+    up.add_argument("--stop-timeout", type=float, default=20.0,
+                    help="seconds a running job gets to finish on stop before it is killed (default 20)")
+    up.set_defaults(handler=_cmd_up)
     return parser
 
 
@@ -191,12 +560,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ctpd_core.alignment import AlignmentError, TokenizerOffsetsError
-    from ctpd_core.models import ModelLoadError
-
     try:
         return args.handler(args)
-    except (ModelLoadError, AlignmentError, TokenizerOffsetsError, ValueError) as error:
+    except ValueError as error:
+        # The user errors: ModelLoadError, AlignmentError, TokenizerOffsetsError, DatasetError and pydantic's
+        # ValidationError are all ValueErrors. Not importing them keeps the service commands torch-free.
         print(f"ctpd {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,439 @@
+"""End to end through real processes: no mocked broker or database.
+
+* Production shape: PostgreSQL (a throw-away database on 127.0.0.1:5432) for state, Redis
+  (``redis://127.0.0.1:6379/7``, flushed first) as the broker, ``ctpd serve`` and a real
+  ``celery -A worker.celery_app worker`` as subprocesses. A tiny-model CTPD job submitted over HTTP succeeds
+  with metrics and artifacts; a long one is cancelled while it distils; a job whose worker "died" mid-run is
+  requeued by the reaper and resumes from its checkpoint.
+* Embedded shape: ``ctpd up`` (SQLite + Celery's SQLAlchemy transport) with a temporary CTPD_HOME runs the
+  same job and stops cleanly on SIGTERM.
+
+Every subprocess is in its own process group and killed in teardown; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+REDIS_URL = "redis://127.0.0.1:6379/7"
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=5"
+JOB_TIMEOUT = 180.0
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _reachable(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _service_env(home: Path, **ctpd: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CTPD_")}
+    env.update(
+        CTPD_HOME=str(home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+        **{f"CTPD_{key.upper()}": value for key, value in ctpd.items()},
+    )
+    return env
+
+
+class Proc:
+    """A subprocess in its own process group, logging to a file; ``stop()`` always leaves nothing behind."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name, self.log_path = name, log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self.popen = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def tail(self, lines: int = 60) -> str:
+        return f"--- {self.name} ({self.log_path}) ---\n" + "\n".join(self.log().splitlines()[-lines:])
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)  # the group: a Celery pool child, beat
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+        self._log.close()
+        return self.popen.returncode
+
+
+def _wait(predicate: Callable[[], Any], timeout: float, what: str, diagnostics: Callable[[], str] = str,
+          interval: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what}\n{diagnostics()}")
+
+
+def _run_cli(args: list[str], env: dict[str, str]) -> str:
+    result = subprocess.run([sys.executable, "-m", "ctpd_cli.main", *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, f"ctpd {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def _ready(client: httpx.Client) -> bool:
+    try:
+        return client.get("/readyz").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def tiny_job(student: Path, teacher: Path, dataset_id: str, **overrides: Any) -> dict[str, Any]:
+    """A CTPD job on the tiny conftest models that takes seconds on 2 CPU cores."""
+    spec: dict[str, Any] = {
+        "method": "ctpd",
+        "student": {"model": str(student)},
+        "teacher": {"model": str(teacher)},
+        "dataset": {"id": dataset_id, "validation_fraction": 0.2},
+        "sequence": {"max_response_tokens": 32, "max_prompt_tokens": 32},
+        "contrastive": {"max_steps": 2, "learning_rate": 1e-3},
+        "training": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-3,
+                     "checkpoint_every": 1},
+        "evaluation": {"max_pairs": 8},
+        "metadata": {"suite": "e2e"},
+    }
+    for key, value in overrides.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return spec
+
+
+def upload_dataset(client: httpx.Client, path: Path) -> str:
+    response = client.post("/v1/datasets", files={"file": ("pairs.jsonl", path.read_bytes(), "application/jsonl")})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def job_events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
+    response = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000})
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+def wait_for_job(client: httpx.Client, job_id: str, until: Callable[[dict], bool], what: str, logs: Callable[[], str],
+                 timeout: float = JOB_TIMEOUT) -> dict[str, Any]:
+    def diagnostics() -> str:
+        try:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            events = [(e["type"], e.get("stage"), e["message"]) for e in job_events(client, job_id)]
+        except (httpx.HTTPError, AssertionError, ValueError) as error:
+            job, events = f"unreadable: {error}", []
+        return f"job: {json.dumps(job, default=str)[:2000]}\nevents: {events}\n{logs()}"
+
+    def check() -> dict | None:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job if until(job) else None
+
+    return _wait(check, timeout, f"job {job_id} to be {what}", diagnostics)
+
+
+def assert_succeeded_with_metrics_and_artifacts(client: httpx.Client, job: dict[str, Any], logs: str) -> None:
+    job_id = job["id"]
+    assert job["status"] == "succeeded", f"{json.dumps(job, default=str)[:3000]}\n{logs}"
+    assert job["error"] is None and job["attempt"] == 1
+    assert [t["status"] for t in job["transitions"]] == ["queued", "running", "succeeded"]
+    assert job["started_at"] and job["finished_at"]
+    assert job["spec"]["training"]["max_steps"] == 2 and job["spec"]["beta"] is not None  # resolved spec
+
+    events = job_events(client, job_id)
+    types = [event["type"] for event in events]
+    assert types[0] == "job_created" and types[-1] == "job_succeeded"
+    stages = ["prepare", "reference", "contrastive", "weights", "distill", "evaluate", "export"]
+    assert [e["stage"] for e in events if e["type"] == "stage_started"] == stages
+    assert [e["stage"] for e in events if e["type"] == "stage_finished"] == stages
+    distill_checkpoints = [e["data"]["step"] for e in events
+                           if e["type"] == "checkpoint_saved" and e["data"]["stage"] == "distill"]
+    assert distill_checkpoints == [1, 2]
+
+    metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
+    assert [point["step"] for point in metrics["distill/loss"]] == [1, 2]
+    assert {"contrastive:positive/loss", "contrastive:negative/loss"} <= set(metrics)
+    assert any(name.startswith("evaluate/") for name in metrics), sorted(metrics)
+
+    files = {item["path"] for item in client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]}
+    assert {"config.json", "model.safetensors", "metrics.json"} <= files, files
+    download = client.get(f"/v1/jobs/{job_id}/artifacts/model.tar.gz")
+    assert download.status_code == 200
+    with tarfile.open(fileobj=io.BytesIO(download.content), mode="r:gz") as archive:
+        names = set(archive.getnames())
+    assert f"{job_id}/config.json" in names, sorted(names)[:20]
+
+
+# ------------------------------------------------------------------------------ the production-shaped stack
+
+
+@dataclass
+class Stack:
+    client: httpx.Client
+    api: Proc
+    worker: Proc
+    home: Path
+    database_url: str
+    tenant: str
+
+    def logs(self) -> str:
+        return f"{self.api.tail(30)}\n{self.worker.tail(80)}"
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    if not _reachable(5432):
+        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432 (.ci/run starts it)")
+    import psycopg
+
+    name = f"ctpd_e2e_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def redis_stack(tmp_path_factory, postgres_url):
+    if not _reachable(6379):
+        pytest.skip("Redis is not running on 127.0.0.1:6379 (.ci/run starts it)")
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    client.close()
+
+    home = tmp_path_factory.mktemp("e2e-redis")
+    env = _service_env(home, database_url=postgres_url, broker_url=REDIS_URL, lease_seconds="20")
+    _run_cli(["db", "upgrade"], env)
+    key = _run_cli(["keys", "create", "--tenant", "e2e", "--name", "test"], env).strip().splitlines()[-1]
+    assert key.startswith("ctpd_")
+    port = _free_port()
+    api = Proc("api", [sys.executable, "-m", "ctpd_cli.main", "serve", "--port", str(port)], env, home / "api.log")
+    worker = Proc(
+        "worker",
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--queues", "train,default",
+         "--concurrency", "1", "--hostname", "e2e@%h", "--loglevel", "INFO"],
+        env, home / "worker.log",
+    )
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    stack = Stack(http, api, worker, home, postgres_url, "e2e")
+    try:
+        _wait(lambda: _ready(http) or not api.alive(), 60, "the API's /readyz", stack.logs)
+        assert api.alive(), stack.logs()
+        yield stack
+    finally:
+        http.close()
+        worker.stop()
+        api.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_dataset_id(redis_stack, tiny_dataset_path) -> str:
+    return upload_dataset(redis_stack.client, tiny_dataset_path)
+
+
+def test_job_succeeds_through_redis_and_postgres(redis_stack, redis_dataset_id, tiny_student_folder, tiny_teacher_folder):
+    client = redis_stack.client
+    response = client.post("/v1/jobs", json=tiny_job(tiny_student_folder, tiny_teacher_folder, redis_dataset_id),
+                           headers={"Idempotency-Key": f"e2e-{uuid.uuid4().hex}"})
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    assert response.json()["status"] == "queued"
+
+    job = wait_for_job(client, job_id, lambda job: job["status"] in TERMINAL, "finished", redis_stack.logs)
+    assert_succeeded_with_metrics_and_artifacts(client, job, redis_stack.logs())
+    assert job["stage"] == "export"
+    assert "Task ctpd.run_job" in redis_stack.worker.log()  # it ran in the real worker process
+
+
+def test_cancel_a_running_job(redis_stack, redis_dataset_id, tiny_student_folder, tiny_teacher_folder):
+    client = redis_stack.client
+    spec = tiny_job(tiny_student_folder, tiny_teacher_folder, redis_dataset_id, weights={"source": "uniform"},
+                    training={"max_steps": 5000, "checkpoint_every": 10000})
+    response = client.post("/v1/jobs", json=spec)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+
+    wait_for_job(
+        client, job_id,
+        lambda job: job["status"] in TERMINAL or (job["status"] == "running" and job["stage"] == "distill"
+                                                 and (job["progress"]["step"] or 0) >= 1),
+        "running in distill", redis_stack.logs,
+    )
+    cancel = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert cancel.status_code == 200, cancel.text
+    assert cancel.json()["status"] == "cancelling"
+
+    job = wait_for_job(client, job_id, lambda job: job["status"] in TERMINAL, "finished", redis_stack.logs, timeout=60)
+    assert job["status"] == "cancelled", redis_stack.logs()
+    assert [t["status"] for t in job["transitions"]] == ["queued", "running", "cancelling", "cancelled"]
+    assert job["error"] is None and job["cancel_requested_at"] and job["finished_at"]
+    assert job["progress"]["step"] < 5000
+
+    events = job_events(client, job_id)
+    types = [event["type"] for event in events]
+    assert types.index("cancel_requested") < types.index("job_cancelled")
+    (checkpoint,) = [e for e in events if e["type"] == "checkpoint_saved"]  # the stop's own checkpoint
+    assert checkpoint["data"]["stage"] == "distill" and 1 <= checkpoint["data"]["step"] < 5000
+    assert Path(checkpoint["data"]["path"]).is_dir()
+    assert types.index("checkpoint_saved") < types.index("job_cancelled")
+    assert client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"] == []
+
+
+def test_a_lost_worker_is_reaped_and_the_job_resumes_from_its_checkpoint(
+    redis_stack, redis_dataset_id, tiny_student_folder, tiny_teacher_folder
+):
+    """Attempt 1 runs in this process as a worker that dies after 2 of 4 distill steps (it checkpointed each
+    step and stops heartbeating); the reaper, sent through the real broker, requeues it; the real worker
+    resumes at step 2 and finishes."""
+    import torch
+
+    from app.db import repository
+    from app.queue import CeleryTaskQueue
+    from app.settings import Settings
+    from ctpd_core.spec import JobSpec
+    from worker.recipe import RunContext, run_spec
+    from worker.sinks import DbObserver
+    from worker.tasks import dataset_resolver
+
+    settings = Settings(home=redis_stack.home, database_url=redis_stack.database_url, broker_url=REDIS_URL)
+    db = repository.Database(settings.database_url)
+    spec = JobSpec.model_validate(tiny_job(tiny_student_folder, tiny_teacher_folder, redis_dataset_id,
+                                           weights={"source": "uniform"}, training={"max_steps": 4}))
+    job, _ = repository.create_job(db, tenant=redis_stack.tenant, spec=spec.model_dump(mode="json"), name="resume",
+                                   metadata={}, idempotency_key=None, request_hash="e2e-resume", max_attempts=3)
+    assert repository.claim_job(db, job.id, "doomed-worker:1", lease_seconds=3) is not None
+
+    class StopAfterTwoSteps:
+        def __init__(self) -> None:
+            self.steps = 0
+
+        def should_stop(self) -> bool:  # polled once per optimizer step
+            self.steps += 1
+            return self.steps >= 2
+
+    context = RunContext(
+        artifact_root=settings.artifact_root, run_dir=settings.artifact_root / "jobs" / job.id,
+        model_cache=settings.model_cache, device=torch.device("cpu"), observer=DbObserver(db, job.id),
+        stop_signal=StopAfterTwoSteps(), dataset_resolver=dataset_resolver(db, redis_stack.tenant),
+    )
+    assert run_spec(spec, context).status == "stopped"  # ... and the "worker" dies here, its lease running out
+    time.sleep(max(0.0, (repository.get_job(db, job.id).lease_expires_at - repository.utcnow()).total_seconds()) + 0.2)
+
+    queue = CeleryTaskQueue(REDIS_URL)
+    queue.enqueue_reaper()
+    queue.close()
+    client = redis_stack.client
+    done = wait_for_job(client, job.id, lambda job: job["status"] in TERMINAL, "finished", redis_stack.logs)
+    assert done["status"] == "succeeded", redis_stack.logs()
+    assert done["attempt"] == 2
+    assert [t["status"] for t in done["transitions"]] == ["queued", "running", "queued", "running", "succeeded"]
+    events = job_events(client, job.id)
+    assert any(e["type"] == "job_restarted" for e in events)
+    distill = [e for e in events if e["type"] == "stage_finished" and e["stage"] == "distill"]
+    assert distill[-1]["data"]["summary"]["resumed_from"] == 2
+    metrics = client.get(f"/v1/jobs/{job.id}/metrics").json()["data"]
+    assert [point["step"] for point in metrics["distill/loss"]] == [1, 2, 3, 4]  # attempt 1 wrote 1-2, attempt 2 3-4
+    db.dispose()
+
+
+# ------------------------------------------------------------------------------------------ embedded: ctpd up
+
+
+def _processes_with_env(name: str, value: str) -> list[int]:
+    """Pids whose environment has ``name=value`` (to prove nothing of ``ctpd up`` outlives it)."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_embedded_ctpd_up_runs_a_job_and_stops_cleanly(tmp_path, tiny_student_folder, tiny_teacher_folder,
+                                                       tiny_dataset_path):
+    home = tmp_path / "home"
+    port = _free_port()
+    up = Proc("ctpd up", [sys.executable, "-m", "ctpd_cli.main", "up", "--port", str(port), "--stop-timeout", "15"],
+              _service_env(home), tmp_path / "up.log")
+
+    def logs() -> str:
+        parts = [up.tail(40)]
+        for name in ("api.log", "worker.log"):
+            path = home / "logs" / name
+            if path.exists():
+                parts.append(f"--- {name} ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-60:]))
+        return "\n".join(parts)
+
+    try:
+        _wait(lambda: "ctpd is up" in up.log() or not up.alive(), 120, "`ctpd up` to be ready", logs)
+        assert up.alive(), logs()
+        key_file = home / "api-key"
+        key = key_file.read_text().strip()
+        assert key.startswith("ctpd_") and stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert key in up.log()  # printed once, on first start
+        assert (home / "ctpd.db").exists() and (home / "broker.db").exists()
+
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
+                          timeout=30) as client:
+            assert client.get("/readyz").status_code == 200
+            dataset_id = upload_dataset(client, tiny_dataset_path)
+            response = client.post("/v1/jobs", json=tiny_job(tiny_student_folder, tiny_teacher_folder, dataset_id))
+            assert response.status_code == 201, response.text
+            job = wait_for_job(client, response.json()["id"], lambda job: job["status"] in TERMINAL, "finished", logs)
+            assert_succeeded_with_metrics_and_artifacts(client, job, logs())
+
+        up.popen.send_signal(signal.SIGTERM)
+        assert up.popen.wait(timeout=45) == 0, logs()
+        assert "ctpd up: stopped" in up.log()
+        assert not _reachable(port)
+        _wait(lambda: not _processes_with_env("CTPD_HOME", str(home)), 10, "the API and worker to exit",
+              lambda: f"left: {_processes_with_env('CTPD_HOME', str(home))}\n{logs()}")
+    finally:
+        up.stop()

@@ -1,0 +1,132 @@
+"""The Celery app of the data plane: one documented conf dict (design.md, "State lives in SQL").
+
+SQL is the source of truth; Celery is only a doorbell that carries a job id and delivers at least once.
+Every setting below follows from that:
+
+* A job survives a lost message or a dead worker because of the SQL lease and the reaper
+  (``ctpd.reap_stale_jobs``, run by beat every 30 s), not because of broker redelivery. So messages are
+  acknowledged early (``task_acks_late=False``): a broker never hands a multi-hour training task to a second
+  worker because the first one is still busy with it (the Redis ``visibility_timeout`` trap), and a
+  duplicate delivery is harmless anyway, since ``run_job`` claims the row by compare-and-set.
+* One job per GPU and a fresh process per job: ``worker_concurrency=1``, ``worker_prefetch_multiplier=1``
+  (and, on Redis, ``worker_disable_prefetch`` so an idle GPU elsewhere gets the next job instead of a busy
+  worker sitting on it), ``worker_max_tasks_per_child=1`` (the child that ran a job exits and returns every
+  byte of GPU memory; the parent never touches CUDA, so forking is safe).
+* No result backend (``task_ignore_result=True``): status, metrics and artifacts are rows in SQL.
+* Two queues: ``train`` for jobs (GPU workers) and ``default`` for light work (the reaper), routed by task
+  name, so the reaper never waits behind a training job on a worker that consumes only ``train``.
+
+Run one worker per GPU, each seeing one device::
+
+    CUDA_VISIBLE_DEVICES=0 ctpd worker --queues train
+    CUDA_VISIBLE_DEVICES=1 ctpd worker --queues train
+    ctpd worker --queues default --beat          # exactly one beat per deployment: the reaper's clock
+
+``celery -A worker.celery_app worker`` works too: the module builds its app on first access of ``app``
+(nothing is created at import).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+RUN_JOB = "ctpd.run_job"
+REAP_STALE_JOBS = "ctpd.reap_stale_jobs"
+TRAIN_QUEUE = "train"
+DEFAULT_QUEUE = "default"
+REAPER_INTERVAL_SECONDS = 30.0
+
+
+def _scheme(broker_url: str) -> str:
+    return broker_url.split("://", 1)[0].lower()
+
+
+def celery_conf(settings: Settings) -> dict[str, Any]:
+    """The whole Celery configuration of a ctpd worker, derived from the service settings."""
+    scheme = _scheme(settings.broker_url)
+    is_redis = scheme in ("redis", "rediss")
+    conf: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        # --- results: none. SQL holds every outcome.
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # --- delivery: early ack; correctness comes from the SQL claim (CAS), lease and reaper.
+        "task_acks_late": False,
+        "task_reject_on_worker_lost": False,  # only meaningful with late acks; the reaper requeues instead
+        # --- one job per GPU worker, a fresh child process per job.
+        "worker_concurrency": 1,
+        "worker_prefetch_multiplier": 1,
+        "worker_max_tasks_per_child": 1,
+        "worker_send_task_events": False,
+        # --- queues and routes (by task name: the API sends by name and imports no task code).
+        # Each queue has its own direct exchange of the same name: what Celery creates for a publisher that
+        # names only the queue (app.queue's send_task(..., queue="train")), so both sides always agree.
+        "task_queues": tuple(
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in (TRAIN_QUEUE, DEFAULT_QUEUE)
+        ),
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_routes": {
+            RUN_JOB: {"queue": TRAIN_QUEUE, "routing_key": TRAIN_QUEUE},
+            REAP_STALE_JOBS: {"queue": DEFAULT_QUEUE, "routing_key": DEFAULT_QUEUE},
+        },
+        # --- beat: the reaper every 30 s. A reaper message nobody ran within one interval is dropped (a
+        # newer one follows), so a busy single-worker setup does not pile them up behind a training job.
+        "beat_schedule": {
+            "reap-stale-jobs": {
+                "task": REAP_STALE_JOBS,
+                "schedule": REAPER_INTERVAL_SECONDS,
+                "options": {"queue": DEFAULT_QUEUE, "expires": REAPER_INTERVAL_SECONDS},
+            }
+        },
+        "beat_schedule_filename": str(settings.home / "celerybeat-schedule"),
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+    if is_redis:
+        # Consume only when the (single) process is free: no job waits behind a long one on a busy worker.
+        conf["worker_disable_prefetch"] = True
+        # Early acks leave nothing unacked while a job runs, so the visibility timeout only bounds how
+        # long a message reserved by a worker that died before starting it stays invisible.
+        conf["broker_transport_options"] = {"visibility_timeout": 3600}
+    elif scheme.startswith(("sqla+", "sqlalchemy+")):
+        # Celery's SQLAlchemy transport: a SQLite file as the embedded broker. These options go to
+        # create_engine(): wait for the file lock instead of failing while another process publishes.
+        conf["broker_transport_options"] = {"connect_args": {"timeout": 30}} if "sqlite" in scheme else {}
+    return conf
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    """A Celery app for ``settings`` (default: the environment's) with the ctpd tasks registered."""
+    if settings is None:
+        from app.settings import get_settings
+
+        settings = get_settings()
+    celery = Celery("ctpd", include=["worker.tasks"])
+    celery.conf.update(celery_conf(settings))
+    celery.ctpd_settings = settings  # the tasks read their settings from the app that runs them
+    return celery
+
+
+_app: Celery | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``worker.celery_app.app``: built on first access (``celery -A worker.celery_app`` finds it)."""
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_celery()
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
