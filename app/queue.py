@@ -49,6 +49,10 @@ class CeleryTaskQueue:
                     broker_connection_retry=False,
                     task_default_queue=REAPER_QUEUE,
                 )
+                if self.broker_url.startswith("sqla+sqlite"):
+                    # SQLite's default 5 s lock wait is short while a worker polls the same file; the worker
+                    # sets the same option (worker/celery_app.py).
+                    app.conf.broker_transport_options = {"connect_args": {"timeout": 30}}
                 self._app = app
             return self._app
 

@@ -476,6 +476,50 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return code
 
 
+def _service_key(args: argparse.Namespace) -> str:
+    if args.key:
+        return args.key
+    if os.environ.get("CTPD_API_KEY"):
+        return os.environ["CTPD_API_KEY"]
+    key_file = ctpd_home() / "api-key"
+    if key_file.exists():
+        return key_file.read_text().strip()
+    raise ValueError(f"no API key: pass --key, set CTPD_API_KEY, or start `ctpd up` (it writes {key_file})")
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from ctpd_cli.client import Client, ServiceError, evaluation_table, follow
+    from ctpd_core.spec import apply_overrides, read_spec_data
+
+    client = Client(args.url, _service_key(args))
+    spec = apply_overrides(read_spec_data(args.spec), args.set)
+    try:
+        if args.upload:
+            dataset = client.upload_dataset(Path(args.upload))
+            print(f"uploaded {args.upload}: dataset {dataset['id']} ({dataset.get('num_rows')} rows)")
+            kept = {k: v for k, v in (spec.get("dataset") or {}).items() if k not in ("path", "validation_path")}
+            spec["dataset"] = {**kept, "id": dataset["id"]}
+        job = client.create_job(spec, idempotency_key=args.idempotency_key)
+        print(f"submitted job {job['id']} ({job['status']})")
+        if not args.follow:
+            print(json.dumps(job, indent=2))
+            return 0
+        job = follow(client, job["id"])
+        print(f"job {job['id']}: {job['status']}")
+        if job["status"] == "failed":
+            print(f"error: {job['error']['code']}: {job['error']['message']}", file=sys.stderr)
+            return 1
+        if job["status"] == "succeeded":
+            print("evaluation (held-out pairs):")
+            print(evaluation_table(client.metrics(job["id"])))
+            model = job.get("model") or {}
+            print(f"model folder: {model.get('id')}")
+            print(f"download: {args.url.rstrip('/')}{model.get('download_url', '')}")
+        return 0 if job["status"] == "succeeded" else 1
+    except ServiceError as error:
+        raise ValueError(str(error)) from error
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctpd", description="Cross-Tokenizer Preference Distillation")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -540,6 +584,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--hostname", help="the Celery node name (default ctpd-gpu<CUDA_VISIBLE_DEVICES>@<host>)")
     worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     worker.set_defaults(handler=_cmd_worker)
+
+    submit = commands.add_parser("submit", help="submit a job to a running service (optionally follow it live)")
+    submit.add_argument("spec", help="a job spec, YAML or JSON")
+    submit.add_argument("--url", default=os.environ.get("CTPD_URL", "http://127.0.0.1:8000"))
+    submit.add_argument("--key", help="API key (default: $CTPD_API_KEY or $CTPD_HOME/api-key)")
+    submit.add_argument("--upload", metavar="FILE", help="upload this dataset first and use it as dataset.id")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field")
+    submit.add_argument("--idempotency-key")
+    submit.add_argument("--follow", action="store_true", help="print events and progress until the job ends")
+    submit.set_defaults(handler=_cmd_submit)
 
     up = commands.add_parser(
         "up",
