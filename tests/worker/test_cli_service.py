@@ -18,14 +18,6 @@ def settings(tmp_path) -> Settings:
     return Settings(home=tmp_path / "home", lease_seconds=60)
 
 
-@pytest.fixture
-def db(settings):
-    database = repository.Database(settings.database_url)
-    database.upgrade()
-    yield database
-    database.dispose()
-
-
 def test_embedded_api_key_is_created_once_with_mode_0600(db, tmp_path):
     key_file = tmp_path / "api-key"
     key, created = _ensure_api_key(db, key_file)

@@ -32,14 +32,6 @@ def settings(tmp_path) -> Settings:
     return Settings(home=tmp_path / "home", lease_seconds=30)
 
 
-@pytest.fixture
-def db(settings):
-    database = repository.Database(settings.database_url)
-    database.upgrade()
-    yield database
-    database.dispose()
-
-
 def new_job(db, spec=None, tenant="acme") -> str:
     job, created = repository.create_job(
         db, tenant=tenant, spec=spec or {"method": "ctpd"}, name=None, metadata={}, idempotency_key=None,
