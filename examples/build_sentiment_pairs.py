@@ -26,6 +26,9 @@ Outputs (TRL's explicit-prompt preference format; ``prompt + chosen`` is the ful
   ``source`` is ``botchan:sentence=I`` where I indexes ``ctpd_core.textdata.read_sentences(botchan.txt)``.
 - ``sentiment-pairs.meta.json``: settings, seed, model, the held-out sentence boundary, counts and wall time.
 
+``--resume-cache FILE`` (optional) appends each generated batch to FILE and reuses it on a restart; since every batch
+is seeded on its own, an interrupted-and-resumed build writes the same files as an uninterrupted one.
+
 Held-out evaluation prompts: ``read_sentences(path)[meta["sentence_boundary"]["heldout_start_index"]:]``.
 
 Deterministic for a given seed, thread count and torch/transformers build: the prompt pool and split come from
@@ -131,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation-fraction", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (recorded; affects rounding)")
     parser.add_argument("--prefix", default="sentiment-pairs", help="output file name prefix")
+    parser.add_argument("--control-tokens", choices=["cut", "keep"], default="cut",
+                        help="cut a continuation at Gemma's first control token (default), or keep the text after "
+                             "it, as the first build of examples/data did ('keep' reproduces those files)")
+    parser.add_argument("--resume-cache", type=Path, default=None,
+                        help="JSONL of generated batches: appended to, and reused when the build is restarted")
     args = parser.parse_args(argv)
 
     wall_start = time.time()
@@ -183,14 +191,27 @@ def main(argv: list[str] | None = None) -> int:
     counts = {"prompts_tried": 0, "pairs_kept": 0, "dropped_short_continuation": 0, "dropped_identical": 0,
               "dropped_small_gap": 0, "continuations_cut_at_control_token": 0, "continuations_cut_at_newline": 0,
               "decode_fallbacks": 0,
-              "batches": 0, "prompts_generated_but_unused": 0}
+              "batches": 0, "batches_from_cache": 0, "prompts_generated_but_unused": 0}
     rows: list[dict] = []
-    gen_start = time.time()
-    for batch_index, start in enumerate(range(0, len(prompts), args.batch_size)):
-        if len(rows) >= args.pairs:
-            break
-        batch = prompts[start : start + args.batch_size]
+    # Optional resume cache: one JSON line per generated batch (the decoded continuations). Each batch is seeded on
+    # its own, so a resumed build gives the same files as an uninterrupted one.
+    cache_key = {"model": args.model, "control_tokens": args.control_tokens, "seed": args.seed, "temperature": args.temperature, "top_p": args.top_p,
+                 "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "threads": args.threads}
+    cached: dict[int, dict] = {}
+    if args.resume_cache and args.resume_cache.exists():
+        for line in args.resume_cache.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if record["key"] == cache_key:
+                cached[record["batch"]] = record
+        print(f"resume cache {args.resume_cache}: {len(cached)} batches", flush=True)
+
+    def generate_batch(batch_index: int, batch: list[tuple[int, str]]) -> dict:
         texts = [prompt for _, prompt in batch]
+        record = cached.get(batch_index)
+        if record is not None and record["prompts"] == texts:
+            counts["batches_from_cache"] += 1
+            return record
+        started = time.time()
         encoded = tokenizer(texts, return_tensors="pt", padding=True)  # the tokenizer's own <bos>, left-padded
         torch.manual_seed(args.seed + batch_index)
         with torch.inference_mode():
@@ -198,25 +219,46 @@ def main(argv: list[str] | None = None) -> int:
                 **encoded, do_sample=True, temperature=args.temperature, top_p=args.top_p,
                 max_new_tokens=args.max_new_tokens, num_return_sequences=2, pad_token_id=tokenizer.pad_token_id,
             )
-        counts["batches"] += 1
         width = encoded["input_ids"].shape[1]
+        raws, control_cuts, fallbacks = [], [], []
+        for j, prompt in enumerate(texts):
+            for row in output[2 * j : 2 * j + 2]:  # num_return_sequences copies are adjacent
+                row = row.tolist()
+                if args.control_tokens == "cut":
+                    generated, by_control = cut_at_control(row[width:], control, end_ids)
+                else:  # "keep": the first build's behaviour (skip_special_tokens only; <start_of_image> stays)
+                    generated, by_control = row[width:], False
+                full = tokenizer.decode(row[:width] + generated, skip_special_tokens=True)
+                fallback = not full.startswith(prompt)
+                raws.append(tokenizer.decode(generated, skip_special_tokens=True) if fallback else full[len(prompt):])
+                control_cuts.append(by_control)
+                fallbacks.append(fallback)
+        record = {"key": cache_key, "batch": batch_index, "prompts": texts, "raw": raws,
+                  "control_cut": control_cuts, "decode_fallback": fallbacks, "seconds": round(time.time() - started, 1)}
+        if args.resume_cache:
+            with open(args.resume_cache, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return record
+
+    gen_start = time.time()
+    batch_seconds = []
+    for batch_index, start in enumerate(range(0, len(prompts), args.batch_size)):
+        if len(rows) >= args.pairs:
+            break
+        batch = prompts[start : start + args.batch_size]
+        record = generate_batch(batch_index, batch)
+        batch_seconds.append(record["seconds"])
+        counts["batches"] += 1
         for j, (sentence_index, prompt) in enumerate(batch):
             if len(rows) >= args.pairs:
                 counts["prompts_generated_but_unused"] += 1
                 continue
             counts["prompts_tried"] += 1
             continuations = []
-            for row in output[2 * j : 2 * j + 2]:  # num_return_sequences copies are adjacent
-                row = row.tolist()
-                generated, by_control = cut_at_control(row[width:], control, end_ids)
-                counts["continuations_cut_at_control_token"] += by_control
-                full = tokenizer.decode(row[:width] + generated, skip_special_tokens=True)
-                if full.startswith(prompt):
-                    raw = full[len(prompt):]
-                else:
-                    counts["decode_fallbacks"] += 1
-                    raw = tokenizer.decode(generated, skip_special_tokens=True)
-                text, cut = clean_continuation(raw)
+            for k in (2 * j, 2 * j + 1):
+                counts["continuations_cut_at_control_token"] += record["control_cut"][k]
+                counts["decode_fallbacks"] += record["decode_fallback"][k]
+                text, cut = clean_continuation(record["raw"][k])
                 counts["continuations_cut_at_newline"] += cut
                 continuations.append(text)
             a, b = continuations
@@ -237,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                          "rejected_score": rejected_score, "source": f"botchan:sentence={sentence_index}"})
         elapsed = time.time() - gen_start
         print(f"batch {batch_index}: {len(rows)}/{args.pairs} pairs from {counts['prompts_tried']} prompts, "
-              f"{elapsed:.0f} s elapsed ({elapsed / counts['batches']:.1f} s/batch)", flush=True)
+              f"{elapsed:.0f} s elapsed (this batch {record['seconds']:.1f} s"
+              f"{', cached' if batch_index in cached else ''})", flush=True)
     counts["pairs_kept"] = len(rows)
     generation_s = time.time() - gen_start
     if len(rows) < args.pairs:
@@ -285,9 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         "generation": {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": None,
                        "max_new_tokens": args.max_new_tokens, "num_return_sequences": 2,
                        "batch_size": args.batch_size, "seeding": "torch.manual_seed(seed + batch_index)",
-                       "postprocess": "cut at the first control token (eos, pad, <start_of_image>, <end_of_turn>, "
-                                      "<unusedN>, ...), then at the first newline; rstrip; leading space kept",
-                       "control_token_ids": len(control)},
+                       "postprocess": ("cut at the first control token (eos, pad, <start_of_image>, <end_of_turn>, "
+                                       "<unusedN>, ...), then" if args.control_tokens == "cut" else
+                                       "decode with skip_special_tokens (<start_of_image> etc. kept as text), then")
+                                      + " cut at the first newline; rstrip; leading space kept",
+                       "control_tokens": args.control_tokens, "control_token_ids": len(control)},
         "labelling": {"scorer": "vaderSentiment SentimentIntensityAnalyzer compound, continuation alone",
                       "min_gap": args.min_gap, "min_words": args.min_words, "chosen": "higher compound"},
         "split": {"validation_fraction": args.validation_fraction, "by": "prompt",
@@ -303,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                      "vaderSentiment": getattr(vaderSentiment, "__version__", "3.3.2 (per shared/assets.md)")},
         "threads": args.threads,
         "timing_s": {"model_load": round(load_s, 1), "generation": round(generation_s, 1),
+                     "generation_all_batches": round(sum(batch_seconds), 1),
                      "wall": round(time.time() - wall_start, 1)},
     }
     meta_path = args.out_dir / f"{args.prefix}.meta.json"
