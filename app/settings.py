@@ -36,6 +36,13 @@ class Settings(BaseSettings):
         default=300, ge=1, description="A queued job no worker claimed for this long is enqueued again."
     )
     max_upload_bytes: int = Field(default=512 * MiB, ge=1, description="Dataset upload cap in bytes.")
+    allow_server_paths: bool = Field(
+        default=True,
+        description="Whether non-admin keys may name files and folders on the server (dataset.path, local model "
+        "folders) outside the artifact root. True suits the embedded single-user service; a multi-tenant "
+        "deployment sets CTPD_ALLOW_SERVER_PATHS=false, so tenants use uploads, catalog names, hub ids and their "
+        "own exported students only.",
+    )
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

@@ -84,13 +84,23 @@ def _metadata_problems(metadata: dict[str, str]) -> list[tuple[str | None, str]]
     return problems
 
 
+def _names_a_server_path(value: str, path: Path) -> bool:
+    """A reference that would be read from the server's disk (a hub id such as org/name is not, unless a folder
+    of that name exists where the worker runs)."""
+    return value.startswith(("/", ".", "~")) or path.exists()
+
+
 def _private_path_problem(value: str, principal: Principal, db: Database, settings: Settings) -> str | None:
     """A path into the artifact root must be one of the caller's own jobs or datasets."""
     path = Path(value).expanduser()
     resolved = Path(os.path.realpath(path if path.is_absolute() else Path.cwd() / path))
     root = Path(os.path.realpath(settings.artifact_root))  # type: ignore[arg-type]
     if resolved != root and root not in resolved.parents:
-        return None  # a catalog name, a hub id or a folder the operator provides
+        if settings.allow_server_paths or not _names_a_server_path(value, path):
+            return None  # a catalog name, a hub id, or (where allowed) a file or folder on the server
+        return (f"{value!r} names a file or folder on the server, which this service does not allow for your key; "
+                "upload the dataset with POST /v1/datasets and pass {\"dataset\": {\"id\": ...}}, or use a model "
+                "id from GET /v1/models (a catalog name, a hub id, or one of your exported students)")
     parts = resolved.relative_to(root).parts
     if len(parts) >= 2 and parts[0] == "jobs" and repo.owns_job(db, parts[1], principal.tenant):
         return None

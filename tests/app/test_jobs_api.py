@@ -288,3 +288,39 @@ def test_a_failed_enqueue_keeps_the_job_queued_and_says_so(alice, db, queue):
     with db.read() as session:
         assert session.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id)) == 2
     assert repo.get_job(db, job_id).status == "queued"  # the reaper's stale_queued_jobs picks it up later
+
+
+def test_multi_tenant_mode_refuses_server_paths_for_non_admin_keys(settings, db, queue, tmp_path):
+    """CTPD_ALLOW_SERVER_PATHS=false: tenants may use uploads, catalog names, hub ids and their own exports,
+    never a file or folder on the server; an admin key still may."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    locked = create_app(settings.model_copy(update={"allow_server_paths": False}), queue=queue)
+    try:
+        key = repo.create_api_key(db, "acme", "tenant key")
+        admin_key = repo.create_api_key(db, "acme", "admin key", is_admin=True)
+        tenant = TestClient(locked, headers={"Authorization": f"Bearer {key}"})
+        admin = TestClient(locked, headers={"Authorization": f"Bearer {admin_key}"})
+        upload = tenant.post(
+            "/v1/datasets", files={"file": ("p.jsonl", b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n')}
+        )
+        dataset_id = upload.json()["id"]
+        folder = tmp_path / "some-model"
+        folder.mkdir()
+        cases = {
+            "dataset.path": {**SPEC, "dataset": {"path": "/etc/passwd"}},
+            "teacher.model": {**SPEC, "dataset": {"id": dataset_id}, "teacher": {"model": str(folder)}},
+        }
+        for param, body in cases.items():
+            refused = tenant.post("/v1/jobs", json=body)
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["error"]["param"] == param
+            assert "does not allow for your key" in refused.json()["error"]["message"]
+            assert admin.post("/v1/jobs", json=body).status_code == 201
+        hub_and_catalog = {**SPEC, "dataset": {"id": dataset_id}, "teacher": {"model": "google/gemma-3-270m"}}
+        assert tenant.post("/v1/jobs", json=hub_and_catalog).status_code == 201
+        assert tenant.post("/v1/jobs", json={**SPEC, "dataset": {"id": dataset_id}}).status_code == 201
+    finally:
+        locked.state.db.dispose()
