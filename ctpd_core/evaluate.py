@@ -21,15 +21,8 @@ from torch import nn
 
 from ctpd_core.batching import response_logprobs
 from ctpd_core.logprobs import model_label_kl
-from ctpd_core.pipeline import (
-    PairRecord,
-    TokenLogprobs,
-    _batches,
-    _progress,
-    autocast_context,
-    collate_responses,
-)
-from ctpd_core.train import ProgressCallback
+from ctpd_core.pipeline import PairRecord, TokenLogprobs, batches, collate_responses, progress_of
+from ctpd_core.train import ProgressCallback, autocast_context
 
 
 def _sums(rows: Sequence[np.ndarray]) -> np.ndarray:
@@ -62,7 +55,7 @@ def evaluate_student(
     kl_total, kl_positions = 0.0, 0
     started = time.monotonic()
     done = 0
-    for batch_records in _batches(records, batch_size):
+    for batch_records in batches(records, batch_size):
         responses = [r.chosen for r in batch_records] + [r.rejected for r in batch_records]
         batch = collate_responses(responses, "student", pad_id).to(device)
         lengths = batch.response_mask.sum(dim=1).tolist()
@@ -80,7 +73,7 @@ def evaluate_student(
         kl_positions += count
         done += len(batch_records)
         if progress:
-            progress(_progress("evaluate", done, len(records), started))
+            progress(progress_of("evaluate", done, len(records), started))
 
     student_w, student_l = _sums(final["chosen"]), _sums(final["rejected"])
     initial_w, initial_l = _sums(initial["chosen"]), _sums(initial["rejected"])

@@ -21,7 +21,6 @@ these calls) through :class:`ctpd_core.artifacts.StageCache`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -41,7 +40,7 @@ from ctpd_core.data import PreferencePair
 from ctpd_core.encoding import EncodedResponse, EncodingConfig, PairEncoder
 from ctpd_core.logprobs import span_logprobs
 from ctpd_core.losses import ctpd_loss, dpo_loss, tisdpo_loss
-from ctpd_core.train import Progress, ProgressCallback
+from ctpd_core.train import Progress, ProgressCallback, autocast_context
 from ctpd_core.weights import random_span_weights, span_weights, uniform_span_weights
 
 logger = logging.getLogger(__name__)
@@ -173,7 +172,7 @@ def prepare(
             truncated += int(chosen.truncated) + int(rejected.truncated)
             records.append(PairRecord(ResponseRecord.from_encoded(chosen), ResponseRecord.from_encoded(rejected)))
             if progress and (done % 64 == 0 or done == total):
-                progress(_progress("prepare", done, total, started))
+                progress(progress_of("prepare", done, total, started))
         splits[split] = records
     if not splits["train"]:
         raise ValueError("no training pair survived encoding (all were unalignable or empty); check the dataset")
@@ -187,7 +186,7 @@ def prepare(
     return PreparedData(train=splits["train"], validation=splits["validation"], stats=stats)
 
 
-def _progress(stage: str, step: int, total: int, started: float) -> Progress:
+def progress_of(stage: str, step: int, total: int, started: float) -> Progress:
     elapsed = time.monotonic() - started
     eta = elapsed / step * (total - step) if step else None
     return Progress(stage=stage, step=step, total=total, eta_seconds=eta)
@@ -231,14 +230,6 @@ def load_prepared(folder: Path) -> PreparedData:
 # ------------------------------------------------------------------------------------ per-token log-probs
 
 
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU for ``auto``/``bf16``; fp32 (no autocast) on CPU for ``auto``."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def pad_token_id(tokenizer: Any) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:
@@ -264,7 +255,7 @@ class TokenLogprobs:
     rejected: list[np.ndarray]
 
 
-def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -287,7 +278,7 @@ def token_logprobs(
     chosen, rejected = [], []
     started, total = time.monotonic(), len(records)
     done = 0
-    for batch in _batches(records, batch_size):
+    for batch in batches(records, batch_size):
         responses = [r.chosen for r in batch] + [r.rejected for r in batch]
         side_batch = collate_responses(responses, side, pad_id).to(device)
         with autocast_context(device, precision):
@@ -298,7 +289,7 @@ def token_logprobs(
         rejected += rows[len(batch) :]
         done += len(batch)
         if progress:
-            progress(_progress(stage, done, total, started))
+            progress(progress_of(stage, done, total, started))
     return TokenLogprobs(chosen=chosen, rejected=rejected)
 
 

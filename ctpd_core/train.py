@@ -469,6 +469,11 @@ def _autocast_factory(
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def autocast_context(device: torch.device, precision: Precision) -> AbstractContextManager[Any]:
+    """The forward-pass context of ``precision`` on ``device`` (bf16 autocast, or none), for inference too."""
+    return _autocast_factory(precision, device)()
+
+
 def _trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The parameters fit optimises and checkpoints, by name; they must be fp32 master weights."""
     trainable = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
