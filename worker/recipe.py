@@ -7,8 +7,10 @@ No Celery, no SQL: what the caller wants to know arrives through a :class:`Pipel
 Caching: prepare, reference, contrastive and weights are stored under ``artifact_root`` by a content key of
 everything that determines them (data, tokenizers, model identities, settings), so a second job with the same
 teacher, data and settings reuses them without loading the teacher at all. distill, evaluate and export
-belong to one run and live under ``run_dir``; distill checkpoints there, so a rerun (or a restarted job)
-resumes where it stopped.
+belong to one run and live under ``run_dir``; training checkpoints there, so a restarted job (or a rerun
+after a stop) resumes where it stopped. Checkpoints are deleted once what they protect is published (the
+contrastive model in the cache, the student in ``export/``): they hold optimizer state, several times the
+model's size.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -297,6 +300,9 @@ class Recipe:
                 stage_seconds=self.stage_seconds,
             )
             summary["path"] = str(export_dir)
+        # The exported folder is the run's result; the distill checkpoints (weights plus optimizer state) only
+        # served resuming, and cost several times the model's size on disk.
+        shutil.rmtree(context.run_dir / "distill", ignore_errors=True)
         (context.run_dir / "result.json").write_text(
             json.dumps({"metrics": metrics, "stage_seconds": self.stage_seconds, "export_dir": str(export_dir)}, indent=2)
         )
@@ -431,7 +437,9 @@ class Recipe:
             for direction, key in keys.items():
                 direction_items = items if direction == "positive" else swap_pairs(items)
 
-                def write(out: Path, direction: str = direction, key: str = key, train_items=direction_items) -> None:
+                checkpoints = self.context.run_dir / "contrastive" / f"{direction}-{key[:16]}"
+
+                def write(out: Path, direction: str = direction, train_items=direction_items, checkpoints=checkpoints) -> None:
                     torch.manual_seed(spec.training.seed)
                     model, tokenizer = self._load(base_ref, fresh=True)
                     result = fit(
@@ -442,7 +450,7 @@ class Recipe:
                             pad_id=self.pad_ids[side], device=self.device,
                         ),
                         config,
-                        self.context.run_dir / "contrastive" / f"{direction}-{key[:16]}",
+                        checkpoints,
                         stage=f"contrastive:{direction}",
                         metric_sink=_ObserverSink(self.observer, f"contrastive:{direction}"),
                         stop_signal=self.context.stop_signal,
@@ -456,6 +464,9 @@ class Recipe:
                     (out / "fit.json").write_text(json.dumps({"steps": result.steps, "last_metrics": result.last_metrics}))
 
                 folder = self.cache.build("contrastive", key, {**common, "direction": direction}, write)
+                # The trained model is published in the cache: its resume checkpoints (weights plus optimizer
+                # state, three times the model's size) are dead weight now.
+                shutil.rmtree(checkpoints, ignore_errors=True)
                 self._contrastive_models[direction] = ModelRef(model=str(folder / "model"))
                 summary[direction] = str(folder / "model")
         return keys["positive"], keys["negative"]

@@ -83,6 +83,9 @@ def test_ctpd_end_to_end_then_cached(folders, tmp_path, monkeypatch):
     assert {p.stage for p in observer.progress_rows} >= {"prepare", "reference", "distill", "evaluate"}
 
     exported = result.export_dir
+    run_dir = tmp_path / "runs" / "first"
+    assert not (run_dir / "distill").exists()  # checkpoints are dropped once the export is written
+    assert not list((run_dir / "contrastive").glob("*/step-*"))  # and once π± are published in the cache
     model = AutoModelForCausalLM.from_pretrained(str(exported))
     assert model.config.model_type == "llama"
     assert json.loads((exported / "metrics.json").read_text())["pairs"] == result.metrics["pairs"]
