@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctpd_core.batching import response_logprobs
+from ctpd_core.batching import collate_side, response_logprobs
 from ctpd_core.logprobs import model_label_kl
 from ctpd_core.pipeline import PairRecord, TokenLogprobs, batches, collate_responses, progress_of
 from ctpd_core.train import ProgressCallback, autocast_context
@@ -105,4 +105,77 @@ def _bits_per_byte(token_logps: Sequence[np.ndarray], responses: Sequence[Any]) 
     """−Σ log p / (ln 2 · bytes) over the response text (the EOS token, which has no bytes, left out)."""
     nats = sum(-float(np.sum(lp[:-1] if r.has_eos else lp)) for lp, r in zip(token_logps, responses, strict=True))
     total_bytes = sum(r.num_bytes for r in responses)
+    return nats / (math.log(2) * max(total_bytes, 1))
+
+
+# ------------------------------------------------------------------------------------ one model, free text
+# Helpers that score (prompt ids, response ids) of a single tokenizer: sampled continuations and real text,
+# rather than prepared pairs. The benchmark in bench/quality/ is built on them.
+
+
+def _sequence_batches(
+    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int
+):
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    for start in range(0, len(prompt_ids), batch_size):
+        prompts = prompt_ids[start : start + batch_size]
+        responses = response_ids[start : start + batch_size]
+        sequences = [np.asarray(list(p) + list(r), dtype=np.int64) for p, r in zip(prompts, responses, strict=True)]
+        spans = [np.arange(len(r), dtype=np.int64) for r in responses]  # one span per token: no alignment here
+        yield collate_side(sequences, [len(p) for p in prompts], spans, pad_id), [len(r) for r in responses]
+
+
+@torch.inference_mode()
+def sequence_logprobs(
+    model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "auto",
+) -> list[np.ndarray]:
+    """Per-token log-probs of each response given its prompt (an empty response gives an empty array)."""
+    model.eval()
+    out: list[np.ndarray] = []
+    for batch, lengths in _sequence_batches(prompt_ids, response_ids, pad_id, batch_size):
+        batch = batch.to(device)
+        with autocast_context(device, precision):
+            logps = response_logprobs(model, batch).float().cpu().numpy()
+        out += [logps[i, :n].astype(np.float64) for i, n in enumerate(lengths)]
+    return out
+
+
+@torch.inference_mode()
+def sequence_kl(
+    model: nn.Module,
+    reference_model: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "auto",
+) -> np.ndarray:
+    """Σ over response positions of the exact KL(model ‖ reference_model) of the next-token distributions,
+    one value per response. On the model's own samples this is the sequence-level KL of the DPO paper's
+    reward-KL frontier, without the variance of a log-ratio estimate."""
+    model.eval()
+    reference_model.eval()
+    out: list[float] = []
+    for batch, _ in _sequence_batches(prompt_ids, response_ids, pad_id, batch_size):
+        batch = batch.to(device)
+        with autocast_context(device, precision):
+            kl = model_label_kl(model, reference_model, batch.input_ids, batch.attention_mask, batch.labels)
+        out += kl.sum(dim=1).double().cpu().tolist()
+    return np.asarray(out, dtype=np.float64)
+
+
+def bits_per_byte(token_logps: Sequence[np.ndarray], texts: Sequence[str]) -> float:
+    """−Σ log p / (ln 2 · UTF-8 bytes): comparable across tokenizers (nanochat's ``evaluate_bpb``)."""
+    nats = -sum(float(np.sum(lp)) for lp in token_logps)
+    total_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return nats / (math.log(2) * max(total_bytes, 1))

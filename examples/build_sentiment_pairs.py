@@ -42,7 +42,6 @@ import argparse
 import hashlib
 import json
 import random
-import re
 import statistics
 import sys
 import time
@@ -52,65 +51,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ctpd_core.textdata import read_sentences  # noqa: E402
+from ctpd_core.sampling import clean_continuation, control_token_ids, cut_at_control  # noqa: E402
+from ctpd_core.textdata import continuation_prompts, read_sentences, story_start  # noqa: E402
 
 DEFAULT_BOOK = REPO / ".cache" / "assets" / "botchan.txt"
 DEFAULT_CATALOG = REPO / ".ctpd" / "catalog"
-_CHAPTER = re.compile(r"\bCHAPTER [IVXLC]+\b")
 
 
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def word_prefix(sentence: str, n_words: int) -> str:
-    """The first ``n_words`` whitespace-separated words of ``sentence``, with their original spacing/punctuation."""
-    match = re.match(r"\s*(?:\S+\s+){" + str(n_words - 1) + r"}\S+", sentence)
-    assert match is not None, (sentence, n_words)
-    return match.group(0).strip()
-
-
-def skip_reason(index: int, sentence: str, story_start: int, min_sentence_words: int) -> str | None:
-    """Why a sentence is not used as a prompt source, or None when it is."""
-    if index < story_start:
-        return "front_matter"
-    if _CHAPTER.search(sentence):
-        return "chapter_heading"  # a heading glued onto the chapter's first sentence by paragraph joining
-    if "[" in sentence or "]" in sentence:
-        return "bracketed_note"  # [Footnote n: ...], and transcriber's markers such as [A] or [1]
-    letters = [c for c in sentence if c.isalpha()]
-    if letters and all(c.isupper() for c in letters):
-        return "all_caps"
-    if len(sentence.split()) < min_sentence_words:
-        return "too_short"
-    return None
-
-
-# Gemma's control tokens. The GGUF-converted tokenizer does not mark <start_of_image>, <end_of_image> or <unusedN> as
-# special, so skip_special_tokens keeps them; the base model emits <start_of_image> as a kind of paragraph break.
-_CONTROL = re.compile(r"<start_of_\w+>|<end_of_\w+>|<unused\d+>|<image_soft_token>|\[multimodal\]")
-
-
-def control_token_ids(tokenizer) -> set[int]:
-    """Ids at which a continuation ends: special tokens (eos, pad, ...) and Gemma's turn/image/unused tokens."""
-    ids = set(tokenizer.all_special_ids)
-    ids.update(i for i, token in tokenizer.added_tokens_decoder.items()
-               if token.special or _CONTROL.fullmatch(token.content))
-    return ids
-
-
-def cut_at_control(ids: list[int], control: set[int], ignore: set[int]) -> tuple[list[int], bool]:
-    """``ids`` up to the first control token; True when a token other than those in ``ignore`` (eos/pad) cut it."""
-    for position, token in enumerate(ids):
-        if token in control:
-            return ids[:position], token not in ignore
-    return ids, False
-
-
-def clean_continuation(text: str) -> tuple[str, bool]:
-    """Cut at the first newline and strip trailing whitespace; the leading space is kept."""
-    cut = "\n" in text
-    return text.split("\n", 1)[0].rstrip(), cut
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,24 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     # ---- prompts: the first 6-12 words of eligible sentences from the first 70 % of the book --------------------
     sentences = read_sentences(args.book)
     boundary = int(len(sentences) * args.train_fraction)  # sentences[boundary:] are held out
-    story_start = next(i for i, s in enumerate(sentences) if _CHAPTER.search(s))
+    first_story = story_start(sentences)
     min_sentence_words = args.min_prompt_words + 1  # a prompt must be a strict prefix of its sentence
-    skipped: dict[str, int] = {}
-    pool: list[tuple[int, str]] = []
-    for index in range(boundary):
-        reason = skip_reason(index, sentences[index], story_start, min_sentence_words)
-        if reason is None:
-            pool.append((index, sentences[index]))
-        else:
-            skipped[reason] = skipped.get(reason, 0) + 1
-    rng.shuffle(pool)
-    prompts: list[tuple[int, str]] = []
-    for index, sentence in pool:
-        n_words = rng.randint(args.min_prompt_words, args.max_prompt_words)
-        n_words = min(n_words, len(sentence.split()) - 1)
-        prompts.append((index, word_prefix(sentence, n_words)))
+    pool, skipped = continuation_prompts(sentences, 0, boundary, rng, min_prompt_words=args.min_prompt_words,
+                                         max_prompt_words=args.max_prompt_words)
+    prompts: list[tuple[int, str]] = [(p.sentence_index, p.prompt) for p in pool]
     print(f"{len(sentences)} sentences; boundary {boundary} ({args.train_fraction:.0%}); story starts at "
-          f"{story_start}; {len(prompts)} eligible prompts; skipped {skipped}", flush=True)
+          f"{first_story}; {len(prompts)} eligible prompts; skipped {skipped}", flush=True)
 
     # ---- teacher -------------------------------------------------------------------------------------------------
     load_start = time.time()
@@ -317,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             "heldout_sentences": len(sentences) - boundary,
             "first_heldout_sentence": sentences[boundary] if boundary < len(sentences) else None,
             "last_pool_sentence": sentences[boundary - 1] if boundary else None,
-            "story_start_index": story_start,
+            "story_start_index": first_story,
         },
         "prompt_selection": {"words": [args.min_prompt_words, args.max_prompt_words],
                              "min_sentence_words": min_sentence_words, "eligible_prompts": len(prompts),

@@ -1,0 +1,11 @@
+"""The quality benchmark: the paper's comparison (CTPD > TIS-DPO > DPO > the student as is), reproduced small.
+
+Gemma-3-270M (teacher) and SmolLM2-135M-Instruct (student) have different tokenizers. Every method is trained
+on the examples sentiment pairs as a job through ``worker.recipe.run_spec`` (the worker's machinery, with one
+shared stage cache), then sampled on held-out Botchan prompts and scored by the VADER compound sentiment of its
+continuations, reported beside its KL from the initial model (the DPO paper's reward-KL frontier).
+
+Run: ``python -m bench.quality [--quick] [--publish]``; ``docs/results.md`` holds the table and how it was made.
+Modules: ``config`` (scales), ``heldout`` (prompts and evaluation sets), ``measure`` (one model's metrics),
+``stats`` (win rates, seed aggregates, paired comparisons), ``report`` (markdown and plot), ``run`` (the driver).
+"""

@@ -1,0 +1,83 @@
+"""One model's measurements on the held-out material (see ``heldout``).
+
+- ``samples``: ``samples_per_prompt`` continuations of every held-out prompt (plain sampling, temperature 1,
+  fixed seeds shared by every model), each with its ground-truth reward: the VADER compound score (-1..1) of
+  the continuation's text alone.
+- ``kl``: Σ over each sample's positions of the exact KL(model ‖ initial model) of the next-token
+  distributions, averaged over samples (nats per continuation); 0 for an initial model.
+- ``bits_per_byte``: of the real rest of each held-out sentence, given its prompt.
+- ``preference_accuracy``: on held-out pairs, how often the model raised log p(chosen) − log p(rejected)
+  above the initial model's (its implicit reward against the *initial model of its own family*, so it compares
+  across methods whatever their training reference was); a tie counts half, so an untrained model scores 0.5.
+  ``likelihood_accuracy``: how often log p(chosen) > log p(rejected) outright.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.quality.heldout import EvalSet
+from bench.quality.stats import distinct_ngrams, preference_accuracy
+from ctpd_core.evaluate import bits_per_byte, sequence_kl, sequence_logprobs
+from ctpd_core.pipeline import pad_token_id
+from ctpd_core.sampling import SamplingConfig, sample_continuations
+
+
+def vader_scorer():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return lambda text: float(analyzer.polarity_scores(text)["compound"])
+
+
+def measure_model(
+    model: Any,
+    tokenizer: Any,
+    initial_model: Any | None,
+    eval_set: EvalSet,
+    sampling: SamplingConfig,
+    *,
+    reward,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "auto",
+) -> dict[str, Any]:
+    """Every measurement of ``model``; ``initial_model`` None means ``model`` is itself the initial model."""
+    pad = pad_token_id(tokenizer)
+    common = {"pad_id": pad, "batch_size": batch_size, "device": device, "precision": precision}
+    samples = sample_continuations(model, tokenizer, eval_set.prompts, eval_set.prompt_ids, sampling, device=device,
+                                   precision=precision)
+    rewards = [[reward(s.text) for s in row] for row in samples]
+    flat_prompts = [ids for ids, row in zip(eval_set.prompt_ids, samples, strict=True) for _ in row]
+    flat_samples = [s.token_ids for row in samples for s in row]
+    if initial_model is None:
+        kl = np.zeros(len(flat_samples))
+    else:
+        kl = sequence_kl(model, initial_model, flat_prompts, flat_samples, **common)
+
+    rest_logps = sequence_logprobs(model, eval_set.prompt_ids, eval_set.rest_ids, **common)
+
+    def pair_sums(m) -> tuple[np.ndarray, np.ndarray]:
+        chosen = sequence_logprobs(m, eval_set.pair_prompt_ids, eval_set.chosen_ids, **common)
+        rejected = sequence_logprobs(m, eval_set.pair_prompt_ids, eval_set.rejected_ids, **common)
+        return np.array([c.sum() for c in chosen]), np.array([r.sum() for r in rejected])
+
+    chosen, rejected = pair_sums(model)
+    initial_chosen, initial_rejected = (chosen, rejected) if initial_model is None else pair_sums(initial_model)
+    texts = [s.text for row in samples for s in row]
+    return {
+        "reward": float(np.mean(rewards)),
+        "kl": float(np.mean(kl)),
+        "kl_per_token": float(np.sum(kl) / max(sum(len(t) for t in flat_samples), 1)),
+        "bits_per_byte": bits_per_byte(rest_logps, eval_set.rests),
+        "preference_accuracy": preference_accuracy(chosen - initial_chosen, rejected - initial_rejected),
+        "likelihood_accuracy": float(np.mean(chosen > rejected)),
+        "mean_tokens": float(np.mean([len(t) for t in flat_samples])),
+        "ended_share": float(np.mean([s.ended for row in samples for s in row])),
+        "distinct_2": distinct_ngrams(texts, 2),
+        "rewards": rewards,  # [prompt][sample]: the win rates are computed from these
+        "samples": [[s.text for s in row] for row in samples],
+    }

@@ -1,0 +1,64 @@
+"""Win rates, seed aggregates and paired comparisons. Pure numpy: no models."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+# Two-sided 95 % Student-t quantiles by degrees of freedom (n seeds → n − 1).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def preference_accuracy(reward_chosen: np.ndarray, reward_rejected: np.ndarray) -> float:
+    """Share of pairs whose chosen reward is higher; an exact tie counts half."""
+    chosen, rejected = np.asarray(reward_chosen, dtype=float), np.asarray(reward_rejected, dtype=float)
+    if chosen.size == 0:
+        return float("nan")
+    return float(np.mean((chosen > rejected) + 0.5 * (chosen == rejected)))
+
+
+def win_rate(rewards: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]]) -> float:
+    """P(a sample of the model beats a sample of the baseline on the same prompt), ties counting half:
+    every sample of one against every sample of the other, per prompt, then averaged over prompts."""
+    if len(rewards) != len(baseline):
+        raise ValueError(f"{len(rewards)} prompts against {len(baseline)}: the models were not sampled alike")
+    per_prompt = []
+    for ours, theirs in zip(rewards, baseline, strict=True):
+        a, b = np.asarray(ours, dtype=float)[:, None], np.asarray(theirs, dtype=float)[None, :]
+        per_prompt.append(float(np.mean((a > b) + 0.5 * (a == b))))
+    return float(np.mean(per_prompt))
+
+
+def prompt_standard_error(rewards: Sequence[Sequence[float]]) -> float:
+    """Sampling noise of a mean reward: the standard error over prompts of the per-prompt means."""
+    means = np.asarray([np.mean(row) for row in rewards], dtype=float)
+    return float(np.std(means, ddof=1) / math.sqrt(len(means))) if len(means) > 1 else float("nan")
+
+
+def distinct_ngrams(texts: Sequence[str], n: int) -> float:
+    """Distinct word n-grams / all word n-grams over ``texts`` (a collapse shows as a low value)."""
+    grams = [tuple(words[i : i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation and a 95 % t-interval half-width over seeds."""
+    array = np.asarray(values, dtype=float)
+    n = array.size
+    mean = float(np.mean(array)) if n else float("nan")
+    std = float(np.std(array, ddof=1)) if n > 1 else 0.0
+    half = _T95.get(n - 1, 1.96) * std / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": mean, "std": std, "ci95": half, "n": n, "values": [float(v) for v in array]}
+
+
+def paired_difference(ours: Sequence[float], theirs: Sequence[float]) -> dict[str, float]:
+    """Per-seed differences ``ours − theirs`` (same seed = same training data), summarised, and how many of the
+    seeds favour ``ours``."""
+    if len(ours) != len(theirs):
+        raise ValueError("paired differences need the same seeds on both sides")
+    diffs = [a - b for a, b in zip(ours, theirs, strict=True)]
+    summary = summarize(diffs)
+    summary["seeds_better"] = int(sum(d > 0 for d in diffs))
+    return summary
