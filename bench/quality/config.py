@@ -1,10 +1,12 @@
 """The benchmark's scales: what is trained and evaluated, and how big. Torch-free.
 
-How the CPU scale was sized (2 cores; measured on this machine, see docs/results.md): SmolLM2-135M costs about
-0.6 s per training pair (chosen + rejected, ~50 tokens each) and Gemma-3-270M about 1.1 s, so one seed of the
-CPU preset (two Gemma contrastive models, two student contrastive models, four student distillations of
-``train_pairs`` pairs each, plus reference and weight passes) is ~``train_pairs`` × 9 s; sampling 4 × 32
-tokens on 48 prompts costs ~25 s per student and ~80 s per Gemma model.
+How the CPU scale was sized, from the quick run's stage times on this 2-core machine
+(``python -m bench.quality --quick``, 32 pairs): a training step of 16 pairs costs ~12 s for SmolLM2-135M and
+~27 s for Gemma-3-270M (the π± stage, model load and save included); a reference or weights pass ~0.16 s
+(SmolLM2) and ~0.35 s (Gemma) per pair and model. One seed trains 2 Gemma π± + 2 SmolLM2 π± + 4 SmolLM2
+distillations, so 128 pairs (8 steps each) cost ~20 min of training and passes, and measuring the 5 trained
+models on 64 prompts x 4 samples plus 60 held-out pairs ~8 min: ~28 min per seed, ~85 min for three.
+The noise floor at that size: the standard error of one mean reward over 64 prompts is ~0.02-0.025.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Scale:
     samples_per_prompt: int = 4
     max_new_tokens: int = 32  # the examples' continuations were sampled with 32 Gemma tokens
     validation_pairs: int = 60  # the examples' validation file (held-out pairs, never trained on)
+    job_validation_pairs: int = 16  # what each job's own evaluate stage reads (the benchmark measures all 60)
     epochs: float = 1.0
     learning_rate: float = 5e-5  # every distillation (dpo, tisdpo, ctpd, ctpd_uniform)
     contrastive_learning_rate: float = 5e-5  # π+ and π− (teacher for ctpd, student for tisdpo)
@@ -65,13 +68,13 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    # The documented run: about 80 minutes on 2 idle CPU cores.
-    "cpu": Scale(name="cpu", train_pairs=192, eval_prompts=48),
+    # The documented run: about 85 minutes on 2 idle CPU cores (~28 min per seed).
+    "cpu": Scale(name="cpu", train_pairs=128, eval_prompts=64),
     # A smoke run of the whole benchmark (every method, one seed, tiny data): under 15 minutes on 2 CPU cores.
     "quick": Scale(name="quick", train_pairs=32, eval_prompts=12, seeds=(0,)),
-    # One GPU, bf16: every training pair, two epochs, more prompts, samples and tokens.
+    # One GPU, bf16: every training pair (34 steps per model), more prompts, samples and tokens.
     "gpu": Scale(
-        name="gpu", train_pairs=540, eval_prompts=256, samples_per_prompt=8, max_new_tokens=48, epochs=2.0,
+        name="gpu", train_pairs=540, eval_prompts=256, samples_per_prompt=8, max_new_tokens=48,
         learning_rate=2e-5, contrastive_learning_rate=2e-5, micro_batch_size=16, inference_batch_size=64,
         sampling_batch_size=64, precision="bf16",
     ),

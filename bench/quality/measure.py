@@ -33,6 +33,13 @@ def vader_scorer():
     return lambda text: float(analyzer.polarity_scores(text)["compound"])
 
 
+def pair_logprob_sums(model: Any, eval_set: EvalSet, **common: Any) -> tuple[np.ndarray, np.ndarray]:
+    """log p(chosen) and log p(rejected) of every held-out pair (sums over the response tokens and EOS)."""
+    chosen = sequence_logprobs(model, eval_set.pair_prompt_ids, eval_set.chosen_ids, **common)
+    rejected = sequence_logprobs(model, eval_set.pair_prompt_ids, eval_set.rejected_ids, **common)
+    return np.array([c.sum() for c in chosen]), np.array([r.sum() for r in rejected])
+
+
 def measure_model(
     model: Any,
     tokenizer: Any,
@@ -44,8 +51,10 @@ def measure_model(
     batch_size: int,
     device: torch.device,
     precision: str = "auto",
+    initial_pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Every measurement of ``model``; ``initial_model`` None means ``model`` is itself the initial model."""
+    """Every measurement of ``model``; ``initial_model`` None means ``model`` is itself the initial model.
+    ``initial_pairs``: the initial model's :func:`pair_logprob_sums`, when the caller keeps them."""
     pad = pad_token_id(tokenizer)
     common = {"pad_id": pad, "batch_size": batch_size, "device": device, "precision": precision}
     samples = sample_continuations(model, tokenizer, eval_set.prompts, eval_set.prompt_ids, sampling, device=device,
@@ -59,14 +68,11 @@ def measure_model(
         kl = sequence_kl(model, initial_model, flat_prompts, flat_samples, **common)
 
     rest_logps = sequence_logprobs(model, eval_set.prompt_ids, eval_set.rest_ids, **common)
-
-    def pair_sums(m) -> tuple[np.ndarray, np.ndarray]:
-        chosen = sequence_logprobs(m, eval_set.pair_prompt_ids, eval_set.chosen_ids, **common)
-        rejected = sequence_logprobs(m, eval_set.pair_prompt_ids, eval_set.rejected_ids, **common)
-        return np.array([c.sum() for c in chosen]), np.array([r.sum() for r in rejected])
-
-    chosen, rejected = pair_sums(model)
-    initial_chosen, initial_rejected = (chosen, rejected) if initial_model is None else pair_sums(initial_model)
+    chosen, rejected = pair_logprob_sums(model, eval_set, **common)
+    if initial_model is None:
+        initial_chosen, initial_rejected = chosen, rejected
+    else:
+        initial_chosen, initial_rejected = initial_pairs or pair_logprob_sums(initial_model, eval_set, **common)
     texts = [s.text for row in samples for s in row]
     return {
         "reward": float(np.mean(rewards)),

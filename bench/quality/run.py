@@ -56,7 +56,7 @@ def job_spec(scale: Scale, method: str, seed: int, train_file: Path) -> dict[str
             "micro_batch_size": scale.micro_batch_size, "seed": seed, "precision": scale.precision,
         },
         "sequence": {"max_prompt_tokens": scale.max_prompt_tokens, "max_response_tokens": scale.max_response_tokens},
-        "evaluation": {"max_pairs": scale.validation_pairs},
+        "evaluation": {"max_pairs": scale.job_validation_pairs},
         "name": f"bench-quality {method} seed {seed}",
         "metadata": {"bench": "quality", "scale": scale.name, "seed": str(seed)},
     }
@@ -134,6 +134,7 @@ class Bench:
         prompts = heldout_prompts(scale.eval_prompts)
         pairs = validation_pairs(scale.validation_pairs)
         self.models: dict[str, tuple[Any, Any]] = {}
+        self.initial_pairs: dict[str, Any] = {}  # family -> the initial model's held-out pair log-probs
         self.eval_sets = {}
         for family, name in (("student", scale.student), ("teacher", scale.teacher)):
             model, tokenizer = self.load(name)
@@ -150,17 +151,23 @@ class Bench:
 
     def measure(self, row: str, seed: int | None, family: str, model: Any | None, extra: dict[str, Any]) -> dict:
         """Measure ``model`` (None: the family's initial model) unless it is stored already."""
-        from bench.quality.measure import measure_model
+        from bench.quality.measure import measure_model, pair_logprob_sums
+        from ctpd_core.pipeline import pad_token_id
 
         stored = self.store.get(row, seed)
         if stored is not None:
             return stored
         initial, tokenizer = self.models[family]
         started = time.monotonic()
+        if model is not None and family not in self.initial_pairs:
+            self.initial_pairs[family] = pair_logprob_sums(
+                initial, self.eval_sets[family], pad_id=pad_token_id(tokenizer),
+                batch_size=self.scale.inference_batch_size, device=self.device, precision=self.scale.precision,
+            )
         measurement = measure_model(
             initial if model is None else model, tokenizer, None if model is None else initial,
             self.eval_sets[family], self.sampling, reward=self.reward, batch_size=self.scale.inference_batch_size,
-            device=self.device, precision=self.scale.precision,
+            device=self.device, precision=self.scale.precision, initial_pairs=self.initial_pairs.get(family),
         )
         measurement.update(extra, family=family, measure_seconds=round(time.monotonic() - started, 1))
         self.store.put(row, seed, measurement)
@@ -236,12 +243,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ctpd_cli.main import catalog_cache, ctpd_home
-
     scale = SCALES[args.scale]
     if args.seeds:
         scale = scale_with(scale, seeds=tuple(args.seeds))
-    out = args.out or ctpd_home() / "bench" / "quality" / scale.name
+    home = Path(os.environ.get("CTPD_HOME", ".ctpd")).expanduser()  # as the ctpd CLI (nothing imports ctpd_cli)
+    out = args.out or home / "bench" / "quality" / scale.name
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if scale.precision == "bf16" and not str(device).startswith("cuda"):
         parser.error(f"the {scale.name} scale runs in bf16 on a GPU; no CUDA device here (use --scale cpu)")
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
           f"threads {torch.get_num_threads()}, out {out}", flush=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     command = " ".join(["python -m bench.quality", *(argv if argv is not None else sys.argv[1:])])
-    report = Bench(scale, out, device, catalog_cache()).run(command)
+    report = Bench(scale, out, device, home / "catalog").run(command)
     if args.publish:
         DOCS.mkdir(exist_ok=True)
         shutil.copyfile(out / "results.md", DOCS / "results.md")
