@@ -60,11 +60,13 @@ def continuation_text(tokenizer: Any, prompt_ids: Sequence[int], generated: Sequ
 @dataclass(frozen=True)
 class Sample:
     """One sampled continuation: the token ids the model drew (cut before the first control token, with the
-    EOS appended when the model ended the text itself), and the text after the newline clean-up."""
+    EOS appended when the model ended the text itself: it stands for whichever control token was drawn), and
+    the text after the newline clean-up."""
 
     token_ids: list[int]
     text: str
     ended: bool  # the model emitted EOS (or another control token) within max_new_tokens
+    logprobs: list[float] | None = None  # log-prob of each drawn token under the sampling distribution, if asked
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0 with top_k 0: plain ancestral sampling, so a KL on the samples is the policy's own
     seed: int = 0
     batch_size: int = 16  # prompts per generate() call (each with num_samples rows)
+    return_logprobs: bool = False  # keeps [steps, rows, V] scores while generating: for checks, not big runs
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
@@ -131,16 +134,31 @@ def sample_continuations(
         )
         torch.manual_seed(config.seed + batch_index)
         with autocast_context(device, precision):
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
-        rows = output[:, width:].tolist()
+            output = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=generation,
+                return_dict_in_generate=True, output_scores=config.return_logprobs,
+            )
+        rows = output.sequences[:, width:].tolist()
+        step_logprobs = None
+        if config.return_logprobs:  # scores[t]: the processed logits step t sampled from, [rows, V]
+            drawn = output.sequences[:, width:]
+            step_logprobs = torch.stack(
+                [torch.log_softmax(score.float(), dim=-1).gather(1, drawn[:, t : t + 1]).squeeze(1)
+                 for t, score in enumerate(output.scores)], dim=1,
+            ).tolist()
         for j, ids in enumerate(batch_ids):
             samples = []
-            for row in rows[j * config.num_samples : (j + 1) * config.num_samples]:  # copies are adjacent
+            for r in range(j * config.num_samples, (j + 1) * config.num_samples):  # copies are adjacent
+                row = rows[r]
                 generated, _ = cut_at_control(row, control, set())
                 ended = len(generated) < len(row)
                 text, _ = clean_continuation(continuation_text(tokenizer, ids, generated, prompts[start + j]))
                 # An ended continuation keeps its EOS: the end is part of what the model chose (and what the
                 # eos_span training scored), and the KL at that position counts.
-                samples.append(Sample(token_ids=generated + ([eos_id] if ended else []), text=text, ended=ended))
+                kept = len(generated) + int(ended)
+                samples.append(Sample(
+                    token_ids=generated + ([eos_id] if ended else []), text=text, ended=ended,
+                    logprobs=step_logprobs[r][:kept] if step_logprobs is not None else None,
+                ))
             out.append(samples)
     return out

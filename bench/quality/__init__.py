@@ -1,4 +1,4 @@
-"""The quality benchmark: the paper's comparison (CTPD > TIS-DPO > DPO > the student as is), reproduced small.
+"""The quality benchmark: does the paper's ordering (CTPD > TIS-DPO > DPO > the student as is) hold, small?
 
 Gemma-3-270M (teacher) and SmolLM2-135M-Instruct (student) have different tokenizers. Every method is trained
 on the examples sentiment pairs as a job through ``worker.recipe.run_spec`` (the worker's machinery, with one

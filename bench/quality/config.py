@@ -15,6 +15,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 
+MEASURE_VERSION = 1  # bump when bench/quality/measure.py changes what a stored number means
 TEACHER = "gemma-3-270m"
 STUDENT = "smollm2-135m-instruct"
 
@@ -58,12 +59,23 @@ class Scale:
     student: str = STUDENT
     methods: tuple[str, ...] = field(default_factory=lambda: tuple(key for key, _, _ in METHODS))
 
-    def fingerprint(self) -> str:
-        """Identifies the settings a stored measurement was made with (the seeds list excepted: adding a seed
-        keeps the others)."""
+    def resolved_precision(self, device_type: str) -> str:
+        if self.precision == "auto":
+            return "bf16" if device_type == "cuda" else "fp32"
+        return self.precision
+
+    def numerics(self, device_type: str) -> str:
+        return f"{device_type}, {self.resolved_precision(device_type)}"
+
+    def fingerprint(self, device_type: str) -> str:
+        """Identifies what a stored measurement was made with: these settings (the seeds list excepted, so that
+        ``--seeds 0 1 2 3`` keeps the first three), the device type and precision, and the measurement code's
+        version."""
         values = asdict(self)
         values.pop("seeds")
         values.pop("name")
+        values["numerics"] = self.numerics(device_type)
+        values["measure_version"] = MEASURE_VERSION
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

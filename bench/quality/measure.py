@@ -65,7 +65,9 @@ def measure_model(
     if initial_model is None:
         kl = np.zeros(len(flat_samples))
     else:
-        kl = sequence_kl(model, initial_model, flat_prompts, flat_samples, **common)
+        # fp32 whatever the precision: under bf16 autocast, rounding the logits over a 262k vocabulary would bias
+        # a small KL upwards.
+        kl = sequence_kl(model, initial_model, flat_prompts, flat_samples, **{**common, "precision": "fp32"})
 
     rest_logps = sequence_logprobs(model, eval_set.prompt_ids, eval_set.rest_ids, **common)
     chosen, rejected = pair_logprob_sums(model, eval_set, **common)

@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.quality.config import METHODS, STUDENT_ROW, TEACHER_POSITIVE_ROW, TEACHER_ROW, Scale
-from bench.quality.stats import paired_difference, prompt_standard_error, summarize, win_rate
+from bench.quality.stats import (
+    bootstrap_difference,
+    paired_difference,
+    prompt_standard_error,
+    summarize,
+    win_rate,
+)
 
 PLOT_NAME = "results-reward-vs-kl.png"
 COLUMNS = ("reward", "win_rate", "preference_accuracy", "kl", "bits_per_byte")
@@ -49,7 +55,7 @@ def collect(scale: Scale, store) -> dict[str, Any]:
 
 def _complete_seeds(rows: dict[str, Any], scale: Scale) -> list[str]:
     """Seeds for which every method (and the ceiling) was measured: comparisons use only these."""
-    wanted = [*scale.methods, TEACHER_POSITIVE_ROW[0]]
+    wanted = [*scale.methods] + ([TEACHER_POSITIVE_ROW[0]] if "ctpd" in scale.methods else [])
     return [str(s) for s in scale.seeds if all(str(s) in rows.get(r, {}) for r in wanted)]
 
 
@@ -71,8 +77,9 @@ def summarize_rows(rows: dict[str, Any], seeds: list[str]) -> dict[str, dict[str
 
 
 def compare(rows: dict[str, Any], seeds: list[str]) -> dict[str, dict[str, Any]]:
-    """CTPD (teacher π±) minus each other method, per seed, on reward and KL, plus CTPD's head-to-head win
-    rate against it on the same prompts and sampling seeds."""
+    """CTPD (teacher π±) minus each other method, per seed, on reward and KL; a bootstrap interval of the reward
+    difference over seeds and prompts; and CTPD's head-to-head win rate against it on the same prompts and
+    sampling seeds."""
     ours = rows.get("ctpd", {})
     result = {}
     for other in COMPARISONS:
@@ -84,47 +91,67 @@ def compare(rows: dict[str, Any], seeds: list[str]) -> dict[str, dict[str, Any]]
         result[other] = {
             "reward": paired_difference([a["reward"] for a, _ in pairs], [b["reward"] for _, b in pairs]),
             "kl": paired_difference([a["kl"] for a, _ in pairs], [b["kl"] for _, b in pairs]),
+            "bootstrap": bootstrap_difference([a["rewards"] for a, _ in pairs], [b["rewards"] for _, b in pairs]),
             "head_to_head": summarize([win_rate(a["rewards"], b["rewards"]) for a, b in pairs]),
         }
     return result
 
 
 def verdict(comparisons: dict[str, Any], labels: dict[str, str]) -> list[str]:
-    """Plain sentences on whether CTPD beat each method here, by how much, and how sure that is."""
+    """Plain sentences on whether CTPD beat each method here, by how much, and how sure that is.
+
+    "beat" needs every seed in CTPD's favour *and* the bootstrap interval (seeds and prompts resampled) above 0;
+    the t-interval over seeds is shown too, but it carries the training noise only. Reward alone does not make
+    a frontier win, so the KL difference is stated beside it.
+    """
     lines = []
     for other, c in comparisons.items():
-        d = c["reward"]
+        d, boot, kl = c["reward"], c["bootstrap"], c["kl"]
         n = d["n"]
         if n == 0:
             continue
         gap = f"{d['mean']:+.3f} reward (per seed: {', '.join(f'{v:+.3f}' for v in d['values'])})"
+        interval = f"bootstrap 95 % interval over seeds and prompts [{boot['low']:+.3f}, {boot['high']:+.3f}]"
         if n < 2:
-            certainty = "one seed only: no spread to judge it by"
+            certainty = f"one seed only, so no training spread; {interval} (prompts only)"
         else:
-            low, high = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
-            excludes_zero = low > 0 or high < 0
+            t_low, t_high = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
             certainty = (
-                f"{d['seeds_better']}/{n} seeds favour CTPD; the 95 % t-interval over seeds is [{low:+.3f}, {high:+.3f}]"
-                + (", which excludes 0" if excludes_zero else ", which includes 0: not distinguishable at this scale")
+                f"{d['seeds_better']}/{n} seeds favour CTPD; {interval}; t-interval over seeds alone "
+                f"[{t_low:+.3f}, {t_high:+.3f}]"
             )
-        if n >= 2 and d["mean"] > 0 and d["seeds_better"] == n and (d["mean"] - d["ci95"]) > 0:
+        if n >= 2 and d["seeds_better"] == n and boot["low"] > 0:
             outcome = "beat"
-        elif n >= 2 and d["mean"] < 0 and d["seeds_better"] == 0 and (d["mean"] + d["ci95"]) < 0:
+        elif n >= 2 and d["seeds_better"] == 0 and boot["high"] < 0:
             outcome = "lost to"
         else:
             outcome = "did not clearly beat" if d["mean"] >= 0 else "did not clearly lose to"
+        kl_text = f"KL difference {kl['mean']:+.3f} nats" + (f" (± {kl['std']:.3f} over seeds)" if n > 1 else "")
+        if d["mean"] > 0 and kl["mean"] > 0:
+            kl_text += ": CTPD's higher reward came with more KL, which by itself is not a frontier win"
+        elif d["mean"] > 0:
+            kl_text += ": the higher reward came at no more KL"
         h2h = c["head_to_head"]
         lines.append(
             f"- CTPD {outcome} **{labels[other]}**: {gap}; {certainty}. Head-to-head sample win rate "
-            f"{h2h['mean']:.3f}; KL difference {c['kl']['mean']:+.3f} nats."
+            f"{h2h['mean']:.3f}. {kl_text}."
         )
     return lines
 
 
-def markdown(scale: Scale, rows, summaries, comparisons, seeds, *, command: str, wall_seconds: float) -> str:
+def markdown(
+    scale: Scale, rows, summaries, comparisons, seeds, *, command: str, wall_seconds: float, numerics: str
+) -> str:
     labels = _labels()
+    sample_text = (
+        f"all {scale.train_pairs} (seeds change only the order)" if scale.train_pairs >= 540
+        else f"a seeded sample of {scale.train_pairs} of the 540"
+    )
     steps = -(-scale.train_pairs // scale.batch_size) * int(scale.epochs) if scale.epochs == int(scale.epochs) else None
     order = [STUDENT_ROW[0], *scale.methods, TEACHER_ROW[0], TEACHER_POSITIVE_ROW[0]]
+    compute = sum(
+        m.get("job_seconds", 0.0) + m.get("measure_seconds", 0.0) for by_seed in rows.values() for m in by_seed.values()
+    )
     lines = [
         "# Quality benchmark: CTPD against DPO and TIS-DPO, Gemma-3-270M → SmolLM2-135M-Instruct",
         "",
@@ -135,8 +162,9 @@ def markdown(scale: Scale, rows, summaries, comparisons, seeds, *, command: str,
         command,
         "```",
         "",
-        f"Wall time of the run that wrote this: {wall_seconds / 60:.1f} min ({platform.machine()}, "
-        f"{time.strftime('%Y-%m-%d')}; a resumed run counts only its own part).",
+        f"Compute: {compute / 60:.1f} min of jobs and measurements in all (the sum of the stored timings, so resumes "
+        f"do not distort it)" + (f"; this invocation ran {wall_seconds / 60:.1f} min" if wall_seconds else "")
+        + f"; {numerics}, {platform.machine()}, {time.strftime('%Y-%m-%d')}.",
         "",
         f"Values are mean ± standard deviation over the {len(seeds)} training seed(s); the untrained models have one "
         "value. Every row is sampled on the same held-out prompts with the same sampling seeds.",
@@ -170,7 +198,8 @@ def markdown(scale: Scale, rows, summaries, comparisons, seeds, *, command: str,
         "",
         "## Per seed",
         "",
-        "| method | seed | reward | win rate | pref. acc. | KL | bits/byte | tokens/cont. | ended | distinct-2 | job s |",
+        "| method | seed | reward | win rate | pref. acc. | KL | bits/byte | tokens/cont. (EOS incl.) | ended | distinct-2 "
+        "| job s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in order:
@@ -186,13 +215,13 @@ def markdown(scale: Scale, rows, summaries, comparisons, seeds, *, command: str,
         "",
         f"- Teacher `{scale.teacher}`, student `{scale.student}` (different tokenizers: Gemma's 262k SentencePiece "
         "vocabulary, SmolLM2's 49k byte-level BPE).",
-        f"- Training data per seed: a seeded sample of {scale.train_pairs} of the 540 pairs in "
+        f"- Training data per seed: {sample_text} of the pairs in "
         "`examples/data/sentiment-pairs.jsonl` (Gemma-3-270M continuations of Botchan sentence openings, chosen by "
         f"VADER); {scale.epochs:g} epoch(s) at batch {scale.batch_size}"
         + (f" ({steps} optimizer steps per model)" if steps else "")
         + f", learning rate {scale.learning_rate:g} for every distillation and {scale.contrastive_learning_rate:g} "
         f"for π±, β {scale.beta:g} (π±: the spec default 0.3), cosine schedule with 10 % warmup, AdamW, "
-        f"precision {scale.precision}. The hyperparameters were fixed before any result and are the same for "
+        f"on {numerics}. The hyperparameters were fixed before any result and are the same for "
         "every method; only the reference model and the weights differ.",
         "- Methods, each a job through `worker.recipe.run_spec` (the worker's code path): `dpo` (reference: the "
         "initial student), `tisdpo` (student π± token weights), `ctpd` with `weights.source: uniform` (reference: "
@@ -207,17 +236,22 @@ def markdown(scale: Scale, rows, summaries, comparisons, seeds, *, command: str,
         "above the initial model's (ties half, so an untrained model scores 0.5). Unlike the recipe's own "
         "`preference_accuracy` (against each method's training reference), this compares across methods.",
         "- KL: Σ over each sampled continuation's positions of the exact KL(model ‖ initial model) of the full "
-        "next-token distributions, averaged over samples (the DPO paper's frontier reports reward against it).",
+        "next-token distributions, averaged over samples (the DPO paper's frontier reports reward against it). It "
+        "counts every sampled token, also those after a newline that the reward does not read: the KL is the "
+        "policy's, the reward a function of its sample.",
         "- Bits per byte: of the real rest of each held-out sentence given its opening (tokenizer-independent).",
-        "- Comparisons pair seeds (the same training data and sampling seeds on both sides); the interval is the "
-        "95 % Student-t interval of the per-seed differences.",
+        "- Comparisons pair seeds (the same training data and sampling seeds on both sides). The bootstrap interval "
+        "resamples seeds and prompts together (4,000 draws), so it carries both the training noise and the "
+        "evaluation noise (the untrained student's one measurement included); the t-interval over seeds carries the "
+        "training noise only. Both are conditional on this one prompt pool and these sampling seeds. \"Beat\" "
+        "means every seed favours CTPD and the bootstrap interval lies above 0.",
         "- Full per-sample data (texts and rewards): `results.json` in the run's folder.",
         "",
     ]
     return "\n".join(lines)
 
 
-def plot(rows, summaries, out_file: Path) -> None:
+def plot(rows, summaries, seeds: list[str], out_file: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,7 +264,7 @@ def plot(rows, summaries, out_file: Path) -> None:
             continue
         color = f"C{index}"
         hollow = row.startswith("teacher")
-        points = list(rows[row].values())
+        points = [m for seed, m in rows[row].items() if seed == "-" or seed in seeds]
         ax.scatter([m["kl"] for m in points], [m["reward"] for m in points], s=14, color=color, alpha=0.45)
         s = summaries[row]
         ax.errorbar(
@@ -248,16 +282,33 @@ def plot(rows, summaries, out_file: Path) -> None:
     plt.close(fig)
 
 
-def write_report(scale: Scale, store, out: Path, *, command: str, wall_seconds: float) -> dict[str, Any]:
+def _json_safe(value: Any) -> Any:
+    """NaN (an interval of one seed) as null, so results.json is strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_report(
+    scale: Scale, store, out: Path, *, command: str, wall_seconds: float, numerics: str = "cpu, fp32"
+) -> dict[str, Any]:
     rows = collect(scale, store)
     seeds = _complete_seeds(rows, scale)
     summaries = summarize_rows(rows, seeds)
     comparisons = compare(rows, seeds)
-    text = markdown(scale, rows, summaries, comparisons, seeds, command=command, wall_seconds=wall_seconds)
+    text = markdown(
+        scale, rows, summaries, comparisons, seeds, command=command, wall_seconds=wall_seconds, numerics=numerics
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text, encoding="utf-8")
-    plot(rows, summaries, out / PLOT_NAME)
-    document = {"scale": scale.__dict__, "seeds": seeds, "summaries": summaries, "comparisons": comparisons,
-                "rows": rows, "command": command, "wall_seconds": wall_seconds}
-    (out / "results.json").write_text(json.dumps(document, indent=1, default=list), encoding="utf-8")
+    plot(rows, summaries, seeds, out / PLOT_NAME)
+    document = {"scale": scale.__dict__, "numerics": numerics, "seeds": seeds, "summaries": summaries,
+                "comparisons": comparisons, "rows": rows, "command": command, "wall_seconds": wall_seconds}
+    (out / "results.json").write_text(
+        json.dumps(_json_safe(document), indent=1, default=list, allow_nan=False), encoding="utf-8"
+    )
     return {**document, "markdown": text}

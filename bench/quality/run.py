@@ -124,7 +124,8 @@ class Bench:
         from ctpd_core.sampling import SamplingConfig
 
         self.scale, self.out, self.device, self.catalog = scale, out, torch.device(device), catalog
-        self.store = MeasurementStore(out / "measurements", scale.fingerprint())
+        self.numerics = scale.numerics(self.device.type)
+        self.store = MeasurementStore(out / "measurements", scale.fingerprint(self.device.type))
         self.reward = vader_scorer()
         self.sampling = SamplingConfig(
             num_samples=scale.samples_per_prompt, max_new_tokens=scale.max_new_tokens, seed=scale.sampling_seed,
@@ -195,19 +196,25 @@ class Bench:
     def run_seed(self, seed: int) -> None:
         train_file = training_subset(self.scale.train_pairs, seed, self.out / "data" / f"train-seed{seed}.jsonl")
         for method in self.scale.methods:
-            pi_plus_pending = method == "ctpd" and self.store.get(TEACHER_POSITIVE_ROW[0], seed) is None
-            if self.store.get(method, seed) is not None and not pi_plus_pending:
-                continue
-            started = time.monotonic()
-            result, log = self.train(method, seed, train_file)
-            job = {"job_seconds": round(time.monotonic() - started, 1), "stage_seconds": result.stage_seconds,
-                   "cached_stages": result.cached_stages, "job_metrics": result.metrics,
-                   "export_dir": str(result.export_dir)}
-            model, _ = self.load(str(result.export_dir))
-            self.measure(method, seed, "student", model, job)
-            del model
-            if method == "ctpd":  # the teacher's π+ that produced the weights: the ceiling
-                positive = log.summaries["contrastive"]["positive"]
+            stored = self.store.get(method, seed)
+            if stored is None:
+                started = time.monotonic()
+                result, log = self.train(method, seed, train_file)
+                job = {"job_seconds": round(time.monotonic() - started, 1), "stage_seconds": result.stage_seconds,
+                       "cached_stages": result.cached_stages, "job_metrics": result.metrics,
+                       "export_dir": str(result.export_dir),
+                       "contrastive_positive": log.summaries.get("contrastive", {}).get("positive")}
+                model, _ = self.load(str(result.export_dir))
+                stored = self.measure(method, seed, "student", model, job)
+                del model
+            if method == "ctpd" and self.store.get(TEACHER_POSITIVE_ROW[0], seed) is None:
+                # The teacher's π+ that produced the ctpd weights (the ceiling), from the stage cache.
+                positive = stored.get("contrastive_positive")
+                if not positive or not Path(positive).exists():
+                    raise RuntimeError(
+                        f"the π+ model of seed {seed} ({positive}) is gone from the stage cache; delete "
+                        f"{self.store.folder}/ctpd-seed{seed}.json to train and measure ctpd again"
+                    )
                 teacher_positive, _ = self.load(positive)
                 self.measure(TEACHER_POSITIVE_ROW[0], seed, "teacher", teacher_positive, {"model_dir": positive})
                 del teacher_positive
@@ -223,9 +230,10 @@ class Bench:
         for seed in self.scale.seeds:
             print(f"seed {seed}", flush=True)
             self.run_seed(seed)
-            write_report(self.scale, self.store, self.out, command=command, wall_seconds=time.monotonic() - started)
+            write_report(self.scale, self.store, self.out, command=command, wall_seconds=time.monotonic() - started,
+                         numerics=self.numerics)
         return write_report(self.scale, self.store, self.out, command=command,
-                            wall_seconds=time.monotonic() - started)
+                            wall_seconds=time.monotonic() - started, numerics=self.numerics)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="working folder (default $CTPD_HOME/bench/quality/<scale>); rerunning resumes from it")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the report from the stored measurements; train and measure nothing")
     parser.add_argument("--publish", action="store_true",
                         help="copy results.md and the plot to docs/ (docs/results.md is the published table)")
     args = parser.parse_args(argv)
@@ -255,7 +265,14 @@ def main(argv: list[str] | None = None) -> int:
           f"threads {torch.get_num_threads()}, out {out}", flush=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     command = " ".join(["python -m bench.quality", *(argv if argv is not None else sys.argv[1:])])
-    report = Bench(scale, out, device, home / "catalog").run(command)
+    if args.report_only:
+        from bench.quality.report import write_report
+
+        device_type = torch.device(device).type
+        store = MeasurementStore(out / "measurements", scale.fingerprint(device_type))
+        report = write_report(scale, store, out, command=command, wall_seconds=0.0, numerics=scale.numerics(device_type))
+    else:
+        report = Bench(scale, out, device, home / "catalog").run(command)
     if args.publish:
         DOCS.mkdir(exist_ok=True)
         shutil.copyfile(out / "results.md", DOCS / "results.md")

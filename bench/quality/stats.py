@@ -7,8 +7,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# Two-sided 95 % Student-t quantiles by degrees of freedom (n seeds → n − 1).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+# Two-sided 95 % Student-t quantiles by degrees of freedom (n seeds → n − 1); 1.96 from 30 on.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+        29: 2.045}
 
 
 def preference_accuracy(reward_chosen: np.ndarray, reward_rejected: np.ndarray) -> float:
@@ -62,3 +65,30 @@ def paired_difference(ours: Sequence[float], theirs: Sequence[float]) -> dict[st
     summary = summarize(diffs)
     summary["seeds_better"] = int(sum(d > 0 for d in diffs))
     return summary
+
+
+def bootstrap_difference(
+    ours: Sequence[Sequence[Sequence[float]]],
+    theirs: Sequence[Sequence[Sequence[float]]],
+    *,
+    resamples: int = 4000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """95 % interval of the mean reward difference from a two-level bootstrap: seeds resampled with replacement,
+    and prompts resampled (the same prompts for every seed of one draw, since they are shared), so the
+    interval carries both the training noise (seeds) and the evaluation noise (which prompts, which samples).
+
+    ``ours[s][p]`` / ``theirs[s][p]``: the rewards of the samples of prompt ``p`` under seed ``s`` (a fixed,
+    untrained model repeats its one measurement for every seed).
+    """
+    diffs = np.asarray(
+        [[np.mean(a) - np.mean(b) for a, b in zip(o, t, strict=True)] for o, t in zip(ours, theirs, strict=True)],
+        dtype=float,
+    )  # [seeds, prompts]
+    n_seeds, n_prompts = diffs.shape
+    rng = np.random.default_rng(seed)
+    seed_draws = rng.integers(0, n_seeds, size=(resamples, n_seeds))
+    prompt_draws = rng.integers(0, n_prompts, size=(resamples, n_prompts))
+    means = np.asarray([diffs[np.ix_(sd, pd)].mean() for sd, pd in zip(seed_draws, prompt_draws, strict=True)])
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(diffs.mean()), "low": float(low), "high": float(high), "resamples": resamples}

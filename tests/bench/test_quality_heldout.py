@@ -7,7 +7,14 @@ import random
 
 import pytest
 
-from bench.quality.heldout import BOOK, META_FILE, TRAIN_FILE, VALIDATION_FILE, heldout_prompts, training_subset
+from bench.quality.heldout import (
+    BOOK,
+    META_FILE,
+    TRAIN_FILE,
+    VALIDATION_FILE,
+    heldout_prompts,
+    training_subset,
+)
 from ctpd_core.textdata import continuation_prompts, read_sentences
 
 

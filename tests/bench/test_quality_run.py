@@ -67,6 +67,35 @@ def test_the_run_measures_every_row_and_writes_the_report(finished_run, tiny_sca
     assert stored["comparisons"]["dpo"]["reward"]["n"] == 2
 
 
+def test_a_lost_ceiling_row_is_measured_again_from_the_stage_cache_without_training(
+    finished_run, tiny_scale, monkeypatch
+):
+    out, report = finished_run
+    (out / "measurements" / "teacher_pi_plus-seed1.json").unlink()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the π+ model is in the stage cache: nothing needs training")
+
+    monkeypatch.setattr(Bench, "train", no_training)
+    again = Bench(tiny_scale, out, "cpu", catalog_cache()).run()
+    assert json.dumps(again["rows"]["teacher_pi_plus"]["1"]["rewards"]) == json.dumps(
+        report["rows"]["teacher_pi_plus"]["1"]["rewards"]
+    )
+
+
+def test_report_only_rewrites_the_report_from_the_store(finished_run, tiny_scale, monkeypatch):
+    from bench.quality import run
+
+    out, _ = finished_run
+    (out / "results.md").unlink()
+    monkeypatch.setattr(run, "SCALES", {"test": tiny_scale})
+    monkeypatch.setattr(run.Bench, "__init__", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no models")))
+    assert run.main(["--scale", "test", "--out", str(out), "--device", "cpu", "--report-only"]) == 0
+    text = (out / "results.md").read_text()
+    assert "seeds measured: 0, 1" in text and "Compute:" in text
+    json.loads((out / "results.json").read_text())  # strict JSON: no NaN
+
+
 def test_a_rerun_resumes_from_the_stored_measurements(finished_run, tiny_scale, monkeypatch):
     out, report = finished_run
 
@@ -84,6 +113,8 @@ def test_changed_settings_do_not_reuse_old_measurements(finished_run, tiny_scale
     bench = Bench.__new__(Bench)  # only the store is needed
     from bench.quality.run import MeasurementStore
 
-    bench.store = MeasurementStore(out / "measurements", other.fingerprint())
+    bench.store = MeasurementStore(out / "measurements", other.fingerprint("cpu"))
     assert bench.store.get("dpo", 0) is None
-    assert MeasurementStore(out / "measurements", tiny_scale.fingerprint()).get("dpo", 0) is not None
+    # The same settings measured on another device or precision are other measurements too.
+    assert MeasurementStore(out / "measurements", tiny_scale.fingerprint("cuda")).get("dpo", 0) is None
+    assert MeasurementStore(out / "measurements", tiny_scale.fingerprint("cpu")).get("dpo", 0) is not None

@@ -108,3 +108,19 @@ def test_sequence_kl_is_zero_against_itself_and_matches_the_full_distributions(s
         expected = sum(float((p[t].exp() * (p[t] - q[t])).sum()) for t in positions)
         assert value == pytest.approx(expected, rel=1e-4, abs=1e-6)
         assert value > 0
+
+
+def test_left_padded_batches_sample_from_the_same_distribution_as_a_plain_forward(student, prompt_ids):
+    """Prompts of different lengths share a left-padded batch; each drawn token's log-prob at generation time
+    must equal its log-prob in an unpadded forward pass (wrong positions or masks would break this)."""
+    model, tokenizer = student
+    assert len({len(ids) for ids in prompt_ids}) > 1
+    config = SamplingConfig(num_samples=2, max_new_tokens=6, seed=3, batch_size=3, return_logprobs=True)
+    rows = sample_continuations(model, tokenizer, PROMPTS, prompt_ids, config, device=CPU)
+    flat_prompts = [ids for ids, row in zip(prompt_ids, rows, strict=True) for _ in row]
+    flat = [s for row in rows for s in row]
+    # An ended sample's last id stands for whichever control token was drawn; compare the tokens before it.
+    kept = [s.token_ids[:-1] if s.ended else s.token_ids for s in flat]
+    direct = sequence_logprobs(model, flat_prompts, kept, pad_id=0, batch_size=4, device=CPU)
+    for sample, tokens, values in zip(flat, kept, direct, strict=True):
+        np.testing.assert_allclose(sample.logprobs[: len(tokens)], values, atol=1e-4)
