@@ -349,6 +349,16 @@ def contrastive_weights(
     return TokenLogprobs(chosen=out["chosen"], rejected=out["rejected"])
 
 
+def averaged_weights(weights: TokenLogprobs) -> TokenLogprobs:
+    """Each response's weights replaced by their mean (the "Average weight" ablation, method §4.3): the same
+    total weight per response, spread evenly over its spans or tokens."""
+
+    def flat(rows: list[np.ndarray]) -> list[np.ndarray]:
+        return [np.full_like(row, row.mean()) if row.size else row.copy() for row in rows]
+
+    return TokenLogprobs(chosen=flat(weights.chosen), rejected=flat(weights.rejected))
+
+
 def fixed_weights(
     records: Sequence[PairRecord],
     side: Side,

@@ -102,9 +102,20 @@ class WeightsSpec(_Strict):
     scale: float = Field(default=1.0, gt=0, description="The normaliser k.")
     random_low: float = Field(default=0.7, gt=0, description="Random ablation: U(random_low, random_high).")
     random_high: float = Field(default=1.3, gt=0)
+    average: bool = Field(
+        default=False,
+        description="Replace each response's contrastive weights by their mean: the paper's 'Average weight' "
+        "ablation (method §4.3), read as sequence-level weighting. It keeps each response's total weight, so it "
+        "separates *which* spans the weights favour from *how large* the weighted loss is.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> WeightsSpec:
+        if self.average and self.source not in (None, "teacher_contrastive", "student_contrastive"):
+            raise ValueError(
+                f"weights.average averages contrastive weights; weights.source {self.source} has none to average "
+                "(use teacher_contrastive or student_contrastive, or drop weights.average)"
+            )
         if self.lower >= self.upper:
             raise ValueError(f"weights.lower ({self.lower}) must be below weights.upper ({self.upper})")
         if self.random_low >= self.random_high:
@@ -179,6 +190,11 @@ class JobSpec(_Strict):
             raise ValueError(
                 f"weights.source teacher_contrastive needs method ctpd (the {self.method} baseline trains the "
                 "student alone); use student_contrastive or uniform"
+            )
+        if self.weights.average and not self.needs_contrastive:
+            raise ValueError(
+                f"weights.average averages contrastive weights, and method {self.method} with weights.source "
+                f"{self.weights.source} has none; use tisdpo or ctpd with contrastive weights, or drop it"
             )
         if self.method == "dpo" and self.weights.source != "uniform":
             raise ValueError("method dpo uses no weights; use tisdpo for weighted DPO, or drop weights.source")

@@ -38,6 +38,7 @@ from ctpd_core.pipeline import (
     NullObserver,
     PipelineObserver,
     TokenLogprobs,
+    averaged_weights,
     build_items,
     contrastive_weights,
     fixed_weights,
@@ -372,7 +373,8 @@ class Recipe:
             "negative": negative_fp,
             "side": side,
             "granularity": granularity,
-            "weights": spec.weights.model_dump(),
+            # Averaging is applied to the stored weights below: it does not change what this stage computes.
+            "weights": spec.weights.model_dump(exclude={"average"}),
             **self.numerics,
         }
         key = content_key(parts)
@@ -396,6 +398,9 @@ class Recipe:
         with self._stage("weights", self.cache.is_complete("weights", key)) as summary:
             folder = self.cache.build("weights", key, parts, write)
             weights = load_token_values(folder / "weights.safetensors")["train"]
+            if spec.weights.average:
+                weights = averaged_weights(weights)
+                summary["average"] = True
             flat = torch.cat([torch.as_tensor(w) for w in weights.chosen + weights.rejected])
             summary.update(
                 {"source": source, "mean_weight": float(flat.mean()), "min_weight": float(flat.min()),

@@ -26,6 +26,11 @@ METHODS: tuple[tuple[str, str, dict], ...] = (
     ("tisdpo", "TIS-DPO (student π±)", {"method": "tisdpo", "weights": {"source": "student_contrastive"}}),
     ("ctpd_uniform", "CTPD, uniform weights", {"method": "ctpd", "weights": {"source": "uniform"}}),
     ("ctpd", "CTPD (teacher π±, the paper)", {"method": "ctpd", "weights": {"source": "teacher_contrastive"}}),
+    # The paper's "Average weight" ablation: the teacher's weights averaged per response. Contrastive weights
+    # average above 1 (~2 on chosen responses), which enlarges the loss; this control has the same size per
+    # response, so CTPD against it isolates *which* spans the weights pick.
+    ("ctpd_average", "CTPD, teacher weights averaged per response",
+     {"method": "ctpd", "weights": {"source": "teacher_contrastive", "average": True}}),
 )
 # Rows that are evaluated but not trained by a distillation job.
 STUDENT_ROW = ("student", "Student as is (SmolLM2-135M-Instruct)")
@@ -68,12 +73,12 @@ class Scale:
         return f"{device_type}, {self.resolved_precision(device_type)}"
 
     def fingerprint(self, device_type: str) -> str:
-        """Identifies what a stored measurement was made with: these settings (the seeds list excepted, so that
-        ``--seeds 0 1 2 3`` keeps the first three), the device type and precision, and the measurement code's
-        version."""
+        """Identifies what a stored measurement was made with: these settings (the seeds and methods lists
+        excepted, so that ``--seeds 0 1 2 3`` or a new method keeps what is measured), the device type and
+        precision, and the measurement code's version."""
         values = asdict(self)
-        values.pop("seeds")
-        values.pop("name")
+        for key in ("seeds", "methods", "name"):
+            values.pop(key)
         values["numerics"] = self.numerics(device_type)
         values["measure_version"] = MEASURE_VERSION
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]

@@ -27,7 +27,7 @@ HEADERS = {
     "bits_per_byte": "bits/byte held-out text",
 }
 # The paper's method against each of the others (and the untrained student).
-COMPARISONS = ("dpo", "tisdpo", "ctpd_uniform", STUDENT_ROW[0])
+COMPARISONS = ("dpo", "tisdpo", "ctpd_uniform", "ctpd_average", STUDENT_ROW[0])
 
 
 def _labels() -> dict[str, str]:
@@ -225,8 +225,9 @@ def markdown(
         "every method; only the reference model and the weights differ.",
         "- Methods, each a job through `worker.recipe.run_spec` (the worker's code path): `dpo` (reference: the "
         "initial student), `tisdpo` (student π± token weights), `ctpd` with `weights.source: uniform` (reference: "
-        "the teacher, no weights), `ctpd` (teacher π± span weights: the paper). The teacher's π+ is the DPO model "
-        "the `ctpd` job trained for its weights.",
+        "the teacher, no weights), `ctpd` (teacher π± span weights: the paper), `ctpd` with `weights.average` (the "
+        "teacher's span weights replaced by their mean per response: the same loss size, no choice of spans). The "
+        "teacher's π+ is the DPO model the `ctpd` job trained for its weights.",
         f"- Held-out prompts: {scale.eval_prompts} openings of sentences from the last 30 % of Botchan, which the "
         f"dataset never prompted from; {scale.samples_per_prompt} samples each, {scale.max_new_tokens} new tokens at "
         "most, temperature 1, no top-k/top-p, sampling seeds shared by every model. Reward: VADER compound of the "
@@ -252,31 +253,46 @@ def markdown(
 
 
 def plot(rows, summaries, seeds: list[str], out_file: Path) -> None:
+    """Two panels, since the families' KLs are from different initial models (and π+ moves far further):
+    the students against KL from the initial student, the teacher and its π+ against KL from the initial
+    teacher. Small dots are seeds, markers the mean ± std; dashed lines carry the teacher rows' rewards over."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = _labels()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for index, row in enumerate([STUDENT_ROW[0], *[k for k, _, _ in METHODS], TEACHER_ROW[0], TEACHER_POSITIVE_ROW[0]]):
-        if row not in summaries:
-            continue
-        color = f"C{index}"
-        hollow = row.startswith("teacher")
-        points = [m for seed, m in rows[row].items() if seed == "-" or seed in seeds]
-        ax.scatter([m["kl"] for m in points], [m["reward"] for m in points], s=14, color=color, alpha=0.45)
-        s = summaries[row]
-        ax.errorbar(
-            s["kl"]["mean"], s["reward"]["mean"], xerr=s["kl"]["std"], yerr=s["reward"]["std"], fmt="s" if hollow else "o",
-            color=color, mfc="white" if hollow else color, ms=8, capsize=3,
-            label=labels[row] + (" (KL from initial teacher)" if hollow else ""),
-        )
-    ax.set_xlabel("KL from the initial model (nats per continuation, on its own samples)")
-    ax.set_ylabel("mean VADER reward of sampled continuations")
-    ax.set_title("Held-out reward against KL (small dots: seeds; markers: mean ± std)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    fig, (students, teachers) = plt.subplots(
+        1, 2, figsize=(10, 5), sharey=True, gridspec_kw={"width_ratios": [3, 1.3]}
+    )
+    families = (
+        (students, [STUDENT_ROW[0], *[k for k, _, _ in METHODS]], "o"),
+        (teachers, [TEACHER_ROW[0], TEACHER_POSITIVE_ROW[0]], "s"),
+    )
+    index = 0
+    for ax, family_rows, marker in families:
+        for row in family_rows:
+            color = f"C{index}"
+            index += 1
+            if row not in summaries:
+                continue
+            points = [m for seed, m in rows[row].items() if seed == "-" or seed in seeds]
+            ax.scatter([m["kl"] for m in points], [m["reward"] for m in points], s=14, color=color, alpha=0.45)
+            s = summaries[row]
+            ax.errorbar(
+                s["kl"]["mean"], s["reward"]["mean"], xerr=s["kl"]["std"], yerr=s["reward"]["std"], fmt=marker,
+                color=color, ms=8, capsize=3, label=labels[row],
+            )
+            if ax is teachers:
+                students.axhline(s["reward"]["mean"], color=color, ls="--", lw=1, alpha=0.7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    students.set_xlabel("KL from the initial student (nats per continuation, on its own samples)")
+    teachers.set_xlabel("KL from the initial teacher (nats)")
+    students.set_ylabel("mean VADER reward of sampled held-out continuations")
+    students.set_title("Students (dashed: the teacher rows' rewards)", fontsize=10)
+    teachers.set_title("Teacher and its π+", fontsize=10)
+    fig.suptitle("Reward against KL (dots: seeds; markers: mean ± std over seeds)", fontsize=11)
     fig.tight_layout()
     fig.savefig(out_file, dpi=120)
     plt.close(fig)

@@ -37,6 +37,7 @@ def test_every_method_shares_the_hyperparameters_and_differs_only_in_reference_a
     assert specs["ctpd"]["teacher"] == specs["ctpd_uniform"]["teacher"] == {"model": tiny_scale.teacher}
     assert "teacher" not in specs["dpo"] and "teacher" not in specs["tisdpo"]
     assert specs["ctpd_uniform"]["weights"] == {"source": "uniform"}
+    assert specs["ctpd_average"]["weights"] == {"source": "teacher_contrastive", "average": True}
 
 
 def test_the_run_measures_every_row_and_writes_the_report(finished_run, tiny_scale):
@@ -57,13 +58,14 @@ def test_the_run_measures_every_row_and_writes_the_report(finished_run, tiny_sca
     assert "contrastive" not in rows["ctpd_uniform"]["0"]["cached_stages"]
     assert rows["ctpd"]["0"]["stage_seconds"]["contrastive"] > 0
     assert rows["tisdpo"]["0"]["stage_seconds"]["contrastive"] > 0
+    assert {"contrastive", "weights"} <= set(rows["ctpd_average"]["0"]["cached_stages"])  # shares ctpd's π±
     text = (out / "results.md").read_text(encoding="utf-8")
     for _, label, _ in METHODS:
         assert f"| {label} |" in text
     assert "## Did CTPD beat the others here?" in text and "python -m bench.quality" in text
     assert (out / "results-reward-vs-kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stored = json.loads((out / "results.json").read_text())
-    assert set(stored["comparisons"]) == {"dpo", "tisdpo", "ctpd_uniform", "student"}
+    assert set(stored["comparisons"]) == {"dpo", "tisdpo", "ctpd_uniform", "ctpd_average", "student"}
     assert stored["comparisons"]["dpo"]["reward"]["n"] == 2
 
 

@@ -165,3 +165,19 @@ def test_ctpd_with_uniform_weights_is_dpo_with_the_teacher_as_reference(
     )
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-5)
     assert stats["tokens"] > 0
+
+
+def test_averaged_weights_keep_each_responses_total_and_spread_it_evenly():
+    from ctpd_core.pipeline import TokenLogprobs, averaged_weights
+
+    weights = TokenLogprobs(
+        chosen=[np.array([0.5, 1.5, 4.0], dtype=np.float32), np.array([], dtype=np.float32)],
+        rejected=[np.array([0.25, 0.75], dtype=np.float32), np.array([2.0], dtype=np.float32)],
+    )
+    out = averaged_weights(weights)
+    np.testing.assert_allclose(out.chosen[0], [2.0, 2.0, 2.0])
+    assert out.chosen[1].size == 0
+    np.testing.assert_allclose(out.rejected[0], [0.5, 0.5])
+    np.testing.assert_allclose(out.rejected[1], [2.0])
+    for before, after in zip(weights.chosen + weights.rejected, out.chosen + out.rejected, strict=True):
+        assert after.sum() == pytest.approx(before.sum())

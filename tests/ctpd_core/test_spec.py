@@ -41,6 +41,8 @@ def test_minimal_form_gets_the_papers_defaults():
         ({"dataset": {"path": "a", "id": "b"}}, "exactly one of dataset.path"),
         ({"contrastive": {"positive": {"model": "x"}}}, "give both contrastive.positive"),
         ({"beta": 0}, "greater than 0"),
+        ({"weights": {"source": "uniform", "average": True}}, "has none to average"),
+        ({"method": "dpo", "teacher": None, "weights": {"average": True}}, "weights.average averages contrastive"),
     ],
 )
 def test_bad_specs_name_the_problem(change, message):

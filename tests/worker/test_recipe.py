@@ -110,6 +110,19 @@ def test_ctpd_end_to_end_then_cached(folders, tmp_path, monkeypatch):
     assert str(teacher) not in loaded
     assert not any(p.stage.startswith(("reference", "contrastive", "weights")) for p in second.progress_rows)
 
+    # The "Average weight" ablation reads the same stored weights (averaging them per response) and differs
+    # from the run it shares them with only in the distillation.
+    third = RecordingObserver()
+    averaged = run_spec(
+        tiny_spec(student, teacher, dataset, weights={"average": True}), context(tmp_path, "average", third)
+    )
+    assert averaged.status == "succeeded" and "weights" in averaged.cached_stages
+    weights_summary = next(summary for stage, _, summary in third.finished if stage == "weights")
+    first_summary = next(summary for stage, _, summary in observer.finished if stage == "weights")
+    assert weights_summary["average"] is True
+    assert weights_summary["max_weight"] < first_summary["max_weight"]
+    assert averaged.metrics["kl_from_initial_per_token"] != result.metrics["kl_from_initial_per_token"]
+
 
 @pytest.mark.parametrize(
     "method, source",
