@@ -121,6 +121,8 @@ def sample_continuations(
         num_return_sequences=config.num_samples,
         eos_token_id=sorted(control),  # stop at any control token, not only EOS
         pad_token_id=pad_id,
+        return_dict_in_generate=True,
+        output_scores=config.return_logprobs,
     )
     model.eval()
     out: list[list[Sample]] = []
@@ -134,10 +136,7 @@ def sample_continuations(
         )
         torch.manual_seed(config.seed + batch_index)
         with autocast_context(device, precision):
-            output = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=generation,
-                return_dict_in_generate=True, output_scores=config.return_logprobs,
-            )
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
         rows = output.sequences[:, width:].tolist()
         step_logprobs = None
         if config.return_logprobs:  # scores[t]: the processed logits step t sampled from, [rows, V]
