@@ -286,7 +286,7 @@ def plot(rows, summaries, seeds: list[str], out_file: Path) -> None:
             if ax is teachers:
                 students.axhline(s["reward"]["mean"], color=color, ls="--", lw=1, alpha=0.7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left" if ax is students else "center left")
     students.set_xlabel("KL from the initial student (nats per continuation, on its own samples)")
     teachers.set_xlabel("KL from the initial teacher (nats)")
     students.set_ylabel("mean VADER reward of sampled held-out continuations")

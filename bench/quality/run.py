@@ -264,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench.quality: scale {scale.name}, seeds {list(scale.seeds)}, device {device}, "
           f"threads {torch.get_num_threads()}, out {out}", flush=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    command = " ".join(["python -m bench.quality", *(argv if argv is not None else sys.argv[1:])])
+    # What regenerates the numbers: the arguments as given, less --report-only (which only rewrites the report).
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    command = " ".join(["python -m bench.quality", *given])
     if args.report_only:
         from bench.quality.report import write_report
 
