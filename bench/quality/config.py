@@ -4,8 +4,10 @@ How the CPU scale was sized, from the quick run's stage times on this 2-core mac
 (``python -m bench.quality --quick``, 32 pairs): a training step of 16 pairs costs ~12 s for SmolLM2-135M and
 ~27 s for Gemma-3-270M (the π± stage, model load and save included); a reference or weights pass ~0.16 s
 (SmolLM2) and ~0.35 s (Gemma) per pair and model. One seed trains 2 Gemma π± + 2 SmolLM2 π± + 4 SmolLM2
-distillations, so 128 pairs (8 steps each) cost ~20 min of training and passes, and measuring the 5 trained
-models on 64 prompts x 4 samples plus 60 held-out pairs ~8 min: ~28 min per seed, ~85 min for three.
+distillations, so 128 pairs (8 steps each) cost ~20 min of training and passes, and measuring the trained
+models on 64 prompts x 4 samples plus 60 held-out pairs ~10 min: ~30 min per seed. Measured for docs/results.md:
+106 min summed over every job and measurement (3 seeds, 5 methods, the ceiling; part of it on a machine shared
+with test runs).
 The noise floor at that size: the standard error of one mean reward over 64 prompts is ~0.02-0.025.
 """
 
@@ -85,7 +87,7 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    # The documented run: about 85 minutes on 2 idle CPU cores (~28 min per seed).
+    # The documented run: about 1 h 45 min on 2 CPU cores (~33 min per seed, plus the untrained models).
     "cpu": Scale(name="cpu", train_pairs=128, eval_prompts=64),
     # A smoke run of the whole benchmark (every method, one seed, tiny data): under 15 minutes on 2 CPU cores.
     "quick": Scale(name="quick", train_pairs=32, eval_prompts=12, seeds=(0,)),
