@@ -144,8 +144,8 @@ def markdown(
 ) -> str:
     labels = _labels()
     sample_text = (
-        f"all {scale.train_pairs} (seeds change only the order)" if scale.train_pairs >= 540
-        else f"a seeded sample of {scale.train_pairs} of the 540"
+        f"all {scale.train_pairs} pairs (seeds change only the order)" if scale.train_pairs >= 540
+        else f"a seeded sample of {scale.train_pairs} of the 540 pairs"
     )
     steps = -(-scale.train_pairs // scale.batch_size) * int(scale.epochs) if scale.epochs == int(scale.epochs) else None
     order = [STUDENT_ROW[0], *scale.methods, TEACHER_ROW[0], TEACHER_POSITIVE_ROW[0]]
@@ -215,7 +215,7 @@ def markdown(
         "",
         f"- Teacher `{scale.teacher}`, student `{scale.student}` (different tokenizers: Gemma's 262k SentencePiece "
         "vocabulary, SmolLM2's 49k byte-level BPE).",
-        f"- Training data per seed: {sample_text} of the pairs in "
+        f"- Training data per seed: {sample_text} in "
         "`examples/data/sentiment-pairs.jsonl` (Gemma-3-270M continuations of Botchan sentence openings, chosen by "
         f"VADER); {scale.epochs:g} epoch(s) at batch {scale.batch_size}"
         + (f" ({steps} optimizer steps per model)" if steps else "")
