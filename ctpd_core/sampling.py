@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ctpd_core.pipeline import pad_token_id
 from ctpd_core.train import autocast_context
 
 _CONTROL = re.compile(r"<start_of_\w+>|<end_of_\w+>|<unused\d+>|<image_soft_token>|\[multimodal\]")
@@ -48,13 +49,17 @@ def clean_continuation(text: str) -> tuple[str, bool]:
     return text.split("\n", 1)[0].rstrip(), cut
 
 
-def continuation_text(tokenizer: Any, prompt_ids: Sequence[int], generated: Sequence[int], prompt: str) -> str:
+def continuation_text(
+    tokenizer: Any, prompt_ids: Sequence[int], generated: Sequence[int], prompt: str
+) -> tuple[str, bool]:
     """The text ``generated`` adds after ``prompt``, as the full sequence decodes (SentencePiece decoders drop
-    a leading space when a piece is decoded on its own, so decoding the continuation alone would lose it)."""
+    a leading space when a piece is decoded on its own, so decoding the continuation alone would lose it).
+    True when the full decode did not start with ``prompt`` and the continuation was decoded alone instead.
+    Special tokens (left padding included) decode to nothing."""
     full = tokenizer.decode(list(prompt_ids) + list(generated), skip_special_tokens=True)
     if full.startswith(prompt):
-        return full[len(prompt) :]
-    return tokenizer.decode(list(generated), skip_special_tokens=True)
+        return full[len(prompt) :], False
+    return tokenizer.decode(list(generated), skip_special_tokens=True), True
 
 
 @dataclass(frozen=True)
@@ -108,9 +113,9 @@ def sample_continuations(
     if len(prompts) != len(prompt_ids):
         raise ValueError(f"{len(prompts)} prompts but {len(prompt_ids)} prompt id lists")
     eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     if eos_id is None:
         raise ValueError("the tokenizer defines no EOS token, so a sampled continuation could never end")
+    pad_id = pad_token_id(tokenizer)
     control = control_token_ids(tokenizer)
     generation = GenerationConfig(
         do_sample=True,
@@ -151,7 +156,8 @@ def sample_continuations(
                 row = rows[r]
                 generated, _ = cut_at_control(row, control, set())
                 ended = len(generated) < len(row)
-                text, _ = clean_continuation(continuation_text(tokenizer, ids, generated, prompts[start + j]))
+                raw, _ = continuation_text(tokenizer, ids, generated, prompts[start + j])
+                text, _ = clean_continuation(raw)
                 # An ended continuation keeps its EOS: the end is part of what the model chose (and what the
                 # eos_span training scored), and the KL at that position counts.
                 kept = len(generated) + int(ended)

@@ -51,7 +51,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ctpd_core.sampling import clean_continuation, control_token_ids, cut_at_control  # noqa: E402
+from ctpd_core.sampling import (  # noqa: E402
+    clean_continuation,
+    continuation_text,
+    control_token_ids,
+    cut_at_control,
+)
 from ctpd_core.textdata import continuation_prompts, read_sentences, story_start  # noqa: E402
 
 DEFAULT_BOOK = REPO / ".cache" / "assets" / "botchan.txt"
@@ -166,9 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                     generated, by_control = cut_at_control(row[width:], control, end_ids)
                 else:  # "keep": the first build's behaviour (skip_special_tokens only; <start_of_image> stays)
                     generated, by_control = row[width:], False
-                full = tokenizer.decode(row[:width] + generated, skip_special_tokens=True)
-                fallback = not full.startswith(prompt)
-                raws.append(tokenizer.decode(generated, skip_special_tokens=True) if fallback else full[len(prompt):])
+                raw, fallback = continuation_text(tokenizer, row[:width], generated, prompt)
+                raws.append(raw)
                 control_cuts.append(by_control)
                 fallbacks.append(fallback)
         record = {"key": cache_key, "batch": batch_index, "prompts": texts, "raw": raws,
