@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 MEASURE_VERSION = 1  # bump when bench/quality/measure.py changes what a stored number means
 TEACHER = "gemma-3-270m"
@@ -100,6 +100,3 @@ SCALES: dict[str, Scale] = {
     ),
 }
 
-
-def scale_with(scale: Scale, **changes) -> Scale:
-    return replace(scale, **changes)

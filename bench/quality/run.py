@@ -12,6 +12,7 @@ seed. ``--publish`` copies it to ``docs/`` (docs/results.md is the published tab
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -27,7 +28,6 @@ from bench.quality.config import (
     TEACHER_POSITIVE_ROW,
     TEACHER_ROW,
     Scale,
-    scale_with,
 )
 from bench.quality.heldout import (
     REPO,
@@ -38,6 +38,7 @@ from bench.quality.heldout import (
     validation_pairs,
 )
 from bench.quality.report import PLOT_NAME
+from ctpd_core.pipeline import NullObserver
 
 DOCS = REPO / "docs"
 
@@ -65,28 +66,16 @@ def job_spec(scale: Scale, method: str, seed: int, train_file: Path) -> dict[str
     return spec
 
 
-class _StageLog:
+class _StageLog(NullObserver):
     """A PipelineObserver that prints one line per stage and keeps each stage's summary."""
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.summaries: dict[str, dict[str, Any]] = {}
 
-    def stage_started(self, stage: str, cached: bool) -> None:
-        pass
-
     def stage_finished(self, stage: str, seconds: float, cached: bool, summary) -> None:
         self.summaries[stage] = dict(summary)
         print(f"  [{self.label}] {stage}: {'cached' if cached else f'{seconds:.1f} s'}", flush=True)
-
-    def progress(self, progress) -> None:
-        pass
-
-    def metrics(self, stage: str, step: int, metrics) -> None:
-        pass
-
-    def checkpoint(self, stage: str, step: int, path: Path) -> None:
-        pass
 
 
 class MeasurementStore:
@@ -255,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
     scale = SCALES[args.scale]
     if args.seeds:
-        scale = scale_with(scale, seeds=tuple(args.seeds))
+        scale = dataclasses.replace(scale, seeds=tuple(args.seeds))
     home = Path(os.environ.get("CTPD_HOME", ".ctpd")).expanduser()  # as the ctpd CLI (nothing imports ctpd_cli)
     out = args.out or home / "bench" / "quality" / scale.name
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
