@@ -111,11 +111,6 @@ class WeightsSpec(_Strict):
 
     @model_validator(mode="after")
     def _bounds(self) -> WeightsSpec:
-        if self.average and self.source not in (None, "teacher_contrastive", "student_contrastive"):
-            raise ValueError(
-                f"weights.average averages contrastive weights; weights.source {self.source} has none to average "
-                "(use teacher_contrastive or student_contrastive, or drop weights.average)"
-            )
         if self.lower >= self.upper:
             raise ValueError(f"weights.lower ({self.lower}) must be below weights.upper ({self.upper})")
         if self.random_low >= self.random_high:
@@ -191,10 +186,11 @@ class JobSpec(_Strict):
                 f"weights.source teacher_contrastive needs method ctpd (the {self.method} baseline trains the "
                 "student alone); use student_contrastive or uniform"
             )
-        if self.weights.average and not self.needs_contrastive:
+        if self.weights.average and not self.needs_contrastive:  # checked once the default source is known
             raise ValueError(
                 f"weights.average averages contrastive weights, and method {self.method} with weights.source "
-                f"{self.weights.source} has none; use tisdpo or ctpd with contrastive weights, or drop it"
+                f"{self.weights.source} has none to average; use teacher_contrastive or student_contrastive, or "
+                "drop weights.average"
             )
         if self.method == "dpo" and self.weights.source != "uniform":
             raise ValueError("method dpo uses no weights; use tisdpo for weighted DPO, or drop weights.source")
