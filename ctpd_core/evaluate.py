@@ -103,9 +103,12 @@ def evaluate_student(
 
 def _bits_per_byte(token_logps: Sequence[np.ndarray], responses: Sequence[Any]) -> float:
     """−Σ log p / (ln 2 · bytes) over the response text (the EOS token, which has no bytes, left out)."""
-    nats = sum(-float(np.sum(lp[:-1] if r.has_eos else lp)) for lp, r in zip(token_logps, responses, strict=True))
-    total_bytes = sum(r.num_bytes for r in responses)
-    return nats / (math.log(2) * max(total_bytes, 1))
+    text_logps = [lp[:-1] if r.has_eos else lp for lp, r in zip(token_logps, responses, strict=True)]
+    return _nats_per_byte_in_bits(text_logps, sum(r.num_bytes for r in responses))
+
+
+def _nats_per_byte_in_bits(token_logps: Sequence[np.ndarray], total_bytes: int) -> float:
+    return -sum(float(np.sum(lp)) for lp in token_logps) / (math.log(2) * max(total_bytes, 1))
 
 
 # ------------------------------------------------------------------------------------ one model, free text
@@ -176,6 +179,4 @@ def sequence_kl(
 
 def bits_per_byte(token_logps: Sequence[np.ndarray], texts: Sequence[str]) -> float:
     """−Σ log p / (ln 2 · UTF-8 bytes): comparable across tokenizers (nanochat's ``evaluate_bpb``)."""
-    nats = -sum(float(np.sum(lp)) for lp in token_logps)
-    total_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return nats / (math.log(2) * max(total_bytes, 1))
+    return _nats_per_byte_in_bits(token_logps, sum(len(t.encode("utf-8")) for t in texts))

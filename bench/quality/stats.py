@@ -14,12 +14,17 @@ _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         29: 2.045}
 
 
+def _wins(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+    """1 where ours is higher, 0.5 on an exact tie, 0 where lower."""
+    return (ours > theirs) + 0.5 * (ours == theirs)
+
+
 def preference_accuracy(reward_chosen: np.ndarray, reward_rejected: np.ndarray) -> float:
     """Share of pairs whose chosen reward is higher; an exact tie counts half."""
     chosen, rejected = np.asarray(reward_chosen, dtype=float), np.asarray(reward_rejected, dtype=float)
     if chosen.size == 0:
         return float("nan")
-    return float(np.mean((chosen > rejected) + 0.5 * (chosen == rejected)))
+    return float(np.mean(_wins(chosen, rejected)))
 
 
 def win_rate(rewards: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]]) -> float:
@@ -30,7 +35,7 @@ def win_rate(rewards: Sequence[Sequence[float]], baseline: Sequence[Sequence[flo
     per_prompt = []
     for ours, theirs in zip(rewards, baseline, strict=True):
         a, b = np.asarray(ours, dtype=float)[:, None], np.asarray(theirs, dtype=float)[None, :]
-        per_prompt.append(float(np.mean((a > b) + 0.5 * (a == b))))
+        per_prompt.append(float(np.mean(_wins(a, b))))
     return float(np.mean(per_prompt))
 
 
