@@ -32,6 +32,14 @@ class Settings(BaseSettings):
     model_cache: Path | None = Field(default=None, description="Catalog model conversions; default $CTPD_HOME/catalog.")
     lease_seconds: int = Field(default=120, ge=5, description="A running job's lease; the worker heartbeats every lease/4.")
     max_attempts: int = Field(default=3, ge=1, description="Deliveries of a job before it fails with worker_lost.")
+    reaper_interval_seconds: float = Field(
+        default=30.0, gt=0, le=3600, description="How often beat runs the reaper (expired leases, unclaimed jobs, orphans)."
+    )
+    shutdown_grace_seconds: float = Field(
+        default=60.0, gt=0, le=3600,
+        description="On SIGTERM a running job checkpoints and hands itself back within this many seconds; past it, "
+        "the lease is released without a new checkpoint (the job resumes from its previous one).",
+    )
     requeue_after_seconds: int = Field(
         default=300, ge=1, description="A queued job no worker claimed for this long is enqueued again."
     )

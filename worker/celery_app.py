@@ -43,7 +43,6 @@ RUN_JOB = "ctpd.run_job"
 REAP_STALE_JOBS = "ctpd.reap_stale_jobs"
 TRAIN_QUEUE = "train"
 DEFAULT_QUEUE = "default"
-REAPER_INTERVAL_SECONDS = 30.0
 
 
 def _scheme(broker_url: str) -> str:
@@ -81,13 +80,13 @@ def celery_conf(settings: Settings) -> dict[str, Any]:
             RUN_JOB: {"queue": TRAIN_QUEUE, "routing_key": TRAIN_QUEUE},
             REAP_STALE_JOBS: {"queue": DEFAULT_QUEUE, "routing_key": DEFAULT_QUEUE},
         },
-        # --- beat: the reaper every 30 s. A reaper message nobody ran within one interval is dropped (a
+        # --- beat: the reaper every reaper_interval_seconds (30 s). A reaper message nobody ran within one interval is dropped (a
         # newer one follows), so a busy single-worker setup does not pile them up behind a training job.
         "beat_schedule": {
             "reap-stale-jobs": {
                 "task": REAP_STALE_JOBS,
-                "schedule": REAPER_INTERVAL_SECONDS,
-                "options": {"queue": DEFAULT_QUEUE, "expires": REAPER_INTERVAL_SECONDS},
+                "schedule": settings.reaper_interval_seconds,
+                "options": {"queue": DEFAULT_QUEUE, "expires": settings.reaper_interval_seconds},
             }
         },
         "beat_schedule_filename": str(settings.home / "celerybeat-schedule"),

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import repository
+from worker import failpoints
 
 if TYPE_CHECKING:
     from ctpd_core.train import Progress
@@ -77,8 +78,10 @@ class DbObserver:
         progress_interval: float = PROGRESS_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         stop_signal: DbStopSignal | None = None,
+        attempt: int | None = None,
     ) -> None:
         self.db, self.job_id = db, job_id
+        self.attempt = attempt
         self.progress_interval = progress_interval
         self.clock = clock
         self.stop_signal = stop_signal
@@ -88,6 +91,7 @@ class DbObserver:
     # ---------------------------------------------------------------------------------- the protocol
 
     def stage_started(self, stage: str, cached: bool) -> None:
+        failpoints.hit(f"stage_started:{stage}", self.attempt)
         self._flush_progress()
         self._safely(
             "progress",
@@ -106,6 +110,7 @@ class DbObserver:
         )
 
     def progress(self, progress: Progress) -> None:
+        failpoints.hit(f"step:{progress.stage}:{progress.step}", self.attempt)
         now = self.clock()
         last = self._last_write.get(progress.stage)
         if last is not None and now - last < self.progress_interval:

@@ -127,7 +127,7 @@ def execute_job(
 
     heartbeat = Heartbeat(db, job_id, worker_id, settings.lease_seconds).start()
     stop_signal = DbStopSignal(db, job_id, lease_lost=heartbeat.lost)
-    observer = DbObserver(db, job_id, stop_signal=stop_signal)
+    observer = DbObserver(db, job_id, stop_signal=stop_signal, attempt=row.attempt)
     status, error_code, error_kind, error_message, export_dir = "failed", None, None, None, None
     try:
         import torch
