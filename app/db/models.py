@@ -23,6 +23,8 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -96,8 +98,12 @@ class Job(Base):
     progress_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
     eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
-    attempt: Mapped[int] = mapped_column(Integer)  # 0 until the first claim
+    attempt: Mapped[int] = mapped_column(Integer)  # 0 until the first claim; +1 per claim: the fencing token
     max_attempts: Mapped[int] = mapped_column(Integer)
+    # Attempts handed back on SIGTERM (a deploy, not a failure): they do not count against max_attempts.
+    handoffs: Mapped[int] = mapped_column(Integer, server_default=text("0"), default=0)
+    # Whether an admin key submitted the job: the worker applies the same path and remote-code policy.
+    submitted_by_admin: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # the resolved spec, defaults filled in
     name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     job_metadata: Mapped[dict[str, str]] = mapped_column("metadata", JSON)
@@ -127,6 +133,7 @@ class JobEvent(Base):
     stage: Mapped[str | None] = mapped_column(String(64), nullable=True)
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    attempt: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the writing attempt; null: the API
 
 
 class MetricPoint(Base):
@@ -140,6 +147,7 @@ class MetricPoint(Base):
     step: Mapped[int] = mapped_column(Integer)
     value: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    attempt: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the writing attempt
 
 
 class Dataset(Base):

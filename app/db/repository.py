@@ -5,7 +5,15 @@ progress, events, metrics, finish, reap). Each function runs one short transacti
 that are safe to read after it returns (``expire_on_commit=False``, no lazy relationships).
 
 Status changes are compare-and-set ``UPDATE ... WHERE status = ...`` statements, so two workers, two
-reapers or a worker and a cancel never both win. Every status change writes its event in the same
+reapers or a worker and a cancel never both win.
+
+**Fencing.** ``jobs.attempt`` goes up by one at every claim and is the attempt's fencing token. Everything a
+running attempt writes (heartbeat, progress, events, metric points, the finish, a hand-back) names its
+attempt, and is refused (:class:`StaleAttempt`, or ``False``) once the job is no longer held by that attempt:
+the reaper requeued it, another attempt claimed it, or it ended. A fenced write locks the job row
+(``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises writers anyway), so a
+concurrent reap or claim is ordered strictly before or after it. A heartbeat renews only an unexpired lease:
+a process that was paused past its lease has lost it even if nobody has taken the job yet. Every status change writes its event in the same
 transaction, with ``data["status"]`` set to the new status: the API derives a job's transitions from those
 events (an event a caller adds with :func:`add_event` never counts as a transition).
 
@@ -48,6 +56,7 @@ TRANSITION_EVENT_TYPES = (
     "job_created",
     "job_started",
     "job_restarted",
+    "job_handed_back",
     "cancel_requested",
     "job_succeeded",
     "job_failed",
@@ -73,6 +82,29 @@ class JobNotCancellable(Exception):
 
 class InvalidCursor(ValueError):
     """``after`` names no row of this listing."""
+
+
+class StaleAttempt(Exception):
+    """A write from an attempt that no longer holds the job (requeued, claimed again, or ended)."""
+
+    def __init__(self, job_id: str, attempt: int, current: str) -> None:
+        self.job_id, self.attempt = job_id, attempt
+        super().__init__(f"job {job_id}: attempt {attempt} no longer holds the job ({current}); write refused")
+
+
+HELD_STATUSES = ("running", "cancelling")
+
+
+def _hold(session: Session, job_id: str, attempt: int) -> Job:
+    """Lock the job row and check that ``attempt`` still holds it; raises :class:`StaleAttempt`."""
+    job = session.scalars(
+        select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
+    ).one_or_none()
+    if job is None:
+        raise StaleAttempt(job_id, attempt, "no such job")
+    if job.attempt != attempt or job.status not in HELD_STATUSES:
+        raise StaleAttempt(job_id, attempt, f"it is {job.status} at attempt {job.attempt}")
+    return job
 
 
 # ------------------------------------------------------------------------------------------- the database
@@ -167,9 +199,9 @@ def _make_engine(url: str, *, echo: bool) -> Engine:
 
 
 def _event(job_id: str, type: str, message: str, *, level: str = "info", stage: str | None = None,
-           data: Mapping[str, Any] | None = None, now: datetime | None = None) -> JobEvent:
+           data: Mapping[str, Any] | None = None, now: datetime | None = None, attempt: int | None = None) -> JobEvent:
     return JobEvent(job_id=job_id, created_at=now or utcnow(), type=type, level=level, stage=stage, message=message,
-                    data=dict(data or {}))
+                    data=dict(data or {}), attempt=attempt)
 
 
 def create_job(
@@ -182,6 +214,7 @@ def create_job(
     idempotency_key: str | None,
     request_hash: str,
     max_attempts: int,
+    submitted_by_admin: bool = False,
 ) -> tuple[Job, bool]:
     """A new ``queued`` job, or ``(existing, False)`` when the same key came with the same request hash.
 
@@ -198,7 +231,8 @@ def create_job(
         job = Job(
             id=f"job_{uuid.uuid4().hex}", tenant=tenant, status="queued", attempt=0, max_attempts=max_attempts,
             spec=spec, name=name, job_metadata=dict(metadata), idempotency_key=idempotency_key,
-            request_hash=request_hash, created_at=now, updated_at=now,
+            request_hash=request_hash, created_at=now, updated_at=now, handoffs=0,
+            submitted_by_admin=submitted_by_admin,
         )
         try:
             with db.write() as session:
@@ -339,19 +373,31 @@ def claim_job(db: Database, job_id: str, worker_id: str, lease_seconds: float) -
             return None
         job = session.scalars(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).one()
         session.add(_event(job_id, "job_started", f"attempt {job.attempt} of {job.max_attempts} started on {worker_id}",
-                           now=now, data={"status": "running", "attempt": job.attempt, "worker_id": worker_id}))
+                           now=now, data={"status": "running", "attempt": job.attempt, "worker_id": worker_id},
+                           attempt=job.attempt))
         session.flush()
         return job
 
 
-def heartbeat(db: Database, job_id: str, worker_id: str, lease_seconds: float) -> bool:
-    """Renew the lease if this worker still holds the job (running or cancelling); False if it lost it."""
+def heartbeat(db: Database, job_id: str, worker_id: str, lease_seconds: float, attempt: int | None = None) -> bool:
+    """Renew the lease if this worker (and attempt) still holds the job (running or cancelling) and the lease
+    has not run out; False if it lost it. An expired lease is never renewed: the process may have been paused
+    past it, and the reaper may be handing the job to another attempt at this very moment."""
     now = utcnow()
+    held = [Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(HELD_STATUSES), Job.lease_expires_at > now]
+    if attempt is not None:
+        held.append(Job.attempt == attempt)
     with db.write() as session:
         return bool(session.execute(
-            update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(("running", "cancelling")))
-            .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+            update(Job).where(*held).values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
         ).rowcount)
+
+
+def holds(db: Database, job_id: str, worker_id: str, attempt: int) -> bool:
+    """Whether this worker's attempt still holds the job (checked before publishing files: checkpoints, export)."""
+    with db.read() as session:
+        row = session.execute(select(Job.worker_id, Job.attempt, Job.status).where(Job.id == job_id)).one_or_none()
+    return row is not None and tuple(row) in ((worker_id, attempt, "running"), (worker_id, attempt, "cancelling"))
 
 
 def is_cancel_requested(db: Database, job_id: str) -> bool:
@@ -360,37 +406,55 @@ def is_cancel_requested(db: Database, job_id: str) -> bool:
     return status in ("cancelling", "cancelled")
 
 
-def update_progress(db: Database, job_id: str, *, stage: str | None, step: int | None, total: int | None,
-                    eta_seconds: float | None) -> None:
+_MAX_PROGRESS = 2**31 - 1  # the columns are 32-bit integers
+
+
+def _progress_values(stage: str | None, step: int | None, total: int | None, eta_seconds: float | None) -> dict:
     if eta_seconds is not None and not math.isfinite(eta_seconds):
         eta_seconds = None
+    return dict(stage=stage, progress_step=_clamp_progress(step), progress_total=_clamp_progress(total),
+                eta_seconds=eta_seconds, updated_at=utcnow())
+
+
+def _clamp_progress(value: int | None) -> int | None:
+    return None if value is None else max(0, min(int(value), _MAX_PROGRESS))
+
+
+def update_progress(db: Database, job_id: str, *, stage: str | None, step: int | None, total: int | None,
+                    eta_seconds: float | None, attempt: int | None = None) -> None:
+    """The job's stage and progress columns; with ``attempt``, fenced (raises :class:`StaleAttempt`)."""
     with db.write() as session:
-        session.execute(
-            update(Job).where(Job.id == job_id)
-            .values(stage=stage, progress_step=step, progress_total=total, eta_seconds=eta_seconds, updated_at=utcnow())
-        )
+        if attempt is not None:
+            _hold(session, job_id, attempt)
+        session.execute(update(Job).where(Job.id == job_id).values(**_progress_values(stage, step, total, eta_seconds)))
+
+
+def _event_data(level: str, data: Mapping[str, Any] | None) -> dict[str, Any]:
+    if level not in ("info", "warning", "error"):
+        raise ValueError(f"event level {level!r}: use info, warning or error")
+    return {key: value for key, value in (data or {}).items() if key != "status"}  # status marks transitions only
 
 
 def add_event(db: Database, job_id: str, type: str, message: str, *, level: str = "info", stage: str | None = None,
-              data: Mapping[str, Any] | None = None) -> None:
+              data: Mapping[str, Any] | None = None, attempt: int | None = None) -> None:
     """A job event (stage_started, stage_finished, checkpoint_saved, ...). A ``"status"`` key in ``data`` is
-    dropped: only the repository's own status changes carry it (they are the job's transitions)."""
-    if level not in ("info", "warning", "error"):
-        raise ValueError(f"event level {level!r}: use info, warning or error")
-    data = {key: value for key, value in (data or {}).items() if key != "status"}  # status marks transitions only
+    dropped: only the repository's own status changes carry it (they are the job's transitions). With
+    ``attempt``, the write is fenced (raises :class:`StaleAttempt`) and the event records its attempt."""
+    data = _event_data(level, data)
     with db.write() as session:
-        session.add(_event(job_id, type, message, level=level, stage=stage, data=data))
+        if attempt is not None:
+            _hold(session, job_id, attempt)
+        session.add(_event(job_id, type, message, level=level, stage=stage, data=data, attempt=attempt))
 
 
-def add_metrics(db: Database, job_id: str, stage: str, step: int, metrics: Mapping[str, float]) -> None:
+def add_metrics(db: Database, job_id: str, stage: str, step: int, metrics: Mapping[str, float],
+                attempt: int | None = None) -> None:
     """One point per metric at this step; non-finite (and non-numeric) values are skipped."""
-    add_metric_points(db, job_id, ((stage, step, name, value) for name, value in metrics.items()))
+    add_metric_points(db, job_id, ((stage, step, name, value) for name, value in metrics.items()), attempt=attempt)
 
 
-def add_metric_points(db: Database, job_id: str, points: Iterable[tuple[str, int, str, float]]) -> int:
-    """Many ``(stage, step, name, value)`` points in one transaction (a buffering observer's flush).
-    Non-finite values are skipped; returns how many were written."""
-    now = utcnow()
+def _metric_rows(job_id: str, points: Iterable[tuple[str, int, str, float]], attempt: int | None,
+                 now: datetime) -> list[MetricPoint]:
     rows = []
     for stage, step, name, value in points:
         try:
@@ -398,11 +462,66 @@ def add_metric_points(db: Database, job_id: str, points: Iterable[tuple[str, int
         except (TypeError, ValueError):
             continue
         if math.isfinite(number):
-            rows.append(MetricPoint(job_id=job_id, stage=stage, name=name, step=int(step), value=number, created_at=now))
+            rows.append(MetricPoint(job_id=job_id, stage=stage, name=name, step=int(step), value=number,
+                                    created_at=now, attempt=attempt))
+    return rows
+
+
+def add_metric_points(db: Database, job_id: str, points: Iterable[tuple[str, int, str, float]],
+                      attempt: int | None = None) -> int:
+    """Many ``(stage, step, name, value)`` points in one transaction. Non-finite values are skipped; returns
+    how many were written. With ``attempt``, fenced (raises :class:`StaleAttempt`)."""
+    rows = _metric_rows(job_id, points, attempt, utcnow())
     if rows:
         with db.write() as session:
+            if attempt is not None:
+                _hold(session, job_id, attempt)
             session.add_all(rows)
     return len(rows)
+
+
+@dataclass(frozen=True)
+class EventWrite:
+    type: str
+    message: str
+    level: str = "info"
+    stage: str | None = None
+    data: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class MetricsWrite:
+    points: tuple[tuple[str, int, str, float], ...]  # (stage, step, name, value)
+
+
+@dataclass(frozen=True)
+class ProgressWrite:
+    stage: str | None
+    step: int | None
+    total: int | None
+    eta_seconds: float | None
+
+
+AttemptWrite = EventWrite | MetricsWrite | ProgressWrite
+
+
+def record_attempt_writes(db: Database, job_id: str, attempt: int, writes: Sequence[AttemptWrite]) -> None:
+    """A running attempt's buffered writes, in order, in one fenced transaction: all of them or none.
+
+    Raises :class:`StaleAttempt` (nothing written) once the attempt no longer holds the job, and the
+    driver's error when the database is unreachable (nothing written either: the caller keeps them)."""
+    now = utcnow()
+    with db.write() as session:
+        _hold(session, job_id, attempt)
+        for write in writes:
+            if isinstance(write, EventWrite):
+                session.add(_event(job_id, write.type, write.message, level=write.level, stage=write.stage,
+                                   data=_event_data(write.level, write.data), now=now, attempt=attempt))
+            elif isinstance(write, MetricsWrite):
+                session.add_all(_metric_rows(job_id, write.points, attempt, now))
+            else:
+                session.execute(update(Job).where(Job.id == job_id).values(
+                    **_progress_values(write.stage, write.step, write.total, write.eta_seconds)))
 
 
 _FINISH_EVENTS = {"succeeded": "job_succeeded", "failed": "job_failed", "cancelled": "job_cancelled"}
@@ -418,30 +537,72 @@ def finish_job(
     error_message: str | None = None,
     error_kind: str | None = None,
     export_dir: str | Path | None = None,
-) -> bool:
-    """Record the end of the worker's attempt. False (nothing written) if this worker no longer holds the job."""
+    attempt: int | None = None,
+) -> str | None:
+    """Record the end of the worker's attempt; returns the status recorded, or None (nothing written) if this
+    worker (and attempt) no longer holds the job.
+
+    **A cancelled job ends cancelled, always:** once a cancel was requested (``cancelling``), an attempt that
+    reports succeeded or failed (it finished, or failed, before it saw the request) is recorded as
+    ``cancelled``, with what it reported in the event's data. Nothing is exported for a cancelled job."""
     if status not in _FINISH_EVENTS:
         raise ValueError(f"finish_job status {status!r}: use succeeded, failed or cancelled")
     if error_kind not in (None, "user", "system"):
         raise ValueError(f"error_kind {error_kind!r}: use user or system")
     now = utcnow()
+    held = [Job.id == job_id, Job.worker_id == worker_id]
+    if attempt is not None:
+        held.append(Job.attempt == attempt)
     with db.write() as session:
-        done = session.execute(
-            update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(("running", "cancelling")))
-            .values(status=status, finished_at=now, updated_at=now, lease_expires_at=None, error_code=error_code,
-                    error_message=error_message, error_kind=error_kind,
-                    export_dir=str(export_dir) if export_dir is not None else None)
-        ).rowcount
-        if not done:
-            return False
+        job = session.scalars(select(Job).where(*held).with_for_update()).one_or_none()
+        if job is None or job.status not in HELD_STATUSES:
+            return None
+        reported = status
+        if job.status == "cancelling":
+            status = "cancelled"
+        values: dict[str, Any] = dict(status=status, finished_at=now, updated_at=now, lease_expires_at=None)
+        if status == "failed":
+            values.update(error_code=error_code, error_message=error_message, error_kind=error_kind)
+        if status == "succeeded":
+            values.update(export_dir=str(export_dir) if export_dir is not None else None)
+        session.execute(update(Job).where(*held, Job.status == job.status).values(**values))
         data: dict[str, Any] = {"status": status}
         if status == "failed":
             data.update(code=error_code, kind=error_kind)
         message = {"succeeded": "job succeeded", "cancelled": "job cancelled"}.get(
             status, f"job failed: {error_message or error_code}")
+        if reported != status:
+            data["reported"] = reported
+            message = f"job cancelled (the attempt {reported} before it saw the cancel request)"
         session.add(_event(job_id, _FINISH_EVENTS[status], message, level="error" if status == "failed" else "info",
-                           now=now, data=data))
-    return True
+                           now=now, data=data, attempt=job.attempt))
+    return status
+
+
+def release_job(db: Database, job_id: str, worker_id: str, attempt: int, reason: str) -> str | None:
+    """Hand the job back (SIGTERM: a deploy or a scale-down, not a failure): running -> queued with
+    ``handoffs += 1``, so the attempt does not count against ``max_attempts``; cancelling -> cancelled.
+    Returns the new status, or None if this attempt no longer holds the job."""
+    now = utcnow()
+    with db.write() as session:
+        job = session.scalars(
+            select(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.attempt == attempt).with_for_update()
+        ).one_or_none()
+        if job is None or job.status not in HELD_STATUSES:
+            return None
+        if job.status == "cancelling":
+            values: dict[str, Any] = dict(status="cancelled", finished_at=now)
+            event = _event(job_id, "job_cancelled", f"job cancelled ({reason})", now=now, attempt=attempt,
+                           data={"status": "cancelled"})
+        else:
+            values = dict(status="queued", worker_id=None, handoffs=Job.handoffs + 1)
+            event = _event(job_id, "job_handed_back",
+                           f"attempt {attempt} handed the job back ({reason}); it resumes from its checkpoint",
+                           level="warning", now=now, attempt=attempt, data={"status": "queued", "attempt": attempt})
+        session.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == job.status)
+                        .values(lease_expires_at=None, updated_at=now, **values))
+        session.add(event)
+        return values["status"]
 
 
 def reap_stale_jobs(db: Database, now: datetime | None = None) -> list[str]:
@@ -451,10 +612,12 @@ def reap_stale_jobs(db: Database, now: datetime | None = None) -> list[str]:
     requeued = []
     with db.read() as session:
         stale = session.execute(
-            select(Job.id, Job.status, Job.attempt, Job.max_attempts, Job.lease_expires_at, Job.worker_id)
-            .where(Job.status.in_(("running", "cancelling")), Job.lease_expires_at < now)
+            select(Job.id, Job.status, Job.attempt, Job.max_attempts, Job.lease_expires_at, Job.worker_id,
+                   Job.handoffs)
+            .where(Job.status.in_(HELD_STATUSES), Job.lease_expires_at < now)
         ).all()
-    for job_id, status, attempt, max_attempts, lease, worker_id in stale:
+    for job_id, status, attempt, max_attempts, lease, worker_id, handoffs in stale:
+        failures = attempt - (handoffs or 0)  # hand-backs on SIGTERM are not failures
         # The compare-and-set on (status, lease) makes a concurrent heartbeat or a second reaper win cleanly.
         current = and_(Job.id == job_id, Job.status == status, Job.lease_expires_at == lease)
         with db.write() as session:
@@ -462,14 +625,15 @@ def reap_stale_jobs(db: Database, now: datetime | None = None) -> list[str]:
                 values: dict[str, Any] = dict(status="cancelled", finished_at=now)
                 event = _event(job_id, "job_cancelled", f"the worker {worker_id} was lost while cancelling",
                                now=now, data={"status": "cancelled"})
-            elif attempt < max_attempts:
+            elif failures < max_attempts:
                 values = dict(status="queued", worker_id=None)
                 event = _event(job_id, "job_restarted",
-                               f"the lease of {worker_id} expired; requeued (attempt {attempt} of {max_attempts} lost)",
+                               f"the lease of {worker_id} expired; requeued (attempt {attempt} lost, "
+                               f"{failures} of {max_attempts} failed)",
                                level="warning", now=now, data={"status": "queued", "attempt": attempt})
             else:
-                message = (f"the worker stopped heartbeating during attempt {attempt} of {max_attempts}; "
-                           "no attempts are left")
+                message = (f"the worker stopped heartbeating during attempt {attempt} ({failures} of {max_attempts} "
+                           "failed); no attempts are left")
                 values = dict(status="failed", finished_at=now, error_code="worker_lost", error_kind="system",
                               error_message=message)
                 event = _event(job_id, "job_failed", message, level="error", now=now,
@@ -642,6 +806,10 @@ __all__ = [
     "IdempotencyConflict",
     "InvalidCursor",
     "JobNotCancellable",
+    "StaleAttempt",
+    "record_attempt_writes",
+    "release_job",
+    "holds",
     "JobRow",
     "Principal",
     "add_event",

@@ -60,7 +60,24 @@ def test_upgrade_head_matches_the_models(empty_database: Database):
 
     empty_database.upgrade()  # at head already: a no-op
     with empty_database.engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001_initial"
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002_attempt_fencing"
+
+
+def test_0002_keeps_the_rows_of_0001(empty_database: Database):
+    """A deployment upgraded in place: jobs and events written at 0001 survive, with the new columns' defaults."""
+    empty_database.upgrade("0001_initial")
+    with empty_database.engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO jobs (id, tenant, status, attempt, max_attempts, spec, metadata, request_hash, created_at, "
+            "updated_at) VALUES ('job_old', 't', 'running', 1, 3, '{}', '{}', 'h', '2026-01-01 00:00:00', "
+            "'2026-01-01 00:00:00')"))
+        connection.execute(text(
+            "INSERT INTO job_events (job_id, created_at, type, level, message, data) VALUES "
+            "('job_old', '2026-01-01 00:00:00', 'job_created', 'info', 'created', '{}')"))
+    empty_database.upgrade()
+    with empty_database.engine.connect() as connection:
+        assert connection.execute(text("SELECT handoffs, submitted_by_admin FROM jobs")).one() == (0, False)
+        assert connection.execute(text("SELECT attempt FROM job_events")).scalar() is None
 
 
 def test_upgrade_runs_from_any_working_directory(tmp_path: Path, monkeypatch):
