@@ -18,9 +18,29 @@ Method = Literal["ctpd", "dpo", "tisdpo"]
 WeightSource = Literal["teacher_contrastive", "student_contrastive", "uniform", "random"]
 Precision = Literal["auto", "fp32", "bf16"]
 
+# Every number is finite (``allow_inf_nan=False`` below) and bounded: an unbounded value such as
+# training.max_steps 2**31 or 1e30 would otherwise be accepted and fail later (an integer column overflows, an ETA
+# reads thousands of years). The bounds are generous next to real runs and sit in each Field, so the OpenAPI schema
+# shows them; the paper's defaults lie well inside.
+MAX_STEPS = 10_000_000  # optimizer steps (and checkpoint intervals): months of training at 1 step/s
+MAX_PAIRS = 100_000_000  # preference pairs used or evaluated
+MAX_TOKENS = 1_048_576  # token budgets: 1 Mi, beyond any context window a model here has
+MAX_BATCH = 65_536  # pairs per step or per forward pass
+MAX_EPOCHS = 1_000.0
+MAX_LEARNING_RATE = 1.0  # far above any stable AdamW rate (the paper: 1e-6 and 2e-6)
+MAX_BETA = 1_000.0  # DPO beta: the paper uses 0.1 and 0.3
+MAX_SEED = 2**32 - 1  # numpy's seed range (torch and random accept it too)
+MAX_CLAMP = 50.0  # |log-ratio clamp|: exp(50) ~ 5e21 stays inside the fp32 and bf16 ranges
+MAX_SCALE = 1_000.0  # weight normaliser and random-weight range
+MAX_LORA_RANK = 4_096
+MAX_LORA_ALPHA = 65_536.0
+MAX_GRAD_NORM = 1_000_000.0
+MAX_WEIGHT_DECAY = 10.0
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: NaN and +-Infinity (which Python's json and YAML parse) are refused field by field.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelRef(_Strict):
@@ -36,6 +56,13 @@ class ModelRef(_Strict):
 
 
 class DatasetRef(_Strict):
+    # _one_source in JSON Schema, so OpenAPI clients (and schema-driven tests) know what is refused: exactly one
+    # of path / id is a string (the other absent or null).
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["path"], "properties": {"path": {"type": "string"}}},
+        {"required": ["id"], "properties": {"id": {"type": "string"}}},
+    ]})
+
     path: str | None = Field(
         default=None, description="A JSONL, JSON or Parquet file of preference pairs (prompt, chosen, rejected)."
     )
@@ -46,7 +73,7 @@ class DatasetRef(_Strict):
     validation_fraction: float = Field(
         default=0.1, ge=0.0, lt=1.0, description="Share of rows held out for evaluation when no validation set is given."
     )
-    max_pairs: int | None = Field(default=None, ge=1, description="Use at most this many training pairs (for quick runs).")
+    max_pairs: int | None = Field(default=None, ge=1, le=MAX_PAIRS, description="Use at most this many training pairs (for quick runs).")
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetRef:
@@ -56,9 +83,9 @@ class DatasetRef(_Strict):
 
 
 class SequenceSpec(_Strict):
-    max_prompt_tokens: int = Field(default=128, ge=1, description="Prompt budget; the prompt keeps its end.")
+    max_prompt_tokens: int = Field(default=128, ge=1, le=MAX_TOKENS, description="Prompt budget; the prompt keeps its end.")
     max_response_tokens: int = Field(
-        default=384, ge=1, description="Response budget; the response *text* is cut so both models see the same string."
+        default=384, ge=1, le=MAX_TOKENS, description="Response budget; the response *text* is cut so both models see the same string."
     )
     length_unit: Literal["student", "teacher"] = Field(
         default="student", description="Whose tokens the budgets count."
@@ -77,12 +104,19 @@ class ContrastiveSpec(_Strict):
     """π+ and π− (method §2, stages 2a/2b): given as models, or trained by DPO and by DPO on swapped pairs,
     both initialised from (and referenced to) the teacher (or the student, for TIS-DPO weights)."""
 
+    # _both_or_neither in JSON Schema: both ready models given, or neither (each absent or null).
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["positive", "negative"],
+         "properties": {"positive": {"type": "object"}, "negative": {"type": "object"}}},
+        {"properties": {"positive": {"type": "null"}, "negative": {"type": "null"}}},
+    ]})
+
     positive: ModelRef | None = Field(default=None, description="A ready π+; trained when unset.")
     negative: ModelRef | None = Field(default=None, description="A ready π−; trained when unset.")
-    beta: float = Field(default=0.3, gt=0, description="DPO β for training π+ and π− (paper: 0.3).")
-    learning_rate: float = Field(default=2e-6, gt=0, description="Paper: 2e-6 for both π+ and π−.")
-    epochs: float = Field(default=1.0, gt=0)
-    max_steps: int | None = Field(default=None, ge=1, description="Cap on optimizer steps per contrastive model.")
+    beta: float = Field(default=0.3, gt=0, le=MAX_BETA, description="DPO β for training π+ and π− (paper: 0.3).")
+    learning_rate: float = Field(default=2e-6, gt=0, le=MAX_LEARNING_RATE, description="Paper: 2e-6 for both π+ and π−.")
+    epochs: float = Field(default=1.0, gt=0, le=MAX_EPOCHS)
+    max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Cap on optimizer steps per contrastive model.")
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> ContrastiveSpec:
@@ -97,11 +131,11 @@ class WeightsSpec(_Strict):
         description="teacher_contrastive (the paper), student_contrastive, uniform or random. "
         "Default: teacher_contrastive for ctpd, student_contrastive for tisdpo, uniform for dpo.",
     )
-    lower: float = Field(default=-0.5, description="Clamp lower bound L on log π+ − log π− (method §4.2).")
-    upper: float = Field(default=1.5, description="Clamp upper bound U.")
-    scale: float = Field(default=1.0, gt=0, description="The normaliser k.")
-    random_low: float = Field(default=0.7, gt=0, description="Random ablation: U(random_low, random_high).")
-    random_high: float = Field(default=1.3, gt=0)
+    lower: float = Field(default=-0.5, ge=-MAX_CLAMP, le=MAX_CLAMP, description="Clamp lower bound L on log π+ − log π− (method §4.2).")
+    upper: float = Field(default=1.5, ge=-MAX_CLAMP, le=MAX_CLAMP, description="Clamp upper bound U.")
+    scale: float = Field(default=1.0, gt=0, le=MAX_SCALE, description="The normaliser k.")
+    random_low: float = Field(default=0.7, gt=0, le=MAX_SCALE, description="Random ablation: U(random_low, random_high).")
+    random_high: float = Field(default=1.3, gt=0, le=MAX_SCALE)
     average: bool = Field(
         default=False,
         description="Replace each response's contrastive weights by their mean: the paper's 'Average weight' "
@@ -120,25 +154,25 @@ class WeightsSpec(_Strict):
 
 class LoraSpec(_Strict):
     enabled: bool = Field(default=False, description="LoRA adapters (peft) instead of full fine-tuning (the paper).")
-    r: int = Field(default=16, ge=1)
-    alpha: float = Field(default=32.0, gt=0)
+    r: int = Field(default=16, ge=1, le=MAX_LORA_RANK)
+    alpha: float = Field(default=32.0, gt=0, le=MAX_LORA_ALPHA)
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
 class TrainingSpec(_Strict):
-    learning_rate: float = Field(default=1e-6, gt=0, description="Paper: 1e-6 for CTPD.")
+    learning_rate: float = Field(default=1e-6, gt=0, le=MAX_LEARNING_RATE, description="Paper: 1e-6 for CTPD.")
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of steps spent warming up (paper: 10 %).")
-    epochs: float = Field(default=1.0, gt=0, description="Paper: one epoch.")
-    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(default=16, ge=1, description="Pairs per optimizer step (paper: 16).")
-    micro_batch_size: int = Field(default=2, ge=1, description="Pairs per forward pass; gradients accumulate.")
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    weight_decay: float = Field(default=0.01, ge=0, description="AdamW (torch default).")
+    epochs: float = Field(default=1.0, gt=0, le=MAX_EPOCHS, description="Paper: one epoch.")
+    max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(default=16, ge=1, le=MAX_BATCH, description="Pairs per optimizer step (paper: 16).")
+    micro_batch_size: int = Field(default=2, ge=1, le=MAX_BATCH, description="Pairs per forward pass; gradients accumulate.")
+    max_grad_norm: float = Field(default=1.0, gt=0, le=MAX_GRAD_NORM)
+    weight_decay: float = Field(default=0.01, ge=0, le=MAX_WEIGHT_DECAY, description="AdamW (torch default).")
     precision: Precision = Field(default="auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
-    seed: int = 0
-    checkpoint_every: int = Field(default=100, ge=1, description="Save a resumable checkpoint every N steps.")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seeds data order, sampling and initialisation.")
+    checkpoint_every: int = Field(default=100, ge=1, le=MAX_STEPS, description="Save a resumable checkpoint every N steps.")
 
     @model_validator(mode="after")
     def _batches(self) -> TrainingSpec:
@@ -151,8 +185,8 @@ class TrainingSpec(_Strict):
 
 
 class EvaluationSpec(_Strict):
-    max_pairs: int | None = Field(default=256, ge=1, description="Held-out pairs to evaluate (None: all).")
-    batch_size: int = Field(default=8, ge=1)
+    max_pairs: int | None = Field(default=256, ge=1, le=MAX_PAIRS, description="Held-out pairs to evaluate (None: all).")
+    batch_size: int = Field(default=8, ge=1, le=MAX_BATCH)
 
 
 class JobSpec(_Strict):
@@ -160,7 +194,7 @@ class JobSpec(_Strict):
     teacher: ModelRef | None = Field(default=None, description="The teacher; required for ctpd.")
     student: ModelRef
     dataset: DatasetRef
-    beta: float = Field(default=0.1, gt=0, description="β of the distillation loss (paper: 0.1).")
+    beta: float = Field(default=0.1, gt=0, le=MAX_BETA, description="β of the distillation loss (paper: 0.1).")
     weights: WeightsSpec = WeightsSpec()
     contrastive: ContrastiveSpec = ContrastiveSpec()
     training: TrainingSpec = TrainingSpec()

@@ -51,7 +51,9 @@ _UPLOAD_BODY: dict[str, Any] = {
                             "type": "string",
                             "format": "binary",
                             "description": "Preference pairs as .jsonl, .json or .parquet (the format comes from "
-                            "the filename's extension), in TRL's preference formats.",
+                            "the filename's extension), in TRL's preference formats. The part's filename must "
+                            "end in `.jsonl`, `.json` or `.parquet` (any case; e.g. `pairs.jsonl`); any other "
+                            "filename, or none, is a 422 with `error.param` `file`.",
                         }
                     },
                 }

@@ -8,6 +8,7 @@ field (``file``); null when no single field is at fault. A 422 carries ``errors`
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import types
@@ -19,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ctpd_core.spec import JobSpec
@@ -89,10 +91,51 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _is_spec_path(path: str) -> bool:
+def _field_at(path: str) -> FieldInfo | None:
     parent, _, leaf = path.rpartition(".")
     model = _model_at(parent) if parent else JobSpec
-    return model is not None and leaf in model.model_fields
+    return model.model_fields.get(leaf) if model is not None else None
+
+
+def _is_spec_path(path: str) -> bool:
+    return _field_at(path) is not None
+
+
+# Pydantic's error types for a number that is not finite, out of its bounds, or not a (whole) number.
+_NUMBER_ERRORS = {
+    "finite_number": "is not a finite number (NaN and Infinity are refused)",
+    "greater_than": "is out of range", "greater_than_equal": "is out of range",
+    "less_than": "is out of range", "less_than_equal": "is out of range",
+    "int_parsing_size": "is too large", "int_from_float": "is not a whole number",
+    "int_parsing": "is not an integer", "int_type": "is not an integer",
+    "float_parsing": "is not a number", "float_type": "is not a number",
+}
+
+
+def _allowed_numbers(field: FieldInfo) -> str | None:
+    """``an integer from 1 to 10000000`` or ``a number above 0 and at most 1.0``: the field's bounds in words."""
+    args = typing.get_args(field.annotation) or (field.annotation,)
+    if int in args:
+        kind = "an integer"
+    elif float in args:
+        kind = "a number"
+    else:
+        return None
+    bounds = {name: getattr(item, name) for item in field.metadata for name in ("gt", "ge", "lt", "le")
+              if getattr(item, name, None) is not None}
+    if "ge" in bounds and "le" in bounds:
+        return f"{kind} from {bounds['ge']} to {bounds['le']}"
+    low = f"above {bounds['gt']}" if "gt" in bounds else f"at least {bounds['ge']}" if "ge" in bounds else None
+    high = f"below {bounds['lt']}" if "lt" in bounds else f"at most {bounds['le']}" if "le" in bounds else None
+    return " and ".join(filter(None, [f"{kind} {low}" if low else kind, high]))
+
+
+def _shown(value: Any) -> str | None:
+    """A short scalar as the client wrote it (floats as JSON: NaN, Infinity, 1e+30); None for anything else."""
+    if not isinstance(value, str | int | float | bool):
+        return None
+    shown = json.dumps(value) if isinstance(value, float) else repr(value)
+    return shown if len(shown) <= 80 else None
 
 
 def _describe(error: dict[str, Any]) -> tuple[str | None, str]:
@@ -114,6 +157,12 @@ def _describe(error: dict[str, Any]) -> tuple[str | None, str]:
         return param, f"{param}: required"
     if kind in ("model_type", "model_attributes_type", "dict_type") and param is None and where == "body":
         return None, "the request body must be a JSON object (sent as Content-Type: application/json)"
+    field = _field_at(param) if where == "body" and param else None
+    allowed = _allowed_numbers(field) if field is not None and kind in _NUMBER_ERRORS else None
+    if allowed is not None:
+        return param, f"{param}: {_shown(error.get('input')) or 'the value'} {_NUMBER_ERRORS[kind]}; use {allowed}"
+    if kind == "string_too_short" and where in ("query", "header") and not error.get("input"):
+        return param, f"{param}: empty; leave {param} out, or give it a value"
     if kind == "value_error":
         message = msg.removeprefix("Value error, ")
         # A model-level check (loc = the model) usually names the field it is about: point param at it.
@@ -126,8 +175,8 @@ def _describe(error: dict[str, Any]) -> tuple[str | None, str]:
             if quoted and quoted.group(1) in JobSpec.model_fields:
                 param = quoted.group(1)
         return param, message if param is None or param in message else f"{param}: {message}"
-    value = error.get("input")
-    got = f" (got {value!r})" if isinstance(value, str | int | float | bool) and len(repr(value)) <= 80 else ""
+    shown = _shown(error.get("input"))
+    got = f" (got {shown})" if shown is not None else ""
     return param, f"{param}: {msg}{got}" if param else f"{msg}{got}"
 
 
@@ -146,6 +195,15 @@ def _render(error: ApiError) -> JSONResponse:
     )
 
 
+def _unparsable_body(cause: BaseException) -> ApiError:
+    """FastAPI turns a body its JSON parser gives up on (beyond syntax errors) into a bare 400 "There was an
+    error parsing the body"; say why, as the 422 that a syntax error gets, so both read alike."""
+    if isinstance(cause, RecursionError):
+        return invalid_request([(None, "the request body is nested too deeply to parse (hundreds of levels of "
+                                       "[ or {); a job spec is a few levels deep: send it as a plain JSON object")])
+    return invalid_request([(None, f"the request body is not UTF-8 text ({cause}); send JSON encoded as UTF-8")])
+
+
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "file_too_large", 415: "unsupported_media_type"}
 
@@ -161,6 +219,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 400 and isinstance(error.__cause__, RecursionError | UnicodeDecodeError):
+            return _render(_unparsable_body(error.__cause__))
         code = _HTTP_CODES.get(error.status_code, "http_error")
         message = str(error.detail)
         if error.status_code == 404 and message == "Not Found":

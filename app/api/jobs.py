@@ -230,7 +230,12 @@ def list_jobs(
     principal: PrincipalDep,
     db: DbDep,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
-    after: Annotated[str | None, Query(description="The id of the last job of the previous page.")] = None,
+    # min_length=1 rather than reading '' as "from the start": a client whose cursor went missing would
+    # otherwise restart at the newest job and page forever; refused, the bug shows (and the schema says so).
+    after: Annotated[
+        str | None,
+        Query(min_length=1, description="The id of the last job of the previous page; leave it out for the first page."),
+    ] = None,
     status: Annotated[
         Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"] | None,
         Query(description="Only jobs in this status."),

@@ -1,0 +1,111 @@
+"""Bad input (issue 9) on SQLite and PostgreSQL: non-finite and unbounded numbers, bodies the JSON parser gives
+up on, and requests the OpenAPI schema allows that the server refuses (the schema now says so)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import func, select
+
+from app.db.models import Job
+from tests.app.conftest import SPEC
+
+
+def _post_raw(client, text: str | bytes):
+    return client.post("/v1/jobs", content=text, headers={"Content-Type": "application/json"})
+
+
+def _spec_with(extra: str) -> str:
+    """SPEC as JSON text with ``extra`` (raw JSON members, so NaN literals survive) added."""
+    return json.dumps(SPEC)[:-1] + ", " + extra + "}"
+
+
+def _job_count(db) -> int:
+    with db.read() as session:
+        return session.scalar(select(func.count()).select_from(Job))
+
+
+@pytest.mark.parametrize("members, param", [
+    ('"beta": NaN', "beta"),
+    ('"beta": Infinity', "beta"),  # was stored on SQLite and a 500 on PostgreSQL (JSON has no Infinity)
+    ('"training": {"learning_rate": -Infinity}', "training.learning_rate"),
+    ('"weights": {"lower": NaN}', "weights.lower"),  # NaN < upper is False, so the order check let it through
+    ('"training": {"max_steps": NaN}', "training.max_steps"),
+    ('"lora": {"r": 1e400}', "lora.r"),  # 1e400 parses as Infinity
+])
+def test_nan_and_infinity_literals_are_a_422_naming_the_field(alice, db, members, param):
+    response = _post_raw(alice, _spec_with(members))
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and error["param"] == param, error
+    assert error["message"].startswith(f"{param}: ") and "not a finite number" in error["message"]
+    assert "use " in error["message"]  # the fix: the allowed range
+    assert _job_count(db) == 0
+
+
+@pytest.mark.parametrize("training, param, message", [
+    ({"max_steps": 1e30}, "training.max_steps", "1e+30 is too large; use an integer from 1 to 10000000"),
+    ({"max_steps": 2**31}, "training.max_steps", "2147483648 is out of range; use an integer from 1 to 10000000"),
+    ({"max_steps": 2.5}, "training.max_steps", "2.5 is not a whole number; use an integer from 1 to 10000000"),
+    ({"seed": 2**32}, "training.seed", "4294967296 is out of range; use an integer from 0 to 4294967295"),
+    ({"seed": -1}, "training.seed", "-1 is out of range; use an integer from 0 to 4294967295"),
+    ({"learning_rate": 3.0}, "training.learning_rate", "3.0 is out of range; use a number above 0 and at most 1.0"),
+    ({"batch_size": 2**20}, "training.batch_size", "1048576 is out of range; use an integer from 1 to 65536"),
+])
+def test_out_of_range_numbers_are_a_422_with_the_range(alice, db, training, param, message):
+    response = alice.post("/v1/jobs", json={**SPEC, "training": training})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"] == f"{param}: {message}", error
+    assert _job_count(db) == 0
+
+
+def test_the_largest_allowed_numbers_are_stored(alice):
+    spec = {**SPEC, "beta": 1000.0, "training": {"max_steps": 10_000_000, "seed": 2**32 - 1, "batch_size": 65_536,
+                                                 "micro_batch_size": 65_536, "checkpoint_every": 10_000_000},
+            "sequence": {"max_prompt_tokens": 1_048_576, "max_response_tokens": 1_048_576},
+            "weights": {"lower": -50.0, "upper": 50.0}}
+    response = alice.post("/v1/jobs", json=spec)
+    assert response.status_code == 201, response.text
+    assert response.json()["spec"]["training"]["seed"] == 2**32 - 1
+
+
+@pytest.mark.parametrize("body", ['{"a":' * 5000 + "1" + "}" * 5000, "[" * 5000 + "]" * 5000,
+                                  _spec_with('"name": ' + "[" * 5000 + "]" * 5000)])
+def test_deeply_nested_json_gets_the_standard_error_body(alice, db, body):
+    response = _post_raw(alice, body)
+    assert response.status_code == 422, response.text  # as a JSON syntax error is; was a bare 400
+    error = response.json()["error"]
+    assert set(error) == {"code", "message", "param", "errors"} and error["code"] == "invalid_request"
+    assert error["param"] is None and "nested too deeply" in error["message"] and "send it as" in error["message"]
+    assert _job_count(db) == 0
+
+
+def test_a_body_that_is_not_utf8_gets_the_standard_error_body(alice):
+    response = _post_raw(alice, b'{"name": "\xff"}')
+    assert response.status_code == 422 and "not UTF-8" in response.json()["error"]["message"]
+
+
+def test_an_empty_after_is_refused_and_the_schema_says_so(alice, client):
+    response = alice.get("/v1/jobs", params={"after": ""})
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "after" and "leave after out" in response.json()["error"]["message"]
+    parameters = client.get("/openapi.json").json()["paths"]["/v1/jobs"]["get"]["parameters"]
+    after = next(p for p in parameters if p["name"] == "after")
+    assert {"type": "string", "minLength": 1} in after["schema"]["anyOf"]
+
+
+def test_the_schema_says_what_create_job_and_upload_refuse(client):
+    openapi = client.get("/openapi.json").json()
+    schemas = openapi["components"]["schemas"]
+    assert schemas["DatasetRef"]["oneOf"] == [
+        {"required": ["path"], "properties": {"path": {"type": "string"}}},
+        {"required": ["id"], "properties": {"id": {"type": "string"}}},
+    ]
+    assert len(schemas["ContrastiveSpec"]["oneOf"]) == 2
+    max_steps = schemas["TrainingSpec"]["properties"]["max_steps"]["anyOf"][0]
+    assert max_steps["maximum"] == 10_000_000 and max_steps["minimum"] == 1
+    upload = openapi["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    description = upload["schema"]["properties"]["file"]["description"]
+    assert "filename must end in `.jsonl`, `.json` or `.parquet`" in description
