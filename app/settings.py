@@ -44,12 +44,23 @@ class Settings(BaseSettings):
         default=300, ge=1, description="A queued job no worker claimed for this long is enqueued again."
     )
     max_upload_bytes: int = Field(default=512 * MiB, ge=1, description="Dataset upload cap in bytes.")
+    upload_orphan_grace_seconds: int = Field(
+        default=3600, ge=0,
+        description="An unfinished upload (datasets/.incoming-*) whose API process died is removed at once; one "
+        "whose writer cannot be asked (written without a lock, or on a filesystem without flock) only after "
+        "this long without a change.",
+    )
     allow_server_paths: bool = Field(
-        default=True,
+        default=False,
         description="Whether non-admin keys may name files and folders on the server (dataset.path, local model "
-        "folders) outside the artifact root. True suits the embedded single-user service; a multi-tenant "
-        "deployment sets CTPD_ALLOW_SERVER_PATHS=false, so tenants use uploads, catalog names, hub ids and their "
-        "own exported students only.",
+        "folders) outside the artifact root. Off by default, so in a multi-tenant deployment tenants use uploads, "
+        "catalog names, hub ids and their own exported students (job:<id>) only; the embedded single-user "
+        "`ctpd up` turns it on (its one user owns the machine). app/policy.py has the rules.",
+    )
+    allow_remote_code: bool = Field(
+        default=False,
+        description="Whether `trust_remote_code: true` may run a model repository's own Python on the workers; "
+        "even when on, only admin keys may ask for it.",
     )
 
     @model_validator(mode="after")

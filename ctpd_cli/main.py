@@ -375,9 +375,9 @@ def _wait_ready(url: str, children: list[_Child], stop, timeout: float) -> bool:
 
 
 def _stop_children(children: list[_Child], grace: float) -> None:
-    """SIGTERM (uvicorn: graceful; Celery: warm shutdown, waiting for a running task) and, after ``grace``
-    seconds, SIGKILL to each child's whole process group. A job killed here stays ``running`` in SQL and is
-    requeued by the next ``ctpd up`` (or the reaper of another deployment), resuming from its checkpoint."""
+    """SIGTERM (uvicorn: graceful; Celery: warm shutdown, in which a running job checkpoints and hands itself
+    back) and, after ``grace`` seconds, SIGKILL to each child's whole process group. A job killed here stays
+    ``running`` in SQL and is requeued by the next ``ctpd up``, resuming from its last checkpoint."""
     import subprocess
     import time
 
@@ -390,6 +390,21 @@ def _stop_children(children: list[_Child], grace: float) -> None:
         except subprocess.TimeoutExpired:
             print(f"ctpd up: the {child.name} did not stop within {grace:g} s; killing it", file=sys.stderr)
         child.kill_group()
+
+
+API_RESTARTS, API_RESTART_WINDOW_SECONDS = 5, 300.0
+
+
+def _may_restart(restarts: list[float]) -> bool:
+    """At most API_RESTARTS restarts within API_RESTART_WINDOW_SECONDS: a crash loop stops ``ctpd up``."""
+    import time
+
+    now = time.monotonic()
+    restarts[:] = [at for at in restarts if now - at < API_RESTART_WINDOW_SECONDS]
+    if len(restarts) >= API_RESTARTS:
+        return False
+    restarts.append(now)
+    return True
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -430,17 +445,22 @@ def _cmd_up(args: argparse.Namespace) -> int:
         "CTPD_ARTIFACT_ROOT": str(settings.artifact_root),
         "CTPD_MODEL_CACHE": str(settings.model_cache),
         "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
+        # One user who owns the machine: their own files are fair game (a multi-tenant deployment keeps the
+        # safe default, off). An explicit CTPD_ALLOW_SERVER_PATHS still wins.
+        "CTPD_ALLOW_SERVER_PATHS": os.environ.get("CTPD_ALLOW_SERVER_PATHS", "true"),
     }
     command = [sys.executable, "-m", "ctpd_cli.main"]
     stop = threading.Event()
     previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    api_argv = [*command, "serve", "--host", args.host, "--port", str(args.port)]
     children = [
-        _Child("API", [*command, "serve", "--host", args.host, "--port", str(args.port)], logs / "api.log", env,
-               signal.SIGTERM),
-        # Cold shutdown (SIGQUIT) if ctpd up dies: nobody is left to wait for a warm one.
+        _Child("API", api_argv, logs / "api.log", env, signal.SIGTERM),
+        # SIGTERM (a warm shutdown) also if ctpd up dies: the running job checkpoints and hands itself back
+        # within CTPD_SHUTDOWN_GRACE_SECONDS (worker/tasks.py), so the next start resumes it.
         _Child("worker", [*command, "worker", "--queues", "train,default", "--beat"], logs / "worker.log", env,
-               signal.SIGQUIT),
+               signal.SIGTERM),
     ]
+    api_restarts: list[float] = []
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     url = f"http://{host}:{args.port}"
     code = 0
@@ -459,6 +479,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
               f"artifacts {settings.artifact_root}")
         print(f"logs: {logs / 'api.log'}, {logs / 'worker.log'}. Ctrl-C stops.", flush=True)
         while not stop.wait(0.5):
+            if not children[0].alive() and children[1].alive() and _may_restart(api_restarts):
+                # The API died (OOM, a crash): the worker's running job is not its business. Start a new API
+                # beside it instead of stopping everything.
+                print(f"ctpd up: the API exited (code {children[0].process.returncode}); restarting it "
+                      f"({len(api_restarts)} of {API_RESTARTS} in {API_RESTART_WINDOW_SECONDS:g} s). "
+                      f"{children[0].log_path} ends with:\n{children[0].tail()}", file=sys.stderr, flush=True)
+                children[0].kill_group()
+                children[0] = _Child("API", api_argv, logs / "api.log", env, signal.SIGTERM)
+                continue
             dead = [child for child in children if not child.alive()]
             if dead:
                 child = dead[0]
@@ -604,8 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for /readyz (default 120)")
-    up.add_argument("--stop-timeout", type=float, default=20.0,
-                    help="seconds a running job gets to finish on stop before it is killed (default 20)")
+    up.add_argument("--stop-timeout", type=float, default=90.0,
+                    help="seconds a running job gets to hand itself back on stop before it is killed (default 90)")
     up.set_defaults(handler=_cmd_up)
     return parser
 

@@ -50,7 +50,14 @@ The contract, in the order a step runs:
   dataset is the caller's job. A finished run resumes at its last step and returns at once, with the trained
   weights loaded into the model: calling fit twice is safe (a job delivered twice redoes nothing).
 * **Stop and progress.** ``stop_signal.should_stop()`` is polled after every optimizer step (never
-  mid-accumulation); on stop fit checkpoints and returns ``stopped=True``. ``progress`` gets a ``Progress``
+  mid-accumulation), the last one included: a stop that arrives during the last step still returns
+  ``stopped=True`` (after the final checkpoint), so a cancelled run never goes on as if it had finished.
+  On stop fit checkpoints and returns ``stopped=True``.
+* **Fenced checkpoints.** With ``generation`` (the worker passes the job's attempt), every checkpoint records
+  it, and a save never replaces a checkpoint of a *newer* generation: a process that was paused and resumed
+  after another attempt took over cannot overwrite its successor's state. ``checkpoint_guard()`` is asked
+  just before each checkpoint is renamed into place; False discards it (the caller lost the right to
+  write) and fit stops at once with ``stopped=True``. ``progress`` gets a ``Progress``
   when the loop starts (``eta_seconds=None``) and after every step (ETA from the mean wall time per step so far,
   checkpoint writes included).
 
@@ -303,6 +310,8 @@ def fit(
     progress: ProgressCallback | None = None,
     device: torch.device | str = "cpu",
     on_checkpoint: Callable[[int, Path], None] | None = None,
+    checkpoint_guard: Callable[[], bool] | None = None,
+    generation: int | None = None,
 ) -> FitResult:
     """Train the ``requires_grad`` parameters of ``model`` on ``train_items`` by minimising ``loss_fn``.
 
@@ -342,8 +351,10 @@ def fit(
         last_metrics = dict(state.get("last_metrics", {}))
         logger.info("%s: resuming from %s (step %d of %d)", stage, checkpoint, start_step, plan.total_steps)
     saved_step = resumed_from
+    refused = False
 
-    def save(step: int) -> Path:
+    def save(step: int) -> Path | None:
+        nonlocal refused
         epoch, position = divmod(step, plan.steps_per_epoch)
         state = {
             "fit_version": FIT_VERSION,
@@ -356,8 +367,12 @@ def fit(
             "num_items": len(train_items),
             "config": _config_dict(config),
             "last_metrics": last_metrics,
+            "attempt": generation,
         }
-        path = _save_checkpoint(checkpoint_dir, state, trainable, optimizer, scheduler)
+        path = _save_checkpoint(checkpoint_dir, state, trainable, optimizer, scheduler, guard=checkpoint_guard)
+        if path is None:
+            refused = True
+            return None
         _prune_checkpoints(checkpoint_dir, config.keep_checkpoints)
         if on_checkpoint is not None:
             on_checkpoint(step, path)
@@ -428,15 +443,18 @@ def fit(
                 metric_sink.log(step, dict(last_metrics))
 
             if step % config.checkpoint_every == 0 or step == plan.total_steps:
-                checkpoint, saved_step = save(step), step
+                saved = save(step)
+                if saved is not None:
+                    checkpoint, saved_step = saved, step
             if progress is not None:
                 seconds_per_step = (time.perf_counter() - loop_start) / (step - start_step)
                 progress(
                     Progress(stage, step, plan.total_steps, seconds_per_step * (plan.total_steps - step))
                 )
-            if step < plan.total_steps and stop_signal is not None and stop_signal.should_stop():
-                if saved_step != step:
-                    checkpoint = save(step)
+            if refused or (stop_signal is not None and stop_signal.should_stop()):
+                if saved_step != step and not refused:
+                    saved = save(step)
+                    checkpoint = saved if saved is not None else checkpoint
                 stopped = True
                 logger.info(
                     "%s: stopped at step %d of %d; checkpoint %s", stage, step, plan.total_steps, checkpoint
@@ -576,8 +594,12 @@ def _save_checkpoint(
     trainable: Mapping[str, torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> Path:
-    """Write ``step-{step:08d}/`` under a staging name, then rename it into place (atomic on one filesystem)."""
+    guard: Callable[[], bool] | None = None,
+) -> Path | None:
+    """Write ``step-{step:08d}/`` under a staging name, then rename it into place (atomic on one filesystem).
+
+    None (nothing published) when ``guard()`` says no, or when a checkpoint of a newer generation (attempt)
+    already holds that step."""
     target = checkpoint_dir / f"{CHECKPOINT_PREFIX}{state['step']:08d}"
     staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=checkpoint_dir))
     try:
@@ -589,7 +611,12 @@ def _save_checkpoint(
         torch.save(scheduler.state_dict(), staging / SCHEDULER_FILE)
         torch.save(_rng_state(), staging / RNG_FILE)
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-        if target.exists():  # only reachable if a folder was placed there by hand; ours are never rewritten
+        # Asked last, right before the rename, so the window in which a takeover can slip in is smallest.
+        if (guard is not None and not guard()) or _newer_generation(target, state.get("attempt")):
+            shutil.rmtree(staging, ignore_errors=True)
+            logger.warning("checkpoint %s not published: this run no longer owns it", target)
+            return None
+        if target.exists():  # a step redone by a resumed run (same or newer generation): replace it
             shutil.rmtree(target)
         staging.rename(target)
     except BaseException:
@@ -597,6 +624,17 @@ def _save_checkpoint(
         raise
     logger.debug("checkpoint written: %s", target)
     return target
+
+
+def _newer_generation(target: Path, generation: int | None) -> bool:
+    """Whether ``target`` holds a checkpoint written by a newer generation (attempt) than ``generation``."""
+    if generation is None or not (target / STATE_FILE).is_file():
+        return False
+    try:
+        theirs = json.loads((target / STATE_FILE).read_text(encoding="utf-8")).get("attempt")
+    except (OSError, ValueError):
+        return False
+    return isinstance(theirs, int) and theirs > generation
 
 
 def _prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:

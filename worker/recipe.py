@@ -74,6 +74,11 @@ class RunContext:
     stop_signal: StopSignal | None = None
     dataset_resolver: Callable[[str], Path] | None = None  # uploaded dataset id -> file
     inference_batch_size: int = 8
+    # Fencing (the worker): asked before a checkpoint or the export is published; False = another attempt
+    # owns the job now, so this run stops without publishing. ``generation`` (the attempt) goes into every
+    # checkpoint, and a checkpoint of a newer generation is never replaced.
+    publish_guard: Callable[[], bool] | None = None
+    generation: int | None = None
 
 
 @dataclass
@@ -174,6 +179,9 @@ class Recipe:
 
     @contextmanager
     def _stage(self, name: str, cached: bool) -> Iterator[dict[str, Any]]:
+        # A stop is honoured at every stage boundary too, not only inside the loops: a cancel that arrives
+        # during a stage's last batch (or a stage with no loop at all, like export) never runs the next one.
+        self._check_stop_signal()
         self.observer.stage_started(name, cached)
         started = time.monotonic()
         summary: dict[str, Any] = {}
@@ -183,6 +191,7 @@ class Recipe:
         if cached:
             self.cached_stages.append(name)
         self.observer.stage_finished(name, seconds, cached, summary)
+        self._check_stop_signal()
 
     def _fingerprint(self, ref: ModelRef) -> str:
         return model_fingerprint(
@@ -210,6 +219,14 @@ class Recipe:
     def _check_stop(self, stopped: bool) -> None:
         if stopped:
             raise JobStopped()
+
+    def _check_stop_signal(self) -> None:
+        signal = self.context.stop_signal
+        if signal is not None and signal.should_stop():
+            raise JobStopped()
+
+    def _fit_fencing(self) -> dict[str, Any]:
+        return {"checkpoint_guard": self.context.publish_guard, "generation": self.context.generation}
 
     # ------------------------------------------------------------------------------------------- stages
 
@@ -291,6 +308,8 @@ class Recipe:
 
         # 7. export
         with self._stage("export", False) as summary:
+            if self.context.publish_guard is not None and not self.context.publish_guard():
+                raise JobStopped()  # another attempt owns the job: its export is the one that counts
             export_dir = export_student(
                 student,
                 student_tokenizer,
@@ -462,6 +481,7 @@ class Recipe:
                         progress=self.observer.progress,
                         device=self.device,
                         on_checkpoint=lambda step, path, d=direction: self.observer.checkpoint(f"contrastive:{d}", step, path),
+                        **self._fit_fencing(),
                     )
                     self._check_stop(result.stopped)
                     model.save_pretrained(str(out / "model"), safe_serialization=True)
@@ -510,6 +530,7 @@ class Recipe:
                 progress=self.observer.progress,
                 device=self.device,
                 on_checkpoint=lambda step, path: self.observer.checkpoint("distill", step, path),
+                **self._fit_fencing(),
             )
             self._check_stop(result.stopped)
             summary.update({"steps": result.steps, "resumed_from": result.resumed_from, **result.last_metrics})

@@ -1,24 +1,29 @@
 """DB-backed implementations of the ctpd_core protocols: what a running job reports goes to SQL.
 
+* :class:`AttemptLease` is what one attempt of a job holds: the job id, the worker id and the attempt (the
+  fencing token). Its ``lost`` event is set once the attempt no longer holds the job (the heartbeat was
+  refused, or a write was), and everything that reads it stops.
+* :class:`AttemptWriter` is the attempt's one path to SQL: an in-order, bounded buffer of its events, metric
+  points and progress, flushed in one fenced transaction (``repository.record_attempt_writes``). While the
+  database is unreachable the writes wait in the buffer (retried with backoff, never dropped) and go out in
+  order when it returns; a stale attempt's writes are refused as a whole and the lease is marked lost; a
+  buffer that fills up (an outage far longer than any lease) stops the run cleanly instead of growing.
 * :class:`DbObserver` is the recipe's :class:`ctpd_core.pipeline.PipelineObserver`: ``stage_started`` /
   ``stage_finished`` / ``checkpoint_saved`` events, the job's ``stage`` and progress columns (at most one
   write per second per stage, plus the last value of a stage when it finishes), and metric points (one
-  multi-row insert per optimizer step).
+  write per optimizer step), all through the writer.
 * With a ``stop_signal``, :class:`DbObserver` also stops the *inference* stages (prepare, reference,
-  weights, evaluate) between batches when a cancel arrives, by raising the recipe's ``JobStopped`` from
-  ``progress``: fit() only polls the signal between optimizer steps, and those stages have no checkpoint
-  to lose (the stage cache discards a partial output). Training stages are left to fit(), which
-  checkpoints before it stops.
-* :class:`DbStopSignal` is fit()'s :class:`ctpd_core.train.StopSignal`: it reads the job's cancel flag at
-  most once per second, and also stops the run when the worker lost its lease (the reaper gave the job
-  to another attempt, so this one must not keep training).
-* :class:`Heartbeat` renews the job's lease from a thread every ``lease_seconds / 4`` while the job runs
-  (model loading included) and stops for good once the lease is lost.
+  weights, evaluate) between batches, the last one included, by raising the recipe's ``JobStopped`` from
+  ``progress``: those stages have no checkpoint to lose (the stage cache discards a partial output).
+  Training stages are left to fit(), which checkpoints before it stops.
+* :class:`DbStopSignal` is fit()'s :class:`ctpd_core.train.StopSignal`: it fires on a cancel (the flag is
+  read at most once per second), a shutdown request (SIGTERM: the job is handed back), a lost lease, or a
+  writer that cannot keep its writes; ``reason`` says which.
+* :class:`Heartbeat` renews the lease from a thread every ``lease_seconds / 4`` while the job runs (model
+  loading included) and stops for good once the lease is lost.
 
-Every write goes through ``app.db.repository``, one short transaction per call, on a session of its own
-(the repository opens one per call), so the heartbeat thread never shares a session with the task thread.
-A failed progress or metric write is logged and dropped: it must not kill a training run; events and the
-lease are retried by their callers' next call.
+Every write goes through ``app.db.repository``, one short transaction per call, on a session of its own,
+so the heartbeat thread never shares a session with the task thread.
 
 Torch-free: the ``default`` queue worker (the reaper) imports this module without the training stack.
 """
@@ -36,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import repository
+from app.db.repository import AttemptWrite, EventWrite, MetricsWrite, ProgressWrite, StaleAttempt
 from worker import failpoints
 
 if TYPE_CHECKING:
@@ -45,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_SECONDS = 1.0
 CANCEL_POLL_SECONDS = 1.0
+MAX_PENDING_WRITES = 10_000  # about 10,000 optimizer steps of metrics: hours of training on any real model
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.5, 10.0
 # Progress stages that are batched inference, not fit() (whose stages are "distill", "contrastive:<direction>").
 INTERRUPTIBLE_STAGES = frozenset({"prepare", "reference", "contrastive", "weights", "evaluate"})
 
@@ -67,6 +75,111 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+class AttemptLease:
+    """One attempt's hold on a job. ``attempt=None``: a local run that holds no lease (writes unfenced)."""
+
+    def __init__(self, db: repository.Database, job_id: str, worker_id: str | None = None,
+                 attempt: int | None = None) -> None:
+        self.db, self.job_id, self.worker_id, self.attempt = db, job_id, worker_id, attempt
+        self.lost = threading.Event()
+
+    def holds(self) -> bool:
+        """Asked before publishing files (a checkpoint, the export): False once another attempt owns the job.
+
+        A database error answers True: it cannot tell, the files are content the attempt really computed,
+        and a checkpoint never replaces one of a newer attempt (``ctpd_core.train``)."""
+        if self.lost.is_set():
+            return False
+        if self.attempt is None or self.worker_id is None:
+            return True
+        try:
+            held = repository.holds(self.db, self.job_id, self.worker_id, self.attempt)
+        except SQLAlchemyError:
+            logger.warning("job %s: could not check the lease before publishing; publishing", self.job_id)
+            return True
+        if not held:
+            self.mark_lost("another attempt holds the job")
+        return held
+
+    def mark_lost(self, why: str) -> None:
+        if not self.lost.is_set():
+            logger.warning("job %s: attempt %s lost the job (%s); stopping without writing more",
+                           self.job_id, self.attempt, why)
+        self.lost.set()
+
+
+class AttemptWriter:
+    """The attempt's writes, buffered in order (see the module docstring). Thread-compatible, not thread-safe:
+    the task thread is its only user."""
+
+    def __init__(self, lease: AttemptLease, *, max_pending: int = MAX_PENDING_WRITES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.lease, self.max_pending, self.clock = lease, max_pending, clock
+        self.pending: list[AttemptWrite] = []
+        self.overflowed = False
+        self._retry_at = 0.0
+        self._retry_delay = RETRY_FIRST_SECONDS
+        self._failing_since: float | None = None
+
+    def submit(self, write: AttemptWrite) -> None:
+        if self.lease.lost.is_set():
+            return  # a stale attempt's writes would be refused anyway: do not even buffer them
+        if isinstance(write, ProgressWrite) and self.pending and isinstance(self.pending[-1], ProgressWrite):
+            self.pending[-1] = write  # progress is a level, not a history: only the newest counts
+        elif len(self.pending) >= self.max_pending:
+            if not self.overflowed:
+                logger.error("job %s: %d writes are waiting for the database; stopping the attempt (it is retried "
+                             "from its last checkpoint)", self.lease.job_id, len(self.pending))
+            self.overflowed = True
+            return
+        else:
+            self.pending.append(write)
+        self.flush()
+
+    def flush(self, *, force: bool = False) -> bool:
+        """Try to write everything pending; True when nothing is left. Between failures it waits (backoff)."""
+        if not self.pending:
+            return True
+        if self.lease.lost.is_set():
+            self.pending.clear()
+            return False
+        now = self.clock()
+        if not force and now < self._retry_at:
+            return False
+        try:
+            repository.record_attempt_writes(self.lease.db, self.lease.job_id, self.lease.attempt, self.pending)
+        except StaleAttempt as stale:
+            self.pending.clear()
+            self.lease.mark_lost(str(stale))
+            return False
+        except SQLAlchemyError as error:
+            if self._failing_since is None:
+                self._failing_since = now
+                logger.warning("job %s: the database is unreachable (%s); buffering writes in order",
+                               self.lease.job_id, type(error).__name__)
+            self._retry_at = now + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_SECONDS)
+            return False
+        if self._failing_since is not None:
+            logger.info("job %s: the database is back; wrote %d buffered writes after %.1f s", self.lease.job_id,
+                        len(self.pending), now - self._failing_since)
+        self.pending.clear()
+        self._failing_since, self._retry_delay = None, RETRY_FIRST_SECONDS
+        return True
+
+    def close(self, deadline_seconds: float, sleep: Callable[[float], None] = time.sleep) -> bool:
+        """Flush, retrying until ``deadline_seconds`` have passed; True when everything was written."""
+        deadline = self.clock() + deadline_seconds
+        while not self.flush(force=True):
+            if self.lease.lost.is_set() or self.clock() >= deadline:
+                if self.pending:
+                    logger.error("job %s: %d writes could not be recorded before the deadline", self.lease.job_id,
+                                 len(self.pending))
+                return False
+            sleep(min(self._retry_delay, max(0.0, deadline - self.clock())))
+        return True
+
+
 class DbObserver:
     """Reports one job's stages, progress, metrics and checkpoints to SQL (see the module docstring)."""
 
@@ -79,9 +192,11 @@ class DbObserver:
         clock: Callable[[], float] = time.monotonic,
         stop_signal: DbStopSignal | None = None,
         attempt: int | None = None,
+        writer: AttemptWriter | None = None,
     ) -> None:
         self.db, self.job_id = db, job_id
-        self.attempt = attempt
+        self.writer = writer or AttemptWriter(AttemptLease(db, job_id, attempt=attempt), clock=clock)
+        self.attempt = self.writer.lease.attempt
         self.progress_interval = progress_interval
         self.clock = clock
         self.stop_signal = stop_signal
@@ -93,10 +208,7 @@ class DbObserver:
     def stage_started(self, stage: str, cached: bool) -> None:
         failpoints.hit(f"stage_started:{stage}", self.attempt)
         self._flush_progress()
-        self._safely(
-            "progress",
-            lambda: repository.update_progress(self.db, self.job_id, stage=stage, step=None, total=None, eta_seconds=None),
-        )
+        self.writer.submit(ProgressWrite(stage, None, None, None))
         message = f"{stage}: reusing the cached output" if cached else f"{stage} started"
         self._event("stage_started", message, stage=stage, data={"cached": cached})
 
@@ -117,12 +229,8 @@ class DbObserver:
             self._pending[progress.stage] = progress  # written by the next due write or the stage's end
         else:
             self._write_progress(progress, now)
-        if (
-            self.stop_signal is not None
-            and progress.stage in INTERRUPTIBLE_STAGES
-            and progress.step < progress.total
-            and self.stop_signal.should_stop()
-        ):
+        # The last batch too: a cancel that arrives during it must not let the job run on into the next stage.
+        if self.stop_signal is not None and progress.stage in INTERRUPTIBLE_STAGES and self.stop_signal.should_stop():
             from worker.recipe import JobStopped  # the recipe is loaded by now; this module stays torch-free
 
             self._flush_progress()
@@ -130,7 +238,7 @@ class DbObserver:
             raise JobStopped()
 
     def metrics(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
-        self._safely("metrics", lambda: repository.add_metrics(self.db, self.job_id, stage, step, metrics))
+        self.writer.submit(MetricsWrite(tuple((stage, step, name, value) for name, value in metrics.items())))
 
     def checkpoint(self, stage: str, step: int, path: Path) -> None:
         self._event(
@@ -142,40 +250,31 @@ class DbObserver:
 
     # ------------------------------------------------------------------------------------ internals
 
-    def close(self) -> None:
-        """Write what is still pending (call once the run has returned)."""
+    def close(self, deadline_seconds: float = 0.0) -> bool:
+        """Write what is still pending (call once the run has returned), retrying for ``deadline_seconds``
+        while the database is unreachable; True when everything was written."""
         self._flush_progress()
+        return self.writer.close(deadline_seconds)
 
     def _write_progress(self, progress: Progress, now: float) -> None:
         self._pending.pop(progress.stage, None)
         self._last_write[progress.stage] = now
-        self._safely(
-            "progress",
-            lambda: repository.update_progress(
-                # The column holds the pipeline stage ("contrastive", not "contrastive:positive").
-                self.db, self.job_id, stage=progress.stage.split(":", 1)[0], step=progress.step,
-                total=progress.total, eta_seconds=progress.eta_seconds,
-            ),
-        )
+        # The column holds the pipeline stage ("contrastive", not "contrastive:positive").
+        self.writer.submit(ProgressWrite(progress.stage.split(":", 1)[0], progress.step, progress.total,
+                                         progress.eta_seconds))
 
     def _flush_progress(self) -> None:
         for progress in list(self._pending.values()):
             self._write_progress(progress, self.clock())
 
     def _event(self, type: str, message: str, *, stage: str | None, data: Mapping[str, Any]) -> None:
-        self._safely(
-            type, lambda: repository.add_event(self.db, self.job_id, type, message, stage=stage, data=jsonable(data))
-        )
-
-    def _safely(self, what: str, write: Callable[[], None]) -> None:
-        try:
-            write()
-        except SQLAlchemyError:
-            logger.warning("job %s: could not record %s; continuing", self.job_id, what, exc_info=True)
+        self.writer.submit(EventWrite(type, message, stage=stage, data=jsonable(data)))
 
 
 class DbStopSignal:
-    """True once the job's cancel was requested (read at most once per ``poll_seconds``) or the lease is lost."""
+    """Fires on a cancel request (read at most once per ``poll_seconds``), a shutdown request (SIGTERM), a
+    lost lease, or a writer that overflowed; ``reason`` says which (``cancel``, ``shutdown``, ``lease_lost``,
+    ``storage``), so the task records the right outcome."""
 
     def __init__(
         self,
@@ -183,20 +282,36 @@ class DbStopSignal:
         job_id: str,
         *,
         lease_lost: threading.Event | None = None,
+        writer: AttemptWriter | None = None,
         poll_seconds: float = CANCEL_POLL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db, self.job_id = db, job_id
         self.lease_lost = lease_lost
+        self.writer = writer
         self.poll_seconds = poll_seconds
         self.clock = clock
         self._last_poll: float | None = None
         self.cancel_requested = False
+        self.shutdown_requested = threading.Event()  # set from a signal handler: an Event, not a plain flag
+
+    def request_shutdown(self) -> None:
+        self.shutdown_requested.set()
+
+    @property
+    def reason(self) -> str | None:
+        if self.lease_lost is not None and self.lease_lost.is_set():
+            return "lease_lost"
+        if self.writer is not None and self.writer.overflowed:
+            return "storage"
+        if self.shutdown_requested.is_set():
+            return "shutdown"
+        if self.cancel_requested:
+            return "cancel"
+        return None
 
     def should_stop(self) -> bool:
-        if self.lease_lost is not None and self.lease_lost.is_set():
-            return True
-        if self.cancel_requested:
+        if self.reason is not None:
             return True
         now = self.clock()
         if self._last_poll is not None and now - self._last_poll < self.poll_seconds:
@@ -214,16 +329,18 @@ class DbStopSignal:
 class Heartbeat:
     """Renews a job's lease every ``lease_seconds / 4`` from a daemon thread until stopped or lost.
 
-    ``lost`` is set (and the thread ends) when the repository says this worker no longer holds the job: the
-    reaper requeued it after a missed lease, or it finished elsewhere. A database error is logged and the
-    next beat tries again (the lease has three more beats of slack).
+    ``lost`` is set (and the thread ends) when the repository says this attempt no longer holds the job: the
+    reaper requeued it after a missed lease (also when this process was merely paused past it: an expired
+    lease is never renewed), or it finished elsewhere. A database error is logged and the next beat tries
+    again (the lease has three more beats of slack).
     """
 
-    def __init__(self, db: repository.Database, job_id: str, worker_id: str, lease_seconds: float) -> None:
-        self.db, self.job_id, self.worker_id = db, job_id, worker_id
+    def __init__(self, db: repository.Database, job_id: str, worker_id: str, lease_seconds: float,
+                 attempt: int | None = None, lost: threading.Event | None = None) -> None:
+        self.db, self.job_id, self.worker_id, self.attempt = db, job_id, worker_id, attempt
         self.lease_seconds = lease_seconds
         self.interval = lease_seconds / 4
-        self.lost = threading.Event()
+        self.lost = lost if lost is not None else threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
 
@@ -245,11 +362,12 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stopping.wait(self.interval):
             try:
-                held = repository.heartbeat(self.db, self.job_id, self.worker_id, self.lease_seconds)
+                held = repository.heartbeat(self.db, self.job_id, self.worker_id, self.lease_seconds, self.attempt)
             except SQLAlchemyError:
                 logger.warning("job %s: heartbeat failed; retrying in %.1f s", self.job_id, self.interval, exc_info=True)
                 continue
             if not held:
-                logger.warning("job %s: lease lost by %s; stopping this attempt", self.job_id, self.worker_id)
+                logger.warning("job %s: lease lost by %s (attempt %s); stopping this attempt", self.job_id,
+                               self.worker_id, self.attempt)
                 self.lost.set()
                 return

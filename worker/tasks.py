@@ -22,20 +22,26 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery import shared_task
-from celery.signals import celeryd_after_setup
+from celery.signals import celeryd_after_setup, worker_shutting_down
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import repository
+from app.policy import PolicyViolation
 from ctpd_core.catalog import ModelLoadError
 from ctpd_core.data import DatasetError
 from worker.celery_app import REAP_STALE_JOBS, RUN_JOB, TRAIN_QUEUE
-from worker.sinks import DbObserver, DbStopSignal, Heartbeat
+from worker.orphan_sweep import sweep_orphans
+from worker.sinks import AttemptLease, AttemptWriter, DbObserver, DbStopSignal, Heartbeat
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -50,7 +56,9 @@ class JobOutcome:
     """What one delivery of ``run_job`` did (returned for logs and tests; results are not stored)."""
 
     job_id: str
-    status: str  # succeeded | failed | cancelled | skipped (not claimed) | lost (the lease went elsewhere)
+    # succeeded | failed | cancelled | skipped (not claimed) | lost (the lease went elsewhere) | handed_back
+    # (SIGTERM: queued again, the attempt not counted) | abandoned (the database stayed away: left to the reaper)
+    status: str
     error_code: str | None = None
 
 
@@ -79,6 +87,8 @@ def worker_id_for(hostname: str | None = None) -> str:
 
 def classify_error(error: BaseException) -> tuple[str, str]:
     """``(error_kind, error_code)`` of an exception that ended a job."""
+    if isinstance(error, PolicyViolation):
+        return "user", "policy_violation"
     if isinstance(error, DatasetError):
         return "user", "invalid_dataset"
     if isinstance(error, ModelLoadError):
@@ -113,6 +123,69 @@ def dataset_resolver(db: repository.Database, tenant: str):
 # ------------------------------------------------------------------------------------------------ run_job
 
 
+class _ShutdownHandler:
+    """SIGTERM in the job process: a hand-back, not a death (issue 9.6).
+
+    The first SIGTERM asks the run to stop (the stop signal fires; training checkpoints after its current
+    step, inference stops after its current batch) and starts a timer: if the run has not stopped within
+    ``grace_seconds``, the lease is released anyway, without a new checkpoint (the next attempt resumes from
+    the previous one), and the process exits. Installed only in the main thread (where Python delivers
+    signals), for the duration of one job."""
+
+    def __init__(self, stop_signal: DbStopSignal, release: Any, grace_seconds: float) -> None:
+        self.stop_signal, self.release, self.grace_seconds = stop_signal, release, grace_seconds
+        self._previous: Any = None
+        self._timer: threading.Timer | None = None
+        self.installed = False
+
+    def __enter__(self) -> _ShutdownHandler:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self.installed = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.stop_signal.shutdown_requested.is_set():
+            return  # a repeated SIGTERM changes nothing: the timer already bounds the wait
+        logger.warning("SIGTERM: stopping the job at its next check and handing it back (at most %.0f s)",
+                       self.grace_seconds)
+        self.stop_signal.request_shutdown()
+        self._timer = threading.Timer(self.grace_seconds, self._force)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _force(self) -> None:
+        logger.error("the job did not stop within %.0f s of SIGTERM; releasing its lease without a new checkpoint "
+                     "and exiting", self.grace_seconds)
+        try:
+            self.release("SIGTERM; the grace period ran out before a checkpoint, so it resumes from the previous one")
+        finally:
+            logging.shutdown()
+            os._exit(0)
+
+
+def _retrying(what: str, write: Any, deadline_seconds: float) -> Any:
+    """``write()``, retried with backoff while the database is unreachable, for up to ``deadline_seconds``.
+    Re-raises the last error after the deadline (the caller then leaves the job to its lease and the reaper)."""
+    deadline = time.monotonic() + deadline_seconds
+    delay = 0.5
+    while True:
+        try:
+            return write()
+        except SQLAlchemyError:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("could not record %s (database unreachable); retrying in %.1f s", what, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 def execute_job(
     db: repository.Database, settings: Settings, job_id: str, worker_id: str, *, device: Any = None
 ) -> JobOutcome:
@@ -123,58 +196,97 @@ def execute_job(
         logger.info("job %s: not claimed (status %s): a duplicate delivery or a cancelled job; nothing to do",
                     job_id, current.status if current else "missing")
         return JobOutcome(job_id, "skipped")
-    logger.info("job %s: attempt %d of %d on %s", job_id, row.attempt, row.max_attempts, worker_id)
+    attempt = row.attempt
+    logger.info("job %s: attempt %d of %d on %s", job_id, attempt, row.max_attempts, worker_id)
 
-    heartbeat = Heartbeat(db, job_id, worker_id, settings.lease_seconds).start()
-    stop_signal = DbStopSignal(db, job_id, lease_lost=heartbeat.lost)
-    observer = DbObserver(db, job_id, stop_signal=stop_signal, attempt=row.attempt)
+    # Everything this attempt writes is fenced by (worker_id, attempt): see worker/sinks.py.
+    lease = AttemptLease(db, job_id, worker_id, attempt)
+    heartbeat = Heartbeat(db, job_id, worker_id, settings.lease_seconds, attempt=attempt, lost=lease.lost).start()
+    writer = AttemptWriter(lease)
+    stop_signal = DbStopSignal(db, job_id, lease_lost=lease.lost, writer=writer)
+    observer = DbObserver(db, job_id, stop_signal=stop_signal, writer=writer)
+    shutdown = _ShutdownHandler(
+        stop_signal, lambda reason: repository.release_job(db, job_id, worker_id, attempt, reason),
+        settings.shutdown_grace_seconds,
+    )
     status, error_code, error_kind, error_message, export_dir = "failed", None, None, None, None
     try:
-        import torch
+        with shutdown:
+            try:
+                import torch
 
-        from ctpd_core.spec import JobSpec
-        from worker.recipe import RunContext, run_spec
+                from ctpd_core.spec import JobSpec
+                from worker.policy import enforce_job_policy
+                from worker.recipe import RunContext, run_spec
 
-        spec = JobSpec.model_validate(row.spec)
-        context = RunContext(
-            artifact_root=settings.artifact_root,
-            run_dir=settings.artifact_root / "jobs" / job_id,
-            model_cache=settings.model_cache,
-            observer=observer,
-            stop_signal=stop_signal,
-            dataset_resolver=dataset_resolver(db, row.tenant),
-            **({"device": torch.device(device)} if device is not None else {}),
-        )
-        result = run_spec(spec, context)
-        if result.status == "succeeded":
-            status, export_dir = "succeeded", result.export_dir
-        else:
-            status = "cancelled"
-    except (DatasetError, ModelLoadError, ValueError) as error:
-        error_kind, error_code = classify_error(error)
-        error_message = _message_of(error, error_kind)
-        logger.info("job %s: failed with a user error (%s): %s", job_id, error_code, error_message)
-    except Exception as error:  # the task boundary: anything else is our fault, recorded as a system error
-        error_kind, error_code = classify_error(error)
-        error_message = _message_of(error, error_kind)
-        logger.exception("job %s: failed with a system error", job_id)
+                spec = enforce_job_policy(db, JobSpec.model_validate(row.spec), row, settings)
+                context = RunContext(
+                    artifact_root=settings.artifact_root,
+                    run_dir=settings.artifact_root / "jobs" / job_id,
+                    model_cache=settings.model_cache,
+                    observer=observer,
+                    stop_signal=stop_signal,
+                    dataset_resolver=dataset_resolver(db, row.tenant),
+                    publish_guard=lease.holds,
+                    generation=attempt,
+                    **({"device": torch.device(device)} if device is not None else {}),
+                )
+                result = run_spec(spec, context)
+                if result.status == "succeeded":
+                    status, export_dir = "succeeded", result.export_dir
+                else:
+                    status = "cancelled"
+            except (DatasetError, ModelLoadError, ValueError) as error:
+                error_kind, error_code = classify_error(error)
+                error_message = _message_of(error, error_kind)
+                logger.info("job %s: failed with a user error (%s): %s", job_id, error_code, error_message)
+            except Exception as error:  # the task boundary: anything else is our fault, recorded as a system error
+                error_kind, error_code = classify_error(error)
+                error_message = _message_of(error, error_kind)
+                logger.exception("job %s: failed with a system error", job_id)
+            # Buffered writes go out before the outcome (in order), waiting out a short database outage.
+            flushed = observer.close(deadline_seconds=settings.lease_seconds)
+            return _record_outcome(db, settings, job_id, worker_id, attempt, lease, stop_signal, flushed,
+                                   status, error_code, error_kind, error_message, export_dir)
     finally:
-        observer.close()
         heartbeat.stop()
 
-    if heartbeat.lost.is_set():
+
+def _record_outcome(db: repository.Database, settings: Settings, job_id: str, worker_id: str, attempt: int,
+                    lease: AttemptLease, stop_signal: DbStopSignal, flushed: bool, status: str,
+                    error_code: str | None, error_kind: str | None, error_message: str | None,
+                    export_dir: Path | None) -> JobOutcome:
+    if lease.lost.is_set():
         # The reaper requeued the job (or it ended elsewhere): whatever this attempt did is not the record.
-        logger.warning("job %s: lease lost during the attempt; leaving the job to its new owner", job_id)
+        logger.warning("job %s: attempt %d lost the job; leaving it to its new owner", job_id, attempt)
         return JobOutcome(job_id, "lost")
-    recorded = repository.finish_job(
-        db, job_id, worker_id, status, error_code=error_code, error_message=error_message, error_kind=error_kind,
-        export_dir=export_dir,
-    )
-    if not recorded:
+    if not flushed:
+        # The database did not come back in time: this attempt's outcome cannot be recorded in order. Leave the
+        # job running; its lease runs out and the reaper retries it from its last checkpoint.
+        logger.error("job %s: the database stayed unreachable; abandoning attempt %d to the reaper", job_id, attempt)
+        return JobOutcome(job_id, "abandoned")
+    deadline = settings.lease_seconds
+    try:
+        if status == "cancelled" and stop_signal.reason in ("shutdown", "storage"):
+            reason = "SIGTERM" if stop_signal.reason == "shutdown" else "its writes could not reach the database"
+            released = _retrying("the hand-back", lambda: repository.release_job(db, job_id, worker_id, attempt,
+                                                                                 reason), deadline)
+            if released is None:
+                return JobOutcome(job_id, "lost")
+            logger.info("job %s: attempt %d handed back (%s): now %s", job_id, attempt, reason, released)
+            return JobOutcome(job_id, "handed_back" if released == "queued" else released)
+        recorded = _retrying(f"the outcome ({status})", lambda: repository.finish_job(
+            db, job_id, worker_id, status, error_code=error_code, error_message=error_message, error_kind=error_kind,
+            export_dir=export_dir, attempt=attempt), deadline)
+    except SQLAlchemyError:
+        logger.error("job %s: could not record the outcome %s; leaving the job to its lease and the reaper",
+                     job_id, status, exc_info=True)
+        return JobOutcome(job_id, "abandoned")
+    if recorded is None:
         logger.warning("job %s: %s not recorded: this worker no longer holds the job", job_id, status)
         return JobOutcome(job_id, "lost")
-    logger.info("job %s: %s%s", job_id, status, f" ({error_code})" if error_code else "")
-    return JobOutcome(job_id, status, error_code)
+    logger.info("job %s: %s%s", job_id, recorded, f" ({error_code})" if error_code and recorded == "failed" else "")
+    return JobOutcome(job_id, recorded, error_code if recorded == "failed" else None)
 
 
 @shared_task(name=RUN_JOB, bind=True, ignore_result=True)
@@ -196,6 +308,7 @@ def reap(db: repository.Database, settings: Settings, queue: Any) -> list[str]:
         queue.enqueue_job(job_id)
     if job_ids:
         logger.info("reaper: enqueued %d job(s) again: %s", len(job_ids), ", ".join(job_ids))
+    sweep_orphans(settings)  # files killed uploads and stage builds left behind (worker/orphan_sweep.py)
     return job_ids
 
 
@@ -231,3 +344,30 @@ def _preload_training_stack(sender: Any = None, instance: Any = None, **_: Any) 
         import worker.recipe  # noqa: F401
 
         logger.info("preloaded the training stack for the %s queue", TRAIN_QUEUE)
+
+
+def _child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux /proc): the Celery pool processes (and an embedded beat)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return children
+
+
+@worker_shutting_down.connect
+def _hand_back_running_jobs(sig: str | None = None, how: str | None = None, **_: Any) -> None:
+    """Warm shutdown (SIGTERM/SIGINT to the worker): Celery would wait for the running job to *finish*, which
+    holds a deploy for as long as the job has left. Forward SIGTERM to the pool children instead: a job
+    process checkpoints and hands its job back within ``shutdown_grace_seconds`` (``_ShutdownHandler``), an
+    idle one just exits, and the warm shutdown completes as soon as they have."""
+    if how != "Warm":
+        return  # a cold shutdown terminates the children itself
+    for child in _child_pids(os.getpid()):
+        try:
+            os.kill(child, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    logger.info("warm shutdown (%s): asked the job processes to hand their jobs back", sig)

@@ -21,9 +21,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ctpd_core.spec import JobSpec
+from ctpd_core.spec import NO_NUL_PATTERN, JobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,8 @@ def _describe(error: dict[str, Any]) -> tuple[str | None, str]:
     allowed = _allowed_numbers(field) if field is not None and kind in _NUMBER_ERRORS else None
     if allowed is not None:
         return param, f"{param}: {_shown(error.get('input')) or 'the value'} {_NUMBER_ERRORS[kind]}; use {allowed}"
+    if kind == "string_pattern_mismatch" and (error.get("ctx") or {}).get("pattern") == NO_NUL_PATTERN:
+        return param, f"{param}: contains a NUL character (\\u0000), which no name, path, id or label may hold; remove it"
     if kind == "string_too_short" and where in ("query", "header") and not error.get("input"):
         return param, f"{param}: empty; leave {param} out, or give it a value"
     if kind == "value_error":
@@ -208,6 +211,20 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                405: "method_not_allowed", 409: "conflict", 413: "file_too_large", 415: "unsupported_media_type"}
 
 
+RETRY_AFTER_SECONDS = 5
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """A database error that means "not reachable now" (connection refused or dropped, pool timeout), as
+    opposed to a bug (a bad statement, a constraint)."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    if isinstance(error, OperationalError | InterfaceError | PoolTimeout):
+        return True
+    return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
@@ -227,6 +244,20 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no route {request.method} {request.url.path}; see /docs for the API"
         return JSONResponse(error_body(code, message), status_code=error.status_code,
                             headers=getattr(error, "headers", None))
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _storage_error(request: Request, error: SQLAlchemyError) -> JSONResponse:
+        # The database is down or unreachable (a failover, a restart): a 503 the client can retry, not a 500.
+        # Any other SQLAlchemy error is a bug and stays a 500. Nothing was stored: the write's transaction
+        # rolled back whole.
+        if not is_unavailable(error):
+            return await _unexpected(request, error)
+        logger.warning("database unavailable in %s %s: %s", request.method, request.url.path, type(error).__name__)
+        return JSONResponse(
+            error_body("service_unavailable", "the service's database is unavailable right now; nothing was "
+                       f"changed, retry in {RETRY_AFTER_SECONDS} s"),
+            status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:  # the API's process boundary

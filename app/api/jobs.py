@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -13,6 +12,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from app import policy
 from app.api.artifacts import export_files, tar_gz_stream
 from app.api.deps import DbDep, PrincipalDep, QueueDep, SettingsDep
 from app.api.errors import ApiError, invalid_request
@@ -30,6 +30,7 @@ from app.api.schemas import (
 )
 from app.db import repository as repo
 from app.db.repository import Database, Principal
+from app.policy import Caller
 from app.settings import Settings
 from ctpd_core.spec import JobSpec
 
@@ -41,7 +42,8 @@ router = APIRouter(
 )
 
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
-_METADATA_QUERY = re.compile(r"^metadata\[(.+)\]$")
+# One level of the deepObject style: metadata[team]=nlp. A nested metadata[a][b] is not a filter (values are strings).
+_METADATA_QUERY = re.compile(r"^metadata\[([^\[\]]*)\]$")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
@@ -84,30 +86,9 @@ def _metadata_problems(metadata: dict[str, str]) -> list[tuple[str | None, str]]
     return problems
 
 
-def _names_a_server_path(value: str, path: Path) -> bool:
-    """A reference that would be read from the server's disk (a hub id such as org/name is not, unless a folder
-    of that name exists where the worker runs)."""
-    return value.startswith(("/", ".", "~")) or path.exists()
-
-
-def _private_path_problem(value: str, principal: Principal, db: Database, settings: Settings) -> str | None:
-    """A path into the artifact root must be one of the caller's own jobs or datasets."""
-    path = Path(value).expanduser()
-    resolved = Path(os.path.realpath(path if path.is_absolute() else Path.cwd() / path))
-    root = Path(os.path.realpath(settings.artifact_root))  # type: ignore[arg-type]
-    if resolved != root and root not in resolved.parents:
-        if settings.allow_server_paths or not _names_a_server_path(value, path):
-            return None  # a catalog name, a hub id, or (where allowed) a file or folder on the server
-        return (f"{value!r} names a file or folder on the server, which this service does not allow for your key; "
-                "upload the dataset with POST /v1/datasets and pass {\"dataset\": {\"id\": ...}}, or use a model "
-                "id from GET /v1/models (a catalog name, a hub id, or one of your exported students)")
-    parts = resolved.relative_to(root).parts
-    if len(parts) >= 2 and parts[0] == "jobs" and repo.owns_job(db, parts[1], principal.tenant):
-        return None
-    if len(parts) >= 2 and parts[0] == "datasets" and repo.get_dataset(db, parts[1], principal.tenant) is not None:
-        return None
-    return (f"{value!r} is inside the service's artifact root but not one of your jobs or datasets; use a model id "
-            "from GET /v1/models, or upload the dataset with POST /v1/datasets and pass {\"dataset\": {\"id\": ...}}")
+def _caller(principal: Principal, settings: Settings) -> Caller:
+    return Caller(tenant=principal.tenant, is_admin=principal.is_admin, allow_server_paths=settings.allow_server_paths,
+                  allow_remote_code=settings.allow_remote_code, artifact_root=settings.artifact_root)  # type: ignore[arg-type]
 
 
 def _reference_problems(spec: JobSpec, principal: Principal, db: Database, settings: Settings) -> list[tuple[str | None, str]]:
@@ -115,20 +96,11 @@ def _reference_problems(spec: JobSpec, principal: Principal, db: Database, setti
     if spec.dataset.id is not None and repo.get_dataset(db, spec.dataset.id, principal.tenant) is None:
         problems.append(("dataset.id", f"dataset.id: no dataset {spec.dataset.id!r} for this API key; upload the file "
                          "with POST /v1/datasets and use the id it returns"))
-    if principal.is_admin:
-        return problems  # operators may point anywhere
-    references = {
-        "dataset.path": spec.dataset.path,
-        "dataset.validation_path": spec.dataset.validation_path,
-        "student.model": spec.student.model,
-        "teacher.model": spec.teacher.model if spec.teacher else None,
-        "contrastive.positive.model": spec.contrastive.positive.model if spec.contrastive.positive else None,
-        "contrastive.negative.model": spec.contrastive.negative.model if spec.contrastive.negative else None,
-    }
-    for param, value in references.items():
-        problem = _private_path_problem(value, principal, db, settings) if value else None
-        if problem:
-            problems.append((param, f"{param}: {problem}"))
+    problems += policy.reference_problems(
+        spec, _caller(principal, settings),
+        owns_job=lambda job_id: repo.owns_job(db, job_id, principal.tenant),
+        owns_dataset=lambda dataset_id: repo.get_dataset(db, dataset_id, principal.tenant) is not None,
+    )
     return problems
 
 
@@ -153,6 +125,8 @@ def _reference_problems(spec: JobSpec, principal: Principal, db: Database, setti
         200: {"model": Job, "description": "Replay of an earlier request with the same Idempotency-Key and body."},
         409: {"model": ErrorResponse, "description": "The Idempotency-Key was used with a different body."},
         422: {"model": ErrorResponse, "description": "Invalid spec; `error.param` names the field."},
+        403: {"model": ErrorResponse, "description": "`trust_remote_code` without the deployment's and an admin's "
+              "permission (`remote_code_forbidden`)."},
         401: _ERRORS[401],
     },
 )
@@ -170,6 +144,10 @@ def create_job(
                description="Any unique string (e.g. a UUID); retrying with it never creates a second job."),
     ] = None,
 ) -> Job:
+    remote_code = policy.remote_code_problems(spec, _caller(principal, settings))
+    if remote_code:
+        raise ApiError(403, "remote_code_forbidden", "; ".join(m for _, m in remote_code), remote_code[0][0],
+                       errors=[{"param": param, "message": message} for param, message in remote_code])
     problems = _metadata_problems(spec.metadata) + _reference_problems(spec, principal, db, settings)
     if problems:
         raise invalid_request(problems)
@@ -177,6 +155,7 @@ def create_job(
         job, created = repo.create_job(
             db, tenant=principal.tenant, spec=spec.model_dump(mode="json"), name=spec.name, metadata=spec.metadata,
             idempotency_key=idempotency_key, request_hash=_request_hash(body), max_attempts=settings.max_attempts,
+            submitted_by_admin=principal.is_admin,
         )
     except repo.IdempotencyConflict as conflict:
         raise ApiError(409, "idempotency_conflict",
@@ -243,9 +222,13 @@ def list_jobs(
 ) -> JobList:
     metadata = {}
     for key, value in request.query_params.multi_items():
+        if key != "metadata" and not key.startswith("metadata["):
+            continue
         match = _METADATA_QUERY.match(key)
-        if match:
-            metadata[match.group(1)] = value
+        if match is None:  # refused rather than ignored: a filter that silently matched everything would mislead
+            raise invalid_request([(key, f"{key}: not a metadata filter; filter as metadata[key]=value (one level, "
+                                         "the key without brackets), e.g. metadata[team]=nlp")])
+        metadata[match.group(1)] = value
     try:
         rows, has_more = repo.list_jobs(db, principal.tenant, limit=limit, after=after, status=status, metadata=metadata)
     except repo.InvalidCursor as error:

@@ -1,7 +1,8 @@
 """/v1/models: the packaged catalog, plus the students the tenant's succeeded jobs exported.
 
-Every ``id`` is a valid model reference (``{"model": id}``): a catalog name, or an export folder, so a
-distilled student can be the teacher (or the student) of the next job.
+Every ``id`` is a valid model reference (``{"model": id}``): a catalog name, or ``job:<job_id>`` for an
+exported student (no server path is ever shown), so a distilled student can be the teacher (or the student)
+of the next job.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fastapi import APIRouter
 from app.api.deps import DbDep, PrincipalDep
 from app.api.schemas import ErrorResponse, Model, ModelList
 from app.db import repository as repo
+from app.policy import JOB_MODEL_PREFIX
 from ctpd_core.catalog import CATALOG
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -45,8 +47,9 @@ def list_models(principal: PrincipalDep, db: DbDep) -> ModelList:
     for job in repo.list_exported_models(db, principal.tenant):
         student = (job.spec.get("student") or {}).get("model")
         label = job.name or job.id
+        # job:<id>, never the folder: a tenant learns nothing about the server's disk (the worker resolves it).
         models.append(Model(
-            id=job.export_dir or "", source="job", available=Path(job.export_dir or "").is_dir(),
+            id=f"{JOB_MODEL_PREFIX}{job.id}", source="job", available=Path(job.export_dir or "").is_dir(),
             description=f"{job.spec.get('method', 'ctpd')} student of job {label} (from {student})",
             job_id=job.id, base_model=student, created_at=job.finished_at,
         ))

@@ -505,14 +505,16 @@ class ProgressWrite:
 AttemptWrite = EventWrite | MetricsWrite | ProgressWrite
 
 
-def record_attempt_writes(db: Database, job_id: str, attempt: int, writes: Sequence[AttemptWrite]) -> None:
+def record_attempt_writes(db: Database, job_id: str, attempt: int | None, writes: Sequence[AttemptWrite]) -> None:
     """A running attempt's buffered writes, in order, in one fenced transaction: all of them or none.
 
     Raises :class:`StaleAttempt` (nothing written) once the attempt no longer holds the job, and the
-    driver's error when the database is unreachable (nothing written either: the caller keeps them)."""
+    driver's error when the database is unreachable (nothing written either: the caller keeps them).
+    ``attempt=None`` writes unfenced (a local run that holds no lease)."""
     now = utcnow()
     with db.write() as session:
-        _hold(session, job_id, attempt)
+        if attempt is not None:
+            _hold(session, job_id, attempt)
         for write in writes:
             if isinstance(write, EventWrite):
                 session.add(_event(job_id, write.type, write.message, level=write.level, stage=write.stage,

@@ -116,6 +116,9 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         home=home, database_url=database_url, broker_url="memory://", artifact_root=home / "artifacts",
         model_cache=home / "catalog", lease_seconds=60, max_attempts=3, requeue_after_seconds=300,
         max_upload_bytes=1024 * 1024,
+        # Most tests are about the API's shape and use server paths as the embedded single-user service allows;
+        # the multi-tenant default (off) is what tests/app/test_policy.py checks.
+        allow_server_paths=True,
     )
 
 

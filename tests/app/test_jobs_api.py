@@ -263,8 +263,10 @@ def test_models_lists_the_catalog_and_the_tenants_students(alice, bob, db, setti
     export_dir = Path(settings.artifact_root) / "jobs" / job_id / "export"
     _run_to_success(db, job_id, export_dir)
 
-    students = [m for m in alice.get("/v1/models").json()["data"] if m["source"] == "job"]
-    assert len(students) == 1 and students[0]["id"] == str(export_dir) and students[0]["job_id"] == job_id
+    listing = alice.get("/v1/models")
+    assert str(settings.artifact_root) not in listing.text and str(settings.home) not in listing.text  # no server path
+    students = [m for m in listing.json()["data"] if m["source"] == "job"]
+    assert len(students) == 1 and students[0]["id"] == f"job:{job_id}" and students[0]["job_id"] == job_id
     assert students[0]["available"] is True and students[0]["base_model"] == "smollm2-135m-instruct"
     assert [m for m in bob.get("/v1/models").json()["data"] if m["source"] == "job"] == []
 

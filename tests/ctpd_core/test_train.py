@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -563,3 +564,44 @@ def test_active_dropout_is_reported_not_rewritten(tmp_path: Path, caplog: pytest
         fit(model, make_items(4), nll_loss, config(max_steps=1), tmp_path)
     assert "config.attention_dropout=0.1" in caplog.text and "dropout disabled" in caplog.text
     assert model.config.attention_dropout == 0.1
+
+
+def test_a_stop_during_the_last_step_is_not_ignored(tmp_path: Path) -> None:
+    """Issue 9.5: the stop check used to be skipped on the last step, so a cancel then let the run 'finish'."""
+    sink = RecordingSink()
+    result = fit(build_model(), make_items(8), nll_loss, config(max_steps=3, checkpoint_every=1), tmp_path,
+                 metric_sink=sink, stop_signal=StopAfter(sink, 3))
+    assert result.stopped and result.steps == 3
+    assert result.checkpoint == tmp_path / "step-00000003"  # the final state is saved: a resume returns at once
+
+
+def test_a_checkpoint_of_a_newer_attempt_is_never_replaced(tmp_path: Path) -> None:
+    """Issue 9.4: attempt 1, paused mid-step and woken after attempt 2 checkpointed that step, must not
+    overwrite attempt 2's checkpoint."""
+    newer = fit(build_model(), make_items(8), nll_loss, config(max_steps=2, checkpoint_every=1), tmp_path / "a",
+                generation=2)
+    held = newer.checkpoint
+    assert json.loads((held / "state.json").read_text())["attempt"] == 2
+    before = (held / "trainable.safetensors").read_bytes()
+
+    stale_dir = tmp_path / "b"
+
+    def attempt_two_checkpoints_meanwhile() -> bool:  # asked before each of attempt 1's saves
+        if not (stale_dir / held.name).exists():
+            shutil.copytree(held, stale_dir / held.name)
+        return True
+
+    result = fit(build_model(), make_items(8), noisy_nll_loss, config(max_steps=2, checkpoint_every=1), stale_dir,
+                 generation=1, checkpoint_guard=attempt_two_checkpoints_meanwhile)
+    assert result.stopped and result.steps == 2  # its step-2 save was refused, so fit stopped
+    assert (stale_dir / held.name / "trainable.safetensors").read_bytes() == before
+    assert json.loads((stale_dir / held.name / "state.json").read_text())["attempt"] == 2
+
+
+def test_a_refused_guard_discards_the_checkpoint_and_stops(tmp_path: Path) -> None:
+    saved: list[int] = []
+    result = fit(build_model(), make_items(8), nll_loss, config(max_steps=5, checkpoint_every=1), tmp_path,
+                 generation=1, checkpoint_guard=lambda: len(saved) < 2,
+                 on_checkpoint=lambda step, path: saved.append(step))
+    assert result.stopped and result.steps == 3 and saved == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000002"]  # nothing half-written

@@ -15,7 +15,7 @@ from ctpd_cli.main import _ensure_api_key, _prepare_broker, _requeue_orphans, ma
 
 @pytest.fixture
 def settings(tmp_path) -> Settings:
-    return Settings(home=tmp_path / "home", lease_seconds=60)
+    return Settings(home=tmp_path / "home", lease_seconds=60, allow_server_paths=True)  # the embedded shape
 
 
 def test_embedded_api_key_is_created_once_with_mode_0600(db, tmp_path):

@@ -29,7 +29,7 @@ class FakeClock:
 
 @pytest.fixture
 def settings(tmp_path) -> Settings:
-    return Settings(home=tmp_path / "home", lease_seconds=30)
+    return Settings(home=tmp_path / "home", lease_seconds=30, allow_server_paths=True)  # the embedded shape
 
 
 def new_job(db, spec=None, tenant="acme") -> str:
@@ -169,7 +169,8 @@ def test_user_errors_are_classified(db, settings, tiny_student_folder, tiny_teac
 def test_an_unexpected_error_is_a_system_error(db, tmp_path, tiny_student_folder, tiny_teacher_folder, tiny_dataset_path):
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")
-    settings = Settings(home=tmp_path / "home", artifact_root=blocked)  # the run folder cannot be created
+    settings = Settings(home=tmp_path / "home", artifact_root=blocked,  # the run folder cannot be created
+                        allow_server_paths=True)
     job_id = new_job(db, _spec(tiny_student_folder, tiny_teacher_folder, {"path": str(tiny_dataset_path)}))
     assert execute_job(db, settings, job_id, "w1", device="cpu").error_code == "internal_error"
     job = repository.get_job(db, job_id)
@@ -245,7 +246,8 @@ def test_observer_stops_inference_stages_but_leaves_training_to_fit(db):
     repository.request_cancel(db, job_id, "acme")
     time.sleep(1.05)  # the stop signal reads the flag at most once a second
     observer.progress(Progress("distill", 3, 10, None))  # fit polls the signal and checkpoints itself
-    observer.progress(Progress("reference", 256, 256, None))  # a finished stage is kept
+    with pytest.raises(JobStopped):  # the last batch of a stage stops too (issue 9.5): no next stage starts
+        observer.progress(Progress("reference", 256, 256, None))
     with pytest.raises(JobStopped):
         observer.progress(Progress("evaluate", 4, 8, None))
     job = repository.get_job(db, job_id)

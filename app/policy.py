@@ -1,0 +1,155 @@
+"""What a job spec may point at, for whom: one policy, applied by the API when a job is submitted and again by
+the worker right before it opens anything (issue 9, items 1-3).
+
+The API and the worker run on different machines with different working directories and disks, so a check on
+the API host alone proves nothing about what the worker will read. Both sides call :func:`reference_problems`
+with their own view of the disk; the worker also re-resolves every reference the way the loader will.
+
+Rules for a key that is not an admin's, when the deployment does not allow server paths (the default outside
+the embedded single-user ``ctpd up``):
+
+* ``dataset.path`` and ``dataset.validation_path`` are refused, relative or absolute: tenants upload data
+  (``POST /v1/datasets``) and name it by ``dataset.id``.
+* A model (student, teacher, contrastive π±) is a catalog name, ``job:<job_id>`` (one of the tenant's own
+  succeeded jobs: its exported student), or a hub id (``org/name``) that does **not** exist as a file or
+  folder where the check runs (the loader would read that from disk instead of the hub).
+* Any other path-shaped reference is refused, except a folder inside the artifact root that belongs to one of
+  the tenant's own jobs or datasets (resolved with symlinks followed, so ``..`` and links cannot escape).
+
+``trust_remote_code: true`` runs the model repository's Python on the workers: it is refused unless the
+deployment allows it (``CTPD_ALLOW_REMOTE_CODE=true``) *and* the key is an admin's.
+
+Torch-free and database-free: the callers pass what they know (``owns_job`` / ``owns_dataset`` lookups).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctpd_core.catalog import CATALOG
+from ctpd_core.spec import JobSpec
+
+JOB_MODEL_PREFIX = "job:"
+# A Hugging Face hub id: "name" or "org/name", letters, digits, '-', '_', '.'; never '..' or a leading '.'.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+UPLOAD_HINT = ("upload the dataset with POST /v1/datasets and pass {\"dataset\": {\"id\": ...}}, or use a model id "
+               "from GET /v1/models (a catalog name, a hub id, or job:<id> for one of your exported students)")
+
+
+class PolicyViolation(ValueError):
+    """A spec names something its submitter may not use; ``problems`` are ``(param, message)`` pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], status: int = 422) -> None:
+        self.problems, self.status = problems, status
+        super().__init__("; ".join(message for _, message in problems))
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who submitted the job, and what this deployment allows."""
+
+    tenant: str
+    is_admin: bool
+    allow_server_paths: bool
+    allow_remote_code: bool
+    artifact_root: Path
+
+
+def model_references(spec: JobSpec) -> dict[str, str | None]:
+    positive, negative = spec.contrastive.positive, spec.contrastive.negative
+    return {
+        "student.model": spec.student.model,
+        "teacher.model": spec.teacher.model if spec.teacher else None,
+        "contrastive.positive.model": positive.model if positive else None,
+        "contrastive.negative.model": negative.model if negative else None,
+    }
+
+
+def _model_refs(spec: JobSpec) -> dict[str, object]:
+    return {"student": spec.student, "teacher": spec.teacher, "contrastive.positive": spec.contrastive.positive,
+            "contrastive.negative": spec.contrastive.negative}
+
+
+def remote_code_problems(spec: JobSpec, caller: Caller) -> list[tuple[str, str]]:
+    problems = []
+    for name, ref in _model_refs(spec).items():
+        if ref is None or not getattr(ref, "trust_remote_code", False):
+            continue
+        if not caller.allow_remote_code:
+            why = ("this deployment does not run model repositories' own code (CTPD_ALLOW_REMOTE_CODE is off); "
+                   "use a model that transformers supports natively, or ask an operator")
+        elif not caller.is_admin:
+            why = "only an admin key may enable it; ask an operator to submit the job, or drop the flag"
+        else:
+            continue
+        problems.append((f"{name}.trust_remote_code", f"{name}.trust_remote_code: {why}"))
+    return problems
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _artifact_problem(value: str, resolved: Path, caller: Caller, owns_job: Callable[[str], bool],
+                      owns_dataset: Callable[[str], bool]) -> str | None:
+    """A reference inside the artifact root must be one of the caller's own jobs or datasets."""
+    parts = resolved.relative_to(Path(os.path.realpath(caller.artifact_root))).parts
+    if len(parts) >= 2 and parts[0] == "jobs" and owns_job(parts[1]):
+        return None
+    if len(parts) >= 2 and parts[0] == "datasets" and owns_dataset(parts[1]):
+        return None
+    return f"{value!r} is inside the service's artifact root but not one of your jobs or datasets; {UPLOAD_HINT}"
+
+
+def _resolve(value: str, cwd: Path) -> Path:
+    path = Path(value).expanduser()
+    return Path(os.path.realpath(path if path.is_absolute() else cwd / path))
+
+
+def reference_problems(
+    spec: JobSpec,
+    caller: Caller,
+    *,
+    owns_job: Callable[[str], bool],
+    owns_dataset: Callable[[str], bool],
+    cwd: Path | None = None,
+    where: str = "the server",
+) -> list[tuple[str, str]]:
+    """Every reference of ``spec`` that ``caller`` may not use, as ``(param, message)``; empty when all is well.
+
+    ``cwd`` is the directory relative references would be read from (the worker's own, on the worker)."""
+    cwd = cwd or Path.cwd()
+    problems: list[tuple[str, str]] = []
+    for param, value in model_references(spec).items():
+        if value and value.startswith(JOB_MODEL_PREFIX) and not owns_job(value[len(JOB_MODEL_PREFIX):]):
+            problems.append((param, f"{param}: {value!r} is not one of your succeeded jobs; see GET /v1/models"))
+    if caller.is_admin:
+        return problems  # operators may point anywhere
+    root = Path(os.path.realpath(caller.artifact_root))
+    locked = not caller.allow_server_paths
+    references = {"dataset.path": spec.dataset.path, "dataset.validation_path": spec.dataset.validation_path,
+                  **model_references(spec)}
+    for param, value in references.items():
+        if not value or value.startswith(JOB_MODEL_PREFIX) or (param.endswith(".model") and value in CATALOG):
+            continue
+        resolved = _resolve(value, cwd)
+        if _inside(resolved, root):
+            problem = _artifact_problem(value, resolved, caller, owns_job, owns_dataset)
+        elif not locked:
+            problem = None  # the embedded single-user service: the server's files are the user's own
+        elif param.startswith("dataset."):
+            problem = (f"{value!r} names a file on {where}, which this service does not allow for your key (datasets "
+                       f"are uploaded); {UPLOAD_HINT}")
+        elif not _HUB_ID.match(value) or resolved.exists() or Path(value).expanduser().exists():
+            problem = (f"{value!r} names a file or folder on {where}, which this service does not allow for your "
+                       f"key; {UPLOAD_HINT}")
+        else:
+            problem = None  # a hub id that is nothing on this disk: the loader fetches it from the hub
+        if problem:
+            problems.append((param, f"{param}: {problem}"))
+    return problems

@@ -1,0 +1,110 @@
+"""What a tenant may point a job at (issue 9, items 1-3), with the deployment's *default* settings: server
+paths off, remote code off. The worker applies the same rules again (tests/worker/test_policy.py)."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.db import repository as repo
+from app.main import create_app
+from tests.app.conftest import SPEC
+
+PAIR = b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+
+
+@pytest.fixture
+def locked(settings, queue):
+    """The app with the defaults a production deployment gets (conftest's settings turn server paths on)."""
+    defaults = settings.model_copy(update={"allow_server_paths": False, "allow_remote_code": False})
+    assert type(settings)().allow_server_paths is False and type(settings)().allow_remote_code is False
+    application = create_app(defaults, queue=queue)
+    yield application
+    application.state.db.dispose()
+
+
+def _client(app, db, *, admin: bool = False) -> TestClient:
+    key = repo.create_api_key(db, "acme", "admin" if admin else "tenant", is_admin=admin)
+    return TestClient(app, headers={"Authorization": f"Bearer {key}"})
+
+
+@pytest.fixture
+def dataset_id(locked, db) -> str:
+    response = _client(locked, db).post("/v1/datasets", files={"file": ("p.jsonl", PAIR)})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+@pytest.mark.parametrize("param, body", [
+    ("dataset.path", {"dataset": {"path": "secret/pairs.jsonl"}}),  # relative: the worker would open it from its cwd
+    ("dataset.path", {"dataset": {"path": "pairs.jsonl"}}),
+    ("dataset.path", {"dataset": {"path": "/etc/passwd"}}),
+    ("dataset.validation_path", {"dataset": {"id": "DATASET", "validation_path": "val/pairs.jsonl"}}),
+    ("student.model", {"student": {"model": "./models/student"}}),
+    ("teacher.model", {"teacher": {"model": "../outside"}}),
+    ("teacher.model", {"teacher": {"model": "/srv/models/llama"}}),
+    ("teacher.model", {"teacher": {"model": "~/models/llama"}}),
+    ("contrastive.positive.model", {"contrastive": {"positive": {"model": "a/b/c"}, "negative": {"model": "gemma-3-270m"}}}),
+])
+def test_a_tenant_names_no_server_path_relative_or_absolute(locked, db, dataset_id, param, body):
+    spec = {**SPEC, "dataset": {"id": dataset_id}, **body}
+    if spec["dataset"].get("id") == "DATASET":
+        spec["dataset"] = {**spec["dataset"], "id": dataset_id}
+    refused = _client(locked, db).post("/v1/jobs", json=spec)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["param"] == param
+    assert "POST /v1/datasets" in refused.json()["error"]["message"]  # names the fix
+    assert repo.list_jobs(db, "acme", limit=10)[0] == []  # nothing stored
+
+
+def test_a_hub_id_that_is_a_folder_here_is_a_server_path(locked, db, dataset_id, tmp_path, monkeypatch):
+    """'org/name' is a hub id only where no such folder exists: the loader would read the folder instead."""
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    refused = _client(locked, db).post("/v1/jobs", json={**SPEC, "dataset": {"id": dataset_id},
+                                                          "teacher": {"model": "org/name"}})
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "teacher.model"
+
+
+def test_tenants_still_use_uploads_catalog_names_and_hub_ids(locked, db, dataset_id):
+    tenant = _client(locked, db)
+    assert tenant.post("/v1/jobs", json={**SPEC, "dataset": {"id": dataset_id}}).status_code == 201
+    hub = {**SPEC, "dataset": {"id": dataset_id}, "teacher": {"model": "google/gemma-3-270m"}}
+    assert tenant.post("/v1/jobs", json=hub).status_code == 201
+
+
+def test_an_admin_may_name_server_paths(locked, db, dataset_id):
+    admin = _client(locked, db, admin=True)
+    response = admin.post("/v1/jobs", json={**SPEC, "dataset": {"path": "secret/pairs.jsonl"}})
+    assert response.status_code == 201, response.text
+    assert repo.get_job(db, response.json()["id"]).submitted_by_admin is True
+
+
+@pytest.mark.parametrize("admin", [False, True])
+def test_remote_code_is_refused_by_default_even_for_admins(locked, db, dataset_id, admin):
+    spec = {**SPEC, "dataset": {"id": dataset_id}, "teacher": {"model": "org/model", "trust_remote_code": True}}
+    refused = _client(locked, db, admin=admin).post("/v1/jobs", json=spec)
+    assert refused.status_code == 403, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "remote_code_forbidden" and error["param"] == "teacher.trust_remote_code"
+    assert "CTPD_ALLOW_REMOTE_CODE" in error["message"]
+
+
+def test_where_remote_code_is_allowed_only_an_admin_may_enable_it(settings, queue, db):
+    app = create_app(settings.model_copy(update={"allow_remote_code": True}), queue=queue)
+    try:
+        spec = {**SPEC, "student": {"model": "org/student", "trust_remote_code": True}}
+        tenant = _client(app, db).post("/v1/jobs", json=spec)
+        assert tenant.status_code == 403 and "only an admin key" in tenant.json()["error"]["message"]
+        assert tenant.json()["error"]["param"] == "student.trust_remote_code"
+        assert _client(app, db, admin=True).post("/v1/jobs", json=spec).status_code == 201
+    finally:
+        app.state.db.dispose()
+
+
+def test_another_tenants_job_is_not_a_model(locked, db, dataset_id):
+    job, _ = repo.create_job(db, tenant="globex", spec={}, name=None, metadata={}, idempotency_key=None,
+                             request_hash="h", max_attempts=3)
+    refused = _client(locked, db).post("/v1/jobs", json={**SPEC, "dataset": {"id": dataset_id},
+                                                          "teacher": {"model": f"job:{job.id}"}})
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "teacher.model"

@@ -1,0 +1,57 @@
+"""The worker's side of app/policy.py: the same rules, checked where the files are opened, with the worker's
+own disk and working directory, and ``job:<id>`` model references resolved to that job's export folder.
+
+The API already refused what it could see; this catches what it could not (a relative path that exists only
+where the worker runs, a folder created after the submit) and any job row that reached the queue some other
+way. The submitter's admin-ness travels on the job row (``submitted_by_admin``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from app.db import repository
+from app.policy import (
+    JOB_MODEL_PREFIX,
+    Caller,
+    PolicyViolation,
+    model_references,
+    reference_problems,
+    remote_code_problems,
+)
+from ctpd_core.spec import JobSpec
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+
+
+def _exported_folder(db: repository.Database, tenant: str, job_id: str) -> Path | None:
+    row = repository.get_job(db, job_id, tenant)
+    if row is None or row.status != "succeeded" or not row.export_dir or not Path(row.export_dir).is_dir():
+        return None
+    return Path(row.export_dir)
+
+
+def enforce_job_policy(db: repository.Database, spec: JobSpec, job: repository.JobRow, settings: Settings) -> JobSpec:
+    """``spec`` with ``job:<id>`` references resolved; raises :class:`PolicyViolation` (a user error)."""
+    caller = Caller(tenant=job.tenant, is_admin=bool(job.submitted_by_admin),
+                    allow_server_paths=settings.allow_server_paths, allow_remote_code=settings.allow_remote_code,
+                    artifact_root=settings.artifact_root)  # type: ignore[arg-type]
+    problems = remote_code_problems(spec, caller) + reference_problems(
+        spec, caller,
+        owns_job=lambda job_id: _exported_folder(db, job.tenant, job_id) is not None,
+        owns_dataset=lambda dataset_id: repository.get_dataset(db, dataset_id, job.tenant) is not None,
+        cwd=Path.cwd(), where="the worker",
+    )
+    if problems:
+        raise PolicyViolation(problems)
+    data = spec.model_dump(mode="json")
+    for param, value in model_references(spec).items():
+        if value and value.startswith(JOB_MODEL_PREFIX):
+            folder = _exported_folder(db, job.tenant, value[len(JOB_MODEL_PREFIX):])
+            target = data
+            *parents, leaf = param.split(".")
+            for part in parents:
+                target = target[part]
+            target[leaf] = str(folder)
+    return JobSpec.model_validate(data)
