@@ -12,9 +12,10 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from app.api import datasets, health, jobs, models
+from app.api.deps import refuse_nul_characters
 from app.api.errors import install_error_handlers
 from app.db.repository import Database
 from app.queue import CeleryTaskQueue, TaskQueue
@@ -54,7 +55,9 @@ def create_app(settings: Settings, queue: TaskQueue | None = None) -> FastAPI:
     app.state.db = database
     app.state.queue = task_queue
     install_error_handlers(app)
-    for router in (jobs.router, datasets.router, models.router, health.router):
+    for router in (jobs.router, datasets.router):  # the routers that take ids, cursors and filters
+        app.include_router(router, dependencies=[Depends(refuse_nul_characters)])
+    for router in (models.router, health.router):
         app.include_router(router)
     return app
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -37,6 +37,19 @@ MAX_LORA_ALPHA = 65_536.0
 MAX_GRAD_NORM = 1_000_000.0
 MAX_WEIGHT_DECAY = 10.0
 
+# Text without NUL characters: PostgreSQL cannot store them, and file APIs refuse them ("embedded null byte"), so
+# a NUL in a name, path or label would otherwise fail deep in the service instead of as a 422 on the field.
+NO_NUL_PATTERN = r"^[^\x00]*$"
+Text = Annotated[str, Field(pattern=NO_NUL_PATTERN)]
+
+
+def _text_map_schema(schema: dict[str, Any]) -> None:
+    """pydantic renders a dict[Text, Text] as patternProperties (leaving keys with a NUL unconstrained); say it
+    directly: every key and every value is NUL-free text."""
+    _, value = schema.pop("patternProperties").popitem()
+    schema["propertyNames"] = {"pattern": NO_NUL_PATTERN}
+    schema["additionalProperties"] = value
+
 
 class _Strict(BaseModel):
     # allow_inf_nan=False: NaN and +-Infinity (which Python's json and YAML parse) are refused field by field.
@@ -44,12 +57,12 @@ class _Strict(BaseModel):
 
 
 class ModelRef(_Strict):
-    model: str = Field(
+    model: Text = Field(
         min_length=1,
         description="A catalog name (`ctpd models list`), a local Hugging Face folder, or a hub id "
         "(only where the Hugging Face Hub is reachable).",
     )
-    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) of a hub id.")
+    revision: Text | None = Field(default=None, description="Hub revision (branch, tag or commit) of a hub id.")
     trust_remote_code: bool = Field(
         default=False, description="Run the model repository's own Python code. Off unless you trust it."
     )
@@ -63,11 +76,11 @@ class DatasetRef(_Strict):
         {"required": ["id"], "properties": {"id": {"type": "string"}}},
     ]})
 
-    path: str | None = Field(
+    path: Text | None = Field(
         default=None, description="A JSONL, JSON or Parquet file of preference pairs (prompt, chosen, rejected)."
     )
-    id: str | None = Field(default=None, description="The id of a dataset uploaded with POST /v1/datasets.")
-    validation_path: str | None = Field(
+    id: Text | None = Field(default=None, description="The id of a dataset uploaded with POST /v1/datasets.")
+    validation_path: Text | None = Field(
         default=None, description="A separate held-out file; when unset, `validation_fraction` of the rows is held out."
     )
     validation_fraction: float = Field(
@@ -157,7 +170,7 @@ class LoraSpec(_Strict):
     r: int = Field(default=16, ge=1, le=MAX_LORA_RANK)
     alpha: float = Field(default=32.0, gt=0, le=MAX_LORA_ALPHA)
     dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    target_modules: list[Text] | Literal["all-linear"] = "all-linear"
 
 
 class TrainingSpec(_Strict):
@@ -201,8 +214,10 @@ class JobSpec(_Strict):
     sequence: SequenceSpec = SequenceSpec()
     lora: LoraSpec = LoraSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
-    name: str | None = Field(default=None, max_length=200, description="A label for people.")
-    metadata: dict[str, str] = Field(default_factory=dict, description="Free-form key/value labels (filterable).")
+    name: Text | None = Field(default=None, max_length=200, description="A label for people.")
+    metadata: dict[Text, Text] = Field(
+        default_factory=dict, json_schema_extra=_text_map_schema, description="Free-form key/value labels (filterable)."
+    )
 
     @model_validator(mode="after")
     def _method_rules(self) -> JobSpec:

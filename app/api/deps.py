@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.api.errors import ApiError
+from app.api.errors import ApiError, invalid_request
 from app.db.repository import Database, Principal, authenticate
 from app.queue import TaskQueue
 from app.settings import Settings
@@ -39,6 +39,17 @@ def get_app_settings(request: Request) -> Settings:
 DbDep = Annotated[Database, Depends(get_db)]
 QueueDep = Annotated[TaskQueue, Depends(get_queue)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def refuse_nul_characters(request: Request) -> None:
+    """A NUL (``%00``) in a path or query parameter is a 422 naming it, before any query: no id, cursor or label
+    holds one, and PostgreSQL cannot even compare text that contains one (it would be a 500)."""
+    params = [*request.path_params.items(), *request.query_params.multi_items()]
+    for name, value in params:
+        if "\x00" in name or "\x00" in str(value):
+            shown = name.replace("\x00", "%00")
+            raise invalid_request([(shown, f"{shown}: contains a NUL character (%00), which no id, cursor or label "
+                                           "holds; remove it")])
 
 
 def get_principal(
