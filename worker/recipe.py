@@ -308,6 +308,7 @@ class Recipe:
 
         # 7. export
         with self._stage("export", False) as summary:
+            self._check_stop_signal()  # the last point before anything is published
             if self.context.publish_guard is not None and not self.context.publish_guard():
                 raise JobStopped()  # another attempt owns the job: its export is the one that counts
             export_dir = export_student(

@@ -1,0 +1,107 @@
+"""The worker's writes while the database blinks (issue 9, item 7) and after its attempt went stale (item 4).
+
+The outage here is injected at the repository call (the real one, with a private PostgreSQL stopped and
+started mid-job, is in tests/faults); what this pins down is the writer's contract: nothing dropped, order
+kept, bounded, and a stale attempt's writes refused as a whole."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from app.db import repository
+from app.db.models import utcnow
+from ctpd_core.train import Progress
+from worker.sinks import AttemptLease, AttemptWriter, DbObserver, DbStopSignal
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def settings(tmp_path):
+    from app.settings import Settings
+
+    return Settings(home=tmp_path / "home")
+
+
+@pytest.fixture
+def running(db):
+    job, _ = repository.create_job(db, tenant="acme", spec={}, name=None, metadata={}, idempotency_key=None,
+                                   request_hash="h", max_attempts=3)
+    assert repository.claim_job(db, job.id, "w1", 60) is not None
+    return job.id
+
+
+def _outage(monkeypatch, calls: list[int]):
+    real = repository.record_attempt_writes
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if outage["down"]:
+            raise OperationalError("INSERT", {}, Exception("connection refused"))
+        return real(*args, **kwargs)
+
+    outage = {"down": True}
+    monkeypatch.setattr(repository, "record_attempt_writes", flaky)
+    return outage
+
+
+def test_an_outage_loses_nothing_and_keeps_the_order(db, running, monkeypatch):
+    calls: list[int] = []
+    outage = _outage(monkeypatch, calls)
+    clock = Clock()
+    writer = AttemptWriter(AttemptLease(db, running, "w1", 1), clock=clock)
+    observer = DbObserver(db, running, writer=writer, clock=clock)
+    observer.stage_started("distill", False)
+    for step in range(1, 6):
+        clock.now += 0.3
+        observer.metrics("distill", step, {"loss": 1.0 / step})
+        observer.progress(Progress("distill", step, 5, 1.0))
+        observer.checkpoint("distill", step, "/ckpt")
+    assert repository.metric_series(db, running) == {}  # nothing reached the database yet ...
+    assert len(calls) < 15  # ... and the writer backed off instead of hammering it on every write
+    outage["down"] = False
+    assert observer.close(deadline_seconds=5)
+    assert repository.metric_series(db, running)["loss"] == [("distill", step, 1.0 / step) for step in range(1, 6)]
+    events, _ = repository.list_events(db, running, limit=100)
+    checkpoints = [event.data["step"] for event in events if event.type == "checkpoint_saved"]
+    assert checkpoints == [1, 2, 3, 4, 5] and all(event.attempt == 1 for event in events[1:])
+    job = repository.get_job(db, running)
+    assert (job.stage, job.progress_step) == ("distill", 5)
+
+
+def test_an_outage_past_the_deadline_says_so(db, running, monkeypatch):
+    _outage(monkeypatch, [])
+    writer = AttemptWriter(AttemptLease(db, running, "w1", 1))
+    writer.submit(repository.EventWrite("stage_started", "x"))
+    assert writer.close(deadline_seconds=0.3, sleep=lambda _: None) is False
+    assert writer.pending  # kept, not dropped: the attempt is abandoned to the reaper instead of lying
+
+
+def test_a_full_buffer_stops_the_run_cleanly(db, running, monkeypatch):
+    _outage(monkeypatch, [])
+    writer = AttemptWriter(AttemptLease(db, running, "w1", 1), max_pending=3)
+    stop = DbStopSignal(db, running, writer=writer)
+    for step in range(5):
+        writer.submit(repository.MetricsWrite((("distill", step, "loss", 0.5),)))
+    assert writer.overflowed and stop.should_stop() and stop.reason == "storage"
+
+
+def test_a_stale_attempt_is_refused_as_a_whole_and_stops(db, running):
+    lease = AttemptLease(db, running, "w1", 1)
+    writer = AttemptWriter(lease)
+    assert repository.reap_stale_jobs(db, now=utcnow() + timedelta(hours=1)) == [running]
+    assert repository.claim_job(db, running, "w2", 60).attempt == 2
+    writer.submit(repository.MetricsWrite((("distill", 7, "loss", 0.1),)))
+    assert lease.lost.is_set() and not writer.pending
+    assert DbStopSignal(db, running, lease_lost=lease.lost).reason == "lease_lost"
+    assert repository.metric_series(db, running) == {}
+    assert lease.holds() is False  # and it may not publish a checkpoint or an export any more
