@@ -59,7 +59,12 @@ _UPLOAD_BODY: dict[str, Any] = {
                 }
             }
         },
-    }
+    },
+    # Merged into the decorator's responses: the upload answers a multipart body it cannot parse with a 400.
+    "responses": {
+        "400": {"description": "The multipart body is malformed (no boundary, bad part headers, cut short).",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}},
+    },
 }
 
 

@@ -111,6 +111,7 @@ _NUMBER_ERRORS = {
     "int_parsing": "is not an integer", "int_type": "is not an integer",
     "float_parsing": "is not a number", "float_type": "is not a number",
 }
+_BOUND_WORDS = {"gt": "above", "ge": "at least", "lt": "below", "le": "at most"}
 
 
 def _allowed_numbers(field: FieldInfo) -> str | None:
@@ -160,6 +161,10 @@ def _describe(error: dict[str, Any]) -> tuple[str | None, str]:
         return None, "the request body must be a JSON object (sent as Content-Type: application/json)"
     field = _field_at(param) if where == "body" and param else None
     allowed = _allowed_numbers(field) if field is not None and kind in _NUMBER_ERRORS else None
+    if allowed is None and kind in _NUMBER_ERRORS and param:  # a query parameter: the error carries its bound
+        ctx = error.get("ctx") or {}
+        bound = next((f"a value {words} {ctx[name]}" for name, words in _BOUND_WORDS.items() if name in ctx), None)
+        allowed = bound or ("a whole number in digits, e.g. 100" if kind.startswith("int") else "a number, e.g. 0.5")
     if allowed is not None:
         return param, f"{param}: {_shown(error.get('input')) or 'the value'} {_NUMBER_ERRORS[kind]}; use {allowed}"
     if kind == "string_pattern_mismatch" and (error.get("ctx") or {}).get("pattern") == NO_NUL_PATTERN:

@@ -44,6 +44,7 @@ router = APIRouter(
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 # One level of the deepObject style: metadata[team]=nlp. A nested metadata[a][b] is not a filter (values are strings).
 _METADATA_QUERY = re.compile(r"^metadata\[([^\[\]]*)\]$")
+_LIST_QUERY = ("limit", "after", "status")  # list_jobs' named query parameters, besides the metadata filters
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
@@ -187,7 +188,7 @@ def create_job(
     description=(
         "Newest first. Cursor pagination: pass the last job's `id` of a page as `after` for the next one, while "
         "`has_more` is true. Filter by `status` and by metadata with `metadata[key]=value` (repeatable; all must "
-        "match)."
+        "match). Any other query parameter is a 422, so a misspelt filter never lists every job."
     ),
     responses=_ERRORS,
     openapi_extra={
@@ -222,8 +223,13 @@ def list_jobs(
 ) -> JobList:
     metadata = {}
     for key, value in request.query_params.multi_items():
-        if key != "metadata" and not key.startswith("metadata["):
+        if key in _LIST_QUERY:
             continue
+        if key != "metadata" and not key.startswith("metadata["):
+            # Refused rather than ignored, as unknown spec fields are: a typo (?staus=failed) would list every job.
+            shown = key or "(a parameter without a name)"
+            raise invalid_request([(key or None, f"{shown}: unknown query parameter; use {', '.join(_LIST_QUERY)} "
+                                                 "or metadata[key]=value")])
         match = _METADATA_QUERY.match(key)
         if match is None:  # refused rather than ignored: a filter that silently matched everything would mislead
             raise invalid_request([(key, f"{key}: not a metadata filter; filter as metadata[key]=value (one level, "
@@ -281,7 +287,8 @@ def list_job_events(
     job_id: str,
     principal: PrincipalDep,
     db: DbDep,
-    after: Annotated[int | None, Query(ge=0, description="Only events with a larger id.")] = None,
+    # le: event ids are 64-bit; a larger cursor overflowed the database driver (a 500) instead of a 422.
+    after: Annotated[int | None, Query(ge=0, le=2**63 - 1, description="Only events with a larger id.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobEventList:
     _job_for(db, job_id, principal)
