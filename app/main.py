@@ -20,6 +20,7 @@ from app.api.errors import install_error_handlers
 from app.db.repository import Database
 from app.queue import CeleryTaskQueue, TaskQueue
 from app.settings import Settings, get_settings
+from app.storage_gc import remove_orphaned_uploads
 
 API_VERSION = "0.1.0"
 
@@ -44,6 +45,8 @@ def create_app(settings: Settings, queue: TaskQueue | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Uploads a killed API process left half-written (a SIGKILL runs no cleanup); live ones are held.
+        remove_orphaned_uploads(settings)
         yield
         close = getattr(task_queue, "close", None)
         if callable(close):

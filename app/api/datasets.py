@@ -1,23 +1,21 @@
 """/v1/datasets: upload (validated row by row, all or nothing) and read.
 
-An upload is copied to a temporary file under ``<artifact root>/datasets/`` while it is counted and
-hashed, validated with ``ctpd_core.data.parse_pairs`` (the same parser the worker uses), and only then
-renamed to ``datasets/<id>/<filename>`` and recorded. An invalid or oversized file leaves nothing behind.
+An upload is received as a stream (``app.upload_stream``): the file goes to a held temporary file under
+``<artifact root>/datasets/`` while it is counted against the size limit, hashed and validated with the same
+row validator the worker's loader uses (``ctpd_core.data``). Only a complete, valid file is renamed to
+``datasets/<id>/<filename>`` and recorded. An invalid or oversized upload leaves nothing behind: it ends with
+a 413 as soon as it passes the limit, and a 422 lists its bad rows.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shutil
-import uuid
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from app.api.deps import DbDep, PrincipalDep, SettingsDep
 from app.api.errors import ApiError
@@ -25,7 +23,8 @@ from app.api.schemas import Dataset, ErrorResponse, dataset_object
 from app.db import repository as repo
 from app.db.repository import Database, Principal
 from app.settings import Settings
-from ctpd_core.data import DatasetError, parse_pairs
+from app.storage_gc import datasets_dir
+from app.upload_stream import FORMATS, ReceivedDataset, receive_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +32,6 @@ router = APIRouter(
     prefix="/v1/datasets", tags=["datasets"],
     responses={422: {"model": ErrorResponse, "description": "Invalid request; `error.param` names the field."}},
 )
-
-FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
-MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file in a multipart body
-CHUNK = 1 << 20
 
 _UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
@@ -76,48 +71,21 @@ def _safe_filename(name: str, suffix: str) -> str:
     return base[-200:]
 
 
-def _store(upload: UploadFile, principal: Principal, db: Database, settings: Settings) -> repo.DatasetRow:
-    filename = upload.filename or ""
-    suffix = Path(filename).suffix.lower()
-    if suffix not in FORMATS:
-        shown = suffix or "no extension"
-        raise ApiError(422, "invalid_request", f"file: unsupported file type ({shown}, from the filename "
-                       f"{filename!r}); name the file *.jsonl, *.json or *.parquet", "file")
-    datasets_dir = Path(settings.artifact_root) / "datasets"  # type: ignore[arg-type]
-    datasets_dir.mkdir(parents=True, exist_ok=True)
-    temporary = datasets_dir / f".incoming-{uuid.uuid4().hex}"
-    final_dir: Path | None = None
+def _publish(received: ReceivedDataset, principal: Principal, db: Database, settings: Settings) -> repo.DatasetRow:
+    """Move a received, valid file to ``datasets/<id>/`` and record it; on any failure, nothing stays."""
+    dataset_id = repo.new_dataset_id()
+    final_dir = datasets_dir(settings) / dataset_id
+    final_dir.mkdir()
     try:
-        digest, size = hashlib.sha256(), 0
-        with temporary.open("wb") as out:
-            while chunk := upload.file.read(CHUNK):
-                size += len(chunk)
-                if size > settings.max_upload_bytes:
-                    raise ApiError(413, "file_too_large", f"file: larger than the upload limit of "
-                                   f"{settings.max_upload_bytes} bytes (CTPD_MAX_UPLOAD_BYTES)", "file")
-                digest.update(chunk)
-                out.write(chunk)
-        try:
-            pairs = parse_pairs(temporary.read_bytes(), suffix)
-        except DatasetError as error:
-            raise ApiError(
-                422, "invalid_dataset", f"file: {error}", "file",
-                errors=[{"row": row.row, "message": row.message} for row in error.errors],
-                total_errors=error.total_errors,
-            ) from None
-        dataset_id = repo.new_dataset_id()
-        final_dir = datasets_dir / dataset_id
-        final_dir.mkdir()
-        final = final_dir / _safe_filename(filename, suffix)
-        temporary.replace(final)
+        final = final_dir / _safe_filename(received.filename, received.suffix)
+        received.publish(final)
         return repo.create_dataset(
-            db, tenant=principal.tenant, filename=final.name, format=FORMATS[suffix], num_rows=len(pairs),
-            sha256=digest.hexdigest(), size_bytes=size, path=str(final), dataset_id=dataset_id,
+            db, tenant=principal.tenant, filename=final.name, format=FORMATS[received.suffix],
+            num_rows=received.num_rows, sha256=received.sha256, size_bytes=received.size_bytes, path=str(final),
+            dataset_id=dataset_id,
         )
     except BaseException:
-        temporary.unlink(missing_ok=True)
-        if final_dir is not None:
-            shutil.rmtree(final_dir, ignore_errors=True)
+        shutil.rmtree(final_dir, ignore_errors=True)
         raise
 
 
@@ -141,16 +109,11 @@ def _store(upload: UploadFile, principal: Principal, db: Database, settings: Set
     openapi_extra=_UPLOAD_BODY,
 )
 async def upload_dataset(request: Request, principal: PrincipalDep, db: DbDep, settings: SettingsDep) -> Dataset:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes + MULTIPART_OVERHEAD:
-        raise ApiError(413, "file_too_large", f"file: larger than the upload limit of {settings.max_upload_bytes} "
-                       "bytes (CTPD_MAX_UPLOAD_BYTES)", "file")
-    async with request.form(max_files=1, max_fields=16) as form:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise ApiError(422, "invalid_request", "file: required; send the dataset as the multipart/form-data field "
-                           "'file' (curl -F file=@pairs.jsonl)", "file")
-        row = await run_in_threadpool(_store, upload, principal, db, settings)
+    received = await receive_dataset(request, settings)
+    try:
+        row = await run_in_threadpool(_publish, received, principal, db, settings)
+    finally:
+        received.discard()  # the temporary file, unless it was published; and its hold
     return dataset_object(row)
 
 
