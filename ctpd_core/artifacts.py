@@ -4,22 +4,38 @@ A stage's output lives in ``root/<stage>/<key>/`` where ``key`` is the sha256 of
 it (:func:`content_key`). A folder is complete only once its ``_complete.json`` marker exists; it is built
 under a temporary name and renamed into place, so a crash or a concurrent run never leaves (or reads) half
 an output. Ragged per-example arrays are stored flat in safetensors with offsets (safe to load: no pickle).
+
+The temporary folder, ``root/<stage>/.<key>.held-<random>``, is held by its builder
+(:mod:`ctpd_core.held_paths`) until it is published, so :meth:`StageCache.remove_orphaned_staging` can remove
+the ones a killed builder left behind (a SIGKILL runs no cleanup) without touching a build in progress.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from ctpd_core.held_paths import make_held_dir, remove_if_orphaned
+
+if TYPE_CHECKING:  # numpy only where arrays are stored: the scheduler image sweeps the cache without it
+    import numpy as np
+
+logger = logging.getLogger(__name__)
 
 MARKER = "_complete.json"
+_HELD_STAGING = re.compile(r"\.[0-9a-f]{24}\.held-[a-z0-9_]{8}")
+# What builds before held staging folders left: ".<key>-<random>", with no lock to ask.
+_UNHELD_STAGING = re.compile(r"\.[0-9a-f]{24}-[a-z0-9_]{8}")
+# An unheld staging folder is removed only after a week without a change: a stage can compute for a day
+# before it writes its first file, so age alone is a weak sign of an orphan.
+UNHELD_STAGING_GRACE_SECONDS = 7 * 24 * 3600
 
 
 def content_key(parts: Mapping[str, Any]) -> str:
@@ -45,7 +61,7 @@ class StageCache:
         if self.is_complete(stage, key):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        staging, hold = make_held_dir(target.parent, prefix=f".{target.name}.held-")
         try:
             write(staging)
             (staging / MARKER).write_text(json.dumps({"stage": stage, "key": key, "inputs": parts}, indent=2, default=str))
@@ -58,11 +74,37 @@ class StageCache:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        finally:
+            os.close(hold)  # after the rename: a published folder needs no hold, a staging one had it throughout
         return target
+
+    def remove_orphaned_staging(self, *, grace_seconds: float = UNHELD_STAGING_GRACE_SECONDS) -> list[Path]:
+        """Remove the staging folders no live builder holds (and unheld ones unchanged for ``grace_seconds``);
+        returns what was removed. Safe to run at any time, from any process sharing the cache."""
+        removed: list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        for stage_dir in sorted(self.root.iterdir()):
+            if stage_dir.name.startswith(".") or not stage_dir.is_dir() or stage_dir.is_symlink():
+                continue
+            for entry in stage_dir.iterdir():
+                held = _HELD_STAGING.fullmatch(entry.name) is not None
+                if not held and _UNHELD_STAGING.fullmatch(entry.name) is None:
+                    continue
+                try:
+                    if remove_if_orphaned(entry, grace_seconds=grace_seconds, held=held):
+                        removed.append(entry)
+                except OSError as error:  # one unreadable folder must not stop the sweep
+                    logger.warning("stage cache: could not check or remove %s: %s", entry, error)
+        if removed:
+            logger.info("stage cache: removed %d staging folder(s) left by killed builders: %s",
+                        len(removed), ", ".join(str(path) for path in removed))
+        return removed
 
 
 def save_ragged(path: Path, columns: Mapping[str, Sequence[np.ndarray]]) -> None:
     """Save named lists of 1-D arrays (one per example) as flat safetensors columns plus offsets."""
+    import numpy as np
     from safetensors.numpy import save_file
 
     tensors = {}
