@@ -519,7 +519,8 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
     """The pairs of a dataset file (the worker's loader): read in chunks, validated row by row."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"dataset file {path} does not exist")
+        found = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DatasetError(f"dataset file {path} {found}; name the .jsonl, .json or .parquet file itself")
     pairs = validate_file(path).pairs
     assert pairs is not None  # keep_pairs=True
     return pairs
