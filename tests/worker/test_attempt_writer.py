@@ -14,15 +14,8 @@ from sqlalchemy.exc import OperationalError
 from app.db import repository
 from app.db.models import utcnow
 from ctpd_core.train import Progress
+from tests.worker.test_tasks import FakeClock
 from worker.sinks import AttemptLease, AttemptWriter, DbObserver, DbStopSignal
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -57,7 +50,7 @@ def _outage(monkeypatch, calls: list[int]):
 def test_an_outage_loses_nothing_and_keeps_the_order(db, running, monkeypatch):
     calls: list[int] = []
     outage = _outage(monkeypatch, calls)
-    clock = Clock()
+    clock = FakeClock()
     writer = AttemptWriter(AttemptLease(db, running, "w1", 1), clock=clock)
     observer = DbObserver(db, running, writer=writer, clock=clock)
     observer.stage_started("distill", False)
