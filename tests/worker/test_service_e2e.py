@@ -13,19 +13,15 @@ Every subprocess is in its own process group and killed in teardown; every wait 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import signal
-import socket
 import stat
-import subprocess
 import sys
 import tarfile
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,143 +29,23 @@ from typing import Any
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.live_service import (
+    TERMINAL,
+    Proc,
+    api_ready,
+    free_port,
+    job_events,
+    reachable,
+    run_cli,
+    service_env,
+    tiny_job,
+    upload_dataset,
+    wait_for_job,
+    wait_until,
+)
+
 REDIS_URL = "redis://127.0.0.1:6379/7"
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=5"
-JOB_TIMEOUT = 180.0
-TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-
-
-def _reachable(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _service_env(home: Path, **ctpd: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CTPD_")}
-    env.update(
-        CTPD_HOME=str(home), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-        **{f"CTPD_{key.upper()}": value for key, value in ctpd.items()},
-    )
-    return env
-
-
-class Proc:
-    """A subprocess in its own process group, logging to a file; ``stop()`` always leaves nothing behind."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.name, self.log_path = name, log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.popen = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def tail(self, lines: int = 60) -> str:
-        return f"--- {self.name} ({self.log_path}) ---\n" + "\n".join(self.log().splitlines()[-lines:])
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=timeout)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)  # the group: a Celery pool child, beat
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-        self._log.close()
-        return self.popen.returncode
-
-
-def _wait(predicate: Callable[[], Any], timeout: float, what: str, diagnostics: Callable[[], str] = str,
-          interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:g} s waiting for {what}\n{diagnostics()}")
-
-
-def _run_cli(args: list[str], env: dict[str, str]) -> str:
-    result = subprocess.run([sys.executable, "-m", "ctpd_cli.main", *args], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, f"ctpd {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-def _ready(client: httpx.Client) -> bool:
-    try:
-        return client.get("/readyz").status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def tiny_job(student: Path, teacher: Path, dataset_id: str, **overrides: Any) -> dict[str, Any]:
-    """A CTPD job on the tiny conftest models that takes seconds on 2 CPU cores."""
-    spec: dict[str, Any] = {
-        "method": "ctpd",
-        "student": {"model": str(student)},
-        "teacher": {"model": str(teacher)},
-        "dataset": {"id": dataset_id, "validation_fraction": 0.2},
-        "sequence": {"max_response_tokens": 32, "max_prompt_tokens": 32},
-        "contrastive": {"max_steps": 2, "learning_rate": 1e-3},
-        "training": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-3,
-                     "checkpoint_every": 1},
-        "evaluation": {"max_pairs": 8},
-        "metadata": {"suite": "e2e"},
-    }
-    for key, value in overrides.items():
-        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
-    return spec
-
-
-def upload_dataset(client: httpx.Client, path: Path) -> str:
-    response = client.post("/v1/datasets", files={"file": ("pairs.jsonl", path.read_bytes(), "application/jsonl")})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
-def job_events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
-    response = client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000})
-    assert response.status_code == 200, response.text
-    return response.json()["data"]
-
-
-def wait_for_job(client: httpx.Client, job_id: str, until: Callable[[dict], bool], what: str, logs: Callable[[], str],
-                 timeout: float = JOB_TIMEOUT) -> dict[str, Any]:
-    def diagnostics() -> str:
-        try:
-            job = client.get(f"/v1/jobs/{job_id}").json()
-            events = [(e["type"], e.get("stage"), e["message"]) for e in job_events(client, job_id)]
-        except (httpx.HTTPError, AssertionError, ValueError) as error:
-            job, events = f"unreadable: {error}", []
-        return f"job: {json.dumps(job, default=str)[:2000]}\nevents: {events}\n{logs()}"
-
-    def check() -> dict | None:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        return job if until(job) else None
-
-    return _wait(check, timeout, f"job {job_id} to be {what}", diagnostics)
 
 
 def assert_succeeded_with_metrics_and_artifacts(client: httpx.Client, job: dict[str, Any], logs: str) -> None:
@@ -222,7 +98,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def postgres_url():
-    if not _reachable(5432):
+    if not reachable(5432):
         pytest.skip("PostgreSQL is not running on 127.0.0.1:5432 (.ci/run starts it)")
     import psycopg
 
@@ -236,7 +112,7 @@ def postgres_url():
 
 @pytest.fixture(scope="module")
 def redis_stack(tmp_path_factory, postgres_url):
-    if not _reachable(6379):
+    if not reachable(6379):
         pytest.skip("Redis is not running on 127.0.0.1:6379 (.ci/run starts it)")
     import redis
 
@@ -245,11 +121,13 @@ def redis_stack(tmp_path_factory, postgres_url):
     client.close()
 
     home = tmp_path_factory.mktemp("e2e-redis")
-    env = _service_env(home, database_url=postgres_url, broker_url=REDIS_URL, lease_seconds="20")
-    _run_cli(["db", "upgrade"], env)
-    key = _run_cli(["keys", "create", "--tenant", "e2e", "--name", "test"], env).strip().splitlines()[-1]
+    # The tiny models are folders on this machine: a deployment that lets its tenants name server paths.
+    env = service_env(home, database_url=postgres_url, broker_url=REDIS_URL, lease_seconds="20",
+                      allow_server_paths="true")
+    run_cli(["db", "upgrade"], env)
+    key = run_cli(["keys", "create", "--tenant", "e2e", "--name", "test"], env).strip().splitlines()[-1]
     assert key.startswith("ctpd_")
-    port = _free_port()
+    port = free_port()
     api = Proc("api", [sys.executable, "-m", "ctpd_cli.main", "serve", "--port", str(port)], env, home / "api.log")
     worker = Proc(
         "worker",
@@ -260,7 +138,7 @@ def redis_stack(tmp_path_factory, postgres_url):
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
     stack = Stack(http, api, worker, home, postgres_url, "e2e")
     try:
-        _wait(lambda: _ready(http) or not api.alive(), 60, "the API's /readyz", stack.logs)
+        wait_until(lambda: api_ready(http) or not api.alive(), 60, "the API's /readyz", stack.logs)
         assert api.alive(), stack.logs()
         yield stack
     finally:
@@ -399,9 +277,9 @@ def _processes_with_env(name: str, value: str) -> list[int]:
 def test_embedded_ctpd_up_runs_a_job_and_stops_cleanly(tmp_path, tiny_student_folder, tiny_teacher_folder,
                                                        tiny_dataset_path):
     home = tmp_path / "home"
-    port = _free_port()
+    port = free_port()
     up = Proc("ctpd up", [sys.executable, "-m", "ctpd_cli.main", "up", "--port", str(port), "--stop-timeout", "15"],
-              _service_env(home), tmp_path / "up.log")
+              service_env(home), tmp_path / "up.log")
 
     def logs() -> str:
         parts = [up.tail(40)]
@@ -412,7 +290,7 @@ def test_embedded_ctpd_up_runs_a_job_and_stops_cleanly(tmp_path, tiny_student_fo
         return "\n".join(parts)
 
     try:
-        _wait(lambda: "ctpd is up" in up.log() or not up.alive(), 120, "`ctpd up` to be ready", logs)
+        wait_until(lambda: "ctpd is up" in up.log() or not up.alive(), 120, "`ctpd up` to be ready", logs)
         assert up.alive(), logs()
         key_file = home / "api-key"
         key = key_file.read_text().strip()
@@ -432,8 +310,8 @@ def test_embedded_ctpd_up_runs_a_job_and_stops_cleanly(tmp_path, tiny_student_fo
         up.popen.send_signal(signal.SIGTERM)
         assert up.popen.wait(timeout=45) == 0, logs()
         assert "ctpd up: stopped" in up.log()
-        assert not _reachable(port)
-        _wait(lambda: not _processes_with_env("CTPD_HOME", str(home)), 10, "the API and worker to exit",
-              lambda: f"left: {_processes_with_env('CTPD_HOME', str(home))}\n{logs()}")
+        assert not reachable(port)
+        wait_until(lambda: not _processes_with_env("CTPD_HOME", str(home)), 10, "the API and worker to exit",
+                   lambda: f"left: {_processes_with_env('CTPD_HOME', str(home))}\n{logs()}")
     finally:
         up.stop()
