@@ -76,26 +76,46 @@ def jsonable(value: Any) -> Any:
 
 
 class AttemptLease:
-    """One attempt's hold on a job. ``attempt=None``: a local run that holds no lease (writes unfenced)."""
+    """One attempt's hold on a job. ``attempt=None``: a local run that holds no lease (writes unfenced).
+
+    Besides the database's view (``holds``), the attempt keeps its own clock of the lease: ``valid_until`` is
+    the last successful renewal (taken as the moment the request was *sent*) plus ``lease_seconds``, less a
+    safety margin for clock skew. Past it, the attempt counts as lost even if it cannot reach the database
+    (a network partition, an outage longer than the lease): by then the reaper may have given the job to
+    another attempt, so this one stops and publishes nothing more."""
 
     def __init__(self, db: repository.Database, job_id: str, worker_id: str | None = None,
-                 attempt: int | None = None) -> None:
+                 attempt: int | None = None, *, lease_seconds: float | None = None,
+                 clock: Callable[[], float] = time.monotonic, granted_at: float | None = None) -> None:
         self.db, self.job_id, self.worker_id, self.attempt = db, job_id, worker_id, attempt
         self.lost = threading.Event()
+        self.lease_seconds, self.clock = lease_seconds, clock
+        self.margin = min(5.0, lease_seconds / 10) if lease_seconds else 0.0
+        self.valid_until = (granted_at if granted_at is not None else clock()) + (lease_seconds or math.inf)
+
+    def renewed(self, sent_at: float) -> None:
+        if self.lease_seconds is not None:
+            self.valid_until = max(self.valid_until, sent_at + self.lease_seconds)
+
+    def is_lost(self) -> bool:
+        if not self.lost.is_set() and self.clock() >= self.valid_until - self.margin:
+            self.mark_lost("its lease ran out before it could be renewed")
+        return self.lost.is_set()
 
     def holds(self) -> bool:
         """Asked before publishing files (a checkpoint, the export): False once another attempt owns the job.
 
-        A database error answers True: it cannot tell, the files are content the attempt really computed,
-        and a checkpoint never replaces one of a newer attempt (``ctpd_core.train``)."""
-        if self.lost.is_set():
+        A database error answers from the attempt's own lease clock: while the lease it was granted is still
+        running, no other attempt can have been given the job (the reaper takes only expired leases)."""
+        if self.is_lost():
             return False
         if self.attempt is None or self.worker_id is None:
             return True
         try:
             held = repository.holds(self.db, self.job_id, self.worker_id, self.attempt)
         except SQLAlchemyError:
-            logger.warning("job %s: could not check the lease before publishing; publishing", self.job_id)
+            logger.warning("job %s: could not check the lease before publishing; it runs for %.0f s more, so "
+                           "publishing", self.job_id, self.valid_until - self.clock())
             return True
         if not held:
             self.mark_lost("another attempt holds the job")
@@ -122,7 +142,7 @@ class AttemptWriter:
         self._failing_since: float | None = None
 
     def submit(self, write: AttemptWrite) -> None:
-        if self.lease.lost.is_set():
+        if self.lease.is_lost():
             return  # a stale attempt's writes would be refused anyway: do not even buffer them
         if isinstance(write, ProgressWrite) and self.pending and isinstance(self.pending[-1], ProgressWrite):
             self.pending[-1] = write  # progress is a level, not a history: only the newest counts
@@ -140,7 +160,7 @@ class AttemptWriter:
         """Try to write everything pending; True when nothing is left. Between failures it waits (backoff)."""
         if not self.pending:
             return True
-        if self.lease.lost.is_set():
+        if self.lease.is_lost():
             self.pending.clear()
             return False
         now = self.clock()
@@ -171,7 +191,7 @@ class AttemptWriter:
         """Flush, retrying until ``deadline_seconds`` have passed; True when everything was written."""
         deadline = self.clock() + deadline_seconds
         while not self.flush(force=True):
-            if self.lease.lost.is_set() or self.clock() >= deadline:
+            if self.lease.is_lost() or self.clock() >= deadline:
                 if self.pending:
                     logger.error("job %s: %d writes could not be recorded before the deadline", self.lease.job_id,
                                  len(self.pending))
@@ -282,12 +302,14 @@ class DbStopSignal:
         job_id: str,
         *,
         lease_lost: threading.Event | None = None,
+        lease: AttemptLease | None = None,
         writer: AttemptWriter | None = None,
         poll_seconds: float = CANCEL_POLL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db, self.job_id = db, job_id
-        self.lease_lost = lease_lost
+        self.lease = lease
+        self.lease_lost = lease_lost if lease_lost is not None else (lease.lost if lease is not None else None)
         self.writer = writer
         self.poll_seconds = poll_seconds
         self.clock = clock
@@ -300,7 +322,7 @@ class DbStopSignal:
 
     @property
     def reason(self) -> str | None:
-        if self.lease_lost is not None and self.lease_lost.is_set():
+        if (self.lease is not None and self.lease.is_lost()) or (self.lease_lost is not None and self.lease_lost.is_set()):
             return "lease_lost"
         if self.writer is not None and self.writer.overflowed:
             return "storage"
@@ -336,8 +358,12 @@ class Heartbeat:
     """
 
     def __init__(self, db: repository.Database, job_id: str, worker_id: str, lease_seconds: float,
-                 attempt: int | None = None, lost: threading.Event | None = None) -> None:
+                 attempt: int | None = None, lost: threading.Event | None = None,
+                 lease: AttemptLease | None = None) -> None:
         self.db, self.job_id, self.worker_id, self.attempt = db, job_id, worker_id, attempt
+        self.lease = lease
+        if lease is not None:
+            lost = lease.lost
         self.lease_seconds = lease_seconds
         self.interval = lease_seconds / 4
         self.lost = lost if lost is not None else threading.Event()
@@ -361,6 +387,9 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stopping.wait(self.interval):
+            if self.lease is not None and self.lease.is_lost():
+                return  # lost by its own clock (or a refused write): renewing now would be too late
+            sent_at = time.monotonic()
             try:
                 held = repository.heartbeat(self.db, self.job_id, self.worker_id, self.lease_seconds, self.attempt)
             except SQLAlchemyError:
@@ -371,3 +400,5 @@ class Heartbeat:
                                self.worker_id, self.attempt)
                 self.lost.set()
                 return
+            if self.lease is not None:
+                self.lease.renewed(sent_at)

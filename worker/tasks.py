@@ -26,6 +26,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -187,9 +188,14 @@ def _retrying(what: str, write: Any, deadline_seconds: float) -> Any:
 
 
 def execute_job(
-    db: repository.Database, settings: Settings, job_id: str, worker_id: str, *, device: Any = None
+    db: repository.Database, settings: Settings, job_id: str, worker_id: str, *, device: Any = None,
+    requeue: Callable[[str], None] | None = None,
 ) -> JobOutcome:
-    """The body of ``ctpd.run_job``, callable without Celery (``device``: "cpu", "cuda:0"...; default cuda if any)."""
+    """The body of ``ctpd.run_job``, callable without Celery (``device``: "cpu", "cuda:0"...; default cuda if any).
+
+    ``requeue(job_id)`` rings the doorbell again after a hand-back, so another worker resumes the job at once
+    instead of after ``requeue_after_seconds`` (the reaper's net still catches a lost message)."""
+    asked_at = time.monotonic()  # the lease runs from (at the latest) here, by this process's own clock
     row = repository.claim_job(db, job_id, worker_id, settings.lease_seconds)
     if row is None:
         current = repository.get_job(db, job_id)
@@ -200,15 +206,21 @@ def execute_job(
     logger.info("job %s: attempt %d of %d on %s", job_id, attempt, row.max_attempts, worker_id)
 
     # Everything this attempt writes is fenced by (worker_id, attempt): see worker/sinks.py.
-    lease = AttemptLease(db, job_id, worker_id, attempt)
-    heartbeat = Heartbeat(db, job_id, worker_id, settings.lease_seconds, attempt=attempt, lost=lease.lost).start()
+    lease = AttemptLease(db, job_id, worker_id, attempt, lease_seconds=settings.lease_seconds, granted_at=asked_at)
+    heartbeat = Heartbeat(db, job_id, worker_id, settings.lease_seconds, attempt=attempt, lease=lease).start()
     writer = AttemptWriter(lease)
-    stop_signal = DbStopSignal(db, job_id, lease_lost=lease.lost, writer=writer)
+    stop_signal = DbStopSignal(db, job_id, lease=lease, writer=writer)
     observer = DbObserver(db, job_id, stop_signal=stop_signal, writer=writer)
-    shutdown = _ShutdownHandler(
-        stop_signal, lambda reason: repository.release_job(db, job_id, worker_id, attempt, reason),
-        settings.shutdown_grace_seconds,
-    )
+    def release(reason: str) -> str | None:
+        released = repository.release_job(db, job_id, worker_id, attempt, reason)
+        if released == "queued" and requeue is not None:
+            try:
+                requeue(job_id)
+            except Exception as error:  # the broker is down: the reaper enqueues it after requeue_after_seconds
+                logger.warning("job %s: handed back but not enqueued again (%s); the reaper will", job_id, error)
+        return released
+
+    shutdown = _ShutdownHandler(stop_signal, release, settings.shutdown_grace_seconds)
     status, error_code, error_kind, error_message, export_dir = "failed", None, None, None, None
     try:
         with shutdown:
@@ -247,7 +259,7 @@ def execute_job(
             # Buffered writes go out before the outcome (in order), waiting out a short database outage.
             flushed = observer.close(deadline_seconds=settings.lease_seconds)
             return _record_outcome(db, settings, job_id, worker_id, attempt, lease, stop_signal, flushed,
-                                   status, error_code, error_kind, error_message, export_dir)
+                                   status, error_code, error_kind, error_message, export_dir, release)
     finally:
         heartbeat.stop()
 
@@ -255,8 +267,8 @@ def execute_job(
 def _record_outcome(db: repository.Database, settings: Settings, job_id: str, worker_id: str, attempt: int,
                     lease: AttemptLease, stop_signal: DbStopSignal, flushed: bool, status: str,
                     error_code: str | None, error_kind: str | None, error_message: str | None,
-                    export_dir: Path | None) -> JobOutcome:
-    if lease.lost.is_set():
+                    export_dir: Path | None, release: Callable[[str], str | None]) -> JobOutcome:
+    if lease.is_lost():
         # The reaper requeued the job (or it ended elsewhere): whatever this attempt did is not the record.
         logger.warning("job %s: attempt %d lost the job; leaving it to its new owner", job_id, attempt)
         return JobOutcome(job_id, "lost")
@@ -269,8 +281,7 @@ def _record_outcome(db: repository.Database, settings: Settings, job_id: str, wo
     try:
         if status == "cancelled" and stop_signal.reason in ("shutdown", "storage"):
             reason = "SIGTERM" if stop_signal.reason == "shutdown" else "its writes could not reach the database"
-            released = _retrying("the hand-back", lambda: repository.release_job(db, job_id, worker_id, attempt,
-                                                                                 reason), deadline)
+            released = _retrying("the hand-back", lambda: release(reason), deadline)
             if released is None:
                 return JobOutcome(job_id, "lost")
             logger.info("job %s: attempt %d handed back (%s): now %s", job_id, attempt, reason, released)
@@ -291,8 +302,19 @@ def _record_outcome(db: repository.Database, settings: Settings, job_id: str, wo
 
 @shared_task(name=RUN_JOB, bind=True, ignore_result=True)
 def run_job(self: Any, job_id: str) -> str:
+    from app.queue import CeleryTaskQueue
+
     settings = _settings_of(self.app)
-    outcome = execute_job(_database(settings.database_url), settings, job_id, worker_id_for(self.request.hostname))
+
+    def requeue(handed_back: str) -> None:
+        queue = CeleryTaskQueue(settings.broker_url)
+        try:
+            queue.enqueue_job(handed_back)
+        finally:
+            queue.close()
+
+    outcome = execute_job(_database(settings.database_url), settings, job_id, worker_id_for(self.request.hostname),
+                          requeue=requeue)
     return outcome.status
 
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app.api.deps import DbDep, SettingsDep
+from app.api.errors import RETRY_AFTER_SECONDS
 from app.api.schemas import Check, Health, Readiness
 
 router = APIRouter(tags=["health"])
@@ -87,4 +88,6 @@ def readyz(db: DbDep, settings: SettingsDep) -> JSONResponse:
             "message": "; ".join(f"{name} unreachable ({checks[name].error})" for name in failed),
             "param": None,
         }
-    return JSONResponse(body, status_code=503 if failed else 200)
+    # Retry-After like every other 503 of the API, so a load balancer or client backs off the same way.
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if failed else None
+    return JSONResponse(body, status_code=503 if failed else 200, headers=headers)

@@ -52,3 +52,4 @@ def test_liveness_still_answers_and_readiness_names_the_database(unreachable):
     assert unreachable.get("/healthz").status_code == 200
     ready = unreachable.get("/readyz")
     assert ready.status_code == 503 and ready.json()["checks"]["database"]["ok"] is False
+    assert int(ready.headers["Retry-After"]) > 0

@@ -98,3 +98,24 @@ def test_a_stale_attempt_is_refused_as_a_whole_and_stops(db, running):
     assert DbStopSignal(db, running, lease_lost=lease.lost).reason == "lease_lost"
     assert repository.metric_series(db, running) == {}
     assert lease.holds() is False  # and it may not publish a checkpoint or an export any more
+
+
+def test_an_attempt_whose_lease_ran_out_by_its_own_clock_stops_and_publishes_nothing(db, running, monkeypatch):
+    """A network partition: the database cannot be asked, but past its lease the attempt must assume the
+    reaper gave the job away, so it stops and publishes no checkpoint (issue 9.4)."""
+    from sqlalchemy.exc import OperationalError as DbDown
+
+    clock = FakeClock()
+    lease = AttemptLease(db, running, "w1", 1, lease_seconds=60, clock=clock, granted_at=clock.now)
+    monkeypatch.setattr(repository, "holds", lambda *args: (_ for _ in ()).throw(DbDown("SELECT", {}, Exception())))
+    clock.now += 30
+    assert lease.holds() is True  # unreachable, but the lease it was granted still runs: nobody else has the job
+    lease.renewed(clock.now)  # a heartbeat got through at t=30: valid until 90
+    clock.now += 50
+    assert not lease.is_lost()
+    clock.now += 6  # within the margin of the end (5 s for a 60 s lease)
+    assert lease.is_lost() and lease.holds() is False
+    assert DbStopSignal(db, running, lease=lease).reason == "lease_lost"
+    writer = AttemptWriter(lease)
+    writer.submit(repository.EventWrite("checkpoint_saved", "late"))
+    assert writer.pending == []

@@ -225,12 +225,12 @@ def test_a_lost_worker_is_reaped_and_the_job_resumes_from_its_checkpoint(
     assert repository.claim_job(db, job.id, "doomed-worker:1", lease_seconds=3) is not None
 
     class StopAfterTwoSteps:
-        def __init__(self) -> None:
-            self.steps = 0
+        """Fires once two distill steps are recorded (it is also polled at every stage boundary, so it counts
+        what was done, not how often it was asked)."""
 
-        def should_stop(self) -> bool:  # polled once per optimizer step
-            self.steps += 1
-            return self.steps >= 2
+        def should_stop(self) -> bool:
+            losses = repository.metric_series(db, job.id).get("loss", [])
+            return sum(1 for stage, _, _ in losses if stage == "distill") >= 2
 
     context = RunContext(
         artifact_root=settings.artifact_root, run_dir=settings.artifact_root / "jobs" / job.id,
