@@ -308,29 +308,11 @@ def _ensure_api_key(db, key_file: Path) -> tuple[str, bool]:
 
 
 def _prepare_broker(settings) -> None:
-    """Declare the queues once before any process uses the broker: with Celery's SQLAlchemy transport this
-    creates its tables and queue rows here, instead of the API and the worker racing to create them. It
-    also fails early, with the URL, when the broker is unreachable.
+    """Declare the queues before the API and the worker start (``worker.celery_app.declare_queues``); nothing
+    consumes while ``ctpd up`` starts (it holds the home's lock), so delivered messages are purged too."""
+    from worker.celery_app import declare_queues
 
-    That transport keeps every delivered message as a row with ``visible = false`` and never deletes it;
-    nothing consumes while ``ctpd up`` starts (it holds the home's lock), so those rows are purged here."""
-    from worker.celery_app import create_celery
-
-    celery = create_celery(settings)
-    try:
-        with celery.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=3)
-            channel = connection.default_channel
-            for queue in celery.conf.task_queues:
-                queue.bind(channel).declare()
-            if settings.broker_url.startswith(("sqla+", "sqlalchemy+")):
-                from sqlalchemy import delete
-
-                message = channel.message_cls
-                channel.session.execute(delete(message).where(message.visible.is_(False)))
-                channel.session.commit()
-    finally:
-        celery.close()
+    declare_queues(settings, purge_delivered=True)
 
 
 def _requeue_orphans(db, settings) -> list[str]:

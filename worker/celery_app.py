@@ -106,6 +106,30 @@ def celery_conf(settings: Settings) -> dict[str, Any]:
     return conf
 
 
+def declare_queues(settings: Settings, *, purge_delivered: bool = False) -> None:
+    """Declare the queues once, before any process uses the broker: with Celery's SQLAlchemy transport this
+    creates its tables and queue rows here, instead of the API and the worker racing to create them. It
+    also fails early, with the URL, when the broker is unreachable.
+
+    That transport keeps every delivered message as a row with ``visible = false`` and never deletes it;
+    ``purge_delivered`` removes those (only safe while nothing consumes)."""
+    celery = create_celery(settings)
+    try:
+        with celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=3)
+            channel = connection.default_channel
+            for queue in celery.conf.task_queues:
+                queue.bind(channel).declare()
+            if purge_delivered and settings.broker_url.startswith(("sqla+", "sqlalchemy+")):
+                from sqlalchemy import delete
+
+                message = channel.message_cls
+                channel.session.execute(delete(message).where(message.visible.is_(False)))
+                channel.session.commit()
+    finally:
+        celery.close()
+
+
 def create_celery(settings: Settings | None = None) -> Celery:
     """A Celery app for ``settings`` (default: the environment's) with the ctpd tasks registered."""
     if settings is None:

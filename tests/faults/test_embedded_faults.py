@@ -139,17 +139,9 @@ def _declare_broker_queues(home: Path) -> None:
     """Create the SQLAlchemy transport's tables and queues once, before the API and the workers would race to
     create them (what ``ctpd up`` does before it starts its children)."""
     from app.settings import Settings
-    from worker.celery_app import create_celery
+    from worker.celery_app import declare_queues
 
-    celery = create_celery(Settings(home=home))
-    try:
-        with celery.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=3)
-            channel = connection.default_channel
-            for queue in celery.conf.task_queues:
-                queue.bind(channel).declare()
-    finally:
-        celery.close()
+    declare_queues(Settings(home=home))
 
 
 @pytest.fixture(scope="module")
