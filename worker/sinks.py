@@ -314,6 +314,7 @@ class DbStopSignal:
         self.poll_seconds = poll_seconds
         self.clock = clock
         self._last_poll: float | None = None
+        self._unreadable = False
         self.cancel_requested = False
         self.shutdown_requested = threading.Event()  # set from a signal handler: an Event, not a plain flag
 
@@ -341,8 +342,12 @@ class DbStopSignal:
         self._last_poll = now
         try:
             self.cancel_requested = repository.is_cancel_requested(self.db, self.job_id)
-        except SQLAlchemyError:
-            logger.warning("job %s: could not read the cancel flag; asking again later", self.job_id, exc_info=True)
+            self._unreadable = False
+        except SQLAlchemyError as error:
+            if not self._unreadable:  # once per outage, not once a second
+                logger.warning("job %s: could not read the cancel flag (%s); asking again every %.0f s", self.job_id,
+                               type(error).__name__, self.poll_seconds)
+            self._unreadable = True
         if self.cancel_requested:
             logger.info("job %s: cancel requested; checkpointing and stopping", self.job_id)
         return self.cancel_requested
