@@ -248,3 +248,13 @@ def job_process_pid(worker_id: str | None) -> int | None:
         return None
     tail = worker_id.rsplit(":", 1)[1]
     return int(tail) if tail.isdigit() else None
+
+
+def up_logs(home: Path, *procs: Proc | None, lines: int = 50) -> str:
+    """The tails of ``ctpd up`` processes and of the API and worker logs it keeps under ``home/logs``."""
+    parts = [proc.tail(lines) for proc in procs if proc is not None]
+    for name in ("api.log", "worker.log"):
+        path = home / "logs" / name
+        if path.exists():
+            parts.append(f"--- {name} ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(parts)

@@ -368,7 +368,7 @@ def _preload_training_stack(sender: Any = None, instance: Any = None, **_: Any) 
         logger.info("preloaded the training stack for the %s queue", TRAIN_QUEUE)
 
 
-def _child_pids(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     """The direct children of ``pid`` (Linux /proc): the Celery pool processes (and an embedded beat)."""
     children: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
@@ -387,7 +387,7 @@ def _hand_back_running_jobs(sig: str | None = None, how: str | None = None, **_:
     idle one just exits, and the warm shutdown completes as soon as they have."""
     if how != "Warm":
         return  # a cold shutdown terminates the children itself
-    for child in _child_pids(os.getpid()):
+    for child in child_pids(os.getpid()):
         try:
             os.kill(child, signal.SIGTERM)
         except ProcessLookupError:

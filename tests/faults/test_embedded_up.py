@@ -20,27 +20,19 @@ from tests.live_service import (
     job_events,
     service_env,
     tiny_job,
+    up_logs,
     upload_dataset,
     wait_for_job,
     wait_until,
 )
+from worker.tasks import child_pids
 
 pytestmark = pytest.mark.faults
 STEPS = 300
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
 def _api_pid(up: Proc) -> int | None:
-    for child in _children(up.popen.pid):
+    for child in child_pids(up.popen.pid):
         try:
             if b"serve" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
                 return child
@@ -65,12 +57,7 @@ def test_the_api_dying_leaves_the_job_alone_and_stopping_up_hands_it_back(
     second: Proc | None = None
 
     def logs() -> str:
-        parts = [up.tail(30)] + ([second.tail(30)] if second is not None else [])
-        for name in ("api.log", "worker.log"):
-            path = home / "logs" / name
-            if path.exists():
-                parts.append(f"--- {name} ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-50:]))
-        return "\n".join(parts)
+        return up_logs(home, up, second)
 
     try:
         wait_until(lambda: "ctpd is up" in up.log() or not up.alive(), 120, "`ctpd up` to be ready", logs)

@@ -39,6 +39,7 @@ from tests.live_service import (
     run_cli,
     service_env,
     tiny_job,
+    up_logs,
     upload_dataset,
     wait_for_job,
     wait_until,
@@ -282,12 +283,7 @@ def test_embedded_ctpd_up_runs_a_job_and_stops_cleanly(tmp_path, tiny_student_fo
               service_env(home), tmp_path / "up.log")
 
     def logs() -> str:
-        parts = [up.tail(40)]
-        for name in ("api.log", "worker.log"):
-            path = home / "logs" / name
-            if path.exists():
-                parts.append(f"--- {name} ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-60:]))
-        return "\n".join(parts)
+        return up_logs(home, up, lines=60)
 
     try:
         wait_until(lambda: "ctpd is up" in up.log() or not up.alive(), 120, "`ctpd up` to be ready", logs)
