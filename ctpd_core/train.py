@@ -53,6 +53,10 @@ The contract, in the order a step runs:
   mid-accumulation), the last one included: a stop that arrives during the last step still returns
   ``stopped=True`` (after the final checkpoint), so a cancelled run never goes on as if it had finished.
   On stop fit checkpoints and returns ``stopped=True``.
+* **Metric history.** Every checkpoint also holds ``metrics.json``: each step's metrics up to it. On resume
+  ``replay_metrics(history)`` is called once with them, before the first new step: the steps before the
+  checkpoint are not run again, so a sink that lost some of their metrics (an attempt that died with its
+  writes unflushed) can restore them. Sinks that keep what they saw need not pass it.
 * **Fenced checkpoints.** With ``generation`` (the worker passes the job's attempt), every checkpoint records
   it, and a save never replaces a checkpoint of a *newer* generation: a process that was paused and resumed
   after another attempt took over cannot overwrite its successor's state. ``checkpoint_guard()`` is asked
@@ -96,6 +100,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "state.json"
+HISTORY_FILE = "metrics.json"  # every step's metrics up to the checkpoint, for replay on resume
 CHECKPOINT_PREFIX = "step-"
 _STAGING_PREFIX = ".staging-step-"
 
@@ -312,6 +317,7 @@ def fit(
     on_checkpoint: Callable[[int, Path], None] | None = None,
     checkpoint_guard: Callable[[], bool] | None = None,
     generation: int | None = None,
+    replay_metrics: Callable[[list[tuple[int, dict[str, float]]]], None] | None = None,
 ) -> FitResult:
     """Train the ``requires_grad`` parameters of ``model`` on ``train_items`` by minimising ``loss_fn``.
 
@@ -345,11 +351,17 @@ def fit(
     if checkpoint is None:
         _seed_everything(config.seed)
         start_step, resumed_from, last_metrics = 0, None, {}
+        history: list[tuple[int, dict[str, float]]] = []
     else:
         state = _load_checkpoint(checkpoint, config, len(train_items), trainable, optimizer, scheduler)
         start_step = resumed_from = state["step"]
         last_metrics = dict(state.get("last_metrics", {}))
+        history = _load_history(checkpoint)
         logger.info("%s: resuming from %s (step %d of %d)", stage, checkpoint, start_step, plan.total_steps)
+        if replay_metrics is not None and history:
+            # The steps before the checkpoint are not run again, so their metrics come from the checkpoint: a
+            # sink that lost some of them (an attempt that died with its writes unflushed) gets them back.
+            replay_metrics(list(history))
     saved_step = resumed_from
     refused = False
 
@@ -369,7 +381,8 @@ def fit(
             "last_metrics": last_metrics,
             "attempt": generation,
         }
-        path = _save_checkpoint(checkpoint_dir, state, trainable, optimizer, scheduler, guard=checkpoint_guard)
+        path = _save_checkpoint(checkpoint_dir, state, trainable, optimizer, scheduler, guard=checkpoint_guard,
+                                history=history)
         if path is None:
             refused = True
             return None
@@ -439,6 +452,7 @@ def fit(
             last_metrics["step_seconds"] = step_seconds
             if tokens is not None:
                 last_metrics["tokens_per_second"] = float(tokens) / step_seconds if step_seconds > 0 else 0.0
+            history.append((step, dict(last_metrics)))
             if metric_sink is not None:
                 metric_sink.log(step, dict(last_metrics))
 
@@ -595,6 +609,7 @@ def _save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     guard: Callable[[], bool] | None = None,
+    history: Sequence[tuple[int, Mapping[str, float]]] = (),
 ) -> Path | None:
     """Write ``step-{step:08d}/`` under a staging name, then rename it into place (atomic on one filesystem).
 
@@ -611,6 +626,8 @@ def _save_checkpoint(
         torch.save(scheduler.state_dict(), staging / SCHEDULER_FILE)
         torch.save(_rng_state(), staging / RNG_FILE)
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+        (staging / HISTORY_FILE).write_text(json.dumps([[step, dict(metrics)] for step, metrics in history]),
+                                            encoding="utf-8")
         # Asked last, right before the rename, so the window in which a takeover can slip in is smallest.
         if (guard is not None and not guard()) or _newer_generation(target, state.get("attempt")):
             shutil.rmtree(staging, ignore_errors=True)
@@ -624,6 +641,14 @@ def _save_checkpoint(
         raise
     logger.debug("checkpoint written: %s", target)
     return target
+
+
+def _load_history(checkpoint: Path) -> list[tuple[int, dict[str, float]]]:
+    """The per-step metrics saved with ``checkpoint`` (empty for a checkpoint written before they were)."""
+    path = checkpoint / HISTORY_FILE
+    if not path.is_file():
+        return []
+    return [(int(step), dict(metrics)) for step, metrics in json.loads(path.read_text(encoding="utf-8"))]
 
 
 def _newer_generation(target: Path, generation: int | None) -> bool:

@@ -225,8 +225,12 @@ class Recipe:
         if signal is not None and signal.should_stop():
             raise JobStopped()
 
-    def _fit_fencing(self) -> dict[str, Any]:
-        return {"checkpoint_guard": self.context.publish_guard, "generation": self.context.generation}
+    def _fit_fencing(self, stage: str) -> dict[str, Any]:
+        """fit()'s fencing and metric replay for ``stage`` (an observer without ``replay_metrics`` keeps what it
+        saw, so it needs none)."""
+        replay = getattr(self.observer, "replay_metrics", None)
+        return {"checkpoint_guard": self.context.publish_guard, "generation": self.context.generation,
+                "replay_metrics": (lambda history: replay(stage, history)) if callable(replay) else None}
 
     # ------------------------------------------------------------------------------------------- stages
 
@@ -482,7 +486,7 @@ class Recipe:
                         progress=self.observer.progress,
                         device=self.device,
                         on_checkpoint=lambda step, path, d=direction: self.observer.checkpoint(f"contrastive:{d}", step, path),
-                        **self._fit_fencing(),
+                        **self._fit_fencing(f"contrastive:{direction}"),
                     )
                     self._check_stop(result.stopped)
                     model.save_pretrained(str(out / "model"), safe_serialization=True)
@@ -531,7 +535,7 @@ class Recipe:
                 progress=self.observer.progress,
                 device=self.device,
                 on_checkpoint=lambda step, path: self.observer.checkpoint("distill", step, path),
-                **self._fit_fencing(),
+                **self._fit_fencing("distill"),
             )
             self._check_stop(result.stopped)
             summary.update({"steps": result.steps, "resumed_from": result.resumed_from, **result.last_metrics})

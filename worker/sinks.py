@@ -260,6 +260,14 @@ class DbObserver:
     def metrics(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
         self.writer.submit(MetricsWrite(tuple((stage, step, name, value) for name, value in metrics.items())))
 
+    def replay_metrics(self, stage: str, history: list[tuple[int, Mapping[str, float]]]) -> None:
+        """A resumed training stage's metrics of the steps before its checkpoint (``fit(replay_metrics=...)``):
+        written where the job lacks them, in one write. This is what makes an attempt that died with writes
+        still buffered (an outage longer than its lease) lose no metric point: its successor restores them."""
+        points = tuple((stage, step, name, value) for step, metrics in history for name, value in metrics.items())
+        if points:
+            self.writer.submit(MetricsWrite(points, only_missing=True))
+
     def checkpoint(self, stage: str, step: int, path: Path) -> None:
         self._event(
             "checkpoint_saved",

@@ -480,6 +480,17 @@ def add_metric_points(db: Database, job_id: str, points: Iterable[tuple[str, int
     return len(rows)
 
 
+def _missing_points(session: Session, job_id: str, points: Sequence[tuple[str, int, str, float]]
+                    ) -> list[tuple[str, int, str, float]]:
+    """The points whose (stage, name, step) the job has no value for yet."""
+    stages = sorted({stage for stage, _, _, _ in points})
+    have = set(session.execute(
+        select(MetricPoint.stage, MetricPoint.name, MetricPoint.step)
+        .where(MetricPoint.job_id == job_id, MetricPoint.stage.in_(stages))
+    ).tuples())
+    return [point for point in points if (point[0], point[2], int(point[1])) not in have]
+
+
 @dataclass(frozen=True)
 class EventWrite:
     type: str
@@ -492,6 +503,9 @@ class EventWrite:
 @dataclass(frozen=True)
 class MetricsWrite:
     points: tuple[tuple[str, int, str, float], ...]  # (stage, step, name, value)
+    # A replay (a resumed training stage restoring the metrics of the steps before its checkpoint): only the
+    # points the job does not have yet are written, so a replay never doubles a series.
+    only_missing: bool = False
 
 
 @dataclass(frozen=True)
@@ -520,7 +534,8 @@ def record_attempt_writes(db: Database, job_id: str, attempt: int | None, writes
                 session.add(_event(job_id, write.type, write.message, level=write.level, stage=write.stage,
                                    data=_event_data(write.level, write.data), now=now, attempt=attempt))
             elif isinstance(write, MetricsWrite):
-                session.add_all(_metric_rows(job_id, write.points, attempt, now))
+                points = _missing_points(session, job_id, write.points) if write.only_missing else write.points
+                session.add_all(_metric_rows(job_id, points, attempt, now))
             else:
                 session.execute(update(Job).where(Job.id == job_id).values(
                     **_progress_values(write.stage, write.step, write.total, write.eta_seconds)))

@@ -29,7 +29,7 @@ from ctpd_core.train import (
 )
 
 VOCAB, SEQ = 64, 8
-CHECKPOINT_FILES = {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"}
+CHECKPOINT_FILES = {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json", "metrics.json"}
 
 
 def build_model(attention_dropout: float = 0.0) -> LlamaForCausalLM:
@@ -605,3 +605,18 @@ def test_a_refused_guard_discards_the_checkpoint_and_stops(tmp_path: Path) -> No
                  on_checkpoint=lambda step, path: saved.append(step))
     assert result.stopped and result.steps == 3 and saved == [1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000002"]  # nothing half-written
+
+
+def test_a_resume_replays_the_metrics_of_the_steps_before_its_checkpoint(tmp_path: Path) -> None:
+    """What an attempt that died with its metric writes unflushed lost, its successor restores from the
+    checkpoint (issue 9.7: an outage longer than the lease)."""
+    first = RecordingSink()
+    fit(build_model(), make_items(8), nll_loss, config(max_steps=5, checkpoint_every=1), tmp_path,
+        metric_sink=first, stop_signal=StopAfter(first, 3))
+    replayed: list[list[tuple[int, dict[str, float]]]] = []
+    second = RecordingSink()
+    result = fit(build_model(), make_items(8), nll_loss, config(max_steps=5, checkpoint_every=1), tmp_path,
+                 metric_sink=second, replay_metrics=replayed.append)
+    assert result.resumed_from == 3 and sorted(second.metrics) == [4, 5]
+    assert len(replayed) == 1 and [step for step, _ in replayed[0]] == [1, 2, 3]
+    assert dict(replayed[0]) == {step: first.metrics[step] for step in (1, 2, 3)}

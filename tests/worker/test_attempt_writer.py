@@ -119,3 +119,34 @@ def test_an_attempt_whose_lease_ran_out_by_its_own_clock_stops_and_publishes_not
     writer = AttemptWriter(lease)
     writer.submit(repository.EventWrite("checkpoint_saved", "late"))
     assert writer.pending == []
+
+
+def test_an_attempt_that_died_with_unflushed_writes_loses_no_metric_point(
+    db, running, monkeypatch, tmp_path, tiny_student_folder, tiny_teacher_folder, tiny_dataset_path
+):
+    """The outage outlasts attempt 1's lease: it trains and checkpoints, but none of its writes reach the
+    database before it is given up. Attempt 2 resumes from the checkpoint and replays the steps before it, so
+    the series is whole, each step once."""
+    from tests.worker.test_recipe import context, tiny_spec
+    from worker.recipe import run_spec
+
+    spec = tiny_spec(tiny_student_folder, tiny_teacher_folder, tiny_dataset_path, weights={"source": "uniform"},
+                     training={"max_steps": 6, "checkpoint_every": 1})
+    outage = _outage(monkeypatch, [])
+
+    class StopAtFourthCheckpoint:
+        def should_stop(self) -> bool:
+            return (tmp_path / "runs" / "job" / "distill" / "step-00000004").exists()
+
+    first = DbObserver(db, running, writer=AttemptWriter(AttemptLease(db, running, "w1", 1)))
+    assert run_spec(spec, context(tmp_path, "job", first, StopAtFourthCheckpoint())).status == "stopped"
+    assert first.writer.pending  # ... and attempt 1 dies with them
+    outage["down"] = False
+    assert repository.reap_stale_jobs(db, now=utcnow() + timedelta(hours=1)) == [running]
+    assert repository.claim_job(db, running, "w2", 60).attempt == 2
+
+    second = DbObserver(db, running, writer=AttemptWriter(AttemptLease(db, running, "w2", 2)))
+    assert run_spec(spec, context(tmp_path, "job", second)).status == "succeeded"
+    assert second.close(5)
+    losses = [(stage, step) for stage, step, _ in repository.metric_series(db, running)["loss"]]
+    assert [step for stage, step in losses if stage == "distill"] == [1, 2, 3, 4, 5, 6]
