@@ -34,8 +34,9 @@ from ctpd_core.catalog import CATALOG
 from ctpd_core.spec import JobSpec
 
 JOB_MODEL_PREFIX = "job:"
-# A Hugging Face hub id: "name" or "org/name", letters, digits, '-', '_', '.'; never '..' or a leading '.'.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+# A Hugging Face hub id: "name" or "org/name", letters, digits, '-', '_', '.', at most 96 characters each (the
+# hub's own limit); never '..' or a leading '.'.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 
 UPLOAD_HINT = ("upload the dataset with POST /v1/datasets and pass {\"dataset\": {\"id\": ...}}, or use a model id "
                "from GET /v1/models (a catalog name, a hub id, or job:<id> for one of your exported students)")
@@ -106,9 +107,24 @@ def _artifact_problem(value: str, resolved: Path, caller: Caller, owns_job: Call
     return f"{value!r} is inside the service's artifact root but not one of your jobs or datasets; {UPLOAD_HINT}"
 
 
-def _resolve(value: str, cwd: Path) -> Path:
-    path = Path(value).expanduser()
-    return Path(os.path.realpath(path if path.is_absolute() else cwd / path))
+class _Unusable(ValueError):
+    """A reference that cannot even be resolved as a path (an unknown ~user, a name too long for the OS)."""
+
+
+def _resolve(value: str, cwd: Path, *, expand_user: bool) -> Path:
+    """The file the loader would open: models expand ``~`` (ctpd_core.models), dataset paths do not."""
+    try:
+        path = Path(value).expanduser() if expand_user else Path(value)
+        return Path(os.path.realpath(path if path.is_absolute() else cwd / path))
+    except (OSError, RuntimeError, ValueError) as error:
+        raise _Unusable(str(error)) from None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # e.g. a component longer than the OS allows: nothing is there either way
+        return False
 
 
 def reference_problems(
@@ -135,9 +151,15 @@ def reference_problems(
     references = {"dataset.path": spec.dataset.path, "dataset.validation_path": spec.dataset.validation_path,
                   **model_references(spec)}
     for param, value in references.items():
-        if not value or value.startswith(JOB_MODEL_PREFIX) or (param.endswith(".model") and value in CATALOG):
+        is_model = param.endswith(".model")
+        if not value or (is_model and (value.startswith(JOB_MODEL_PREFIX) or value in CATALOG)):
+            continue  # job:<id> was checked above; catalog names are resolved before any path by the loader
+        try:
+            resolved = _resolve(value, cwd, expand_user=is_model)
+        except _Unusable as error:
+            problems.append((param, f"{param}: {value[:80]!r} is not a usable path or hub id ({error}); "
+                             f"{UPLOAD_HINT}"))
             continue
-        resolved = _resolve(value, cwd)
         if _inside(resolved, root):
             problem = _artifact_problem(value, resolved, caller, owns_job, owns_dataset)
         elif not locked:
@@ -145,7 +167,7 @@ def reference_problems(
         elif param.startswith("dataset."):
             problem = (f"{value!r} names a file on {where}, which this service does not allow for your key (datasets "
                        f"are uploaded); {UPLOAD_HINT}")
-        elif not _HUB_ID.match(value) or resolved.exists() or Path(value).expanduser().exists():
+        elif not _HUB_ID.match(value) or _exists(resolved):
             problem = (f"{value!r} names a file or folder on {where}, which this service does not allow for your "
                        f"key; {UPLOAD_HINT}")
         else:

@@ -53,7 +53,8 @@ The contract, in the order a step runs:
   mid-accumulation), the last one included: a stop that arrives during the last step still returns
   ``stopped=True`` (after the final checkpoint), so a cancelled run never goes on as if it had finished.
   On stop fit checkpoints and returns ``stopped=True``.
-* **Metric history.** Every checkpoint also holds ``metrics.json``: each step's metrics up to it. On resume
+* **Metric history.** Every checkpoint also holds ``metrics.json``: the metrics of its last ``HISTORY_STEPS``
+  steps. On resume
   ``replay_metrics(history)`` is called once with them, before the first new step: the steps before the
   checkpoint are not run again, so a sink that lost some of their metrics (an attempt that died with its
   writes unflushed) can restore them. Sinks that keep what they saw need not pass it.
@@ -100,7 +101,11 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "state.json"
-HISTORY_FILE = "metrics.json"  # every step's metrics up to the checkpoint, for replay on resume
+HISTORY_FILE = "metrics.json"  # the last steps' metrics up to the checkpoint, for replay on resume
+HISTORY_STEPS = 10_000
+"""Steps of metrics a checkpoint keeps: a sink can only have lost what an attempt buffered but never wrote,
+and the worker's buffer holds at most 10,000 writes (about one per step), so older steps are never missing.
+Bounded so that neither memory nor each checkpoint's size grows with the length of the run."""
 CHECKPOINT_PREFIX = "step-"
 _STAGING_PREFIX = ".staging-step-"
 
@@ -453,6 +458,8 @@ def fit(
             if tokens is not None:
                 last_metrics["tokens_per_second"] = float(tokens) / step_seconds if step_seconds > 0 else 0.0
             history.append((step, dict(last_metrics)))
+            if len(history) > 2 * HISTORY_STEPS:  # trimmed in blocks: amortised O(1) per step
+                del history[:-HISTORY_STEPS]
             if metric_sink is not None:
                 metric_sink.log(step, dict(last_metrics))
 
@@ -626,7 +633,8 @@ def _save_checkpoint(
         torch.save(scheduler.state_dict(), staging / SCHEDULER_FILE)
         torch.save(_rng_state(), staging / RNG_FILE)
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-        (staging / HISTORY_FILE).write_text(json.dumps([[step, dict(metrics)] for step, metrics in history]),
+        recent = history[-HISTORY_STEPS:]
+        (staging / HISTORY_FILE).write_text(json.dumps([[step, dict(metrics)] for step, metrics in recent]),
                                             encoding="utf-8")
         # Asked last, right before the rename, so the window in which a takeover can slip in is smallest.
         if (guard is not None and not guard()) or _newer_generation(target, state.get("attempt")):

@@ -49,6 +49,8 @@ def enforce_job_policy(db: repository.Database, spec: JobSpec, job: repository.J
     for param, value in model_references(spec).items():
         if value and value.startswith(JOB_MODEL_PREFIX):
             folder = _exported_folder(db, job.tenant, value[len(JOB_MODEL_PREFIX):])
+            if folder is None:  # gone since the check above: never fall through to the string "None"
+                raise PolicyViolation([(param, f"{param}: the export of {value!r} is no longer on disk")])
             target = data
             *parents, leaf = param.split(".")
             for part in parents:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -310,20 +311,29 @@ class Recipe:
             self.observer.metrics("evaluate", distill_step, metrics)
             summary.update(metrics)
 
-        # 7. export
+        # 7. export: written under a staging name, then renamed into place only if this run still owns the job
+        # (asked right before the rename, as for checkpoints), so a paused or partitioned attempt that wakes up
+        # late never rewrites the export its successor already published.
         with self._stage("export", False) as summary:
-            self._check_stop_signal()  # the last point before anything is published
-            if self.context.publish_guard is not None and not self.context.publish_guard():
-                raise JobStopped()  # another attempt owns the job: its export is the one that counts
-            export_dir = export_student(
+            self._check_stop_signal()
+            staging = context.run_dir / f".export-{context.generation or 0}-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            export_student(
                 student,
                 student_tokenizer,
-                context.run_dir / "export",
+                staging,
                 spec=spec.model_dump(mode="json"),
                 metrics=metrics,
                 data_fingerprint=self.data_fingerprint,
                 stage_seconds=self.stage_seconds,
             )
+            if self.context.publish_guard is not None and not self.context.publish_guard():
+                shutil.rmtree(staging, ignore_errors=True)
+                raise JobStopped()  # another attempt owns the job: its export is the one that counts
+            export_dir = context.run_dir / "export"
+            if export_dir.exists():  # an earlier attempt of this job got this far and was lost before its finish
+                shutil.rmtree(export_dir)
+            staging.rename(export_dir)
             summary["path"] = str(export_dir)
         # The exported folder is the run's result; the distill checkpoints (weights plus optimizer state) only
         # served resuming, and cost several times the model's size on disk.

@@ -53,6 +53,7 @@ PROGRESS_INTERVAL_SECONDS = 1.0
 CANCEL_POLL_SECONDS = 1.0
 MAX_PENDING_WRITES = 10_000  # about 10,000 optimizer steps of metrics: hours of training on any real model
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.5, 10.0
+REPLAY_STEPS_PER_WRITE = 500
 # Progress stages that are batched inference, not fit() (whose stages are "distill", "contrastive:<direction>").
 INTERRUPTIBLE_STAGES = frozenset({"prepare", "reference", "contrastive", "weights", "evaluate"})
 
@@ -173,6 +174,8 @@ class AttemptWriter:
             self.lease.mark_lost(str(stale))
             return False
         except SQLAlchemyError as error:
+            if not repository.is_unavailable(error):
+                raise  # bad data or a bug: retrying would fail the same way; the task records a system error
             if self._failing_since is None:
                 self._failing_since = now
                 logger.warning("job %s: the database is unreachable (%s); buffering writes in order",
@@ -264,9 +267,11 @@ class DbObserver:
         """A resumed training stage's metrics of the steps before its checkpoint (``fit(replay_metrics=...)``):
         written where the job lacks them, in one write. This is what makes an attempt that died with writes
         still buffered (an outage longer than its lease) lose no metric point: its successor restores them."""
-        points = tuple((stage, step, name, value) for step, metrics in history for name, value in metrics.items())
-        if points:
-            self.writer.submit(MetricsWrite(points, only_missing=True))
+        for start in range(0, len(history), REPLAY_STEPS_PER_WRITE):  # short transactions, not one long one
+            points = tuple((stage, step, name, value) for step, metrics in history[start:start + REPLAY_STEPS_PER_WRITE]
+                           for name, value in metrics.items())
+            if points:
+                self.writer.submit(MetricsWrite(points, only_missing=True))
 
     def checkpoint(self, stage: str, step: int, path: Path) -> None:
         self._event(

@@ -173,15 +173,16 @@ class _ShutdownHandler:
 
 def _retrying(what: str, write: Any, deadline_seconds: float) -> Any:
     """``write()``, retried with backoff while the database is unreachable, for up to ``deadline_seconds``.
-    Re-raises the last error after the deadline (the caller then leaves the job to its lease and the reaper)."""
+    Re-raises the last error after the deadline (the caller then leaves the job to its lease and the reaper),
+    and any error that is not unavailability at once."""
     deadline = time.monotonic() + deadline_seconds
     delay = 0.5
     while True:
         try:
             return write()
-        except SQLAlchemyError:
-            if time.monotonic() + delay > deadline:
-                raise
+        except SQLAlchemyError as error:
+            if not repository.is_unavailable(error) or time.monotonic() + delay > deadline:
+                raise  # bad data or a bug is not waited out: it would fail the same way every time
             logger.warning("could not record %s (database unreachable); retrying in %.1f s", what, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -279,8 +280,13 @@ def _record_outcome(db: repository.Database, settings: Settings, job_id: str, wo
         return JobOutcome(job_id, "abandoned")
     deadline = settings.lease_seconds
     try:
-        if status == "cancelled" and stop_signal.reason in ("shutdown", "storage"):
-            reason = "SIGTERM" if stop_signal.reason == "shutdown" else "its writes could not reach the database"
+        if status == "cancelled" and stop_signal.reason == "storage":
+            # Its writes could not reach the database for a very long time: that is a failure of this attempt,
+            # not a hand-back (which never counts), so it is left to its lease and the reaper, which count it.
+            logger.error("job %s: attempt %d stopped, its writes could not reach the database", job_id, attempt)
+            return JobOutcome(job_id, "abandoned")
+        if status == "cancelled" and stop_signal.reason == "shutdown":
+            reason = "SIGTERM"
             released = _retrying("the hand-back", lambda: release(reason), deadline)
             if released is None:
                 return JobOutcome(job_id, "lost")

@@ -24,6 +24,7 @@ from pydantic.fields import FieldInfo
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.db.repository import is_unavailable
 from ctpd_core.spec import NO_NUL_PATTERN, JobSpec
 
 logger = logging.getLogger(__name__)
@@ -219,17 +220,6 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 RETRY_AFTER_SECONDS = 5
 
 
-def is_unavailable(error: BaseException) -> bool:
-    """A database error that means "not reachable now" (connection refused or dropped, pool timeout), as
-    opposed to a bug (a bad statement, a constraint)."""
-    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-    from sqlalchemy.exc import TimeoutError as PoolTimeout
-
-    if isinstance(error, OperationalError | InterfaceError | PoolTimeout):
-        return True
-    return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
@@ -253,14 +243,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SQLAlchemyError)
     async def _storage_error(request: Request, error: SQLAlchemyError) -> JSONResponse:
         # The database is down or unreachable (a failover, a restart): a 503 the client can retry, not a 500.
-        # Any other SQLAlchemy error is a bug and stays a 500. Nothing was stored: the write's transaction
-        # rolled back whole.
+        # Any other SQLAlchemy error is a bug and stays a 500. A write's transaction rolls back whole, but a
+        # commit whose acknowledgement was lost may have landed: hence the Idempotency-Key advice.
         if not is_unavailable(error):
             return await _unexpected(request, error)
         logger.warning("database unavailable in %s %s: %s", request.method, request.url.path, type(error).__name__)
         return JSONResponse(
-            error_body("service_unavailable", "the service's database is unavailable right now; nothing was "
-                       f"changed, retry in {RETRY_AFTER_SECONDS} s"),
+            error_body("service_unavailable", "the service's database is unavailable right now; retry in "
+                       f"{RETRY_AFTER_SECONDS} s (a POST /v1/jobs retried with the same Idempotency-Key never "
+                       "creates a second job)"),
             status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import SQLAlchemyError
 
 from app import policy
 from app.api.artifacts import export_files, tar_gz_stream
@@ -99,7 +100,8 @@ def _reference_problems(spec: JobSpec, principal: Principal, db: Database, setti
                          "with POST /v1/datasets and use the id it returns"))
     problems += policy.reference_problems(
         spec, _caller(principal, settings),
-        owns_job=lambda job_id: repo.owns_job(db, job_id, principal.tenant),
+        # job:<id> and the artifact folders of a job: only the tenant's own jobs that exported a student.
+        owns_job=lambda job_id: repo.has_export(db, job_id, principal.tenant),
         owns_dataset=lambda dataset_id: repo.get_dataset(db, dataset_id, principal.tenant) is not None,
     )
     return problems
@@ -165,19 +167,31 @@ def create_job(
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
         return _view(db, job)
-    # The row is committed: now ring the doorbell. A failure here loses nothing, the job stays queued and
-    # the reaper enqueues it again after requeue_after_seconds.
+    # The row is committed: from here on the answer is 201, whatever else fails, because the job exists (a
+    # 503 now would make a client without an Idempotency-Key submit it twice). Ring the doorbell: a failure
+    # loses nothing, the job stays queued and the reaper enqueues it again after requeue_after_seconds.
     try:
         queue.enqueue_job(job.id)
     except Exception as error:  # the broker is down or misconfigured: record it and answer anyway
         logger.warning("could not enqueue job %s: %s", job.id, error)
-        repo.add_event(db, job.id, "job_queued",
-                       f"could not reach the broker ({type(error).__name__}: {error}); the job stays queued and is "
-                       f"enqueued again within {settings.requeue_after_seconds} s", level="warning",
-                       data={"enqueued": False, "error": f"{type(error).__name__}: {error}"})
+        _note_queued(db, job.id, f"could not reach the broker ({type(error).__name__}: {error}); the job stays "
+                     f"queued and is enqueued again within {settings.requeue_after_seconds} s", level="warning",
+                     data={"enqueued": False, "error": f"{type(error).__name__}: {error}"})
     else:
-        repo.add_event(db, job.id, "job_queued", "enqueued for a worker", data={"enqueued": True, "queue": "train"})
-    return _view(db, job)
+        _note_queued(db, job.id, "enqueued for a worker", data={"enqueued": True, "queue": "train"})
+    try:
+        return _view(db, job)
+    except SQLAlchemyError:  # the database went away after the commit: answer from the row in hand
+        logger.warning("job %s created; its transitions could not be read back", job.id, exc_info=True)
+        return job_object(job, [("queued", job.created_at)])
+
+
+def _note_queued(db: Database, job_id: str, message: str, **kwargs: Any) -> None:
+    """The job_queued event; a database that went away after the job's commit costs the event, not the 201."""
+    try:
+        repo.add_event(db, job_id, "job_queued", message, **kwargs)
+    except SQLAlchemyError:
+        logger.warning("job %s created; its job_queued event could not be written", job_id, exc_info=True)
 
 
 @router.get(

@@ -95,6 +95,30 @@ class StaleAttempt(Exception):
 HELD_STATUSES = ("running", "cancelling")
 
 
+def is_unavailable(error: BaseException) -> bool:
+    """A database error that means "not reachable now" (connection refused or dropped, pool timeout), as
+    opposed to a bug or bad data (a bad statement, a constraint, a NUL in a text column): only these are worth
+    waiting out."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    if isinstance(error, OperationalError | InterfaceError | PoolTimeout):
+        return True
+    return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
+
+
+def _text(value: Any) -> Any:
+    """``value`` with NUL characters escaped, recursively: PostgreSQL text and JSON cannot hold U+0000, and an
+    event or error message quoting user input (a model's config, a file name) may carry one."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\\x00")
+    if isinstance(value, Mapping):
+        return {_text(key): _text(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_text(item) for item in value]
+    return value
+
+
 def _hold(session: Session, job_id: str, attempt: int) -> Job:
     """Lock the job row and check that ``attempt`` still holds it; raises :class:`StaleAttempt`."""
     job = session.scalars(
@@ -200,8 +224,8 @@ def _make_engine(url: str, *, echo: bool) -> Engine:
 
 def _event(job_id: str, type: str, message: str, *, level: str = "info", stage: str | None = None,
            data: Mapping[str, Any] | None = None, now: datetime | None = None, attempt: int | None = None) -> JobEvent:
-    return JobEvent(job_id=job_id, created_at=now or utcnow(), type=type, level=level, stage=stage, message=message,
-                    data=dict(data or {}), attempt=attempt)
+    return JobEvent(job_id=job_id, created_at=now or utcnow(), type=type, level=level, stage=stage,
+                    message=_text(message), data=_text(dict(data or {})), attempt=attempt)
 
 
 def create_job(
@@ -484,9 +508,11 @@ def _missing_points(session: Session, job_id: str, points: Sequence[tuple[str, i
                     ) -> list[tuple[str, int, str, float]]:
     """The points whose (stage, name, step) the job has no value for yet."""
     stages = sorted({stage for stage, _, _, _ in points})
+    steps = [int(step) for _, step, _, _ in points]
     have = set(session.execute(
         select(MetricPoint.stage, MetricPoint.name, MetricPoint.step)
-        .where(MetricPoint.job_id == job_id, MetricPoint.stage.in_(stages))
+        .where(MetricPoint.job_id == job_id, MetricPoint.stage.in_(stages),
+               MetricPoint.step.between(min(steps), max(steps)))
     ).tuples())
     return [point for point in points if (point[0], point[2], int(point[1])) not in have]
 
@@ -579,7 +605,7 @@ def finish_job(
             status = "cancelled"
         values: dict[str, Any] = dict(status=status, finished_at=now, updated_at=now, lease_expires_at=None)
         if status == "failed":
-            values.update(error_code=error_code, error_message=error_message, error_kind=error_kind)
+            values.update(error_code=error_code, error_message=_text(error_message), error_kind=error_kind)
         if status == "succeeded":
             values.update(export_dir=str(export_dir) if export_dir is not None else None)
         session.execute(update(Job).where(*held, Job.status == job.status).values(**values))
@@ -719,6 +745,13 @@ def list_exported_models(db: Database, tenant: str) -> list[Job]:
         ))
 
 
+def has_export(db: Database, job_id: str, tenant: str) -> bool:
+    """Whether ``job_id`` is one of the tenant's succeeded jobs with an exported student."""
+    with db.read() as session:
+        return session.scalar(select(Job.id).where(
+            Job.id == job_id, Job.tenant == tenant, Job.status == "succeeded", Job.export_dir.is_not(None))) is not None
+
+
 def owns_job(db: Database, job_id: str, tenant: str) -> bool:
     with db.read() as session:
         return session.scalar(select(Job.id).where(Job.id == job_id, Job.tenant == tenant)) is not None
@@ -827,6 +860,7 @@ __all__ = [
     "record_attempt_writes",
     "release_job",
     "holds",
+    "is_unavailable",
     "JobRow",
     "Principal",
     "add_event",
@@ -850,6 +884,7 @@ __all__ = [
     "list_jobs",
     "metric_series",
     "owns_job",
+    "has_export",
     "reap_stale_jobs",
     "request_cancel",
     "revoke_api_key",

@@ -108,3 +108,41 @@ def test_another_tenants_job_is_not_a_model(locked, db, dataset_id):
     refused = _client(locked, db).post("/v1/jobs", json={**SPEC, "dataset": {"id": dataset_id},
                                                           "teacher": {"model": f"job:{job.id}"}})
     assert refused.status_code == 422 and refused.json()["error"]["param"] == "teacher.model"
+
+
+@pytest.mark.parametrize("param, body", [
+    ("dataset.path", {"dataset": {"path": "job:/etc/passwd"}}),  # job: is a model reference, never a dataset
+    ("dataset.validation_path", {"dataset": {"id": "DATASET", "validation_path": "job:../../x"}}),
+    ("teacher.model", {"teacher": {"model": "~nosuchuser/model"}}),  # expanduser raises: a 422, not a 500
+    ("teacher.model", {"teacher": {"model": "a" * 300}}),  # longer than a file name may be: a 422, not a 500
+])
+def test_crafted_references_are_refused_not_crashed_on(locked, db, dataset_id, param, body):
+    spec = {**SPEC, "dataset": {"id": dataset_id}, **body}
+    if spec["dataset"].get("id") == "DATASET":
+        spec["dataset"] = {**spec["dataset"], "id": dataset_id}
+    refused = _client(locked, db).post("/v1/jobs", json=spec)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["param"] == param
+
+
+def test_an_unfinished_job_of_ones_own_is_not_a_model(locked, db, dataset_id):
+    tenant = _client(locked, db)
+    queued = tenant.post("/v1/jobs", json={**SPEC, "dataset": {"id": dataset_id}}).json()["id"]
+    refused = tenant.post("/v1/jobs", json={**SPEC, "dataset": {"id": dataset_id}, "teacher": {"model": f"job:{queued}"}})
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "teacher.model"
+
+
+def test_a_database_blink_after_the_commit_still_answers_201(locked, db, dataset_id, monkeypatch):
+    """Once the job is committed the answer is 201: a 503 then would make a client without an Idempotency-Key
+    submit the job twice."""
+    from sqlalchemy.exc import OperationalError
+
+    def down(*args, **kwargs):
+        raise OperationalError("SELECT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(repo, "add_event", down)
+    monkeypatch.setattr(repo, "job_transitions", down)
+    response = _client(locked, db).post("/v1/jobs", json={**SPEC, "dataset": {"id": dataset_id}})
+    assert response.status_code == 201, response.text
+    assert response.json()["status"] == "queued"
+    assert repo.get_job(db, response.json()["id"]) is not None

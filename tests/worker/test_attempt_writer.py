@@ -150,3 +150,35 @@ def test_an_attempt_that_died_with_unflushed_writes_loses_no_metric_point(
     assert second.close(5)
     losses = [(stage, step) for stage, step, _ in repository.metric_series(db, running)["loss"]]
     assert [step for stage, step in losses if stage == "distill"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_only_unavailability_is_waited_out():
+    """Bad data or a bug fails the same way every time: retrying it for a lease would only turn a clear error
+    into worker_lost (review finding); a dropped connection is retried."""
+    from sqlalchemy.exc import DataError
+
+    from worker.tasks import _retrying
+
+    calls: list[int] = []
+
+    def bad_data():
+        calls.append(1)
+        raise DataError("INSERT", {}, Exception("text fields cannot contain NUL"))
+
+    with pytest.raises(DataError):
+        _retrying("the outcome", bad_data, deadline_seconds=30)
+    assert calls == [1]
+
+    def blinks():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OperationalError("SELECT", {}, Exception("connection refused"))
+        return "ok"
+
+    assert _retrying("the outcome", blinks, deadline_seconds=30) == "ok"
+
+
+def test_a_nul_in_a_message_is_stored_escaped(db, running):
+    repository.add_event(db, running, "stage_finished", "model_type 'x\x00'", data={"note": "a\x00b"}, attempt=1)
+    last = repository.list_events(db, running, limit=100)[0][-1]
+    assert "\x00" not in last.message and last.data == {"note": "a\\x00b"}

@@ -80,3 +80,21 @@ def test_a_stop_is_honoured_anywhere_in_every_stage(shared, stage, position):
     assert result.status == "stopped", f"stop at {target} was ignored: the run {result.status}"
     assert watch.started[-1] == stage, f"after a stop in {stage}, {watch.started[-1]} started"
     assert result.export_dir is None and not (run_context.run_dir / "export").exists()
+
+
+def test_an_attempt_that_lost_the_job_during_export_publishes_nothing(shared, tmp_path):
+    """The export is staged and renamed into place only while the run still owns the job (the guard is asked
+    right before the rename): a paused attempt that wakes up after its successor published never replaces it."""
+    spec, _, _ = shared
+    run_context = context(tmp_path, "lost-in-export")
+
+    def guard() -> bool:  # the takeover happens while the export is being written
+        return not any(run_context.run_dir.glob(".export-*"))
+
+    run_context.publish_guard, run_context.generation = guard, 1
+    successor = run_context.run_dir / "export"
+    successor.mkdir(parents=True)
+    (successor / "marker").write_text("attempt 2's export")
+    assert run_spec(spec, run_context).status == "stopped"
+    assert (successor / "marker").read_text() == "attempt 2's export"
+    assert not list(run_context.run_dir.glob(".export-*"))  # its staging copy is gone too
