@@ -447,10 +447,7 @@ def _clamp_progress(value: int | None) -> int | None:
 def update_progress(db: Database, job_id: str, *, stage: str | None, step: int | None, total: int | None,
                     eta_seconds: float | None, attempt: int | None = None) -> None:
     """The job's stage and progress columns; with ``attempt``, fenced (raises :class:`StaleAttempt`)."""
-    with db.write() as session:
-        if attempt is not None:
-            _hold(session, job_id, attempt)
-        session.execute(update(Job).where(Job.id == job_id).values(**_progress_values(stage, step, total, eta_seconds)))
+    record_attempt_writes(db, job_id, attempt, [ProgressWrite(stage, step, total, eta_seconds)])
 
 
 def _event_data(level: str, data: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -464,11 +461,8 @@ def add_event(db: Database, job_id: str, type: str, message: str, *, level: str 
     """A job event (stage_started, stage_finished, checkpoint_saved, ...). A ``"status"`` key in ``data`` is
     dropped: only the repository's own status changes carry it (they are the job's transitions). With
     ``attempt``, the write is fenced (raises :class:`StaleAttempt`) and the event records its attempt."""
-    data = _event_data(level, data)
-    with db.write() as session:
-        if attempt is not None:
-            _hold(session, job_id, attempt)
-        session.add(_event(job_id, type, message, level=level, stage=stage, data=data, attempt=attempt))
+    _event_data(level, data)  # a bad level is refused before any transaction starts
+    record_attempt_writes(db, job_id, attempt, [EventWrite(type, message, level=level, stage=stage, data=data)])
 
 
 def add_metrics(db: Database, job_id: str, stage: str, step: int, metrics: Mapping[str, float],
@@ -477,31 +471,27 @@ def add_metrics(db: Database, job_id: str, stage: str, step: int, metrics: Mappi
     add_metric_points(db, job_id, ((stage, step, name, value) for name, value in metrics.items()), attempt=attempt)
 
 
-def _metric_rows(job_id: str, points: Iterable[tuple[str, int, str, float]], attempt: int | None,
-                 now: datetime) -> list[MetricPoint]:
-    rows = []
+def _finite_points(points: Iterable[tuple[str, int, str, float]]) -> list[tuple[str, int, str, float]]:
+    """The points whose value is a finite number (non-finite and non-numeric values are skipped)."""
+    kept = []
     for stage, step, name, value in points:
         try:
             number = float(value)
         except (TypeError, ValueError):
             continue
         if math.isfinite(number):
-            rows.append(MetricPoint(job_id=job_id, stage=stage, name=name, step=int(step), value=number,
-                                    created_at=now, attempt=attempt))
-    return rows
+            kept.append((stage, int(step), name, number))
+    return kept
 
 
 def add_metric_points(db: Database, job_id: str, points: Iterable[tuple[str, int, str, float]],
                       attempt: int | None = None) -> int:
     """Many ``(stage, step, name, value)`` points in one transaction. Non-finite values are skipped; returns
     how many were written. With ``attempt``, fenced (raises :class:`StaleAttempt`)."""
-    rows = _metric_rows(job_id, points, attempt, utcnow())
-    if rows:
-        with db.write() as session:
-            if attempt is not None:
-                _hold(session, job_id, attempt)
-            session.add_all(rows)
-    return len(rows)
+    finite = _finite_points(points)
+    if finite:
+        record_attempt_writes(db, job_id, attempt, [MetricsWrite(tuple(finite))])
+    return len(finite)
 
 
 def _missing_points(session: Session, job_id: str, points: Sequence[tuple[str, int, str, float]]
@@ -560,8 +550,11 @@ def record_attempt_writes(db: Database, job_id: str, attempt: int | None, writes
                 session.add(_event(job_id, write.type, write.message, level=write.level, stage=write.stage,
                                    data=_event_data(write.level, write.data), now=now, attempt=attempt))
             elif isinstance(write, MetricsWrite):
-                points = _missing_points(session, job_id, write.points) if write.only_missing else write.points
-                session.add_all(_metric_rows(job_id, points, attempt, now))
+                points = _finite_points(write.points)
+                if write.only_missing and points:
+                    points = _missing_points(session, job_id, points)
+                session.add_all(MetricPoint(job_id=job_id, stage=stage, name=name, step=step, value=value,
+                                            created_at=now, attempt=attempt) for stage, step, name, value in points)
             else:
                 session.execute(update(Job).where(Job.id == job_id).values(
                     **_progress_values(write.stage, write.step, write.total, write.eta_seconds)))
