@@ -265,7 +265,7 @@ class DbObserver:
 
     def replay_metrics(self, stage: str, history: list[tuple[int, Mapping[str, float]]]) -> None:
         """A resumed training stage's metrics of the steps before its checkpoint (``fit(replay_metrics=...)``):
-        written where the job lacks them, in one write. This is what makes an attempt that died with writes
+        written where the job lacks them, REPLAY_STEPS_PER_WRITE steps per transaction. This is what makes an attempt that died with writes
         still buffered (an outage longer than its lease) lose no metric point: its successor restores them."""
         for start in range(0, len(history), REPLAY_STEPS_PER_WRITE):  # short transactions, not one long one
             points = tuple((stage, step, name, value) for step, metrics in history[start:start + REPLAY_STEPS_PER_WRITE]
@@ -321,8 +321,7 @@ class DbStopSignal:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db, self.job_id = db, job_id
-        self.lease = lease
-        self.lease_lost = lease_lost if lease_lost is not None else (lease.lost if lease is not None else None)
+        self.lease, self.lease_lost = lease, lease_lost
         self.writer = writer
         self.poll_seconds = poll_seconds
         self.clock = clock
@@ -336,7 +335,9 @@ class DbStopSignal:
 
     @property
     def reason(self) -> str | None:
-        if (self.lease is not None and self.lease.is_lost()) or (self.lease_lost is not None and self.lease_lost.is_set()):
+        if self.lease is not None and self.lease.is_lost():  # its lost event, or its own lease clock ran out
+            return "lease_lost"
+        if self.lease_lost is not None and self.lease_lost.is_set():
             return "lease_lost"
         if self.writer is not None and self.writer.overflowed:
             return "storage"

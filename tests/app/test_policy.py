@@ -28,6 +28,14 @@ def _client(app, db, *, admin: bool = False) -> TestClient:
     return TestClient(app, headers={"Authorization": f"Bearer {key}"})
 
 
+def _spec_with(body: dict, dataset_id: str) -> dict:
+    """SPEC on the uploaded dataset with ``body`` merged in; a ``"DATASET"`` id placeholder becomes the upload's."""
+    spec = {**SPEC, "dataset": {"id": dataset_id}, **body}
+    if spec["dataset"].get("id") == "DATASET":
+        spec["dataset"] = {**spec["dataset"], "id": dataset_id}
+    return spec
+
+
 @pytest.fixture
 def dataset_id(locked, db) -> str:
     response = _client(locked, db).post("/v1/datasets", files={"file": ("p.jsonl", PAIR)})
@@ -47,10 +55,7 @@ def dataset_id(locked, db) -> str:
     ("contrastive.positive.model", {"contrastive": {"positive": {"model": "a/b/c"}, "negative": {"model": "gemma-3-270m"}}}),
 ])
 def test_a_tenant_names_no_server_path_relative_or_absolute(locked, db, dataset_id, param, body):
-    spec = {**SPEC, "dataset": {"id": dataset_id}, **body}
-    if spec["dataset"].get("id") == "DATASET":
-        spec["dataset"] = {**spec["dataset"], "id": dataset_id}
-    refused = _client(locked, db).post("/v1/jobs", json=spec)
+    refused = _client(locked, db).post("/v1/jobs", json=_spec_with(body, dataset_id))
     assert refused.status_code == 422, refused.text
     assert refused.json()["error"]["param"] == param
     assert "POST /v1/datasets" in refused.json()["error"]["message"]  # names the fix
@@ -117,10 +122,7 @@ def test_another_tenants_job_is_not_a_model(locked, db, dataset_id):
     ("teacher.model", {"teacher": {"model": "a" * 300}}),  # longer than a file name may be: a 422, not a 500
 ])
 def test_crafted_references_are_refused_not_crashed_on(locked, db, dataset_id, param, body):
-    spec = {**SPEC, "dataset": {"id": dataset_id}, **body}
-    if spec["dataset"].get("id") == "DATASET":
-        spec["dataset"] = {**spec["dataset"], "id": dataset_id}
-    refused = _client(locked, db).post("/v1/jobs", json=spec)
+    refused = _client(locked, db).post("/v1/jobs", json=_spec_with(body, dataset_id))
     assert refused.status_code == 422, refused.text
     assert refused.json()["error"]["param"] == param
 
