@@ -52,19 +52,18 @@ The contract, in the order a step runs:
 * **Stop and progress.** ``stop_signal.should_stop()`` is polled after every optimizer step (never
   mid-accumulation), the last one included: a stop that arrives during the last step still returns
   ``stopped=True`` (after the final checkpoint), so a cancelled run never goes on as if it had finished.
-  On stop fit checkpoints and returns ``stopped=True``.
+  On stop fit checkpoints and returns ``stopped=True``. ``progress`` gets a ``Progress`` when the loop starts
+  (``eta_seconds=None``) and after every step (ETA from the mean wall time per step so far, checkpoint writes
+  included).
 * **Metric history.** Every checkpoint also holds ``metrics.json``: the metrics of its last ``HISTORY_STEPS``
-  steps. On resume
-  ``replay_metrics(history)`` is called once with them, before the first new step: the steps before the
-  checkpoint are not run again, so a sink that lost some of their metrics (an attempt that died with its
-  writes unflushed) can restore them. Sinks that keep what they saw need not pass it.
+  steps. On resume ``replay_metrics(history)`` is called once with them, before the first new step: the steps
+  before the checkpoint are not run again, so a sink that lost some of their metrics (an attempt that died
+  with its writes unflushed) can restore them. Sinks that keep what they saw need not pass it.
 * **Fenced checkpoints.** With ``generation`` (the worker passes the job's attempt), every checkpoint records
   it, and a save never replaces a checkpoint of a *newer* generation: a process that was paused and resumed
   after another attempt took over cannot overwrite its successor's state. ``checkpoint_guard()`` is asked
   just before each checkpoint is renamed into place; False discards it (the caller lost the right to
-  write) and fit stops at once with ``stopped=True``. ``progress`` gets a ``Progress``
-  when the loop starts (``eta_seconds=None``) and after every step (ETA from the mean wall time per step so far,
-  checkpoint writes included).
+  write) and fit stops at once with ``stopped=True``.
 
 fit is single-process: data-parallel training would shard each batch by rank and reduce the metrics.
 A fresh run seeds torch, python ``random`` and numpy with ``config.seed`` (method §6: all three are seeded at

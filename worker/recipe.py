@@ -226,7 +226,7 @@ class Recipe:
         if signal is not None and signal.should_stop():
             raise JobStopped()
 
-    def _fit_fencing(self, stage: str) -> dict[str, Any]:
+    def _fit_hooks(self, stage: str) -> dict[str, Any]:
         """fit()'s fencing and metric replay for ``stage`` (an observer without ``replay_metrics`` keeps what it
         saw, so it needs none)."""
         replay = getattr(self.observer, "replay_metrics", None)
@@ -315,7 +315,6 @@ class Recipe:
         # (asked right before the rename, as for checkpoints), so a paused or partitioned attempt that wakes up
         # late never rewrites the export its successor already published.
         with self._stage("export", False) as summary:
-            self._check_stop_signal()
             staging = context.run_dir / f".export-{context.generation or 0}-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             export_student(
@@ -327,9 +326,14 @@ class Recipe:
                 data_fingerprint=self.data_fingerprint,
                 stage_seconds=self.stage_seconds,
             )
-            if self.context.publish_guard is not None and not self.context.publish_guard():
+            # The last point before anything is published: a stop that arrived while the folder was written, or
+            # another attempt that owns the job now (its export is the one that counts), publishes nothing.
+            signal = context.stop_signal
+            if (signal is not None and signal.should_stop()) or (
+                context.publish_guard is not None and not context.publish_guard()
+            ):
                 shutil.rmtree(staging, ignore_errors=True)
-                raise JobStopped()  # another attempt owns the job: its export is the one that counts
+                raise JobStopped()
             export_dir = context.run_dir / "export"
             if export_dir.exists():  # an earlier attempt of this job got this far and was lost before its finish
                 shutil.rmtree(export_dir)
@@ -496,7 +500,7 @@ class Recipe:
                         progress=self.observer.progress,
                         device=self.device,
                         on_checkpoint=lambda step, path, d=direction: self.observer.checkpoint(f"contrastive:{d}", step, path),
-                        **self._fit_fencing(f"contrastive:{direction}"),
+                        **self._fit_hooks(f"contrastive:{direction}"),
                     )
                     self._check_stop(result.stopped)
                     model.save_pretrained(str(out / "model"), safe_serialization=True)
@@ -545,7 +549,7 @@ class Recipe:
                 progress=self.observer.progress,
                 device=self.device,
                 on_checkpoint=lambda step, path: self.observer.checkpoint("distill", step, path),
-                **self._fit_fencing("distill"),
+                **self._fit_hooks("distill"),
             )
             self._check_stop(result.stopped)
             summary.update({"steps": result.steps, "resumed_from": result.resumed_from, **result.last_metrics})
