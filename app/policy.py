@@ -29,9 +29,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ctpd_core.catalog import CATALOG
 from ctpd_core.spec import JobSpec
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 JOB_MODEL_PREFIX = "job:"
 # A Hugging Face hub id: "name" or "org/name", letters, digits, '-', '_', '.', at most 96 characters each (the
@@ -59,6 +63,12 @@ class Caller:
     allow_server_paths: bool
     allow_remote_code: bool
     artifact_root: Path
+
+    @classmethod
+    def of(cls, settings: Settings, *, tenant: str, is_admin: bool) -> Caller:
+        """The caller as this deployment's settings see it (the API and the worker build it the same way)."""
+        return cls(tenant=tenant, is_admin=is_admin, allow_server_paths=settings.allow_server_paths,
+                   allow_remote_code=settings.allow_remote_code, artifact_root=Path(settings.artifact_root))
 
 
 def model_references(spec: JobSpec) -> dict[str, str | None]:

@@ -34,9 +34,7 @@ def _exported_folder(db: repository.Database, tenant: str, job_id: str) -> Path 
 
 def enforce_job_policy(db: repository.Database, spec: JobSpec, job: repository.JobRow, settings: Settings) -> JobSpec:
     """``spec`` with ``job:<id>`` references resolved; raises :class:`PolicyViolation` (a user error)."""
-    caller = Caller(tenant=job.tenant, is_admin=bool(job.submitted_by_admin),
-                    allow_server_paths=settings.allow_server_paths, allow_remote_code=settings.allow_remote_code,
-                    artifact_root=settings.artifact_root)  # type: ignore[arg-type]
+    caller = Caller.of(settings, tenant=job.tenant, is_admin=bool(job.submitted_by_admin))
     problems = remote_code_problems(spec, caller) + reference_problems(
         spec, caller,
         owns_job=lambda job_id: _exported_folder(db, job.tenant, job_id) is not None,

@@ -89,8 +89,7 @@ def _metadata_problems(metadata: dict[str, str]) -> list[tuple[str | None, str]]
 
 
 def _caller(principal: Principal, settings: Settings) -> Caller:
-    return Caller(tenant=principal.tenant, is_admin=principal.is_admin, allow_server_paths=settings.allow_server_paths,
-                  allow_remote_code=settings.allow_remote_code, artifact_root=settings.artifact_root)  # type: ignore[arg-type]
+    return Caller.of(settings, tenant=principal.tenant, is_admin=principal.is_admin)
 
 
 def _reference_problems(spec: JobSpec, principal: Principal, db: Database, settings: Settings) -> list[tuple[str | None, str]]:
