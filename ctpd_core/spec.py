@@ -83,6 +83,9 @@ class DatasetRef(_Strict):
     validation_path: Text | None = Field(
         default=None, description="A separate held-out file; when unset, `validation_fraction` of the rows is held out."
     )
+    validation_id: Text | None = Field(
+        default=None, description="The id of an uploaded dataset to hold out (instead of `validation_path`)."
+    )
     validation_fraction: float = Field(
         default=0.1, ge=0.0, lt=1.0, description="Share of rows held out for evaluation when no validation set is given."
     )
@@ -92,6 +95,9 @@ class DatasetRef(_Strict):
     def _one_source(self) -> DatasetRef:
         if (self.path is None) == (self.id is None):
             raise ValueError("give exactly one of dataset.path (a file) or dataset.id (an uploaded dataset)")
+        if self.validation_path is not None and self.validation_id is not None:
+            raise ValueError("give at most one of dataset.validation_path (a file) or dataset.validation_id (an "
+                             "uploaded dataset)")
         return self
 
 

@@ -111,7 +111,12 @@ def split_dataset(spec: JobSpec, resolver: Callable[[str], Path] | None) -> tupl
     else:
         path = Path(dataset.path)
     pairs = load_pairs(path)
-    if dataset.validation_path is not None:
+    if dataset.validation_id is not None:
+        if resolver is None:
+            raise ValueError("dataset.validation_id needs the service (uploaded datasets); locally, use "
+                             "dataset.validation_path")
+        train, validation = pairs, load_pairs(resolver(dataset.validation_id))
+    elif dataset.validation_path is not None:
         train, validation = pairs, load_pairs(dataset.validation_path)
     else:
         order = list(range(len(pairs)))

@@ -94,9 +94,10 @@ def _caller(principal: Principal, settings: Settings) -> Caller:
 
 def _reference_problems(spec: JobSpec, principal: Principal, db: Database, settings: Settings) -> list[tuple[str | None, str]]:
     problems: list[tuple[str | None, str]] = []
-    if spec.dataset.id is not None and repo.get_dataset(db, spec.dataset.id, principal.tenant) is None:
-        problems.append(("dataset.id", f"dataset.id: no dataset {spec.dataset.id!r} for this API key; upload the file "
-                         "with POST /v1/datasets and use the id it returns"))
+    for param, dataset_id in (("dataset.id", spec.dataset.id), ("dataset.validation_id", spec.dataset.validation_id)):
+        if dataset_id is not None and repo.get_dataset(db, dataset_id, principal.tenant) is None:
+            problems.append((param, f"{param}: no dataset {dataset_id!r} for this API key; upload the file with "
+                             "POST /v1/datasets and use the id it returns"))
     problems += policy.reference_problems(
         spec, _caller(principal, settings),
         # job:<id> and the artifact folders of a job: only the tenant's own jobs that exported a student.
