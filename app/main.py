@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI
 from app.api import datasets, health, jobs, models
 from app.api.deps import refuse_nul_characters
 from app.api.errors import install_error_handlers
-from app.db.repository import Database
+from app.db.engine import Database
 from app.queue import CeleryTaskQueue, TaskQueue
 from app.settings import Settings, get_settings
 from app.storage_gc import remove_orphaned_uploads

@@ -31,7 +31,8 @@ import threading
 import time
 from pathlib import Path
 
-from app.db import repository
+from app.db import auth as key_rows
+from app.db.engine import Database
 from app.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,9 +60,9 @@ class ApiProcess:
         database_url = f"sqlite:///{home / 'ctpd.db'}"
         self.settings = Settings(home=home, database_url=database_url, broker_url="memory://",
                                  artifact_root=home / "artifacts", max_upload_bytes=max_upload_bytes)
-        database = repository.Database(self.settings.database_url)
+        database = Database(self.settings.database_url)
         database.upgrade()
-        self.api_key = repository.create_api_key(database, "bench", "upload benchmark")
+        self.api_key = key_rows.create_api_key(database, "bench", "upload benchmark")
         database.dispose()
         env = {key: value for key, value in os.environ.items() if not key.startswith("CTPD_")}
         env.update(CTPD_HOME=str(home), CTPD_DATABASE_URL=database_url, CTPD_BROKER_URL="memory://",

@@ -175,7 +175,7 @@ def _redacted(url: str) -> str:
 
 
 def _cmd_db(args: argparse.Namespace) -> int:
-    from app.db.repository import Database
+    from app.db.engine import Database
 
     settings = _service_settings()
     db = Database(settings.database_url)
@@ -188,7 +188,8 @@ def _cmd_db(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from app.db.repository import Database, create_api_key
+    from app.db.auth import create_api_key
+    from app.db.engine import Database
 
     settings = _service_settings()
     db = Database(settings.database_url)
@@ -291,7 +292,7 @@ class _Child:
 
 def _ensure_api_key(db, key_file: Path) -> tuple[str, bool]:
     """The admin key of the embedded service: the stored one if it still authenticates, else a new one."""
-    from app.db.repository import authenticate, create_api_key
+    from app.db.auth import authenticate, create_api_key
 
     if key_file.exists():
         stored = key_file.read_text().strip()
@@ -320,8 +321,8 @@ def _requeue_orphans(db, settings) -> list[str]:
     ``ctpd up`` that died: requeue it now (it resumes from its checkpoints) instead of after its lease."""
     from datetime import timedelta
 
+    from app.db.jobs import reap_stale_jobs
     from app.db.models import utcnow
-    from app.db.repository import reap_stale_jobs
     from app.queue import CeleryTaskQueue
 
     job_ids = reap_stale_jobs(db, now=utcnow() + timedelta(seconds=settings.lease_seconds + 1))
@@ -395,7 +396,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from app.db.repository import Database
+    from app.db.engine import Database
 
     settings = _service_settings()
     home = settings.home

@@ -10,7 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.db import repository
+from app.db import datasets as dataset_rows
+from app.db import jobs as job_rows
+from app.db.engine import Database
+from app.db.models import Job
 from app.policy import (
     JOB_MODEL_PREFIX,
     Caller,
@@ -25,20 +28,20 @@ if TYPE_CHECKING:
     from app.settings import Settings
 
 
-def _exported_folder(db: repository.Database, tenant: str, job_id: str) -> Path | None:
-    row = repository.get_job(db, job_id, tenant)
+def _exported_folder(db: Database, tenant: str, job_id: str) -> Path | None:
+    row = job_rows.get_job(db, job_id, tenant)
     if row is None or row.status != "succeeded" or not row.export_dir or not Path(row.export_dir).is_dir():
         return None
     return Path(row.export_dir)
 
 
-def enforce_job_policy(db: repository.Database, spec: JobSpec, job: repository.JobRow, settings: Settings) -> JobSpec:
+def enforce_job_policy(db: Database, spec: JobSpec, job: Job, settings: Settings) -> JobSpec:
     """``spec`` with ``job:<id>`` references resolved; raises :class:`PolicyViolation` (a user error)."""
     caller = Caller.of(settings, tenant=job.tenant, is_admin=bool(job.submitted_by_admin))
     problems = remote_code_problems(spec, caller) + reference_problems(
         spec, caller,
         owns_job=lambda job_id: _exported_folder(db, job.tenant, job_id) is not None,
-        owns_dataset=lambda dataset_id: repository.get_dataset(db, dataset_id, job.tenant) is not None,
+        owns_dataset=lambda dataset_id: dataset_rows.get_dataset(db, dataset_id, job.tenant) is not None,
         cwd=Path.cwd(), where="the worker",
     )
     if problems:

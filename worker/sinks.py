@@ -4,7 +4,7 @@
   fencing token). Its ``lost`` event is set once the attempt no longer holds the job (the heartbeat was
   refused, or a write was), and everything that reads it stops.
 * :class:`AttemptWriter` is the attempt's one path to SQL: an in-order, bounded buffer of its events, metric
-  points and progress, flushed in one fenced transaction (``repository.record_attempt_writes``). While the
+  points and progress, flushed in one fenced transaction (``app.db.events.record_attempt_writes``). While the
   database is unreachable the writes wait in the buffer (retried with backoff, never dropped) and go out in
   order when it returns; a stale attempt's writes are refused as a whole and the lease is marked lost; a
   buffer that fills up (an outage far longer than any lease) stops the run cleanly instead of growing.
@@ -22,7 +22,7 @@
 * :class:`Heartbeat` renews the lease from a thread every ``lease_seconds / 4`` while the job runs (model
   loading included) and stops for good once the lease is lost.
 
-Every write goes through ``app.db.repository``, one short transaction per call, on a session of its own,
+Every write goes through ``app.db.events`` and ``app.db.jobs``, one short transaction per call, on a session of its own,
 so the heartbeat thread never shares a session with the task thread.
 
 Torch-free: the ``default`` queue worker (the reaper) imports this module without the training stack.
@@ -40,8 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.db import repository
-from app.db.repository import AttemptWrite, EventWrite, MetricsWrite, ProgressWrite, StaleAttempt
+from app.db import events as job_log
+from app.db import jobs as job_rows
+from app.db.engine import Database, is_unavailable
+from app.db.events import AttemptWrite, EventWrite, MetricsWrite, ProgressWrite, StaleAttempt
 from worker import failpoints
 
 if TYPE_CHECKING:
@@ -85,7 +87,7 @@ class AttemptLease:
     (a network partition, an outage longer than the lease): by then the reaper may have given the job to
     another attempt, so this one stops and publishes nothing more."""
 
-    def __init__(self, db: repository.Database, job_id: str, worker_id: str | None = None,
+    def __init__(self, db: Database, job_id: str, worker_id: str | None = None,
                  attempt: int | None = None, *, lease_seconds: float | None = None,
                  clock: Callable[[], float] = time.monotonic, granted_at: float | None = None) -> None:
         self.db, self.job_id, self.worker_id, self.attempt = db, job_id, worker_id, attempt
@@ -113,7 +115,7 @@ class AttemptLease:
         if self.attempt is None or self.worker_id is None:
             return True
         try:
-            held = repository.holds(self.db, self.job_id, self.worker_id, self.attempt)
+            held = job_rows.holds(self.db, self.job_id, self.worker_id, self.attempt)
         except SQLAlchemyError:
             logger.warning("job %s: could not check the lease before publishing; it runs for %.0f s more, so "
                            "publishing", self.job_id, self.valid_until - self.clock())
@@ -168,13 +170,13 @@ class AttemptWriter:
         if not force and now < self._retry_at:
             return False
         try:
-            repository.record_attempt_writes(self.lease.db, self.lease.job_id, self.lease.attempt, self.pending)
+            job_log.record_attempt_writes(self.lease.db, self.lease.job_id, self.lease.attempt, self.pending)
         except StaleAttempt as stale:
             self.pending.clear()
             self.lease.mark_lost(str(stale))
             return False
         except SQLAlchemyError as error:
-            if not repository.is_unavailable(error):
+            if not is_unavailable(error):
                 raise  # bad data or a bug: retrying would fail the same way; the task records a system error
             if self._failing_since is None:
                 self._failing_since = now
@@ -208,7 +210,7 @@ class DbObserver:
 
     def __init__(
         self,
-        db: repository.Database,
+        db: Database,
         job_id: str,
         *,
         progress_interval: float = PROGRESS_INTERVAL_SECONDS,
@@ -311,7 +313,7 @@ class DbStopSignal:
 
     def __init__(
         self,
-        db: repository.Database,
+        db: Database,
         job_id: str,
         *,
         lease_lost: threading.Event | None = None,
@@ -355,7 +357,7 @@ class DbStopSignal:
             return False
         self._last_poll = now
         try:
-            self.cancel_requested = repository.is_cancel_requested(self.db, self.job_id)
+            self.cancel_requested = job_rows.is_cancel_requested(self.db, self.job_id)
             self._unreadable = False
         except SQLAlchemyError as error:
             if not self._unreadable:  # once per outage, not once a second
@@ -376,7 +378,7 @@ class Heartbeat:
     again (the lease has three more beats of slack).
     """
 
-    def __init__(self, db: repository.Database, job_id: str, worker_id: str, lease_seconds: float,
+    def __init__(self, db: Database, job_id: str, worker_id: str, lease_seconds: float,
                  attempt: int | None = None, lost: threading.Event | None = None,
                  lease: AttemptLease | None = None) -> None:
         self.db, self.job_id, self.worker_id, self.attempt = db, job_id, worker_id, attempt
@@ -410,7 +412,7 @@ class Heartbeat:
                 return  # lost by its own clock (or a refused write): renewing now would be too late
             sent_at = time.monotonic()
             try:
-                held = repository.heartbeat(self.db, self.job_id, self.worker_id, self.lease_seconds, self.attempt)
+                held = job_rows.heartbeat(self.db, self.job_id, self.worker_id, self.lease_seconds, self.attempt)
             except SQLAlchemyError:
                 logger.warning("job %s: heartbeat failed; retrying in %.1f s", self.job_id, self.interval, exc_info=True)
                 continue

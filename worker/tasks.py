@@ -36,7 +36,9 @@ from celery import shared_task
 from celery.signals import celeryd_after_setup, worker_shutting_down
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.db import repository
+from app.db import datasets as dataset_rows
+from app.db import jobs as job_rows
+from app.db.engine import Database, is_unavailable
 from app.policy import PolicyViolation
 from ctpd_core.catalog import ModelLoadError
 from ctpd_core.data import DatasetError
@@ -76,10 +78,10 @@ def _settings_of(app: Any) -> Settings:
 
 
 @lru_cache(maxsize=4)
-def _database(url: str) -> repository.Database:
+def _database(url: str) -> Database:
     """One Database per URL per process. Tasks run in fresh children (max_tasks_per_child=1), so the engine
     is always created after the fork and never shared with the parent."""
-    return repository.Database(url)
+    return Database(url)
 
 
 def worker_id_for(hostname: str | None = None) -> str:
@@ -106,11 +108,11 @@ def _message_of(error: BaseException, kind: str) -> str:
     return message if len(message) <= MAX_ERROR_MESSAGE else message[: MAX_ERROR_MESSAGE - 3] + "..."
 
 
-def dataset_resolver(db: repository.Database, tenant: str):
+def dataset_resolver(db: Database, tenant: str):
     """``dataset.id`` -> the uploaded file, for the job's own tenant only."""
 
     def resolve(dataset_id: str) -> Path:
-        row = repository.get_dataset(db, dataset_id, tenant)
+        row = dataset_rows.get_dataset(db, dataset_id, tenant)
         if row is None:
             raise DatasetError(f"dataset {dataset_id!r} does not exist for tenant {tenant!r}; upload it with POST /v1/datasets")
         path = Path(row.path)
@@ -181,7 +183,7 @@ def _retrying(what: str, write: Any, deadline_seconds: float) -> Any:
         try:
             return write()
         except SQLAlchemyError as error:
-            if not repository.is_unavailable(error) or time.monotonic() + delay > deadline:
+            if not is_unavailable(error) or time.monotonic() + delay > deadline:
                 raise  # bad data or a bug is not waited out: it would fail the same way every time
             logger.warning("could not record %s (database unreachable); retrying in %.1f s", what, delay)
             time.sleep(delay)
@@ -189,7 +191,7 @@ def _retrying(what: str, write: Any, deadline_seconds: float) -> Any:
 
 
 def execute_job(
-    db: repository.Database, settings: Settings, job_id: str, worker_id: str, *, device: Any = None,
+    db: Database, settings: Settings, job_id: str, worker_id: str, *, device: Any = None,
     requeue: Callable[[str], None] | None = None,
 ) -> JobOutcome:
     """The body of ``ctpd.run_job``, callable without Celery (``device``: "cpu", "cuda:0"...; default cuda if any).
@@ -197,9 +199,9 @@ def execute_job(
     ``requeue(job_id)`` rings the doorbell again after a hand-back, so another worker resumes the job at once
     instead of after ``requeue_after_seconds`` (the reaper's net still catches a lost message)."""
     asked_at = time.monotonic()  # the lease runs from (at the latest) here, by this process's own clock
-    row = repository.claim_job(db, job_id, worker_id, settings.lease_seconds)
+    row = job_rows.claim_job(db, job_id, worker_id, settings.lease_seconds)
     if row is None:
-        current = repository.get_job(db, job_id)
+        current = job_rows.get_job(db, job_id)
         logger.info("job %s: not claimed (status %s): a duplicate delivery or a cancelled job; nothing to do",
                     job_id, current.status if current else "missing")
         return JobOutcome(job_id, "skipped")
@@ -213,7 +215,7 @@ def execute_job(
     stop_signal = DbStopSignal(db, job_id, lease=lease, writer=writer)
     observer = DbObserver(db, job_id, stop_signal=stop_signal, writer=writer)
     def release(reason: str) -> str | None:
-        released = repository.release_job(db, job_id, worker_id, attempt, reason)
+        released = job_rows.release_job(db, job_id, worker_id, attempt, reason)
         if released == "queued" and requeue is not None:
             try:
                 requeue(job_id)
@@ -265,7 +267,7 @@ def execute_job(
         heartbeat.stop()
 
 
-def _record_outcome(db: repository.Database, settings: Settings, job_id: str, worker_id: str, attempt: int,
+def _record_outcome(db: Database, settings: Settings, job_id: str, worker_id: str, attempt: int,
                     lease: AttemptLease, stop_signal: DbStopSignal, flushed: bool, status: str,
                     error_code: str | None, error_kind: str | None, error_message: str | None,
                     export_dir: Path | None, release: Callable[[str], str | None]) -> JobOutcome:
@@ -292,7 +294,7 @@ def _record_outcome(db: repository.Database, settings: Settings, job_id: str, wo
                 return JobOutcome(job_id, "lost")
             logger.info("job %s: attempt %d handed back (%s): now %s", job_id, attempt, reason, released)
             return JobOutcome(job_id, "handed_back" if released == "queued" else released)
-        recorded = _retrying(f"the outcome ({status})", lambda: repository.finish_job(
+        recorded = _retrying(f"the outcome ({status})", lambda: job_rows.finish_job(
             db, job_id, worker_id, status, error_code=error_code, error_message=error_message, error_kind=error_kind,
             export_dir=export_dir, attempt=attempt), deadline)
     except SQLAlchemyError:
@@ -327,10 +329,10 @@ def run_job(self: Any, job_id: str) -> str:
 # ------------------------------------------------------------------------------------------ the reaper
 
 
-def reap(db: repository.Database, settings: Settings, queue: Any) -> list[str]:
+def reap(db: Database, settings: Settings, queue: Any) -> list[str]:
     """One reaper pass: requeue expired leases and unclaimed queued jobs; returns the ids enqueued."""
-    requeued = repository.reap_stale_jobs(db)
-    unclaimed = repository.stale_queued_jobs(db, settings.requeue_after_seconds)
+    requeued = job_rows.reap_stale_jobs(db)
+    unclaimed = job_rows.stale_queued_jobs(db, settings.requeue_after_seconds)
     job_ids = list(dict.fromkeys(requeued + unclaimed))
     for job_id in job_ids:
         queue.enqueue_job(job_id)

@@ -20,8 +20,10 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import DbDep, PrincipalDep, SettingsDep
 from app.api.errors import ApiError
 from app.api.schemas import Dataset, ErrorResponse, dataset_object
-from app.db import repository as repo
-from app.db.repository import Database, Principal
+from app.db import datasets as dataset_rows
+from app.db import models as orm
+from app.db.auth import Principal
+from app.db.engine import Database
 from app.settings import Settings
 from app.storage_gc import datasets_dir
 from app.upload_stream import FORMATS, ReceivedDataset, receive_dataset
@@ -71,15 +73,15 @@ def _safe_filename(name: str, suffix: str) -> str:
     return base[-200:]
 
 
-def _publish(received: ReceivedDataset, principal: Principal, db: Database, settings: Settings) -> repo.DatasetRow:
+def _publish(received: ReceivedDataset, principal: Principal, db: Database, settings: Settings) -> orm.Dataset:
     """Move a received, valid file to ``datasets/<id>/`` and record it; on any failure, nothing stays."""
-    dataset_id = repo.new_dataset_id()
+    dataset_id = dataset_rows.new_dataset_id()
     final_dir = datasets_dir(settings) / dataset_id
     final_dir.mkdir()
     try:
         final = final_dir / _safe_filename(received.filename, received.suffix)
         received.publish(final)
-        return repo.create_dataset(
+        return dataset_rows.create_dataset(
             db, tenant=principal.tenant, filename=final.name, format=FORMATS[received.suffix],
             num_rows=received.num_rows, sha256=received.sha256, size_bytes=received.size_bytes, path=str(final),
             dataset_id=dataset_id,
@@ -128,7 +130,7 @@ async def upload_dataset(request: Request, principal: PrincipalDep, db: DbDep, s
     },
 )
 def get_dataset(dataset_id: str, principal: PrincipalDep, db: DbDep) -> Dataset:
-    row = repo.get_dataset(db, dataset_id, principal.tenant)
+    row = dataset_rows.get_dataset(db, dataset_id, principal.tenant)
     if row is None:
         raise ApiError(404, "not_found", f"no dataset {dataset_id!r} for this API key", "dataset_id")
     return dataset_object(row)

@@ -12,7 +12,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.api.errors import ApiError, invalid_request
-from app.db.repository import Database, Principal, authenticate
+from app.db.auth import Principal, authenticate
+from app.db.engine import Database
 from app.queue import TaskQueue
 from app.settings import Settings
 

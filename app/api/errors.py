@@ -24,7 +24,7 @@ from pydantic.fields import FieldInfo
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.db.repository import is_unavailable
+from app.db.engine import is_unavailable
 from ctpd_core.spec import NO_NUL_PATTERN, JobSpec
 
 logger = logging.getLogger(__name__)

@@ -29,8 +29,12 @@ from app.api.schemas import (
     event_object,
     job_object,
 )
-from app.db import repository as repo
-from app.db.repository import Database, Principal
+from app.db import datasets as dataset_rows
+from app.db import events as job_log
+from app.db import jobs as job_rows
+from app.db import models as orm
+from app.db.auth import Principal
+from app.db.engine import Database
 from app.policy import Caller
 from app.settings import Settings
 from ctpd_core.spec import JobSpec
@@ -62,15 +66,15 @@ def _request_hash(body: bytes) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _job_for(db: Database, job_id: str, principal: Principal) -> repo.JobRow:
-    job = repo.get_job(db, job_id, principal.tenant)
+def _job_for(db: Database, job_id: str, principal: Principal) -> orm.Job:
+    job = job_rows.get_job(db, job_id, principal.tenant)
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r} for this API key", "job_id")
     return job
 
 
-def _view(db: Database, job: repo.JobRow) -> Job:
-    return job_object(job, repo.job_transitions(db, [job.id])[job.id])
+def _view(db: Database, job: orm.Job) -> Job:
+    return job_object(job, job_log.job_transitions(db, [job.id])[job.id])
 
 
 # --------------------------------------------------------------------------- what a spec may point at
@@ -95,14 +99,14 @@ def _caller(principal: Principal, settings: Settings) -> Caller:
 def _reference_problems(spec: JobSpec, principal: Principal, db: Database, settings: Settings) -> list[tuple[str | None, str]]:
     problems: list[tuple[str | None, str]] = []
     for param, dataset_id in (("dataset.id", spec.dataset.id), ("dataset.validation_id", spec.dataset.validation_id)):
-        if dataset_id is not None and repo.get_dataset(db, dataset_id, principal.tenant) is None:
+        if dataset_id is not None and dataset_rows.get_dataset(db, dataset_id, principal.tenant) is None:
             problems.append((param, f"{param}: no dataset {dataset_id!r} for this API key; upload the file with "
                              "POST /v1/datasets and use the id it returns"))
     problems += policy.reference_problems(
         spec, _caller(principal, settings),
         # job:<id> and the artifact folders of a job: only the tenant's own jobs that exported a student.
-        owns_job=lambda job_id: repo.has_export(db, job_id, principal.tenant),
-        owns_dataset=lambda dataset_id: repo.get_dataset(db, dataset_id, principal.tenant) is not None,
+        owns_job=lambda job_id: job_rows.has_export(db, job_id, principal.tenant),
+        owns_dataset=lambda dataset_id: dataset_rows.get_dataset(db, dataset_id, principal.tenant) is not None,
     )
     return problems
 
@@ -155,12 +159,12 @@ def create_job(
     if problems:
         raise invalid_request(problems)
     try:
-        job, created = repo.create_job(
+        job, created = job_rows.create_job(
             db, tenant=principal.tenant, spec=spec.model_dump(mode="json"), name=spec.name, metadata=spec.metadata,
             idempotency_key=idempotency_key, request_hash=_request_hash(body), max_attempts=settings.max_attempts,
             submitted_by_admin=principal.is_admin,
         )
-    except repo.IdempotencyConflict as conflict:
+    except job_rows.IdempotencyConflict as conflict:
         raise ApiError(409, "idempotency_conflict",
                        f"{conflict}; use a new Idempotency-Key for a different request", "Idempotency-Key") from None
     if not created:
@@ -189,7 +193,7 @@ def create_job(
 def _note_queued(db: Database, job_id: str, message: str, **kwargs: Any) -> None:
     """The job_queued event; a database that went away after the job's commit costs the event, not the 201."""
     try:
-        repo.add_event(db, job_id, "job_queued", message, **kwargs)
+        job_log.add_event(db, job_id, "job_queued", message, **kwargs)
     except SQLAlchemyError:
         logger.warning("job %s created; its job_queued event could not be written", job_id, exc_info=True)
 
@@ -250,10 +254,10 @@ def list_jobs(
                                          "the key without brackets), e.g. metadata[team]=nlp")])
         metadata[match.group(1)] = value
     try:
-        rows, has_more = repo.list_jobs(db, principal.tenant, limit=limit, after=after, status=status, metadata=metadata)
-    except repo.InvalidCursor as error:
+        rows, has_more = job_rows.list_jobs(db, principal.tenant, limit=limit, after=after, status=status, metadata=metadata)
+    except job_rows.InvalidCursor as error:
         raise ApiError(422, "invalid_request", str(error), "after") from None
-    transitions = repo.job_transitions(db, [row.id for row in rows])
+    transitions = job_log.job_transitions(db, [row.id for row in rows])
     return JobList(data=[job_object(row, transitions[row.id]) for row in rows], has_more=has_more)
 
 
@@ -276,8 +280,8 @@ def get_job(job_id: str, principal: PrincipalDep, db: DbDep) -> Job:
 )
 def cancel_job(job_id: str, principal: PrincipalDep, db: DbDep) -> Job:
     try:
-        job = repo.request_cancel(db, job_id, principal.tenant)
-    except repo.JobNotCancellable as error:
+        job = job_rows.request_cancel(db, job_id, principal.tenant)
+    except job_rows.JobNotCancellable as error:
         raise ApiError(409, "job_not_cancellable", str(error), "job_id") from None
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id!r} for this API key", "job_id")
@@ -306,7 +310,7 @@ def list_job_events(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobEventList:
     _job_for(db, job_id, principal)
-    rows, has_more = repo.list_events(db, job_id, after=after, limit=limit)
+    rows, has_more = job_log.list_events(db, job_id, after=after, limit=limit)
     return JobEventList(data=[event_object(row) for row in rows], has_more=has_more)
 
 
@@ -326,7 +330,7 @@ def list_job_events(
 def get_job_metrics(job_id: str, principal: PrincipalDep, db: DbDep) -> JobMetrics:
     _job_for(db, job_id, principal)
     data: dict[str, dict[int, float]] = {}
-    for name, points in repo.metric_series(db, job_id).items():
+    for name, points in job_log.metric_series(db, job_id).items():
         for stage, step, value in points:
             data.setdefault(f"{stage}/{name}", {})[step] = value  # a repeated step keeps its last value
     return JobMetrics(
@@ -336,7 +340,7 @@ def get_job_metrics(job_id: str, principal: PrincipalDep, db: DbDep) -> JobMetri
     )
 
 
-def _export_folder(job: repo.JobRow) -> Path | None:
+def _export_folder(job: orm.Job) -> Path | None:
     if job.status != "succeeded" or not job.export_dir:
         return None
     folder = Path(job.export_dir)

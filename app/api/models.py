@@ -14,7 +14,7 @@ from fastapi import APIRouter
 
 from app.api.deps import DbDep, PrincipalDep
 from app.api.schemas import ErrorResponse, Model, ModelList
-from app.db import repository as repo
+from app.db import jobs as job_rows
 from app.policy import JOB_MODEL_PREFIX
 from ctpd_core.catalog import CATALOG
 
@@ -44,7 +44,7 @@ def list_models(principal: PrincipalDep, db: DbDep) -> ModelList:
               install=entry.install)
         for entry in CATALOG.values()
     ]
-    for job in repo.list_exported_models(db, principal.tenant):
+    for job in job_rows.list_exported_models(db, principal.tenant):
         student = (job.spec.get("student") or {}).get("model")
         label = job.name or job.id
         # job:<id>, never the folder: a tenant learns nothing about the server's disk (the worker resolves it).

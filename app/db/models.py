@@ -28,9 +28,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
-ACTIVE_STATUSES = ("queued", "running", "cancelling")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+# The statuses come from the shared vocabulary; re-exported here beside the column that stores them.
+from ctpd_core.vocab import ACTIVE_STATUSES, TERMINAL_STATUSES, JobStatus  # noqa: F401
+
+JOB_STATUSES: tuple[JobStatus, ...] = tuple(JobStatus)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",

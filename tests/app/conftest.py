@@ -20,8 +20,8 @@ from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from app.db import repository as repo
-from app.db.repository import Database
+from app.db import auth as key_rows
+from app.db.engine import Database
 from app.main import create_app
 from app.settings import Settings
 
@@ -148,7 +148,7 @@ def client(app) -> TestClient:
 
 
 def _client_for(app, db: Database, tenant: str, is_admin: bool = False) -> TestClient:
-    key = repo.create_api_key(db, tenant, f"{tenant} test key", is_admin=is_admin)
+    key = key_rows.create_api_key(db, tenant, f"{tenant} test key", is_admin=is_admin)
     test_client = TestClient(app, headers={"Authorization": f"Bearer {key}"})
     test_client.api_key = key  # type: ignore[attr-defined]
     return test_client

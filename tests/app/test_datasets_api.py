@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy import func, select
 
-from app.db import repository as repo
+from app.db import datasets as dataset_rows
 from app.db.models import Dataset
 from tests.app.conftest import SPEC
 
@@ -61,7 +61,7 @@ def test_upload_jsonl_json_and_parquet(alice, db, settings):
         assert body["size_bytes"] == len(content) and body["sha256"] == hashlib.sha256(content).hexdigest()
         assert alice.get(f"/v1/datasets/{body['id']}").json() == body
 
-        row = repo.get_dataset(db, body["id"])
+        row = dataset_rows.get_dataset(db, body["id"])
         stored = Path(row.path)
         assert stored == Path(settings.artifact_root) / "datasets" / body["id"] / filename
         assert stored.read_bytes() == content
@@ -120,7 +120,7 @@ def test_upload_requests_that_are_refused(alice, client, db, settings):
 def test_an_unsafe_filename_stays_inside_the_dataset_folder(alice, db, settings):
     body = alice.post("/v1/datasets", files={"file": ("../../etc/evil name.jsonl", _jsonl(ROWS))}).json()
     assert body["filename"] == "evil_name.jsonl"
-    assert Path(repo.get_dataset(db, body["id"]).path).parent == Path(settings.artifact_root) / "datasets" / body["id"]
+    assert Path(dataset_rows.get_dataset(db, body["id"]).path).parent == Path(settings.artifact_root) / "datasets" / body["id"]
 
 
 def test_datasets_are_private_to_their_tenant(alice, bob):

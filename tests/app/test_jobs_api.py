@@ -8,9 +8,11 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from app.db import repository as repo
+from app.db import auth as key_rows
+from app.db import events as job_log
+from app.db import jobs as job_rows
+from app.db.engine import Database
 from app.db.models import Job, JobEvent
-from app.db.repository import Database
 from tests.app.conftest import SPEC
 
 
@@ -27,20 +29,20 @@ def _submit(client, spec=None, **kwargs):
 
 def _run_to_success(db: Database, job_id: str, export_dir: Path) -> None:
     """What a worker would do: claim, report, export, finish (through the repository the worker uses)."""
-    repo.claim_job(db, job_id, "worker-1", lease_seconds=60)
-    repo.add_metrics(db, job_id, "distill", 1, {"loss": 0.70})
-    repo.add_metrics(db, job_id, "distill", 2, {"loss": 0.62})
-    repo.add_metrics(db, job_id, "evaluate", 2, {"accuracy": 0.75})
+    job_rows.claim_job(db, job_id, "worker-1", lease_seconds=60)
+    job_log.add_metrics(db, job_id, "distill", 1, {"loss": 0.70})
+    job_log.add_metrics(db, job_id, "distill", 2, {"loss": 0.62})
+    job_log.add_metrics(db, job_id, "evaluate", 2, {"accuracy": 0.75})
     (export_dir / "adapter").mkdir(parents=True)
     (export_dir / "model.safetensors").write_bytes(b"\x01" * 1500)
     (export_dir / "config.json").write_text('{"model_type": "llama"}')
     (export_dir / "adapter" / "adapter_config.json").write_text("{}")
-    assert repo.finish_job(db, job_id, "worker-1", "succeeded", export_dir=str(export_dir))
+    assert job_rows.finish_job(db, job_id, "worker-1", "succeeded", export_dir=str(export_dir))
 
 
 def test_create_and_get_a_job(alice, db, queue):
     seen_at_enqueue = []
-    queue.on_enqueue = lambda job_id: seen_at_enqueue.append(repo.get_job(db, job_id))  # a second connection
+    queue.on_enqueue = lambda job_id: seen_at_enqueue.append(job_rows.get_job(db, job_id))  # a second connection
     job = _submit(alice, {**SPEC, "name": "first run", "metadata": {"team": "nlp"}, "training": {"max_steps": 5}})
     assert job["id"].startswith("job_") and job["object"] == "job" and job["status"] == "queued"
     assert queue.jobs == [job["id"]]
@@ -100,7 +102,7 @@ def test_list_pagination_and_filters(alice, bob, db):
     ids = [_submit(alice, {**SPEC, "metadata": {"team": "nlp" if n % 2 else "vision", "n": str(n)}})["id"]
            for n in range(5)]
     _submit(bob, {**SPEC, "metadata": {"team": "nlp"}})
-    repo.claim_job(db, ids[1], "worker-1", 60)
+    job_rows.claim_job(db, ids[1], "worker-1", 60)
 
     page = alice.get("/v1/jobs", params={"limit": 2}).json()
     assert page["object"] == "list" and page["has_more"] is True
@@ -156,7 +158,7 @@ def test_tenant_isolation(alice, bob, db, tmp_path):
     assert bob.post(f"/v1/jobs/{mine}/cancel").status_code == 404
     assert [job["id"] for job in alice.get("/v1/jobs").json()["data"]] == [mine]
     assert [job["id"] for job in bob.get("/v1/jobs").json()["data"]] == [theirs]
-    assert repo.get_job(db, mine).status == "queued"  # bob's cancel touched nothing
+    assert job_rows.get_job(db, mine).status == "queued"  # bob's cancel touched nothing
 
 
 def test_cancel_a_queued_and_a_running_job(alice, db):
@@ -168,11 +170,11 @@ def test_cancel_a_queued_and_a_running_job(alice, db):
     assert [t["status"] for t in body["transitions"]] == ["queued", "cancelled"]
 
     running = _submit(alice)["id"]
-    repo.claim_job(db, running, "worker-1", 60)
+    job_rows.claim_job(db, running, "worker-1", 60)
     body = alice.post(f"/v1/jobs/{running}/cancel").json()
     assert body["status"] == "cancelling" and body["finished_at"] is None
-    assert repo.is_cancel_requested(db, running)
-    assert repo.finish_job(db, running, "worker-1", "cancelled")
+    assert job_rows.is_cancel_requested(db, running)
+    assert job_rows.finish_job(db, running, "worker-1", "cancelled")
     body = alice.get(f"/v1/jobs/{running}").json()
     assert body["status"] == "cancelled"
     assert [t["status"] for t in body["transitions"]] == ["queued", "running", "cancelling", "cancelled"]
@@ -181,8 +183,8 @@ def test_cancel_a_queued_and_a_running_job(alice, db):
     assert alice.post(f"/v1/jobs/{running}/cancel").json()["status"] == "cancelled"  # again: unchanged
 
     done = _submit(alice)["id"]
-    repo.claim_job(db, done, "worker-1", 60)
-    repo.finish_job(db, done, "worker-1", "failed", error_code="internal_error", error_message="boom", error_kind="system")
+    job_rows.claim_job(db, done, "worker-1", 60)
+    job_rows.finish_job(db, done, "worker-1", "failed", error_code="internal_error", error_message="boom", error_kind="system")
     conflict = alice.post(f"/v1/jobs/{done}/cancel")
     assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "job_not_cancellable"
     failed = alice.get(f"/v1/jobs/{done}").json()
@@ -191,9 +193,9 @@ def test_cancel_a_queued_and_a_running_job(alice, db):
 
 def test_events_feed_is_typed_and_paginated(alice, db):
     job_id = _submit(alice)["id"]
-    repo.claim_job(db, job_id, "worker-1", 60)
-    repo.add_event(db, job_id, "stage_started", "prepare started", stage="prepare", data={"cached": False})
-    repo.add_event(db, job_id, "checkpoint_saved", "checkpoint", stage="distill",
+    job_rows.claim_job(db, job_id, "worker-1", 60)
+    job_log.add_event(db, job_id, "stage_started", "prepare started", stage="prepare", data={"cached": False})
+    job_log.add_event(db, job_id, "checkpoint_saved", "checkpoint", stage="distill",
                    data={"stage": "distill", "step": 10, "path": "/ckpt"})
     first = alice.get(f"/v1/jobs/{job_id}/events", params={"limit": 2}).json()
     assert first["has_more"] is True and len(first["data"]) == 2
@@ -216,14 +218,14 @@ def test_progress_metrics_artifacts_and_download(alice, db, settings):
     not_yet = alice.get(f"/v1/jobs/{job_id}/artifacts/model.tar.gz")
     assert not_yet.status_code == 409 and not_yet.json()["error"]["code"] == "job_not_succeeded"
 
-    repo.claim_job(db, job_id, "worker-1", 60)
-    repo.update_progress(db, job_id, stage="distill", step=4, total=10, eta_seconds=30.0)
+    job_rows.claim_job(db, job_id, "worker-1", 60)
+    job_log.update_progress(db, job_id, stage="distill", step=4, total=10, eta_seconds=30.0)
     body = alice.get(f"/v1/jobs/{job_id}").json()
     assert body["status"] == "running" and body["stage"] == "distill" and body["attempt"] == 1
     assert body["progress"] == {"step": 4, "total": 10, "eta_seconds": 30.0} and body["started_at"]
 
     _run_to_success(db, job_id, export_dir)
-    repo.add_metrics(db, job_id, "distill", 2, {"loss": 0.60})  # a resumed attempt re-logs step 2: last wins
+    job_log.add_metrics(db, job_id, "distill", 2, {"loss": 0.60})  # a resumed attempt re-logs step 2: last wins
     metrics = alice.get(f"/v1/jobs/{job_id}/metrics").json()
     assert metrics == {
         "object": "job.metrics",
@@ -289,7 +291,7 @@ def test_a_failed_enqueue_keeps_the_job_queued_and_says_so(alice, db, queue):
     assert events[-1]["data"]["enqueued"] is False and "broker down" in events[-1]["message"]
     with db.read() as session:
         assert session.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.job_id == job_id)) == 2
-    assert repo.get_job(db, job_id).status == "queued"  # the reaper's stale_queued_jobs picks it up later
+    assert job_rows.get_job(db, job_id).status == "queued"  # the reaper's stale_queued_jobs picks it up later
 
 
 def test_multi_tenant_mode_refuses_server_paths_for_non_admin_keys(settings, db, queue, tmp_path):
@@ -301,8 +303,8 @@ def test_multi_tenant_mode_refuses_server_paths_for_non_admin_keys(settings, db,
 
     locked = create_app(settings.model_copy(update={"allow_server_paths": False}), queue=queue)
     try:
-        key = repo.create_api_key(db, "acme", "tenant key")
-        admin_key = repo.create_api_key(db, "acme", "admin key", is_admin=True)
+        key = key_rows.create_api_key(db, "acme", "tenant key")
+        admin_key = key_rows.create_api_key(db, "acme", "admin key", is_admin=True)
         tenant = TestClient(locked, headers={"Authorization": f"Bearer {key}"})
         admin = TestClient(locked, headers={"Authorization": f"Bearer {admin_key}"})
         upload = tenant.post(

@@ -11,8 +11,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Column, Integer, MetaData, Table, create_engine, inspect, text
 from sqlalchemy.pool import NullPool
 
+from app.db.engine import Database
 from app.db.models import Base
-from app.db.repository import Database
 from tests.app.conftest import POSTGRES_ADMIN_URL
 
 

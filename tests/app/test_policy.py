@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from app.db import repository as repo
+from app.db import auth as key_rows
+from app.db import events as job_log
+from app.db import jobs as job_rows
 from app.main import create_app
 from tests.app.conftest import SPEC
 
@@ -24,7 +26,7 @@ def locked(settings, queue):
 
 
 def _client(app, db, *, admin: bool = False) -> TestClient:
-    key = repo.create_api_key(db, "acme", "admin" if admin else "tenant", is_admin=admin)
+    key = key_rows.create_api_key(db, "acme", "admin" if admin else "tenant", is_admin=admin)
     return TestClient(app, headers={"Authorization": f"Bearer {key}"})
 
 
@@ -59,7 +61,7 @@ def test_a_tenant_names_no_server_path_relative_or_absolute(locked, db, dataset_
     assert refused.status_code == 422, refused.text
     assert refused.json()["error"]["param"] == param
     assert "POST /v1/datasets" in refused.json()["error"]["message"]  # names the fix
-    assert repo.list_jobs(db, "acme", limit=10)[0] == []  # nothing stored
+    assert job_rows.list_jobs(db, "acme", limit=10)[0] == []  # nothing stored
 
 
 def test_a_hub_id_that_is_a_folder_here_is_a_server_path(locked, db, dataset_id, tmp_path, monkeypatch):
@@ -82,7 +84,7 @@ def test_an_admin_may_name_server_paths(locked, db, dataset_id):
     admin = _client(locked, db, admin=True)
     response = admin.post("/v1/jobs", json={**SPEC, "dataset": {"path": "secret/pairs.jsonl"}})
     assert response.status_code == 201, response.text
-    assert repo.get_job(db, response.json()["id"]).submitted_by_admin is True
+    assert job_rows.get_job(db, response.json()["id"]).submitted_by_admin is True
 
 
 @pytest.mark.parametrize("admin", [False, True])
@@ -108,7 +110,7 @@ def test_where_remote_code_is_allowed_only_an_admin_may_enable_it(settings, queu
 
 
 def test_another_tenants_job_is_not_a_model(locked, db, dataset_id):
-    job, _ = repo.create_job(db, tenant="globex", spec={}, name=None, metadata={}, idempotency_key=None,
+    job, _ = job_rows.create_job(db, tenant="globex", spec={}, name=None, metadata={}, idempotency_key=None,
                              request_hash="h", max_attempts=3)
     refused = _client(locked, db).post("/v1/jobs", json={**SPEC, "dataset": {"id": dataset_id},
                                                           "teacher": {"model": f"job:{job.id}"}})
@@ -142,9 +144,9 @@ def test_a_database_blink_after_the_commit_still_answers_201(locked, db, dataset
     def down(*args, **kwargs):
         raise OperationalError("SELECT", {}, Exception("server closed the connection"))
 
-    monkeypatch.setattr(repo, "add_event", down)
-    monkeypatch.setattr(repo, "job_transitions", down)
+    monkeypatch.setattr(job_log, "add_event", down)
+    monkeypatch.setattr(job_log, "job_transitions", down)
     response = _client(locked, db).post("/v1/jobs", json={**SPEC, "dataset": {"id": dataset_id}})
     assert response.status_code == 201, response.text
     assert response.json()["status"] == "queued"
-    assert repo.get_job(db, response.json()["id"]) is not None
+    assert job_rows.get_job(db, response.json()["id"]) is not None

@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from app.db import repository as repo
+from app.db import auth as key_rows
 from app.main import create_app
 from app.settings import Settings
 from tests.app.conftest import RecordingQueue
@@ -52,7 +52,7 @@ schema = schemathesis.openapi.from_dict(_openapi_document(), config=CONFIG)
 
 @pytest.fixture
 def api_key(db) -> str:
-    return repo.create_api_key(db, "acme", "schemathesis")
+    return key_rows.create_api_key(db, "acme", "schemathesis")
 
 
 @schema.parametrize()

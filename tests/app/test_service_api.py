@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.db import repository as repo
+from app.db import auth as key_rows
 from app.main import create_app
 from tests.app.conftest import SPEC
 
@@ -94,8 +94,8 @@ def test_auth_is_required_and_checked(client, alice, db):
     assert client.get("/v1/models").status_code == 401
 
     assert alice.get("/v1/jobs").status_code == 200
-    (key,) = repo.list_api_keys(db, "acme")
-    repo.revoke_api_key(db, key.id)
+    (key,) = key_rows.list_api_keys(db, "acme")
+    key_rows.revoke_api_key(db, key.id)
     assert alice.get("/v1/jobs").status_code == 401
 
 

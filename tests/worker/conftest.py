@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from app.db import repository
+from app.db.engine import Database
 
 
 @pytest.fixture
 def db(settings):
-    database = repository.Database(settings.database_url)
+    database = Database(settings.database_url)
     database.upgrade()
     yield database
     database.dispose()

@@ -11,7 +11,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from app.db import repository
+from app.db import events as job_log
+from app.db import jobs as job_rows
 from app.db.models import utcnow
 from ctpd_core.train import Progress
 from tests.worker.test_tasks import FakeClock
@@ -27,14 +28,14 @@ def settings(tmp_path):
 
 @pytest.fixture
 def running(db):
-    job, _ = repository.create_job(db, tenant="acme", spec={}, name=None, metadata={}, idempotency_key=None,
+    job, _ = job_rows.create_job(db, tenant="acme", spec={}, name=None, metadata={}, idempotency_key=None,
                                    request_hash="h", max_attempts=3)
-    assert repository.claim_job(db, job.id, "w1", 60) is not None
+    assert job_rows.claim_job(db, job.id, "w1", 60) is not None
     return job.id
 
 
 def _outage(monkeypatch, calls: list[int]):
-    real = repository.record_attempt_writes
+    real = job_log.record_attempt_writes
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -43,7 +44,7 @@ def _outage(monkeypatch, calls: list[int]):
         return real(*args, **kwargs)
 
     outage = {"down": True}
-    monkeypatch.setattr(repository, "record_attempt_writes", flaky)
+    monkeypatch.setattr(job_log, "record_attempt_writes", flaky)
     return outage
 
 
@@ -59,22 +60,22 @@ def test_an_outage_loses_nothing_and_keeps_the_order(db, running, monkeypatch):
         observer.metrics("distill", step, {"loss": 1.0 / step})
         observer.progress(Progress("distill", step, 5, 1.0))
         observer.checkpoint("distill", step, "/ckpt")
-    assert repository.metric_series(db, running) == {}  # nothing reached the database yet ...
+    assert job_log.metric_series(db, running) == {}  # nothing reached the database yet ...
     assert len(calls) < 15  # ... and the writer backed off instead of hammering it on every write
     outage["down"] = False
     assert observer.close(deadline_seconds=5)
-    assert repository.metric_series(db, running)["loss"] == [("distill", step, 1.0 / step) for step in range(1, 6)]
-    events, _ = repository.list_events(db, running, limit=100)
+    assert job_log.metric_series(db, running)["loss"] == [("distill", step, 1.0 / step) for step in range(1, 6)]
+    events, _ = job_log.list_events(db, running, limit=100)
     checkpoints = [event.data["step"] for event in events if event.type == "checkpoint_saved"]
     assert checkpoints == [1, 2, 3, 4, 5] and all(event.attempt == 1 for event in events[1:])
-    job = repository.get_job(db, running)
+    job = job_rows.get_job(db, running)
     assert (job.stage, job.progress_step) == ("distill", 5)
 
 
 def test_an_outage_past_the_deadline_says_so(db, running, monkeypatch):
     _outage(monkeypatch, [])
     writer = AttemptWriter(AttemptLease(db, running, "w1", 1))
-    writer.submit(repository.EventWrite("stage_started", "x"))
+    writer.submit(job_log.EventWrite("stage_started", "x"))
     assert writer.close(deadline_seconds=0.3, sleep=lambda _: None) is False
     assert writer.pending  # kept, not dropped: the attempt is abandoned to the reaper instead of lying
 
@@ -84,19 +85,19 @@ def test_a_full_buffer_stops_the_run_cleanly(db, running, monkeypatch):
     writer = AttemptWriter(AttemptLease(db, running, "w1", 1), max_pending=3)
     stop = DbStopSignal(db, running, writer=writer)
     for step in range(5):
-        writer.submit(repository.MetricsWrite((("distill", step, "loss", 0.5),)))
+        writer.submit(job_log.MetricsWrite((("distill", step, "loss", 0.5),)))
     assert writer.overflowed and stop.should_stop() and stop.reason == "storage"
 
 
 def test_a_stale_attempt_is_refused_as_a_whole_and_stops(db, running):
     lease = AttemptLease(db, running, "w1", 1)
     writer = AttemptWriter(lease)
-    assert repository.reap_stale_jobs(db, now=utcnow() + timedelta(hours=1)) == [running]
-    assert repository.claim_job(db, running, "w2", 60).attempt == 2
-    writer.submit(repository.MetricsWrite((("distill", 7, "loss", 0.1),)))
+    assert job_rows.reap_stale_jobs(db, now=utcnow() + timedelta(hours=1)) == [running]
+    assert job_rows.claim_job(db, running, "w2", 60).attempt == 2
+    writer.submit(job_log.MetricsWrite((("distill", 7, "loss", 0.1),)))
     assert lease.lost.is_set() and not writer.pending
     assert DbStopSignal(db, running, lease_lost=lease.lost).reason == "lease_lost"
-    assert repository.metric_series(db, running) == {}
+    assert job_log.metric_series(db, running) == {}
     assert lease.holds() is False  # and it may not publish a checkpoint or an export any more
 
 
@@ -107,7 +108,7 @@ def test_an_attempt_whose_lease_ran_out_by_its_own_clock_stops_and_publishes_not
 
     clock = FakeClock()
     lease = AttemptLease(db, running, "w1", 1, lease_seconds=60, clock=clock, granted_at=clock.now)
-    monkeypatch.setattr(repository, "holds", lambda *args: (_ for _ in ()).throw(DbDown("SELECT", {}, Exception())))
+    monkeypatch.setattr(job_rows, "holds", lambda *args: (_ for _ in ()).throw(DbDown("SELECT", {}, Exception())))
     clock.now += 30
     assert lease.holds() is True  # unreachable, but the lease it was granted still runs: nobody else has the job
     lease.renewed(clock.now)  # a heartbeat got through at t=30: valid until 90
@@ -117,7 +118,7 @@ def test_an_attempt_whose_lease_ran_out_by_its_own_clock_stops_and_publishes_not
     assert lease.is_lost() and lease.holds() is False
     assert DbStopSignal(db, running, lease=lease).reason == "lease_lost"
     writer = AttemptWriter(lease)
-    writer.submit(repository.EventWrite("checkpoint_saved", "late"))
+    writer.submit(job_log.EventWrite("checkpoint_saved", "late"))
     assert writer.pending == []
 
 
@@ -142,13 +143,13 @@ def test_an_attempt_that_died_with_unflushed_writes_loses_no_metric_point(
     assert run_spec(spec, context(tmp_path, "job", first, StopAtFourthCheckpoint())).status == "stopped"
     assert first.writer.pending  # ... and attempt 1 dies with them
     outage["down"] = False
-    assert repository.reap_stale_jobs(db, now=utcnow() + timedelta(hours=1)) == [running]
-    assert repository.claim_job(db, running, "w2", 60).attempt == 2
+    assert job_rows.reap_stale_jobs(db, now=utcnow() + timedelta(hours=1)) == [running]
+    assert job_rows.claim_job(db, running, "w2", 60).attempt == 2
 
     second = DbObserver(db, running, writer=AttemptWriter(AttemptLease(db, running, "w2", 2)))
     assert run_spec(spec, context(tmp_path, "job", second)).status == "succeeded"
     assert second.close(5)
-    losses = [(stage, step) for stage, step, _ in repository.metric_series(db, running)["loss"]]
+    losses = [(stage, step) for stage, step, _ in job_log.metric_series(db, running)["loss"]]
     assert [step for stage, step in losses if stage == "distill"] == [1, 2, 3, 4, 5, 6]
 
 
@@ -179,6 +180,6 @@ def test_only_unavailability_is_waited_out():
 
 
 def test_a_nul_in_a_message_is_stored_escaped(db, running):
-    repository.add_event(db, running, "stage_finished", "model_type 'x\x00'", data={"note": "a\x00b"}, attempt=1)
-    last = repository.list_events(db, running, limit=100)[0][-1]
+    job_log.add_event(db, running, "stage_finished", "model_type 'x\x00'", data={"note": "a\x00b"}, attempt=1)
+    last = job_log.list_events(db, running, limit=100)[0][-1]
     assert "\x00" not in last.message and last.data == {"note": "a\\x00b"}

@@ -8,7 +8,8 @@ import stat
 import pytest
 from kombu import Connection
 
-from app.db import repository
+from app.db import auth as key_rows
+from app.db import jobs as job_rows
 from app.settings import Settings
 from ctpd_cli.main import _ensure_api_key, _prepare_broker, _requeue_orphans, main
 
@@ -24,7 +25,7 @@ def test_embedded_api_key_is_created_once_with_mode_0600(db, tmp_path):
     assert created and key.startswith("ctpd_")
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert key_file.read_text().strip() == key
-    principal = repository.authenticate(db, key)
+    principal = key_rows.authenticate(db, key)
     assert principal.is_admin and principal.tenant == "default"
     assert _ensure_api_key(db, key_file) == (key, False)
     key_file.write_text("ctpd_not-a-key\n")  # e.g. the database was deleted: a new key replaces it
@@ -45,12 +46,12 @@ def _train_messages(settings) -> list[str]:
 
 
 def test_a_job_left_running_by_a_dead_ctpd_up_is_requeued_at_start(db, settings):
-    job, _ = repository.create_job(db, tenant="t", spec={}, name=None, metadata={}, idempotency_key=None,
+    job, _ = job_rows.create_job(db, tenant="t", spec={}, name=None, metadata={}, idempotency_key=None,
                                    request_hash="h", max_attempts=3)
-    repository.claim_job(db, job.id, "previous-run:123", settings.lease_seconds)  # its lease is still valid
+    job_rows.claim_job(db, job.id, "previous-run:123", settings.lease_seconds)  # its lease is still valid
     _prepare_broker(settings)
     assert _requeue_orphans(db, settings) == [job.id]
-    row = repository.get_job(db, job.id)
+    row = job_rows.get_job(db, job.id)
     assert (row.status, row.worker_id, row.attempt) == ("queued", None, 1)
     assert _train_messages(settings) == [job.id]
 

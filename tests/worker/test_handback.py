@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from app.db import repository
+from app.db import events as job_log
+from app.db import jobs as job_rows
 from app.settings import Settings
 from tests.worker.test_tasks import _spec, new_job
 from worker.tasks import execute_job
@@ -23,7 +24,7 @@ from worker.tasks import execute_job
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = """
 import sys
-from app.db.repository import Database
+from app.db.engine import Database
 from app.settings import Settings
 from worker.tasks import execute_job
 settings = Settings(home=sys.argv[1], database_url=sys.argv[2], lease_seconds=30, allow_server_paths=True,
@@ -76,9 +77,9 @@ def test_sigterm_mid_distill_hands_the_job_back_and_the_next_attempt_resumes(
     assert "OUTCOME handed_back" in log_path.read_text(), log_path.read_text()
     assert f"REQUEUED {job_id}" in log_path.read_text()  # the doorbell rings again at once, not after 300 s
     assert took < 30, f"the hand-back took {took:.1f} s"
-    job = repository.get_job(db, job_id)
+    job = job_rows.get_job(db, job_id)
     assert (job.status, job.attempt, job.handoffs, job.worker_id) == ("queued", 1, 1, None)
-    events, _ = repository.list_events(db, job_id, limit=1000)
+    events, _ = job_log.list_events(db, job_id, limit=1000)
     handed = [event for event in events if event.type == "job_handed_back"]
     assert len(handed) == 1 and handed[0].data == {"status": "queued", "attempt": 1}
     checkpoint = [event for event in events if event.type == "checkpoint_saved"][-1]
@@ -89,10 +90,10 @@ def test_sigterm_mid_distill_hands_the_job_back_and_the_next_attempt_resumes(
     # The next attempt (in this process) resumes where the hand-back left off.
     resumed = execute_job(db, settings, job_id, "w-next:2", device="cpu")
     assert resumed.status == "succeeded"
-    events, _ = repository.list_events(db, job_id, limit=1000)
+    events, _ = job_log.list_events(db, job_id, limit=1000)
     distill = [e for e in events if e.type == "stage_finished" and e.stage == "distill"][-1]
     assert distill.data["summary"]["resumed_from"] == stopped_at
-    steps = [step for stage, step, _ in repository.metric_series(db, job_id)["loss"] if stage == "distill"]
+    steps = [step for stage, step, _ in job_log.metric_series(db, job_id)["loss"] if stage == "distill"]
     assert sorted(set(steps)) == list(range(1, 61))  # no step lost across the hand-back
-    assert [s for s, _ in repository.job_transitions(db, [job_id])[job_id]] == [
+    assert [s for s, _ in job_log.job_transitions(db, [job_id])[job_id]] == [
         "queued", "running", "queued", "running", "succeeded"]

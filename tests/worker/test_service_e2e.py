@@ -209,7 +209,10 @@ def test_a_lost_worker_is_reaped_and_the_job_resumes_from_its_checkpoint(
     resumes at step 2 and finishes."""
     import torch
 
-    from app.db import repository
+    from app.db import events as job_log
+    from app.db import jobs as job_rows
+    from app.db.engine import Database
+    from app.db.models import utcnow
     from app.queue import CeleryTaskQueue
     from app.settings import Settings
     from ctpd_core.spec import JobSpec
@@ -218,19 +221,19 @@ def test_a_lost_worker_is_reaped_and_the_job_resumes_from_its_checkpoint(
     from worker.tasks import dataset_resolver
 
     settings = Settings(home=redis_stack.home, database_url=redis_stack.database_url, broker_url=REDIS_URL)
-    db = repository.Database(settings.database_url)
+    db = Database(settings.database_url)
     spec = JobSpec.model_validate(tiny_job(tiny_student_folder, tiny_teacher_folder, redis_dataset_id,
                                            weights={"source": "uniform"}, training={"max_steps": 4}))
-    job, _ = repository.create_job(db, tenant=redis_stack.tenant, spec=spec.model_dump(mode="json"), name="resume",
+    job, _ = job_rows.create_job(db, tenant=redis_stack.tenant, spec=spec.model_dump(mode="json"), name="resume",
                                    metadata={}, idempotency_key=None, request_hash="e2e-resume", max_attempts=3)
-    assert repository.claim_job(db, job.id, "doomed-worker:1", lease_seconds=3) is not None
+    assert job_rows.claim_job(db, job.id, "doomed-worker:1", lease_seconds=3) is not None
 
     class StopAfterTwoSteps:
         """Fires once two distill steps are recorded (it is also polled at every stage boundary, so it counts
         what was done, not how often it was asked)."""
 
         def should_stop(self) -> bool:
-            losses = repository.metric_series(db, job.id).get("loss", [])
+            losses = job_log.metric_series(db, job.id).get("loss", [])
             return sum(1 for stage, _, _ in losses if stage == "distill") >= 2
 
     context = RunContext(
@@ -239,7 +242,7 @@ def test_a_lost_worker_is_reaped_and_the_job_resumes_from_its_checkpoint(
         stop_signal=StopAfterTwoSteps(), dataset_resolver=dataset_resolver(db, redis_stack.tenant),
     )
     assert run_spec(spec, context).status == "stopped"  # ... and the "worker" dies here, its lease running out
-    time.sleep(max(0.0, (repository.get_job(db, job.id).lease_expires_at - repository.utcnow()).total_seconds()) + 0.2)
+    time.sleep(max(0.0, (job_rows.get_job(db, job.id).lease_expires_at - utcnow()).total_seconds()) + 0.2)
 
     queue = CeleryTaskQueue(REDIS_URL)
     queue.enqueue_reaper()

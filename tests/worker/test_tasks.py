@@ -11,7 +11,8 @@ from datetime import timedelta
 
 import pytest
 
-from app.db import repository
+from app.db import events as job_log
+from app.db import jobs as job_rows
 from app.db.models import utcnow
 from app.settings import Settings
 from ctpd_core.train import Progress
@@ -33,7 +34,7 @@ def settings(tmp_path) -> Settings:
 
 
 def new_job(db, spec=None, tenant="acme") -> str:
-    job, created = repository.create_job(
+    job, created = job_rows.create_job(
         db, tenant=tenant, spec=spec or {"method": "ctpd"}, name=None, metadata={}, idempotency_key=None,
         request_hash="h", max_attempts=3,
     )
@@ -42,7 +43,7 @@ def new_job(db, spec=None, tenant="acme") -> str:
 
 
 def events(db, job_id):
-    rows, _ = repository.list_events(db, job_id, limit=1000)
+    rows, _ = job_log.list_events(db, job_id, limit=1000)
     return rows
 
 
@@ -59,7 +60,7 @@ def test_observer_records_stages_checkpoints_and_metrics(db):
     assert rows[2].data == {"stage": "distill", "step": 1, "path": "/runs/x/checkpoint-1"}
     assert rows[2].stage == "distill"
     assert rows[3].data == {"seconds": 1.25, "cached": False, "summary": {"steps": 1, "loss": None, "path": "/a"}}
-    assert repository.metric_series(db, job_id) == {"loss": [("distill", 1, 0.5)]}  # NaN skipped
+    assert job_log.metric_series(db, job_id) == {"loss": [("distill", 1, 0.5)]}  # NaN skipped
 
 
 def test_progress_writes_at_most_once_per_second_per_stage(db):
@@ -67,33 +68,33 @@ def test_progress_writes_at_most_once_per_second_per_stage(db):
     clock = FakeClock()
     observer = DbObserver(db, job_id, clock=clock)
     observer.stage_started("distill", False)
-    assert repository.get_job(db, job_id).stage == "distill"
+    assert job_rows.get_job(db, job_id).stage == "distill"
 
     observer.progress(Progress("distill", 1, 10, 9.0))  # first of the stage: written
     clock.now += 0.3
     observer.progress(Progress("distill", 2, 10, 8.0))  # throttled
-    job = repository.get_job(db, job_id)
+    job = job_rows.get_job(db, job_id)
     assert (job.stage, job.progress_step, job.progress_total, job.eta_seconds) == ("distill", 1, 10, 9.0)
     clock.now += 0.3
     observer.progress(Progress("distill", 3, 10, 7.0))  # still throttled
-    assert repository.get_job(db, job_id).progress_step == 1
+    assert job_rows.get_job(db, job_id).progress_step == 1
     clock.now += 0.5
     observer.progress(Progress("distill", 4, 10, 6.0))  # 1.1 s after the last write: written
-    assert repository.get_job(db, job_id).progress_step == 4
+    assert job_rows.get_job(db, job_id).progress_step == 4
     clock.now += 0.1
     observer.progress(Progress("distill", 10, 10, 0.0))  # throttled, but the stage's end flushes it
     observer.stage_finished("distill", 2.0, False, {})
-    job = repository.get_job(db, job_id)
+    job = job_rows.get_job(db, job_id)
     assert (job.progress_step, job.progress_total) == (10, 10)
 
 
 def test_stop_signal_polls_at_most_once_per_second(db):
     job_id = new_job(db)
-    assert repository.claim_job(db, job_id, "w1", 30) is not None
+    assert job_rows.claim_job(db, job_id, "w1", 30) is not None
     clock = FakeClock()
     signal = DbStopSignal(db, job_id, clock=clock)
     assert signal.should_stop() is False
-    repository.request_cancel(db, job_id, "acme")
+    job_rows.request_cancel(db, job_id, "acme")
     clock.now += 0.5
     assert signal.should_stop() is False  # the flag is read at most once a second
     clock.now += 0.6
@@ -114,16 +115,16 @@ def test_stop_signal_fires_when_the_lease_is_lost(db):
 
 def test_heartbeat_renews_the_lease_then_stops_when_it_is_lost(db):
     job_id = new_job(db)
-    repository.claim_job(db, job_id, "w1", 0.4)
-    first_lease = repository.get_job(db, job_id).lease_expires_at
+    job_rows.claim_job(db, job_id, "w1", 0.4)
+    first_lease = job_rows.get_job(db, job_id).lease_expires_at
     heartbeat = Heartbeat(db, job_id, "w1", 0.4).start()  # beats every 0.1 s
     try:
         deadline = time.monotonic() + 5
-        while repository.get_job(db, job_id).lease_expires_at <= first_lease:
+        while job_rows.get_job(db, job_id).lease_expires_at <= first_lease:
             assert time.monotonic() < deadline, "the lease was never renewed"
             time.sleep(0.05)
         # The reaper takes the job away (as if this worker had missed its lease): the next beat notices.
-        assert repository.reap_stale_jobs(db, now=utcnow() + timedelta(seconds=10)) == [job_id]
+        assert job_rows.reap_stale_jobs(db, now=utcnow() + timedelta(seconds=10)) == [job_id]
         assert heartbeat.lost.wait(timeout=5), "the heartbeat did not notice the lost lease"
     finally:
         heartbeat.stop()
@@ -132,9 +133,9 @@ def test_heartbeat_renews_the_lease_then_stops_when_it_is_lost(db):
 
 def test_a_duplicate_delivery_does_nothing(db, settings):
     job_id = new_job(db)
-    repository.claim_job(db, job_id, "other-worker", 30)
+    job_rows.claim_job(db, job_id, "other-worker", 30)
     assert execute_job(db, settings, job_id, "w2") == JobOutcome(job_id, "skipped")
-    job = repository.get_job(db, job_id)
+    job = job_rows.get_job(db, job_id)
     assert (job.status, job.worker_id, job.attempt) == ("running", "other-worker", 1)
 
 
@@ -151,7 +152,7 @@ def test_user_errors_are_classified(db, settings, tiny_student_folder, tiny_teac
     missing_dataset = new_job(db, _spec(tiny_student_folder, tiny_teacher_folder, {"id": "ds_nope"}))
     outcome = execute_job(db, settings, missing_dataset, "w1", device="cpu")
     assert outcome == JobOutcome(missing_dataset, "failed", "invalid_dataset")
-    job = repository.get_job(db, missing_dataset)
+    job = job_rows.get_job(db, missing_dataset)
     assert (job.status, job.error_kind, job.error_code) == ("failed", "user", "invalid_dataset")
     assert "ds_nope" in job.error_message and "POST /v1/datasets" in job.error_message
     assert job.lease_expires_at is None
@@ -160,7 +161,7 @@ def test_user_errors_are_classified(db, settings, tiny_student_folder, tiny_teac
 
     missing_model = new_job(db, _spec(tmp_path / "no-such-model", tiny_teacher_folder, {"path": str(tiny_dataset_path)}))
     assert execute_job(db, settings, missing_model, "w1", device="cpu").error_code == "model_not_found"
-    assert repository.get_job(db, missing_model).error_kind == "user"
+    assert job_rows.get_job(db, missing_model).error_kind == "user"
 
     bad_spec = new_job(db, {"method": "ctpd", "student": {"model": "x"}})  # stored specs are resolved; not this one
     assert execute_job(db, settings, bad_spec, "w1", device="cpu").error_code == "invalid_spec"
@@ -173,7 +174,7 @@ def test_an_unexpected_error_is_a_system_error(db, tmp_path, tiny_student_folder
                         allow_server_paths=True)
     job_id = new_job(db, _spec(tiny_student_folder, tiny_teacher_folder, {"path": str(tiny_dataset_path)}))
     assert execute_job(db, settings, job_id, "w1", device="cpu").error_code == "internal_error"
-    job = repository.get_job(db, job_id)
+    job = job_rows.get_job(db, job_id)
     assert (job.status, job.error_kind) == ("failed", "system")
     assert job.error_message.startswith(("FileExistsError", "NotADirectoryError"))
 
@@ -213,17 +214,17 @@ class RecordingQueue:
 
 def test_reaper_requeues_expired_leases_and_unclaimed_jobs(db, settings):
     lost = new_job(db)
-    repository.claim_job(db, lost, "dead-worker", 0.01)
+    job_rows.claim_job(db, lost, "dead-worker", 0.01)
     unclaimed = new_job(db)
     healthy = new_job(db)
-    repository.claim_job(db, healthy, "live-worker", 300)
+    job_rows.claim_job(db, healthy, "live-worker", 300)
     time.sleep(0.05)
     queue = RecordingQueue()
     fast = settings.model_copy(update={"requeue_after_seconds": 0})
     assert sorted(reap(db, fast, queue)) == sorted([lost, unclaimed])
     assert sorted(queue.sent) == sorted([lost, unclaimed])
-    assert repository.get_job(db, lost).status == "queued"
-    assert repository.get_job(db, healthy).status == "running"
+    assert job_rows.get_job(db, lost).status == "queued"
+    assert job_rows.get_job(db, healthy).status == "running"
     assert any(row.type == "job_restarted" for row in events(db, lost))
 
 
@@ -240,15 +241,15 @@ def test_observer_stops_inference_stages_but_leaves_training_to_fit(db):
     from worker.recipe import JobStopped
 
     job_id = new_job(db)
-    repository.claim_job(db, job_id, "w1", 30)
+    job_rows.claim_job(db, job_id, "w1", 30)
     observer = DbObserver(db, job_id, stop_signal=DbStopSignal(db, job_id))
     observer.progress(Progress("reference", 64, 256, None))  # no cancel yet
-    repository.request_cancel(db, job_id, "acme")
+    job_rows.request_cancel(db, job_id, "acme")
     time.sleep(1.05)  # the stop signal reads the flag at most once a second
     observer.progress(Progress("distill", 3, 10, None))  # fit polls the signal and checkpoints itself
     with pytest.raises(JobStopped):  # the last batch of a stage stops too (issue 9.5): no next stage starts
         observer.progress(Progress("reference", 256, 256, None))
     with pytest.raises(JobStopped):
         observer.progress(Progress("evaluate", 4, 8, None))
-    job = repository.get_job(db, job_id)
+    job = job_rows.get_job(db, job_id)
     assert (job.stage, job.progress_step, job.progress_total) == ("evaluate", 4, 8)  # flushed before stopping
