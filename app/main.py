@@ -53,7 +53,10 @@ def create_app(settings: Settings, queue: TaskQueue | None = None) -> FastAPI:
             close()
         database.dispose()
 
-    app = FastAPI(title="ctpd", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan)
+    # One schema per model for requests and responses: the JobSpec a client sends is the type it reads back in
+    # Job.spec, so the document has one JobSpec component, never JobSpec-Input / JobSpec-Output.
+    app = FastAPI(title="ctpd", version=API_VERSION, description=DESCRIPTION, lifespan=lifespan,
+                  separate_input_output_schemas=False)
     app.state.settings = settings
     app.state.db = database
     app.state.queue = task_queue

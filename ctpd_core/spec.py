@@ -69,12 +69,13 @@ class ModelRef(_Strict):
 
 
 class DatasetRef(_Strict):
-    # _one_source in JSON Schema, so OpenAPI clients (and schema-driven tests) know what is refused: exactly one
-    # of path / id is a string (the other absent or null).
-    model_config = ConfigDict(json_schema_extra={"oneOf": [
-        {"required": ["path"], "properties": {"path": {"type": "string"}}},
-        {"required": ["id"], "properties": {"id": {"type": "string"}}},
-    ]})
+    # _one_source in JSON Schema, so schema-driven tests and validators know what is refused: exactly one of path /
+    # id is a string (the other absent or null). Said as `not` (neither both nor none), not as `oneOf`: client
+    # generators read a `oneOf` beside `properties` as a union of its branches and drop the model's own fields.
+    model_config = ConfigDict(json_schema_extra={"not": {"anyOf": [
+        {"required": ["path", "id"], "properties": {"path": {"type": "string"}, "id": {"type": "string"}}},
+        {"properties": {"path": {"type": "null"}, "id": {"type": "null"}}},
+    ]}})
 
     path: Text | None = Field(
         default=None, description="A JSONL, JSON or Parquet file of preference pairs (prompt, chosen, rejected)."
@@ -123,12 +124,12 @@ class ContrastiveSpec(_Strict):
     """π+ and π− (method §2, stages 2a/2b): given as models, or trained by DPO and by DPO on swapped pairs,
     both initialised from (and referenced to) the teacher (or the student, for TIS-DPO weights)."""
 
-    # _both_or_neither in JSON Schema: both ready models given, or neither (each absent or null).
-    model_config = ConfigDict(json_schema_extra={"oneOf": [
-        {"required": ["positive", "negative"],
-         "properties": {"positive": {"type": "object"}, "negative": {"type": "object"}}},
-        {"properties": {"positive": {"type": "null"}, "negative": {"type": "null"}}},
-    ]})
+    # _both_or_neither in JSON Schema: both ready models given, or neither (each absent or null); said as `not`
+    # (not just one of them) for the reason DatasetRef gives.
+    model_config = ConfigDict(json_schema_extra={"not": {"anyOf": [
+        {"required": ["positive"], "properties": {"positive": {"type": "object"}, "negative": {"type": "null"}}},
+        {"required": ["negative"], "properties": {"negative": {"type": "object"}, "positive": {"type": "null"}}},
+    ]}})
 
     positive: ModelRef | None = Field(default=None, description="A ready π+; trained when unset.")
     negative: ModelRef | None = Field(default=None, description="A ready π−; trained when unset.")

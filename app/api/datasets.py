@@ -18,8 +18,8 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import DbDep, PrincipalDep, SettingsDep
-from app.api.errors import ApiError
-from app.api.schemas import Dataset, ErrorResponse, dataset_object
+from app.api.errors import ApiError, error_responses
+from app.api.schemas import Dataset, dataset_object
 from app.db import datasets as dataset_rows
 from app.db import models as orm
 from app.db.auth import Principal
@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(
     prefix="/v1/datasets", tags=["datasets"],
-    responses={422: {"model": ErrorResponse, "description": "Invalid request; `error.param` names the field."}},
+    # Every route checks the API key (401), validates its input (422) and reads the database (503 while it is
+    # unreachable).
+    responses=error_responses((401, 422, 503)),
 )
 
 _UPLOAD_BODY: dict[str, Any] = {
@@ -56,11 +58,6 @@ _UPLOAD_BODY: dict[str, Any] = {
                 }
             }
         },
-    },
-    # Merged into the decorator's responses: the upload answers a multipart body it cannot parse with a 400.
-    "responses": {
-        "400": {"description": "The multipart body is malformed (no boundary, bad part headers, cut short).",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}},
     },
 }
 
@@ -103,11 +100,13 @@ def _publish(received: ReceivedDataset, principal: Principal, db: Database, sett
         "makes it a 422 `invalid_dataset` whose `error.errors` lists `{row, message}` (JSONL: the line number), "
         "and nothing is stored. Over the size limit: 413."
     ),
-    responses={
-        401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
-        413: {"model": ErrorResponse, "description": "Larger than CTPD_MAX_UPLOAD_BYTES."},
-        422: {"model": ErrorResponse, "description": "Invalid rows, unsupported extension or no `file` field."},
-    },
+    responses=error_responses((400, 413, 422), {
+        400: "The multipart body is malformed (no boundary, bad part headers, cut short) or the client "
+             "disconnected (`invalid_request`, `error.param` `file`).",
+        413: "Larger than CTPD_MAX_UPLOAD_BYTES (`file_too_large`).",
+        422: "Invalid rows (`invalid_dataset`: `error.errors` lists `{row, message}`), an unsupported extension or "
+             "no `file` field (`invalid_request`).",
+    }),
     openapi_extra=_UPLOAD_BODY,
 )
 async def upload_dataset(request: Request, principal: PrincipalDep, db: DbDep, settings: SettingsDep) -> Dataset:
@@ -124,10 +123,7 @@ async def upload_dataset(request: Request, principal: PrincipalDep, db: DbDep, s
     operation_id="get_dataset",
     response_model=Dataset,
     summary="Get a dataset",
-    responses={
-        401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
-        404: {"model": ErrorResponse, "description": "No such dataset for this API key's tenant."},
-    },
+    responses=error_responses((404,), {404: "No such dataset for this API key's tenant (`not_found`)."}),
 )
 def get_dataset(dataset_id: str, principal: PrincipalDep, db: DbDep) -> Dataset:
     row = dataset_rows.get_dataset(db, dataset_id, principal.tenant)

@@ -4,6 +4,9 @@
 ``lora.target_modules[0]``), a query parameter (``limit``), a header (``Idempotency-Key``) or the upload
 field (``file``); null when no single field is at fault. A 422 carries ``errors``: one
 ``{"param", "message"}`` per problem, and ``message`` joins them, so one response lists every fix.
+
+:func:`error_responses` declares these bodies in the OpenAPI document, route by route, so a generated client
+parses every error a route can return as the typed ``ErrorResponse``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import re
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,6 +27,7 @@ from pydantic.fields import FieldInfo
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.schemas import ErrorResponse
 from app.db.engine import is_unavailable
 from ctpd_core.spec import NO_NUL_PATTERN, JobSpec
 
@@ -50,6 +54,39 @@ def invalid_request(problems: Sequence[tuple[str | None, str]]) -> ApiError:
         422, "invalid_request", "; ".join(message for _, message in problems), problems[0][0],
         errors=[{"param": param, "message": message} for param, message in problems],
     )
+
+
+RETRY_AFTER_SECONDS = 5
+
+# What each status means wherever it is returned; a route states its own cases where they differ.
+_STATUS_DESCRIPTIONS = {
+    400: "The request body is malformed.",
+    401: "Missing or invalid API key (`missing_api_key`, `invalid_api_key`).",
+    403: "Not allowed for this API key.",
+    404: "No such resource for this API key's tenant.",
+    409: "The request conflicts with the resource's current state.",
+    413: "The request body is larger than the service accepts.",
+    422: "Invalid request: `error.param` names the field and `error.errors` lists every problem with its fix.",
+    503: "The service's database is unavailable (`service_unavailable`); retry after `Retry-After` seconds.",
+}
+_STATUS_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`.", "schema": {"type": "string"}, "required": True}},
+    503: {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"},
+                          "required": True}},
+}
+
+
+def error_responses(statuses: Iterable[int], descriptions: Mapping[int, str] | None = None
+                    ) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: each status's body is an ``ErrorResponse``, with its headers (401's
+    WWW-Authenticate, 503's Retry-After) and the route's own description where given."""
+    described = {**_STATUS_DESCRIPTIONS, **(descriptions or {})}
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        responses[status] = {"model": ErrorResponse, "description": described[status]}
+        if status in _STATUS_HEADERS:
+            responses[status]["headers"] = _STATUS_HEADERS[status]
+    return responses
 
 
 # ------------------------------------------------------------------------ pydantic errors -> our shape
@@ -215,9 +252,6 @@ def _unparsable_body(cause: BaseException) -> ApiError:
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "file_too_large", 415: "unsupported_media_type"}
-
-
-RETRY_AFTER_SECONDS = 5
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from app.api.deps import DbDep, SettingsDep
 from app.api.errors import RETRY_AFTER_SECONDS
-from app.api.schemas import Check, Health, Readiness
+from app.api.schemas import Check, Health, NotReady, Readiness
 
 router = APIRouter(tags=["health"])
 
@@ -76,7 +76,12 @@ def healthz() -> Health:
     response_model=Readiness,
     summary="Readiness: the database and the broker are reachable",
     description="503 names the failing check in `checks` (and in `error.message`).",
-    responses={503: {"description": "A dependency is unreachable.", "model": Readiness}},
+    responses={503: {
+        "model": NotReady,
+        "description": "A dependency is unreachable: `checks` says which, and `error` (`not_ready`) says why.",
+        "headers": {"Retry-After": {"description": "Seconds to wait before asking again.", "schema": {"type": "integer"},
+                                    "required": True}},
+    }},
 )
 def readyz(db: DbDep, settings: SettingsDep) -> JSONResponse:
     checks = {"database": check_database(db), "broker": check_broker(settings.broker_url)}

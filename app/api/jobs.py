@@ -7,20 +7,17 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy.exc import SQLAlchemyError
 
-from app import policy
 from app.api.artifacts import export_files, tar_gz_stream
 from app.api.deps import DbDep, PrincipalDep, QueueDep, SettingsDep
-from app.api.errors import ApiError, invalid_request
+from app.api.errors import ApiError, error_responses, invalid_request
 from app.api.schemas import (
     Artifact,
     ArtifactList,
-    ErrorResponse,
     Job,
     JobEventList,
     JobList,
@@ -29,32 +26,30 @@ from app.api.schemas import (
     event_object,
     job_object,
 )
-from app.db import datasets as dataset_rows
 from app.db import events as job_log
 from app.db import jobs as job_rows
 from app.db import models as orm
 from app.db.auth import Principal
 from app.db.engine import Database
-from app.policy import Caller
-from app.settings import Settings
+from app.services import jobs as job_service
 from ctpd_core.spec import JobSpec
+from ctpd_core.vocab import JobStatus
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(
     prefix="/v1/jobs", tags=["jobs"],
-    responses={422: {"model": ErrorResponse, "description": "Invalid request; `error.param` names the field."}},
+    # Every route checks the API key (401), validates its ids and query parameters (422: a NUL in an id is refused
+    # before any query) and reads the database (503 while it is unreachable).
+    responses=error_responses((401, 422, 503)),
 )
 
-MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 # One level of the deepObject style: metadata[team]=nlp. A nested metadata[a][b] is not a filter (values are strings).
 _METADATA_QUERY = re.compile(r"^metadata\[([^\[\]]*)\]$")
 _LIST_QUERY = ("limit", "after", "status")  # list_jobs' named query parameters, besides the metadata filters
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
-    404: {"model": ErrorResponse, "description": "No such job for this API key's tenant."},
-}
+# The routes under /v1/jobs/{job_id}, besides the router's.
+_ERRORS = error_responses((404,), {404: "No such job for this API key's tenant (`not_found`)."})
 
 
 async def _raw_body(request: Request) -> bytes:
@@ -77,40 +72,6 @@ def _view(db: Database, job: orm.Job) -> Job:
     return job_object(job, job_log.job_transitions(db, [job.id])[job.id])
 
 
-# --------------------------------------------------------------------------- what a spec may point at
-
-
-def _metadata_problems(metadata: dict[str, str]) -> list[tuple[str | None, str]]:
-    problems: list[tuple[str | None, str]] = []
-    if len(metadata) > MAX_METADATA_PAIRS:
-        problems.append(("metadata", f"metadata: at most {MAX_METADATA_PAIRS} pairs, got {len(metadata)}"))
-    for key, value in metadata.items():
-        if not key or len(key) > MAX_METADATA_KEY:
-            problems.append((f"metadata.{key}", f"metadata keys need 1 to {MAX_METADATA_KEY} characters, got {key!r}"))
-        elif len(value) > MAX_METADATA_VALUE:
-            problems.append((f"metadata.{key}", f"metadata.{key}: at most {MAX_METADATA_VALUE} characters"))
-    return problems
-
-
-def _caller(principal: Principal, settings: Settings) -> Caller:
-    return Caller.of(settings, tenant=principal.tenant, is_admin=principal.is_admin)
-
-
-def _reference_problems(spec: JobSpec, principal: Principal, db: Database, settings: Settings) -> list[tuple[str | None, str]]:
-    problems: list[tuple[str | None, str]] = []
-    for param, dataset_id in (("dataset.id", spec.dataset.id), ("dataset.validation_id", spec.dataset.validation_id)):
-        if dataset_id is not None and dataset_rows.get_dataset(db, dataset_id, principal.tenant) is None:
-            problems.append((param, f"{param}: no dataset {dataset_id!r} for this API key; upload the file with "
-                             "POST /v1/datasets and use the id it returns"))
-    problems += policy.reference_problems(
-        spec, _caller(principal, settings),
-        # job:<id> and the artifact folders of a job: only the tenant's own jobs that exported a student.
-        owns_job=lambda job_id: job_rows.has_export(db, job_id, principal.tenant),
-        owns_dataset=lambda dataset_id: dataset_rows.get_dataset(db, dataset_id, principal.tenant) is not None,
-    )
-    return problems
-
-
 # ------------------------------------------------------------------------------------------- endpoints
 
 
@@ -129,12 +90,15 @@ def _reference_problems(spec: JobSpec, principal: Principal, db: Database, setti
         "Keys are per tenant and never expire."
     ),
     responses={
-        200: {"model": Job, "description": "Replay of an earlier request with the same Idempotency-Key and body."},
-        409: {"model": ErrorResponse, "description": "The Idempotency-Key was used with a different body."},
-        422: {"model": ErrorResponse, "description": "Invalid spec; `error.param` names the field."},
-        403: {"model": ErrorResponse, "description": "`trust_remote_code` without the deployment's and an admin's "
-              "permission (`remote_code_forbidden`)."},
-        401: _ERRORS[401],
+        200: {"model": Job, "description": "Replay of an earlier request with the same Idempotency-Key and body.",
+              "headers": {"Idempotent-Replayed": {"description": "`true`: the job an earlier request created.",
+                                                  "schema": {"type": "string", "enum": ["true"]}, "required": True}}},
+        **error_responses((403, 409, 422), {
+            403: "`trust_remote_code` without the deployment's and an admin's permission (`remote_code_forbidden`).",
+            409: "The Idempotency-Key was used with a different body (`idempotency_conflict`).",
+            422: "Invalid spec (`invalid_request`): `error.param` names the field, `error.errors` lists every problem "
+                 "with its fix; nothing is stored.",
+        }),
     },
 )
 def create_job(
@@ -151,51 +115,23 @@ def create_job(
                description="Any unique string (e.g. a UUID); retrying with it never creates a second job."),
     ] = None,
 ) -> Job:
-    remote_code = policy.remote_code_problems(spec, _caller(principal, settings))
-    if remote_code:
-        raise ApiError(403, "remote_code_forbidden", "; ".join(m for _, m in remote_code), remote_code[0][0],
-                       errors=[{"param": param, "message": message} for param, message in remote_code])
-    problems = _metadata_problems(spec.metadata) + _reference_problems(spec, principal, db, settings)
-    if problems:
-        raise invalid_request(problems)
     try:
-        job, created = job_rows.create_job(
-            db, tenant=principal.tenant, spec=spec.model_dump(mode="json"), name=spec.name, metadata=spec.metadata,
-            idempotency_key=idempotency_key, request_hash=_request_hash(body), max_attempts=settings.max_attempts,
-            submitted_by_admin=principal.is_admin,
-        )
-    except job_rows.IdempotencyConflict as conflict:
+        submitted = job_service.submit_job(db, queue, settings, principal, spec, request_hash=_request_hash(body),
+                                           idempotency_key=idempotency_key)
+    except job_service.RemoteCodeForbidden as error:
+        problems = error.problems
+        raise ApiError(403, "remote_code_forbidden", str(error), problems[0][0],
+                       errors=[{"param": param, "message": message} for param, message in problems]) from None
+    except job_service.InvalidSubmission as error:
+        raise invalid_request(error.problems) from None
+    except job_service.IdempotencyConflict as conflict:
         raise ApiError(409, "idempotency_conflict",
                        f"{conflict}; use a new Idempotency-Key for a different request", "Idempotency-Key") from None
-    if not created:
+    if not submitted.created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-        return _view(db, job)
-    # The row is committed: from here on the answer is 201, whatever else fails, because the job exists (a
-    # 503 now would make a client without an Idempotency-Key submit it twice). Ring the doorbell: a failure
-    # loses nothing, the job stays queued and the reaper enqueues it again after requeue_after_seconds.
-    try:
-        queue.enqueue_job(job.id)
-    except Exception as error:  # the broker is down or misconfigured: record it and answer anyway
-        logger.warning("could not enqueue job %s: %s", job.id, error)
-        _note_queued(db, job.id, f"could not reach the broker ({type(error).__name__}: {error}); the job stays "
-                     f"queued and is enqueued again within {settings.requeue_after_seconds} s", level="warning",
-                     data={"enqueued": False, "error": f"{type(error).__name__}: {error}"})
-    else:
-        _note_queued(db, job.id, "enqueued for a worker", data={"enqueued": True, "queue": "train"})
-    try:
-        return _view(db, job)
-    except SQLAlchemyError:  # the database went away after the commit: answer from the row in hand
-        logger.warning("job %s created; its transitions could not be read back", job.id, exc_info=True)
-        return job_object(job, [("queued", job.created_at)])
-
-
-def _note_queued(db: Database, job_id: str, message: str, **kwargs: Any) -> None:
-    """The job_queued event; a database that went away after the job's commit costs the event, not the 201."""
-    try:
-        job_log.add_event(db, job_id, "job_queued", message, **kwargs)
-    except SQLAlchemyError:
-        logger.warning("job %s created; its job_queued event could not be written", job_id, exc_info=True)
+    # A created job answers 201 even when the broker or the database failed after its commit (submit_job).
+    return job_object(submitted.job, submitted.transitions)
 
 
 @router.get(
@@ -208,7 +144,6 @@ def _note_queued(db: Database, job_id: str, message: str, **kwargs: Any) -> None
         "`has_more` is true. Filter by `status` and by metadata with `metadata[key]=value` (repeatable; all must "
         "match). Any other query parameter is a 422, so a misspelt filter never lists every job."
     ),
-    responses=_ERRORS,
     openapi_extra={
         "parameters": [
             {
@@ -235,7 +170,7 @@ def list_jobs(
         Query(min_length=1, description="The id of the last job of the previous page; leave it out for the first page."),
     ] = None,
     status: Annotated[
-        Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"] | None,
+        JobStatus | None,
         Query(description="Only jobs in this status."),
     ] = None,
 ) -> JobList:
@@ -276,15 +211,15 @@ def get_job(job_id: str, principal: PrincipalDep, db: DbDep) -> Job:
         "stops at its next check, then the job is `cancelled`. Cancelling a cancelling or cancelled job returns "
         "it unchanged; a succeeded or failed job is a 409."
     ),
-    responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "The job already succeeded or failed."}},
+    responses={**_ERRORS, **error_responses((409,), {409: "The job already succeeded or failed (`job_not_cancellable`)."})},
 )
 def cancel_job(job_id: str, principal: PrincipalDep, db: DbDep) -> Job:
     try:
-        job = job_rows.request_cancel(db, job_id, principal.tenant)
-    except job_rows.JobNotCancellable as error:
+        job = job_service.cancel_job(db, principal, job_id)
+    except job_service.JobNotCancellable as error:
         raise ApiError(409, "job_not_cancellable", str(error), "job_id") from None
-    if job is None:
-        raise ApiError(404, "not_found", f"no job {job_id!r} for this API key", "job_id")
+    except job_service.NoSuchJob as error:
+        raise ApiError(404, "not_found", str(error), "job_id") from None
     return _view(db, job)
 
 
@@ -370,8 +305,9 @@ def list_job_artifacts(job_id: str, principal: PrincipalDep, db: DbDep) -> Artif
     responses={
         200: {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
               "description": "The model folder as tar.gz."},
-        409: {"model": ErrorResponse, "description": "The job has not succeeded (or its export is gone)."},
         **_ERRORS,
+        **error_responses((409,), {409: "The job has not succeeded (`job_not_succeeded`), or its export is gone "
+                                        "(`artifacts_unavailable`)."}),
     },
 )
 def download_job_model(job_id: str, principal: PrincipalDep, db: DbDep) -> StreamingResponse:

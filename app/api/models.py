@@ -13,7 +13,8 @@ from pathlib import Path
 from fastapi import APIRouter
 
 from app.api.deps import DbDep, PrincipalDep
-from app.api.schemas import ErrorResponse, Model, ModelList
+from app.api.errors import error_responses
+from app.api.schemas import Model, ModelList
 from app.db import jobs as job_rows
 from app.policy import JOB_MODEL_PREFIX
 from ctpd_core.catalog import CATALOG
@@ -35,7 +36,7 @@ def _installed(distribution: str) -> bool:
     response_model=ModelList,
     summary="List models",
     description="The catalog (`source: catalog`) and this tenant's exported students (`source: job`), newest first.",
-    responses={401: {"model": ErrorResponse, "description": "Missing or invalid API key."}},
+    responses=error_responses((401, 503)),
 )
 def list_models(principal: PrincipalDep, db: DbDep) -> ModelList:
     models = [

@@ -1,6 +1,9 @@
 """Response shapes (what OpenAPI documents), and the functions that build them from rows.
 
-The request body of ``POST /v1/jobs`` is the JobSpec itself (``ctpd_core.spec``); these are only outputs.
+The request body of ``POST /v1/jobs`` is the JobSpec itself (``ctpd_core.spec``); these are only outputs. A job's
+``spec`` is that same JobSpec model, so the document has one ``JobSpec`` component for the request and the
+response, and a generated client reads back the type it sent. Statuses, event types and levels are the shared
+vocabulary's enums (``ctpd_core.vocab``), so the document lists every value a client must handle.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from pydantic import BaseModel, Field
 from app.db.models import Dataset as DatasetRow
 from app.db.models import Job as JobRow
 from app.db.models import JobEvent as EventRow
-
-JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+from ctpd_core.spec import JobSpec
+from ctpd_core.vocab import EventLevel, EventType, JobStatus
 
 
 class ErrorDetail(BaseModel):
@@ -26,6 +29,9 @@ class ErrorDetail(BaseModel):
     errors: list[dict[str, Any]] | None = Field(
         default=None, description="422 only: one {param, message} per problem (invalid_request), or one "
         "{row, message} per bad row (invalid_dataset; rows are 1-based JSONL lines or JSON/Parquet row numbers)."
+    )
+    total_errors: int | None = Field(
+        default=None, description="invalid_dataset only: how many rows are bad (`errors` lists the first ones)."
     )
 
 
@@ -75,7 +81,7 @@ class Job(BaseModel):
     cancel_requested_at: datetime | None
     finished_at: datetime | None
     transitions: list[Transition] = Field(description="Every status change, oldest first.")
-    spec: dict[str, Any] = Field(description="The resolved JobSpec: the request with every default filled in.")
+    spec: JobSpec = Field(description="The resolved JobSpec: the request with every default filled in.")
     model: ExportedModel | None = Field(description="The exported student, once the job succeeded.")
 
 
@@ -90,11 +96,11 @@ class JobEvent(BaseModel):
     object: Literal["job.event"] = "job.event"
     job_id: str
     created_at: datetime
-    type: str = Field(
+    type: EventType = Field(
         description="job_created, job_queued, job_started, stage_started, stage_finished, checkpoint_saved, "
-        "job_restarted, cancel_requested, job_succeeded, job_failed, job_cancelled."
+        "job_restarted, job_handed_back, cancel_requested, job_succeeded, job_failed, job_cancelled."
     )
-    level: Literal["info", "warning", "error"]
+    level: EventLevel
     stage: str | None
     message: str
     data: dict[str, Any]
@@ -173,6 +179,13 @@ class Readiness(BaseModel):
     checks: dict[str, Check]
 
 
+class NotReady(Readiness):
+    """/readyz's 503: the readiness body plus the standard error (``not_ready``) naming the failing checks."""
+
+    status: Literal["unavailable"] = "unavailable"
+    error: ErrorDetail
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
@@ -191,19 +204,21 @@ def job_object(row: JobRow, transitions: list[tuple[str, datetime]]) -> Job:
             artifacts_url=f"/v1/jobs/{row.id}/artifacts",
         )
     return Job(
-        id=row.id, status=row.status, stage=row.stage,  # type: ignore[arg-type]
+        id=row.id, status=JobStatus(row.status), stage=row.stage,
         progress=Progress(step=row.progress_step, total=row.progress_total, eta_seconds=row.eta_seconds),
         attempt=row.attempt, max_attempts=row.max_attempts, error=error, name=row.name,
         metadata=dict(row.job_metadata or {}), created_at=row.created_at, started_at=row.started_at,
         cancel_requested_at=row.cancel_requested_at, finished_at=row.finished_at,
-        transitions=[Transition(status=status, at=at) for status, at in transitions],  # type: ignore[arg-type]
-        spec=row.spec, model=model,
+        transitions=[Transition(status=JobStatus(status), at=at) for status, at in transitions],
+        # Stored resolved, so validating it again changes nothing; a row the current JobSpec cannot read would be
+        # refused by the worker too (a spec change that breaks stored jobs needs a migration, not a lenient type).
+        spec=JobSpec.model_validate(row.spec), model=model,
     )
 
 
 def event_object(row: EventRow) -> JobEvent:
     return JobEvent(
-        id=row.id, job_id=row.job_id, created_at=row.created_at, type=row.type, level=row.level,  # type: ignore[arg-type]
+        id=row.id, job_id=row.job_id, created_at=row.created_at, type=EventType(row.type), level=EventLevel(row.level),
         stage=row.stage, message=row.message, data=dict(row.data or {}),
     )
 
