@@ -43,6 +43,18 @@ NO_NUL_PATTERN = r"^[^\x00]*$"
 Text = Annotated[str, Field(pattern=NO_NUL_PATTERN)]
 
 
+class SpecError(ValueError):
+    """A rule across fields broke: the message says what and how to fix it, ``loc`` names the field to fix,
+    relative to the model that checked it (``("batch_size",)`` from TrainingSpec is ``training.batch_size`` in a
+    JobSpec). Raised in a model validator, pydantic reports it as a ``value_error`` at the model's location with
+    this exception as ``ctx["error"]``, so a caller (the API's 422) joins the two locations instead of finding a
+    field name in the message. A ValueError, so code that catches those (the CLI, the worker) is unchanged."""
+
+    def __init__(self, message: str, *loc: str) -> None:
+        super().__init__(message)
+        self.loc: tuple[str, ...] = loc
+
+
 def _text_map_schema(schema: dict[str, Any]) -> None:
     """pydantic renders a dict[Text, Text] as patternProperties (leaving keys with a NUL unconstrained); say it
     directly: every key and every value is NUL-free text."""
@@ -95,10 +107,10 @@ class DatasetRef(_Strict):
     @model_validator(mode="after")
     def _one_source(self) -> DatasetRef:
         if (self.path is None) == (self.id is None):
-            raise ValueError("give exactly one of dataset.path (a file) or dataset.id (an uploaded dataset)")
+            raise SpecError("give exactly one of dataset.path (a file) or dataset.id (an uploaded dataset)", "path")
         if self.validation_path is not None and self.validation_id is not None:
-            raise ValueError("give at most one of dataset.validation_path (a file) or dataset.validation_id (an "
-                             "uploaded dataset)")
+            raise SpecError("give at most one of dataset.validation_path (a file) or dataset.validation_id (an "
+                            "uploaded dataset)", "validation_path")
         return self
 
 
@@ -141,7 +153,9 @@ class ContrastiveSpec(_Strict):
     @model_validator(mode="after")
     def _both_or_neither(self) -> ContrastiveSpec:
         if (self.positive is None) != (self.negative is None):
-            raise ValueError("give both contrastive.positive and contrastive.negative, or neither (to train them)")
+            missing = "positive" if self.positive is None else "negative"  # the fix: add the one left out
+            raise SpecError("give both contrastive.positive and contrastive.negative, or neither (to train them)",
+                            missing)
         return self
 
 
@@ -166,9 +180,9 @@ class WeightsSpec(_Strict):
     @model_validator(mode="after")
     def _bounds(self) -> WeightsSpec:
         if self.lower >= self.upper:
-            raise ValueError(f"weights.lower ({self.lower}) must be below weights.upper ({self.upper})")
+            raise SpecError(f"weights.lower ({self.lower}) must be below weights.upper ({self.upper})", "lower")
         if self.random_low >= self.random_high:
-            raise ValueError("weights.random_low must be below weights.random_high")
+            raise SpecError("weights.random_low must be below weights.random_high", "random_low")
         return self
 
 
@@ -197,9 +211,9 @@ class TrainingSpec(_Strict):
     @model_validator(mode="after")
     def _batches(self) -> TrainingSpec:
         if self.batch_size % self.micro_batch_size:
-            raise ValueError(
+            raise SpecError(
                 f"training.batch_size ({self.batch_size}) must be a multiple of training.micro_batch_size "
-                f"({self.micro_batch_size})"
+                f"({self.micro_batch_size})", "batch_size",
             )
         return self
 
@@ -236,20 +250,21 @@ class JobSpec(_Strict):
         if self.weights.source is None:
             object.__setattr__(self, "weights", self.weights.model_copy(update={"source": default_source[self.method]}))
         if self.method == "ctpd" and self.teacher is None:
-            raise ValueError("method ctpd needs a teacher: add {\"teacher\": {\"model\": ...}}")
+            raise SpecError("method ctpd needs a teacher: add {\"teacher\": {\"model\": ...}}", "teacher")
         if self.weights.source == "teacher_contrastive" and self.method != "ctpd":
-            raise ValueError(
+            raise SpecError(
                 f"weights.source teacher_contrastive needs method ctpd (the {self.method} baseline trains the "
-                "student alone); use student_contrastive or uniform"
+                "student alone); use student_contrastive or uniform", "weights", "source",
             )
         if self.weights.average and not self.needs_contrastive:  # checked once the default source is known
-            raise ValueError(
+            raise SpecError(
                 f"weights.average averages contrastive weights, and method {self.method} with weights.source "
                 f"{self.weights.source} has none to average; use teacher_contrastive or student_contrastive, or "
-                "drop weights.average"
+                "drop weights.average", "weights", "average",
             )
         if self.method == "dpo" and self.weights.source != "uniform":
-            raise ValueError("method dpo uses no weights; use tisdpo for weighted DPO, or drop weights.source")
+            raise SpecError("method dpo uses no weights; use tisdpo for weighted DPO, or drop weights.source",
+                            "weights", "source")
         return self
 
     @property

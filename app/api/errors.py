@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.schemas import ErrorResponse
 from app.db.engine import is_unavailable
-from ctpd_core.spec import NO_NUL_PATTERN, JobSpec
+from ctpd_core.spec import NO_NUL_PATTERN, JobSpec, SpecError
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +91,6 @@ def error_responses(statuses: Iterable[int], descriptions: Mapping[int, str] | N
 
 # ------------------------------------------------------------------------ pydantic errors -> our shape
 
-_DOTTED = re.compile(r"\b[a-z_]+(?:\.[a-z_]+)+\b")
-_QUOTED_KEY = re.compile(r'\{"([a-z_]+)"')
-
 
 def _param_of(loc: Sequence[Any]) -> tuple[str, str | None]:
     """``("body", "training", "batch_size")`` -> ``("body", "training.batch_size")``."""
@@ -134,10 +131,6 @@ def _field_at(path: str) -> FieldInfo | None:
     parent, _, leaf = path.rpartition(".")
     model = _model_at(parent) if parent else JobSpec
     return model.model_fields.get(leaf) if model is not None else None
-
-
-def _is_spec_path(path: str) -> bool:
-    return _field_at(path) is not None
 
 
 # Pydantic's error types for a number that is not finite, out of its bounds, or not a (whole) number.
@@ -211,15 +204,11 @@ def _describe(error: dict[str, Any]) -> tuple[str | None, str]:
         return param, f"{param}: empty; leave {param} out, or give it a value"
     if kind == "value_error":
         message = msg.removeprefix("Value error, ")
-        # A model-level check (loc = the model) usually names the field it is about: point param at it.
-        for candidate in _DOTTED.findall(message):
-            if where == "body" and _is_spec_path(candidate) and (param is None or candidate.startswith(param + ".")):
-                param = candidate
-                break
-        if param is None and where == "body":
-            quoted = _QUOTED_KEY.search(message)  # e.g. 'add {"teacher": {"model": ...}}'
-            if quoted and quoted.group(1) in JobSpec.model_fields:
-                param = quoted.group(1)
+        # A rule across fields is checked by the model (loc = the model); its SpecError names the field to fix,
+        # relative to that model.
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, SpecError):
+            param = _param_of((*error.get("loc", ()), *cause.loc))[1]
         return param, message if param is None or param in message else f"{param}: {message}"
     shown = _shown(error.get("input"))
     got = f" (got {shown})" if shown is not None else ""

@@ -114,6 +114,48 @@ def test_the_schema_says_what_create_job_and_upload_refuse(client):
     assert "filename must end in `.jsonl`, `.json` or `.parquet`" in description
 
 
+@pytest.mark.parametrize("change, param", [
+    ({"teacher": None}, "teacher"),
+    ({"method": "dpo", "weights": {"source": "random"}}, "weights.source"),
+    ({"method": "tisdpo", "weights": {"source": "teacher_contrastive"}}, "weights.source"),
+    ({"weights": {"source": "uniform", "average": True}}, "weights.average"),
+    ({"training": {"batch_size": 6, "micro_batch_size": 4}}, "training.batch_size"),
+    ({"weights": {"lower": 2.0}}, "weights.lower"),
+    ({"weights": {"random_low": 2.0}}, "weights.random_low"),
+    ({"dataset": {"path": "/a.jsonl", "id": "ds_b"}}, "dataset.path"),
+    ({"dataset": {"path": "/a.jsonl", "validation_path": "/b.jsonl", "validation_id": "ds_c"}}, "dataset.validation_path"),
+    # The field to fix is the one left out (was contrastive.positive either way: the first name in the message).
+    ({"contrastive": {"positive": {"model": "gemma-3-270m"}}}, "contrastive.negative"),
+    ({"contrastive": {"negative": {"model": "gemma-3-270m"}}}, "contrastive.positive"),
+])
+def test_a_rule_across_fields_is_a_422_naming_the_field_to_fix(alice, db, change, param):
+    response = alice.post("/v1/jobs", json={**SPEC, **change})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["errors"] == [{"param": param, "message": error["message"]}], error
+    assert param in error["message"] and not error["message"].startswith(f"{param}: ")  # the rule's own words
+    assert _job_count(db) == 0
+
+
+def test_every_rule_across_fields_is_listed_with_its_own_field(alice):
+    response = alice.post("/v1/jobs", json={**SPEC, "dataset": {"path": "/a.jsonl", "id": "ds_b"},
+                                            "weights": {"lower": 2.0}, "training": {"batch_size": 6, "micro_batch_size": 4}})
+    assert response.status_code == 422
+    assert response.json()["error"] == {
+        "code": "invalid_request", "param": "dataset.path",
+        "message": "give exactly one of dataset.path (a file) or dataset.id (an uploaded dataset); weights.lower (2.0) "
+                   "must be below weights.upper (1.5); training.batch_size (6) must be a multiple of "
+                   "training.micro_batch_size (4)",
+        "errors": [
+            {"param": "dataset.path",
+             "message": "give exactly one of dataset.path (a file) or dataset.id (an uploaded dataset)"},
+            {"param": "weights.lower", "message": "weights.lower (2.0) must be below weights.upper (1.5)"},
+            {"param": "training.batch_size",
+             "message": "training.batch_size (6) must be a multiple of training.micro_batch_size (4)"},
+        ],
+    }
+
+
 # ------------------------------------------------------------- found by schemathesis (tests/app/test_schemathesis.py)
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from ctpd_core.spec import JobSpec, load_spec
+from ctpd_core.spec import JobSpec, SpecError, load_spec
 
 MINIMAL = {
     "method": "ctpd",
@@ -48,6 +48,35 @@ def test_minimal_form_gets_the_papers_defaults():
 def test_bad_specs_name_the_problem(change, message):
     with pytest.raises(ValidationError, match=message):
         JobSpec.model_validate({**MINIMAL, **change})
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"teacher": None}, ("teacher",)),
+        ({"method": "dpo", "weights": {"source": "random"}}, ("weights", "source")),
+        ({"method": "tisdpo", "weights": {"source": "teacher_contrastive"}}, ("weights", "source")),
+        ({"weights": {"source": "uniform", "average": True}}, ("weights", "average")),
+        ({"training": {"batch_size": 6, "micro_batch_size": 4}}, ("training", "batch_size")),
+        ({"weights": {"lower": 2.0}}, ("weights", "lower")),
+        ({"weights": {"random_low": 2.0}}, ("weights", "random_low")),
+        ({"dataset": {"path": "a", "id": "b"}}, ("dataset", "path")),
+        ({"dataset": {}}, ("dataset", "path")),
+        ({"dataset": {"path": "a", "validation_path": "b", "validation_id": "c"}}, ("dataset", "validation_path")),
+        ({"contrastive": {"positive": {"model": "x"}}}, ("contrastive", "negative")),  # the one left out
+        ({"contrastive": {"negative": {"model": "x"}}}, ("contrastive", "positive")),
+    ],
+)
+def test_a_rule_across_fields_raises_a_spec_error_naming_the_field_to_fix(change, field):
+    # pydantic reports the rule at the model that checked it, with the SpecError as ctx["error"]; together they
+    # are the field's full location, so no caller has to find the field's name in the message.
+    with pytest.raises(ValidationError) as raised:
+        JobSpec.model_validate({**MINIMAL, **change})
+    [error] = raised.value.errors()
+    cause = error["ctx"]["error"]
+    assert error["type"] == "value_error" and isinstance(cause, SpecError) and isinstance(cause, ValueError)
+    assert (*error["loc"], *cause.loc) == field
+    assert str(cause) in error["msg"]  # the message is unchanged: "Value error, <message>"
 
 
 def test_baseline_defaults():
