@@ -7,18 +7,17 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.api.artifacts import export_files, tar_gz_stream
 from app.api.deps import DbDep, PrincipalDep, QueueDep, SettingsDep
-from app.api.errors import ApiError, invalid_request
+from app.api.errors import ApiError, error_responses, invalid_request
 from app.api.schemas import (
     Artifact,
     ArtifactList,
-    ErrorResponse,
     Job,
     JobEventList,
     JobList,
@@ -34,22 +33,23 @@ from app.db.auth import Principal
 from app.db.engine import Database
 from app.services import jobs as job_service
 from ctpd_core.spec import JobSpec
+from ctpd_core.vocab import JobStatus
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(
     prefix="/v1/jobs", tags=["jobs"],
-    responses={422: {"model": ErrorResponse, "description": "Invalid request; `error.param` names the field."}},
+    # Every route checks the API key (401), validates its ids and query parameters (422: a NUL in an id is refused
+    # before any query) and reads the database (503 while it is unreachable).
+    responses=error_responses((401, 422, 503)),
 )
 
 # One level of the deepObject style: metadata[team]=nlp. A nested metadata[a][b] is not a filter (values are strings).
 _METADATA_QUERY = re.compile(r"^metadata\[([^\[\]]*)\]$")
 _LIST_QUERY = ("limit", "after", "status")  # list_jobs' named query parameters, besides the metadata filters
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
-    404: {"model": ErrorResponse, "description": "No such job for this API key's tenant."},
-}
+# The routes under /v1/jobs/{job_id}, besides the router's.
+_ERRORS = error_responses((404,), {404: "No such job for this API key's tenant (`not_found`)."})
 
 
 async def _raw_body(request: Request) -> bytes:
@@ -90,12 +90,15 @@ def _view(db: Database, job: orm.Job) -> Job:
         "Keys are per tenant and never expire."
     ),
     responses={
-        200: {"model": Job, "description": "Replay of an earlier request with the same Idempotency-Key and body."},
-        409: {"model": ErrorResponse, "description": "The Idempotency-Key was used with a different body."},
-        422: {"model": ErrorResponse, "description": "Invalid spec; `error.param` names the field."},
-        403: {"model": ErrorResponse, "description": "`trust_remote_code` without the deployment's and an admin's "
-              "permission (`remote_code_forbidden`)."},
-        401: _ERRORS[401],
+        200: {"model": Job, "description": "Replay of an earlier request with the same Idempotency-Key and body.",
+              "headers": {"Idempotent-Replayed": {"description": "`true`: the job an earlier request created.",
+                                                  "schema": {"type": "string", "enum": ["true"]}, "required": True}}},
+        **error_responses((403, 409, 422), {
+            403: "`trust_remote_code` without the deployment's and an admin's permission (`remote_code_forbidden`).",
+            409: "The Idempotency-Key was used with a different body (`idempotency_conflict`).",
+            422: "Invalid spec (`invalid_request`): `error.param` names the field, `error.errors` lists every problem "
+                 "with its fix; nothing is stored.",
+        }),
     },
 )
 def create_job(
@@ -141,7 +144,6 @@ def create_job(
         "`has_more` is true. Filter by `status` and by metadata with `metadata[key]=value` (repeatable; all must "
         "match). Any other query parameter is a 422, so a misspelt filter never lists every job."
     ),
-    responses=_ERRORS,
     openapi_extra={
         "parameters": [
             {
@@ -168,7 +170,7 @@ def list_jobs(
         Query(min_length=1, description="The id of the last job of the previous page; leave it out for the first page."),
     ] = None,
     status: Annotated[
-        Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"] | None,
+        JobStatus | None,
         Query(description="Only jobs in this status."),
     ] = None,
 ) -> JobList:
@@ -209,7 +211,7 @@ def get_job(job_id: str, principal: PrincipalDep, db: DbDep) -> Job:
         "stops at its next check, then the job is `cancelled`. Cancelling a cancelling or cancelled job returns "
         "it unchanged; a succeeded or failed job is a 409."
     ),
-    responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "The job already succeeded or failed."}},
+    responses={**_ERRORS, **error_responses((409,), {409: "The job already succeeded or failed (`job_not_cancellable`)."})},
 )
 def cancel_job(job_id: str, principal: PrincipalDep, db: DbDep) -> Job:
     try:
@@ -303,8 +305,9 @@ def list_job_artifacts(job_id: str, principal: PrincipalDep, db: DbDep) -> Artif
     responses={
         200: {"content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
               "description": "The model folder as tar.gz."},
-        409: {"model": ErrorResponse, "description": "The job has not succeeded (or its export is gone)."},
         **_ERRORS,
+        **error_responses((409,), {409: "The job has not succeeded (`job_not_succeeded`), or its export is gone "
+                                        "(`artifacts_unavailable`)."}),
     },
 )
 def download_job_model(job_id: str, principal: PrincipalDep, db: DbDep) -> StreamingResponse:
