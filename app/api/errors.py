@@ -182,8 +182,8 @@ def _describe(error: dict[str, Any]) -> tuple[str | None, str]:
     if kind == "extra_forbidden" and where == "body":
         parent = param.rpartition(".")[0] if param and "." in param else None
         model = _model_at(parent)
-        allowed = f" (allowed here: {', '.join(model.model_fields)})" if model is not None else ""
-        return param, f"{param}: unknown field; check the spelling{allowed}"
+        fields = f" (allowed here: {', '.join(model.model_fields)})" if model is not None else ""
+        return param, f"{param}: unknown field; check the spelling{fields}"
     if kind == "missing":
         if param is None:
             return None, "the request body is missing; send a JSON object"

@@ -92,6 +92,34 @@ def test_the_document_has_one_jobspec_for_the_request_and_the_response(server):
     assert schemas["JobEvent"]["properties"]["type"]["$ref"] == "#/components/schemas/EventType"
 
 
+def test_every_route_declares_the_errors_it_can_return(server):
+    document = httpx.get(f"{server}/openapi.json", timeout=30).json()
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            where, responses = f"{method.upper()} {path}", operation["responses"]
+            if path == "/healthz":  # answers from the process alone
+                assert not [status for status in responses if status.startswith(("4", "5"))], where
+                continue
+            # Any database route answers 503 service_unavailable with Retry-After while the database is away;
+            # /readyz answers its own 503 (NotReady), with Retry-After too.
+            assert responses["503"]["headers"]["Retry-After"]["required"] is True, where
+            body = responses["503"]["content"]["application/json"]["schema"]
+            assert body == ({"$ref": "#/components/schemas/NotReady"} if path == "/readyz" else error), where
+            if path == "/readyz":
+                continue
+            assert responses["401"]["content"]["application/json"]["schema"] == error, where
+            assert "WWW-Authenticate" in responses["401"]["headers"], where
+            if "{" in path:  # an id of this tenant's, or a 404
+                assert responses["404"]["content"]["application/json"]["schema"] == error, where
+            for status, response in responses.items():
+                if status.startswith("4"):
+                    assert response["content"]["application/json"]["schema"] == error, (where, status)
+    jobs = document["paths"]["/v1/jobs"]
+    assert {"401", "403", "409", "422", "503"} <= set(jobs["post"]["responses"]) and "404" not in jobs["get"]["responses"]
+    assert {"400", "401", "413", "422", "503"} <= set(document["paths"]["/v1/datasets"]["post"]["responses"])
+
+
 def test_a_generated_client_submits_reads_lists_and_parses_errors(client_package, server, alice):
     from ctpd_client.api.jobs import create_job, get_job, list_job_events, list_jobs
     from ctpd_client.client import AuthenticatedClient
