@@ -10,6 +10,7 @@ used to cost the client ``Job`` and ``JobList``) fails here with the generator's
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import subprocess
@@ -24,6 +25,7 @@ import httpx
 import pytest
 import uvicorn
 
+from app.main import create_app
 from tests.live_service import free_port
 
 PACKAGE = "ctpd_client"
@@ -37,9 +39,9 @@ GENERATOR_CONFIG = (
 )
 
 
-@pytest.fixture
-def server(app) -> Iterator[str]:
-    """The app served over HTTP by uvicorn in a thread; yields its base URL."""
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """``app`` served over HTTP by uvicorn in a thread; yields its base URL."""
     port = free_port()
     uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uvicorn_server.run, name="uvicorn", daemon=True)
@@ -54,6 +56,12 @@ def server(app) -> Iterator[str]:
     finally:
         uvicorn_server.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.fixture
+def server(app) -> Iterator[str]:
+    with serving(app) as url:
+        yield url
 
 
 def generate_client(document: dict, folder: Path) -> ModuleType:
@@ -171,3 +179,19 @@ def test_a_generated_client_submits_reads_lists_and_parses_errors(client_package
     missing = get_job.sync_detailed("job_missing", client=client)
     assert missing.status_code == 404 and isinstance(missing.parsed, ErrorResponse)
     assert (missing.parsed.error.code, missing.parsed.error.param) == ("not_found", "job_id")
+
+
+def test_a_generated_client_reads_the_readiness_503_as_not_ready(client_package, settings, queue):
+    from ctpd_client.api.health import readyz
+    from ctpd_client.client import Client
+    from ctpd_client.models import NotReady
+
+    unready = create_app(settings.model_copy(update={"broker_url": "redis://127.0.0.1:1"}), queue=queue)  # refused
+    try:
+        with serving(unready) as url:
+            answer = readyz.sync_detailed(client=Client(base_url=url))
+    finally:
+        unready.state.db.dispose()
+    assert answer.status_code == 503 and answer.headers["Retry-After"].isdigit()
+    assert isinstance(answer.parsed, NotReady) and answer.parsed.error.code == "not_ready"
+    assert answer.parsed.checks["database"].ok is True and answer.parsed.checks["broker"].ok is False
