@@ -20,13 +20,27 @@ from ctpd_core.spec import JobSpec
 from ctpd_core.vocab import EventLevel, EventType, JobStatus
 
 
+class FieldProblem(BaseModel):
+    """One problem of a request (invalid_request, remote_code_forbidden)."""
+
+    param: str | None = Field(description="The offending field, as `error.param` names it.")
+    message: str = Field(description="What is wrong with it and how to fix it.")
+
+
+class RowProblem(BaseModel):
+    """One bad row of an uploaded dataset (invalid_dataset)."""
+
+    row: int = Field(description="1-based: the JSONL line, or the JSON / Parquet row number.")
+    message: str
+
+
 class ErrorDetail(BaseModel):
     code: str = Field(description="Machine-readable, e.g. invalid_request, not_found, idempotency_conflict.")
     message: str = Field(description="What is wrong and how to fix it.")
     param: str | None = Field(
         description="The offending field as a dotted path (training.batch_size), query parameter, header or 'file'."
     )
-    errors: list[dict[str, Any]] | None = Field(
+    errors: list[FieldProblem | RowProblem] | None = Field(
         default=None, description="422 only: one {param, message} per problem (invalid_request), or one "
         "{row, message} per bad row (invalid_dataset; rows are 1-based JSONL lines or JSON/Parquet row numbers)."
     )

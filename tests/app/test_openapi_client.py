@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import json
 import subprocess
 import sys
@@ -136,6 +137,7 @@ def test_a_generated_client_submits_reads_lists_and_parses_errors(client_package
         ErrorResponse,
         EventLevel,
         EventType,
+        FieldProblem,
         Job,
         JobList,
         JobSpec,
@@ -175,10 +177,32 @@ def test_a_generated_client_submits_reads_lists_and_parses_errors(client_package
     assert refused.status_code == 422 and isinstance(refused.parsed, ErrorResponse)
     assert refused.parsed.error.code == "invalid_request" and refused.parsed.error.param == "training.batch_size"
     assert "multiple of training.micro_batch_size" in refused.parsed.error.message
+    [problem] = refused.parsed.error.errors
+    assert isinstance(problem, FieldProblem) and problem.param == "training.batch_size"
 
     missing = get_job.sync_detailed("job_missing", client=client)
     assert missing.status_code == 404 and isinstance(missing.parsed, ErrorResponse)
     assert (missing.parsed.error.code, missing.parsed.error.param) == ("not_found", "job_id")
+
+
+def test_a_generated_client_uploads_and_reads_a_bad_rows_422(client_package, server, alice):
+    from ctpd_client.api.datasets import upload_dataset
+    from ctpd_client.client import AuthenticatedClient
+    from ctpd_client.models import Dataset, ErrorResponse, RowProblem, UploadDatasetBody
+    from ctpd_client.types import File
+
+    client = AuthenticatedClient(base_url=server, token=alice.api_key)
+    good = b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
+    uploaded = upload_dataset.sync(client=client, body=UploadDatasetBody(
+        file=File(payload=io.BytesIO(good * 2), file_name="pairs.jsonl", mime_type="application/jsonl")))
+    assert isinstance(uploaded, Dataset) and uploaded.num_rows == 2 and uploaded.format_ == "jsonl"
+
+    bad = upload_dataset.sync_detailed(client=client, body=UploadDatasetBody(
+        file=File(payload=io.BytesIO(good + b'{"prompt": "p"}\n'), file_name="pairs.jsonl")))
+    assert bad.status_code == 422 and isinstance(bad.parsed, ErrorResponse)
+    assert bad.parsed.error.code == "invalid_dataset" and bad.parsed.error.param == "file"
+    [problem] = bad.parsed.error.errors
+    assert isinstance(problem, RowProblem) and problem.row == 2
 
 
 def test_a_generated_client_reads_the_readiness_503_as_not_ready(client_package, settings, queue):
