@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from app.api import datasets, health, jobs, models
+from app.api import api_keys, datasets, health, jobs, models
 from app.api.deps import refuse_nul_characters
 from app.api.errors import install_error_handlers
 from app.db.engine import Database
@@ -61,7 +61,8 @@ def create_app(settings: Settings, queue: TaskQueue | None = None) -> FastAPI:
     app.state.db = database
     app.state.queue = task_queue
     install_error_handlers(app)
-    for router in (jobs.router, datasets.router):  # the routers that take ids, cursors and filters
+    # The routers that take ids, cursors and filters.
+    for router in (jobs.router, datasets.router, api_keys.router):
         app.include_router(router, dependencies=[Depends(refuse_nul_characters)])
     for router in (models.router, health.router):
         app.include_router(router)

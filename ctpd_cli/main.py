@@ -91,6 +91,9 @@ class _ConsoleObserver:
     def checkpoint(self, stage: str, step: int, path) -> None:
         pass
 
+    def replay_metrics(self, stage: str, history) -> None:
+        pass  # a resumed stage's earlier steps: the console shows only what this run does
+
     def stage_finished(self, stage: str, seconds: float, cached: bool, summary) -> None:
         self._close()
         print(f"[{stage}] done in {seconds:.1f} s")
@@ -188,18 +191,43 @@ def _cmd_db(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from app.db.auth import create_api_key
+    """API keys, straight in the service database (the operator's side; admins use /v1/api-keys remotely)."""
+    from app.db import auth as key_rows
     from app.db.engine import Database
 
     settings = _service_settings()
     db = Database(settings.database_url)
     try:
-        key = create_api_key(db, args.tenant, args.name or "cli", is_admin=args.admin)
+        if args.keys_command == "create":
+            key = key_rows.create_api_key(db, args.tenant, args.name or "cli", is_admin=args.admin)
+            print(key)
+            print(f"(tenant {args.tenant}{', admin' if args.admin else ''}; shown once, stored only as a hash)",
+                  file=sys.stderr)
+        elif args.keys_command == "list":
+            print(_key_table(key_rows.list_api_keys(db, args.tenant)))
+        else:
+            if not key_rows.revoke_api_key(db, args.key_id):
+                row = key_rows.get_api_key(db, args.key_id)
+                if row is None:
+                    raise ValueError(f"no API key {args.key_id!r}; `ctpd keys list` shows their ids")
+                print(f"{args.key_id} was already revoked at {row.revoked_at:%Y-%m-%d %H:%M:%S} UTC")
+                return 0
+            print(f"revoked {args.key_id}: it is refused from the next request on")
     finally:
         db.dispose()
-    print(key)
-    print(f"(tenant {args.tenant}{', admin' if args.admin else ''}; shown once, stored only as a hash)", file=sys.stderr)
     return 0
+
+
+def _key_table(rows) -> str:
+    """The keys as a table; the key itself is never stored, so only its prefix can be shown."""
+    lines = [("id", "tenant", "name", "prefix", "admin", "created (UTC)", "revoked (UTC)")]
+    for row in rows:
+        revoked = f"{row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "-"
+        lines.append((row.id, row.tenant, row.name, row.prefix + "...", "yes" if row.is_admin else "no",
+                      f"{row.created_at:%Y-%m-%d %H:%M}", revoked))
+    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -499,6 +527,21 @@ def _service_key(args: argparse.Namespace) -> str:
     raise ValueError(f"no API key: pass --key, set CTPD_API_KEY, or start `ctpd up` (it writes {key_file})")
 
 
+def _upload_datasets(client, train_file: Path, dataset: dict) -> dict:
+    """``dataset`` with the uploaded ``train_file`` as ``id`` and, when the spec names a ``validation_path``, that
+    file uploaded too as ``validation_id``: a service reads uploads, not the paths of the submitting machine."""
+    uploaded = client.upload_dataset(train_file)
+    print(f"uploaded {train_file}: dataset {uploaded['id']} ({uploaded.get('num_rows')} rows)")
+    kept = {key: value for key, value in dataset.items() if key not in ("path", "validation_path")}
+    resolved = {**kept, "id": uploaded["id"]}
+    validation_path = dataset.get("validation_path")
+    if validation_path:
+        validation = client.upload_dataset(Path(validation_path))
+        print(f"uploaded {validation_path}: validation dataset {validation['id']} ({validation.get('num_rows')} rows)")
+        resolved["validation_id"] = validation["id"]
+    return resolved
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from ctpd_cli.client import Client, ServiceError, evaluation_table, follow
     from ctpd_core.spec import apply_overrides, read_spec_data
@@ -507,10 +550,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     spec = apply_overrides(read_spec_data(args.spec), args.set)
     try:
         if args.upload:
-            dataset = client.upload_dataset(Path(args.upload))
-            print(f"uploaded {args.upload}: dataset {dataset['id']} ({dataset.get('num_rows')} rows)")
-            kept = {k: v for k, v in (spec.get("dataset") or {}).items() if k not in ("path", "validation_path")}
-            spec["dataset"] = {**kept, "id": dataset["id"]}
+            spec["dataset"] = _upload_datasets(client, Path(args.upload), spec.get("dataset") or {})
         job = client.create_job(spec, idempotency_key=args.idempotency_key)
         print(f"submitted job {job['id']} ({job['status']})")
         if not args.follow:
@@ -576,6 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
     keys_create.add_argument("--tenant", required=True, help="the tenant the key belongs to")
     keys_create.add_argument("--name", help="a label for the key (default: cli)")
     keys_create.add_argument("--admin", action="store_true", help="an admin key")
+    keys_list = keys_commands.add_parser("list", help="list the keys (ids, tenants, prefixes; never the keys)")
+    keys_list.add_argument("--tenant", help="only this tenant's keys")
+    keys_revoke = keys_commands.add_parser("revoke", help="revoke a key: it is refused from the next request on")
+    keys_revoke.add_argument("key_id", help="the key's id (key_...), from `ctpd keys list`")
     keys.set_defaults(handler=_cmd_keys)
 
     serve = commands.add_parser("serve", help="the API server (uvicorn on app.main:create_app)")
@@ -601,7 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("spec", help="a job spec, YAML or JSON")
     submit.add_argument("--url", default=os.environ.get("CTPD_URL", "http://127.0.0.1:8000"))
     submit.add_argument("--key", help="API key (default: $CTPD_API_KEY or $CTPD_HOME/api-key)")
-    submit.add_argument("--upload", metavar="FILE", help="upload this dataset first and use it as dataset.id")
+    submit.add_argument("--upload", metavar="FILE",
+                        help="upload this dataset first and use it as dataset.id (the spec's dataset.validation_path, "
+                        "if any, is uploaded too and used as dataset.validation_id)")
     submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field")
     submit.add_argument("--idempotency-key")
     submit.add_argument("--follow", action="store_true", help="print events and progress until the job ends")

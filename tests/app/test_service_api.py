@@ -20,6 +20,9 @@ OPERATION_IDS = {
     ("post", "/v1/datasets"): "upload_dataset",
     ("get", "/v1/datasets/{dataset_id}"): "get_dataset",
     ("get", "/v1/models"): "list_models",
+    ("get", "/v1/api-keys"): "list_api_keys",
+    ("post", "/v1/api-keys"): "create_api_key",
+    ("delete", "/v1/api-keys/{key_id}"): "revoke_api_key",
     ("get", "/healthz"): "healthz",
     ("get", "/readyz"): "readyz",
 }

@@ -167,6 +167,23 @@ def test_user_errors_are_classified(db, settings, tiny_student_folder, tiny_teac
     assert execute_job(db, settings, bad_spec, "w1", device="cpu").error_code == "invalid_spec"
 
 
+def test_a_validation_id_is_only_ever_the_tenants_own_upload(db, settings, tiny_student_folder, tiny_teacher_folder,
+                                                             tiny_dataset_path):
+    """dataset.validation_id resolves like dataset.id: through the job's own tenant's datasets, so another
+    tenant's upload is refused (the API refuses it at submission too) and never read."""
+    from app.db import datasets as dataset_rows
+
+    def upload(tenant: str) -> str:
+        return dataset_rows.create_dataset(db, tenant=tenant, filename="pairs.jsonl", format="jsonl", num_rows=1,
+                                           sha256="0" * 64, size_bytes=1, path=tiny_dataset_path).id
+
+    mine, theirs = upload("acme"), upload("globex")
+    job_id = new_job(db, _spec(tiny_student_folder, tiny_teacher_folder, {"id": mine, "validation_id": theirs}))
+    assert execute_job(db, settings, job_id, "w1", device="cpu") == JobOutcome(job_id, "failed", "invalid_dataset")
+    job = job_rows.get_job(db, job_id)
+    assert theirs in job.error_message and "tenant 'acme'" in job.error_message and job.error_kind == "user"
+
+
 def test_an_unexpected_error_is_a_system_error(db, tmp_path, tiny_student_folder, tiny_teacher_folder, tiny_dataset_path):
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("")
