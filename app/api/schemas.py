@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from app.db.models import Dataset as DatasetRow
 from app.db.models import Job as JobRow
 from app.db.models import JobEvent as EventRow
+from app.policy import JOB_MODEL_PREFIX
 from ctpd_core.spec import JobSpec
 from ctpd_core.vocab import EventLevel, EventType, JobStatus
 
@@ -213,8 +214,10 @@ def job_object(row: JobRow, transitions: list[tuple[str, datetime]]) -> Job:
         error = JobError(code=row.error_code, message=row.error_message, kind=row.error_kind)  # type: ignore[arg-type]
     model = None
     if row.status == "succeeded" and row.export_dir:
+        # Named as /v1/models lists it: a reference any of the tenant's jobs may use, not the server path
+        # (which a multi-tenant service refuses as a model reference, and which is the server's business).
         model = ExportedModel(
-            id=row.export_dir, download_url=f"/v1/jobs/{row.id}/artifacts/model.tar.gz",
+            id=f"{JOB_MODEL_PREFIX}{row.id}", download_url=f"/v1/jobs/{row.id}/artifacts/model.tar.gz",
             artifacts_url=f"/v1/jobs/{row.id}/artifacts",
         )
     return Job(

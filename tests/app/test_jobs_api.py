@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -238,7 +239,8 @@ def test_progress_metrics_artifacts_and_download(alice, db, settings):
 
     body = alice.get(f"/v1/jobs/{job_id}").json()
     assert body["status"] == "succeeded" and body["finished_at"]
-    assert body["model"]["id"] == str(export_dir)
+    assert body["model"]["id"] == f"job:{job_id}"  # the reference /v1/models lists, never the server path
+    assert str(export_dir) not in json.dumps(body)
     assert body["model"]["download_url"] == f"/v1/jobs/{job_id}/artifacts/model.tar.gz"
 
     artifacts = alice.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
