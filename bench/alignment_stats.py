@@ -21,9 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.textdata import read_sentences  # noqa: E402
 from ctpd_core.alignment import align_spans, align_texts, alignment_stats, tokenize_with_byte_offsets  # noqa: E402
 from ctpd_core.models import load_tokenizer  # noqa: E402
-from ctpd_core.textdata import read_sentences  # noqa: E402
 
 HARD = [
     "Great job 😀👍🏽 — thanks! 🦙",

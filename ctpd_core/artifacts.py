@@ -1,9 +1,9 @@
 """Content-addressed stage outputs and the small storage formats they use.
 
 A stage's output lives in ``root/<stage>/<key>/`` where ``key`` is the sha256 of everything that determines
-it (:func:`content_key`). A folder is complete only once its ``_complete.json`` marker exists; it is built
-under a temporary name and renamed into place, so a crash or a concurrent run never leaves (or reads) half
-an output. Ragged per-example arrays are stored flat in safetensors with offsets (safe to load: no pickle).
+it (:func:`content_key`). A folder is complete only once its ``_complete.json`` marker exists; it is
+published atomically (:func:`ctpd_core.publish.publish_folder`), so a crash or a concurrent run never leaves
+(or reads) half an output. Ragged per-example arrays are stored flat in safetensors with offsets (safe to load: no pickle).
 
 The temporary folder, ``root/<stage>/.<key>.held-<random>``, is held by its builder
 (:mod:`ctpd_core.held_paths`) until it is published, so :meth:`StageCache.remove_orphaned_staging` can remove
@@ -15,14 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ctpd_core.held_paths import make_held_dir, remove_if_orphaned
+from ctpd_core.held_paths import remove_if_orphaned
+from ctpd_core.publish import publish_folder
 
 if TYPE_CHECKING:  # numpy only where arrays are stored: the scheduler image sweeps the cache without it
     import numpy as np
@@ -60,22 +59,14 @@ class StageCache:
         target = self.path(stage, key)
         if self.is_complete(stage, key):
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging, hold = make_held_dir(target.parent, prefix=f".{target.name}.held-")
-        try:
+
+        def write_with_marker(staging: Path) -> None:
             write(staging)
             (staging / MARKER).write_text(json.dumps({"stage": stage, "key": key, "inputs": parts}, indent=2, default=str))
-            if target.exists():  # an incomplete leftover from a crash, or another run finished first
-                if (target / MARKER).exists():
-                    shutil.rmtree(staging)
-                    return target
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        finally:
-            os.close(hold)  # after the rename: a published folder needs no hold, a staging one had it throughout
+
+        # An existing complete folder means another run finished first (keep it); an incomplete one is a crash's.
+        publish_folder(target, write_with_marker, staging_prefix=f".{target.name}.held-", held=True,
+                       keep_existing=lambda existing: (existing / MARKER).exists())
         return target
 
     def remove_orphaned_staging(self, *, grace_seconds: float = UNHELD_STAGING_GRACE_SECONDS) -> list[Path]:

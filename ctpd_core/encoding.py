@@ -30,18 +30,26 @@ from typing import Any, Literal
 import numpy as np
 
 from ctpd_core.alignment import SpanAlignment, TokenizedText, align_spans, tokenize_with_byte_offsets
+from ctpd_core.spec import SequenceSpec
 
 PromptFormat = Literal["raw", "chat_template"]
 LengthUnit = Literal["student", "teacher"]
 
 
+def _sequence_default(name: str) -> Any:
+    return SequenceSpec.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class EncodingConfig:
-    max_prompt_tokens: int = 128
-    max_response_tokens: int = 384
-    length_unit: LengthUnit = "student"
-    eos_span: bool = True
-    prompt_format: PromptFormat = "raw"
+    """How responses are cut and encoded: the JobSpec's ``sequence`` section, whose defaults (the one place they
+    live) these read, for callers that build one without a spec."""
+
+    max_prompt_tokens: int = _sequence_default("max_prompt_tokens")
+    max_response_tokens: int = _sequence_default("max_response_tokens")
+    length_unit: LengthUnit = _sequence_default("length_unit")
+    eos_span: bool = _sequence_default("eos_span")
+    prompt_format: PromptFormat = _sequence_default("prompt_format")
 
     def __post_init__(self) -> None:
         if self.max_prompt_tokens < 1 or self.max_response_tokens < 1:

@@ -6,12 +6,14 @@ initial student for the baselines), agreement with the teacher's own ranking of 
 byte of the chosen responses (as nanochat's ``evaluate_bpb``: nats per UTF-8 byte / ln 2), and the KL from
 the initial student, computed exactly over the full next-token distributions at every held-out response
 position (teacher forcing, so it is deterministic and needs no sampling).
+
+Free-text scoring (sampled continuations, real text: one model, one tokenizer) is the quality benchmark's,
+in ``bench/quality/freetext.py``.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,10 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctpd_core.batching import collate_side, response_logprobs
+from ctpd_core.batching import response_logprobs
+from ctpd_core.inference import autocast_context, batched, collate_responses, pair_responses
 from ctpd_core.logprobs import model_label_kl
-from ctpd_core.pipeline import PairRecord, TokenLogprobs, batches, collate_responses, progress_of
-from ctpd_core.train import ProgressCallback, autocast_context
+from ctpd_core.observe import Observer, StopToken
+from ctpd_core.records import PairRecord, TokenLogprobs
+from ctpd_core.vocab import Stage
 
 
 def _sums(rows: Sequence[np.ndarray]) -> np.ndarray:
@@ -41,8 +45,9 @@ def evaluate_student(
     pad_id: int,
     batch_size: int,
     device: torch.device,
-    precision: str = "auto",
-    progress: ProgressCallback | None = None,
+    precision: str,
+    observer: Observer | None = None,
+    stop: StopToken | None = None,
 ) -> dict[str, float]:
     """Metrics on held-out pairs (see the module docstring); ``reference`` and ``teacher`` hold the stored
     per-token log-probs of the same records (on their own sides)."""
@@ -50,13 +55,11 @@ def evaluate_student(
         return {"pairs": 0}
     student.eval()
     initial_student.eval()
-    final = {"chosen": [], "rejected": []}
-    initial = {"chosen": [], "rejected": []}
+    final: dict[str, list[np.ndarray]] = {"chosen": [], "rejected": []}  # per-token log-probs, by response
+    initial: dict[str, list[np.ndarray]] = {"chosen": [], "rejected": []}
     kl_total, kl_positions = 0.0, 0
-    started = time.monotonic()
-    done = 0
-    for batch_records in batches(records, batch_size):
-        responses = [r.chosen for r in batch_records] + [r.rejected for r in batch_records]
+    for batch_records in batched(records, batch_size, stage=Stage.EVALUATE, observer=observer, stop=stop):
+        responses = pair_responses(batch_records)
         batch = collate_responses(responses, "student", pad_id).to(device)
         lengths = batch.response_mask.sum(dim=1).tolist()
         with autocast_context(device, precision):
@@ -71,9 +74,6 @@ def evaluate_student(
         kl, count = float(kl_positions_batch.sum()), batch.num_tokens
         kl_total += kl
         kl_positions += count
-        done += len(batch_records)
-        if progress:
-            progress(progress_of("evaluate", done, len(records), started))
 
     student_w, student_l = _sums(final["chosen"]), _sums(final["rejected"])
     initial_w, initial_l = _sums(initial["chosen"]), _sums(initial["rejected"])
@@ -109,74 +109,3 @@ def _bits_per_byte(token_logps: Sequence[np.ndarray], responses: Sequence[Any]) 
 
 def _nats_per_byte_in_bits(token_logps: Sequence[np.ndarray], total_bytes: int) -> float:
     return -sum(float(np.sum(lp)) for lp in token_logps) / (math.log(2) * max(total_bytes, 1))
-
-
-# ------------------------------------------------------------------------------------ one model, free text
-# Helpers that score (prompt ids, response ids) of a single tokenizer: sampled continuations and real text,
-# rather than prepared pairs. The benchmark in bench/quality/ is built on them.
-
-
-def _sequence_batches(
-    prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int
-):
-    if len(prompt_ids) != len(response_ids):
-        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
-    for start in range(0, len(prompt_ids), batch_size):
-        prompts = prompt_ids[start : start + batch_size]
-        responses = response_ids[start : start + batch_size]
-        sequences = [np.asarray(list(p) + list(r), dtype=np.int64) for p, r in zip(prompts, responses, strict=True)]
-        spans = [np.arange(len(r), dtype=np.int64) for r in responses]  # one span per token: no alignment here
-        yield collate_side(sequences, [len(p) for p in prompts], spans, pad_id), [len(r) for r in responses]
-
-
-@torch.inference_mode()
-def sequence_logprobs(
-    model: nn.Module,
-    prompt_ids: Sequence[Sequence[int]],
-    response_ids: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-    batch_size: int,
-    device: torch.device,
-    precision: str = "auto",
-) -> list[np.ndarray]:
-    """Per-token log-probs of each response given its prompt (an empty response gives an empty array)."""
-    model.eval()
-    out: list[np.ndarray] = []
-    for batch, lengths in _sequence_batches(prompt_ids, response_ids, pad_id, batch_size):
-        batch = batch.to(device)
-        with autocast_context(device, precision):
-            logps = response_logprobs(model, batch).float().cpu().numpy()
-        out += [logps[i, :n].astype(np.float64) for i, n in enumerate(lengths)]
-    return out
-
-
-@torch.inference_mode()
-def sequence_kl(
-    model: nn.Module,
-    reference_model: nn.Module,
-    prompt_ids: Sequence[Sequence[int]],
-    response_ids: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-    batch_size: int,
-    device: torch.device,
-    precision: str = "auto",
-) -> np.ndarray:
-    """Σ over response positions of the exact KL(model ‖ reference_model) of the next-token distributions,
-    one value per response. On the model's own samples this is the sequence-level KL of the DPO paper's
-    reward-KL frontier, without the variance of a log-ratio estimate."""
-    model.eval()
-    reference_model.eval()
-    out: list[float] = []
-    for batch, _ in _sequence_batches(prompt_ids, response_ids, pad_id, batch_size):
-        batch = batch.to(device)
-        with autocast_context(device, precision):
-            kl = model_label_kl(model, reference_model, batch.input_ids, batch.attention_mask, batch.labels)
-        out += kl.sum(dim=1).double().cpu().tolist()
-    return np.asarray(out, dtype=np.float64)
-
-
-def bits_per_byte(token_logps: Sequence[np.ndarray], texts: Sequence[str]) -> float:
-    """−Σ log p / (ln 2 · UTF-8 bytes): comparable across tokenizers (nanochat's ``evaluate_bpb``)."""
-    return _nats_per_byte_in_bits(token_logps, sum(len(t.encode("utf-8")) for t in texts))

@@ -12,32 +12,21 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ctpd_core.alignment import require_offsets
 from ctpd_core.catalog import CATALOG, ModelLoadError, catalog_gguf_path
+from ctpd_core.publish import publish_folder
 
 logger = logging.getLogger(__name__)
 
 
 def _atomic_save(save: Callable[[Path], None], target: Path) -> None:
-    """Write a folder under a temporary name and rename it into place, so a crash leaves no half cache."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        save(staging)
-        if target.exists():  # another process won the race; keep theirs
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    """Publish a converted catalog folder atomically, so a crash leaves no half cache; if another process won
+    the race, keep theirs."""
+    publish_folder(target, save, staging_prefix=f".{target.name}-", keep_existing=lambda _: True)
 
 
 def _catalog_tokenizer(name: str, cache_dir: Path) -> Any:
@@ -52,8 +41,12 @@ def _catalog_tokenizer(name: str, cache_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def load_tokenizer(reference: str, *, cache_dir: Path, trust_remote_code: bool = False, role: str = "tokenizer") -> Any:
-    """Load a fast tokenizer from a catalog name, a Hugging Face folder, a ``tokenizer.json`` or a hub id.
+def load_tokenizer(
+    reference: str, *, cache_dir: Path, trust_remote_code: bool = False, revision: str | None = None,
+    role: str = "tokenizer",
+) -> Any:
+    """Load a fast tokenizer from a catalog name, a Hugging Face folder, a ``tokenizer.json`` or a hub id
+    (at ``revision``, the same one its weights are loaded from: a tokenizer of another branch can differ).
 
     A tokenizer that cannot report offsets (a slow tokenizer) is refused: span alignment needs them.
     """
@@ -77,7 +70,7 @@ def load_tokenizer(reference: str, *, cache_dir: Path, trust_remote_code: bool =
     elif path.exists():
         raise ModelLoadError(f"{path} is neither a folder nor a tokenizer.json; give a Hugging Face folder or file")
     else:
-        tokenizer = _hub_tokenizer(reference, trust_remote_code, role)
+        tokenizer = _hub_tokenizer(reference, trust_remote_code, revision, role)
     require_offsets(tokenizer, role)
     return tokenizer
 
@@ -121,10 +114,11 @@ def _from_hub(load: Callable[..., Any], reference: str, role: str, **kwargs: Any
         ) from error
 
 
-def _hub_tokenizer(reference: str, trust_remote_code: bool, role: str = "tokenizer") -> Any:
+def _hub_tokenizer(reference: str, trust_remote_code: bool, revision: str | None, role: str = "tokenizer") -> Any:
     from transformers import AutoTokenizer
 
-    return _from_hub(AutoTokenizer.from_pretrained, reference, role, trust_remote_code=trust_remote_code)
+    return _from_hub(AutoTokenizer.from_pretrained, reference, role, revision=revision,
+                     trust_remote_code=trust_remote_code)
 
 
 
@@ -212,7 +206,7 @@ def load_causal_lm(
         AutoModelForCausalLM.from_pretrained, reference, role,
         revision=revision, use_safetensors=True, dtype=dtype, trust_remote_code=trust_remote_code,
     )
-    tokenizer = _hub_tokenizer(reference, trust_remote_code, role)
+    tokenizer = _hub_tokenizer(reference, trust_remote_code, revision, role)
     require_offsets(tokenizer, role)
     return model, tokenizer
 

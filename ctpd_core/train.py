@@ -30,17 +30,15 @@ The contract, in the order a step runs:
 * **Dropout.** fit puts the model in ``train()`` mode and does **not** touch dropout modules or the model
   config: the method trains with dropout disabled (§6), so callers build their models with dropout 0. fit logs
   a warning when it sees active dropout, rather than silently rewriting the caller's model.
-* **Metrics** (one ``metric_sink.log(step, metrics)`` per step): ``loss`` (batch mean), ``grad_norm``
+* **Metrics** (one ``observer.metrics(stage, step, metrics)`` per step): ``loss`` (batch mean), ``grad_norm``
   (pre-clip), ``learning_rate`` (the one this step used), ``epoch`` (fractional), ``step_seconds``, the mean
   over micro-batches of every ``loss_fn`` stat (weighted by micro-batch size, so per-example stats average to
   the batch mean; non-scalar tensors are averaged first), except ``tokens``, a count, which is summed over the
   step and also gives ``tokens_per_second``. fit's own names win over a stat of the same name.
-* **Checkpoints** every ``checkpoint_every`` steps, at the end and when stopping: ``step-{step:08d}/`` written
-  under a temporary name and renamed into place, so a crash never leaves a half checkpoint. It holds
-  ``trainable.safetensors`` (the ``requires_grad`` parameters by name: everything for full fine-tuning, the
-  adapters for LoRA), ``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` (torch CPU, CUDA, python ``random`` and
-  numpy states) and ``state.json`` (step, epoch, position within the epoch, config, fit version). The newest
-  ``keep_checkpoints`` are kept. Torch files are read with ``weights_only=True``.
+* **Checkpoints** every ``checkpoint_every`` steps, at the end and when stopping, each reported with
+  ``observer.checkpoint``: ``step-{step:08d}/``, published atomically, so a crash never leaves a half
+  checkpoint (layout: :mod:`ctpd_core.checkpoint`; only the ``requires_grad`` parameters: everything for full
+  fine-tuning, the adapters for LoRA). The newest ``keep_checkpoints`` are kept.
 * **Resume.** If ``checkpoint_dir`` holds a checkpoint, fit loads the newest one into the (freshly built,
   identically initialised) model, optimizer, scheduler and RNGs and continues from its step: the per-step
   losses equal those of an uninterrupted run. Only trainable parameters are stored, so frozen weights and
@@ -49,21 +47,21 @@ The contract, in the order a step runs:
   number of items is refused; fit cannot see *which* items it is given, so one ``checkpoint_dir`` per stage and
   dataset is the caller's job. A finished run resumes at its last step and returns at once, with the trained
   weights loaded into the model: calling fit twice is safe (a job delivered twice redoes nothing).
-* **Stop and progress.** ``stop_signal.should_stop()`` is polled after every optimizer step (never
-  mid-accumulation), the last one included: a stop that arrives during the last step still returns
-  ``stopped=True`` (after the final checkpoint), so a cancelled run never goes on as if it had finished.
-  On stop fit checkpoints and returns ``stopped=True``. ``progress`` gets a ``Progress`` when the loop starts
-  (``eta_seconds=None``) and after every step (ETA from the mean wall time per step so far, checkpoint writes
-  included).
+* **Stop and progress.** ``stop.should_stop()`` is polled after every optimizer step (never
+  mid-accumulation), the last one included: a stop that arrives during the last step still raises
+  :class:`~ctpd_core.observe.Stopped` (after the final checkpoint), so a cancelled run never goes on as if it
+  had finished. On stop fit checkpoints and raises ``Stopped(stage, step, checkpoint)``. ``observer.progress``
+  gets a ``Progress`` when the loop starts (``eta_seconds=None``) and after every step (ETA from the mean wall
+  time per step so far, checkpoint writes included).
 * **Metric history.** Every checkpoint also holds ``metrics.json``: the metrics of its last ``HISTORY_STEPS``
-  steps. On resume ``replay_metrics(history)`` is called once with them, before the first new step: the steps
-  before the checkpoint are not run again, so a sink that lost some of their metrics (an attempt that died
-  with its writes unflushed) can restore them. Sinks that keep what they saw need not pass it.
+  steps. On resume ``observer.replay_metrics(stage, history)`` is called once with them, before the first new
+  step: the steps before the checkpoint are not run again, so an observer that lost some of their metrics (an
+  attempt that died with its writes unflushed) can restore them.
 * **Fenced checkpoints.** With ``generation`` (the worker passes the job's attempt), every checkpoint records
   it, and a save never replaces a checkpoint of a *newer* generation: a process that was paused and resumed
   after another attempt took over cannot overwrite its successor's state. ``checkpoint_guard()`` is asked
   just before each checkpoint is renamed into place; False discards it (the caller lost the right to
-  write) and fit stops at once with ``stopped=True``.
+  write) and fit stops at once with ``Stopped``.
 
 fit is single-process: data-parallel training would shard each batch by rank and reduce the metrics.
 A fresh run seeds torch, python ``random`` and numpy with ``config.seed`` (method §6: all three are seeded at
@@ -76,71 +74,36 @@ import dataclasses
 import json
 import logging
 import math
-import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+
+from ctpd_core.checkpoint import (
+    FIT_VERSION,
+    HISTORY_STEPS,
+    latest_checkpoint,
+    load_checkpoint,
+    load_history,
+    prune_checkpoints,
+    remove_staging_folders,
+    save_checkpoint,
+    seed_everything,
+)
+from ctpd_core.inference import autocast_factory
+from ctpd_core.observe import NeverStop, NullObserver, Observer, Progress, Stopped, StopToken
+from ctpd_core.spec import TrainingSpec
 
 logger = logging.getLogger(__name__)
-
-FIT_VERSION = 1
-"""Bumped whenever the checkpoint layout or the step arithmetic changes; a mismatch refuses to resume."""
-
-TRAINABLE_FILE = "trainable.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
-RNG_FILE = "rng.pt"
-STATE_FILE = "state.json"
-HISTORY_FILE = "metrics.json"  # the last steps' metrics up to the checkpoint, for replay on resume
-HISTORY_STEPS = 10_000
-"""Steps of metrics a checkpoint keeps: a sink can only have lost what an attempt buffered but never wrote,
-and the worker's buffer holds at most 10,000 writes (about one per step), so older steps are never missing.
-Bounded so that neither memory nor each checkpoint's size grows with the length of the run."""
-CHECKPOINT_PREFIX = "step-"
-_STAGING_PREFIX = ".staging-step-"
-
-# Config fields that change when or how often checkpoints are written, not what the run computes: a resume may
-# change them. Every other field must match the checkpoint's.
-_RESUMABLE_CHANGES = frozenset({"checkpoint_every", "keep_checkpoints"})
 
 LrSchedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
 _SCHEDULES = ("cosine", "linear", "constant")
 _PRECISIONS = ("auto", "fp32", "bf16")
 
-
-class MetricSink(Protocol):
-    """Where per-step metrics go (the worker's implementation writes them to SQL)."""
-
-    def log(self, step: int, metrics: Mapping[str, float]) -> None: ...
-
-
-class StopSignal(Protocol):
-    """Cooperative cancellation: polled between optimizer steps (the worker's reads the job's cancel flag)."""
-
-    def should_stop(self) -> bool: ...
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where a stage stands, for the job's progress columns."""
-
-    stage: str
-    step: int  # optimizer steps done
-    total: int  # optimizer steps of the whole run
-    eta_seconds: float | None  # None until a step has been timed
-
-
-ProgressCallback = Callable[[Progress], None]
 
 LossFn = Callable[[torch.nn.Module, Sequence[Any]], tuple[torch.Tensor, Mapping[str, torch.Tensor | float]]]
 """``loss_fn(model, micro_batch_items) -> (scalar mean loss, stats)``; stats may include a ``tokens`` count."""
@@ -158,23 +121,29 @@ def _largest_divisor(number: int, at_most: int) -> int:
     return max(divisor for divisor in range(1, min(number, at_most) + 1) if number % divisor == 0)
 
 
+def _training_default(name: str) -> Any:
+    return TrainingSpec.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class FitConfig:
-    """Optimisation settings of one training stage; defaults live in the JobSpec, these are only fallbacks."""
+    """Optimisation settings of one training stage. The defaults are the JobSpec's ``training`` defaults, read
+    from the spec (the one place they live): the recipe always passes every field; tests and library callers
+    may leave out what they don't vary."""
 
     learning_rate: float
-    lr_schedule: LrSchedule = "cosine"
-    warmup_ratio: float = 0.1
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs when set
-    batch_size: int = 16  # items per optimizer step
-    micro_batch_size: int = 2  # items per forward/backward; batch_size must be a multiple
-    max_grad_norm: float = 1.0  # math.inf disables clipping (the norm is still reported)
-    weight_decay: float = 0.01
-    precision: Precision = "auto"
-    seed: int = 0
-    checkpoint_every: int = 100  # optimizer steps
-    keep_checkpoints: int = 2
+    lr_schedule: LrSchedule = _training_default("lr_schedule")
+    warmup_ratio: float = _training_default("warmup_ratio")
+    epochs: float = _training_default("epochs")
+    max_steps: int | None = _training_default("max_steps")  # overrides epochs when set
+    batch_size: int = _training_default("batch_size")  # items per optimizer step
+    micro_batch_size: int = _training_default("micro_batch_size")  # per forward/backward; divides batch_size
+    max_grad_norm: float = _training_default("max_grad_norm")  # math.inf disables clipping (norm still reported)
+    weight_decay: float = _training_default("weight_decay")
+    precision: Precision = _training_default("precision")
+    seed: int = _training_default("seed")
+    checkpoint_every: int = _training_default("checkpoint_every")  # optimizer steps
+    keep_checkpoints: int = 2  # not a spec field: how many resume points a stage keeps on disk
 
     def __post_init__(self) -> None:
         if (
@@ -225,11 +194,11 @@ class FitConfig:
 
 @dataclass(frozen=True)
 class FitResult:
-    """How a fit() call ended; the trained weights are in the model (and in ``checkpoint``)."""
+    """How a finished fit() call ended (a stopped one raises ``Stopped``); the trained weights are in the model
+    (and in ``checkpoint``)."""
 
     steps: int  # optimizer steps done in total (including those before a resume)
     total_steps: int
-    stopped: bool  # True when the stop signal ended the run early
     resumed_from: int | None  # the step of the checkpoint this call resumed from
     last_metrics: dict[str, float]  # of the last step (read from the checkpoint if this call ran none)
     checkpoint: Path | None  # the newest checkpoint folder
@@ -289,23 +258,6 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
-def checkpoint_steps(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    """The complete checkpoints under ``checkpoint_dir`` as (step, folder), oldest first."""
-    found = []
-    if Path(checkpoint_dir).is_dir():
-        for path in Path(checkpoint_dir).iterdir():
-            suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
-            if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit():
-                found.append((int(suffix), path))
-    return sorted(found)
-
-
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder, or None; staging folders of an interrupted save don't count."""
-    found = checkpoint_steps(checkpoint_dir)
-    return found[-1][1] if found else None
-
-
 def fit(
     model: torch.nn.Module,
     train_items: Sequence[Any],
@@ -313,29 +265,28 @@ def fit(
     config: FitConfig,
     checkpoint_dir: Path,
     *,
-    stage: str = "distill",
-    metric_sink: MetricSink | None = None,
-    stop_signal: StopSignal | None = None,
-    progress: ProgressCallback | None = None,
+    stage: str,
+    observer: Observer | None = None,
+    stop: StopToken | None = None,
     device: torch.device | str = "cpu",
-    on_checkpoint: Callable[[int, Path], None] | None = None,
     checkpoint_guard: Callable[[], bool] | None = None,
     generation: int | None = None,
-    replay_metrics: Callable[[list[tuple[int, dict[str, float]]]], None] | None = None,
 ) -> FitResult:
     """Train the ``requires_grad`` parameters of ``model`` on ``train_items`` by minimising ``loss_fn``.
 
     Resumes from the newest checkpoint in ``checkpoint_dir`` if there is one (see the module docstring for the
     full contract). fit moves the model to ``device``; ``loss_fn`` moves its items there. On return the model
-    holds the trained weights, back in the train/eval mode it came in.
+    holds the trained weights, back in the train/eval mode it came in. ``stage`` names the loop in every
+    report (``distill``, ``contrastive:positive``); a stop raises :class:`~ctpd_core.observe.Stopped`.
     """
+    observer, stop = observer or NullObserver(), stop or NeverStop()
     if not isinstance(config, FitConfig):
         raise ValueError(f"config must be a FitConfig, got {type(config).__name__}.")
     if len(train_items) == 0:
         raise ValueError("train_items is empty; give fit at least one encoded example.")
     plan = plan_steps(config, len(train_items))
     device = torch.device(device)
-    autocast = _autocast_factory(config.precision, device)
+    autocast = autocast_factory(config.precision, device)
     checkpoint_dir = Path(checkpoint_dir)
 
     model.to(device)
@@ -350,22 +301,22 @@ def fit(
     )
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    _remove_staging_folders(checkpoint_dir)
+    remove_staging_folders(checkpoint_dir)
     checkpoint = latest_checkpoint(checkpoint_dir)
     if checkpoint is None:
-        _seed_everything(config.seed)
+        seed_everything(config.seed)
         start_step, resumed_from, last_metrics = 0, None, {}
         history: list[tuple[int, dict[str, float]]] = []
     else:
-        state = _load_checkpoint(checkpoint, config, len(train_items), trainable, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, _config_dict(config), len(train_items), trainable, optimizer, scheduler)
         start_step = resumed_from = state["step"]
         last_metrics = dict(state.get("last_metrics", {}))
-        history = _load_history(checkpoint)
+        history = load_history(checkpoint)
         logger.info("%s: resuming from %s (step %d of %d)", stage, checkpoint, start_step, plan.total_steps)
-        if replay_metrics is not None and history:
-            # The steps before the checkpoint are not run again, so their metrics come from the checkpoint: a
-            # sink that lost some of them (an attempt that died with its writes unflushed) gets them back.
-            replay_metrics(list(history))
+        if history:
+            # The steps before the checkpoint are not run again, so their metrics come from the checkpoint: an
+            # observer that lost some of them (an attempt that died with its writes unflushed) gets them back.
+            observer.replay_metrics(stage, list(history))
     saved_step = resumed_from
     refused = False
 
@@ -385,14 +336,13 @@ def fit(
             "last_metrics": last_metrics,
             "attempt": generation,
         }
-        path = _save_checkpoint(checkpoint_dir, state, trainable, optimizer, scheduler, guard=checkpoint_guard,
-                                history=history)
+        path = save_checkpoint(checkpoint_dir, state, trainable, optimizer, scheduler, guard=checkpoint_guard,
+                               history=history)
         if path is None:
             refused = True
             return None
-        _prune_checkpoints(checkpoint_dir, config.keep_checkpoints)
-        if on_checkpoint is not None:
-            on_checkpoint(step, path)
+        prune_checkpoints(checkpoint_dir, config.keep_checkpoints)
+        observer.checkpoint(stage, step, path)
         return path
 
     logger.info(
@@ -400,12 +350,11 @@ def fit(
         *(stage, len(train_items), plan.total_steps, plan.steps_per_epoch, plan.batch_size),
         *(config.micro_batch_size, plan.warmup_steps, len(trainable)),
     )
-    if progress is not None:
-        progress(Progress(stage, start_step, plan.total_steps, None))
+    observer.progress(Progress(stage, start_step, plan.total_steps, None))
 
     was_training = model.training
     model.train()
-    step, stopped = start_step, False
+    step = start_step
     epoch_seen, order = -1, []
     loop_start = time.perf_counter()
     try:
@@ -459,34 +408,29 @@ def fit(
             history.append((step, dict(last_metrics)))
             if len(history) > 2 * HISTORY_STEPS:  # trimmed in blocks: amortised O(1) per step
                 del history[:-HISTORY_STEPS]
-            if metric_sink is not None:
-                metric_sink.log(step, dict(last_metrics))
+            observer.metrics(stage, step, dict(last_metrics))
 
             if step % config.checkpoint_every == 0 or step == plan.total_steps:
                 saved = save(step)
                 if saved is not None:
                     checkpoint, saved_step = saved, step
-            if progress is not None:
-                seconds_per_step = (time.perf_counter() - loop_start) / (step - start_step)
-                progress(
-                    Progress(stage, step, plan.total_steps, seconds_per_step * (plan.total_steps - step))
-                )
-            if refused or (stop_signal is not None and stop_signal.should_stop()):
+            seconds_per_step = (time.perf_counter() - loop_start) / (step - start_step)
+            observer.progress(Progress(stage, step, plan.total_steps, seconds_per_step * (plan.total_steps - step)))
+            # The last step too: a stop that arrives during it must not let the run end as if it had finished.
+            if refused or stop.should_stop():
                 if saved_step != step and not refused:
                     saved = save(step)
                     checkpoint = saved if saved is not None else checkpoint
-                stopped = True
                 logger.info(
                     "%s: stopped at step %d of %d; checkpoint %s", stage, step, plan.total_steps, checkpoint
                 )
-                break
+                raise Stopped(stage, step, checkpoint)
     finally:
         model.train(was_training)
 
     return FitResult(
         steps=step,
         total_steps=plan.total_steps,
-        stopped=stopped,
         resumed_from=resumed_from,
         last_metrics=last_metrics,
         checkpoint=checkpoint,
@@ -494,22 +438,6 @@ def fit(
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _autocast_factory(
-    precision: Precision, device: torch.device
-) -> Callable[[], AbstractContextManager[Any]]:
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return nullcontext
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"precision={precision!r} needs bf16, which this GPU lacks; use precision='fp32'.")
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def autocast_context(device: torch.device, precision: Precision) -> AbstractContextManager[Any]:
-    """The forward-pass context of ``precision`` on ``device`` (bf16 autocast, or none), for inference too."""
-    return _autocast_factory(precision, device)()
 
 
 def _trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -537,7 +465,7 @@ def _warn_on_active_dropout(model: torch.nn.Module) -> None:
         if isinstance(module, torch.nn.Dropout) and module.p > 0
     ]
     config = getattr(model, "config", None)
-    config_items = config.to_dict().items() if hasattr(config, "to_dict") else ()
+    config_items = config.to_dict().items() if config is not None and hasattr(config, "to_dict") else ()
     active += [
         f"config.{key}={value}"
         for key, value in config_items
@@ -572,168 +500,5 @@ def _as_scalar(value: torch.Tensor | float) -> torch.Tensor | float:
     return float(value)
 
 
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    # numpy's key array becomes a tensor so the file loads with weights_only=True.
-    _, key, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": {
-            "key": torch.from_numpy(key.astype(np.int64)),
-            "pos": pos,
-            "has_gauss": has_gauss,
-            "gauss": gauss,
-        },
-    }
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    numpy_state = state["numpy"]
-    key = numpy_state["key"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", key, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"]))
-
-
 def _config_dict(config: FitConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))  # as it reads back from state.json
-
-
-def _save_checkpoint(
-    checkpoint_dir: Path,
-    state: Mapping[str, Any],
-    trainable: Mapping[str, torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    guard: Callable[[], bool] | None = None,
-    history: Sequence[tuple[int, Mapping[str, float]]] = (),
-) -> Path | None:
-    """Write ``step-{step:08d}/`` under a staging name, then rename it into place (atomic on one filesystem).
-
-    None (nothing published) when ``guard()`` says no, or when a checkpoint of a newer generation (attempt)
-    already holds that step."""
-    target = checkpoint_dir / f"{CHECKPOINT_PREFIX}{state['step']:08d}"
-    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=checkpoint_dir))
-    try:
-        save_file(
-            {name: parameter.detach().cpu().contiguous() for name, parameter in trainable.items()},
-            str(staging / TRAINABLE_FILE),
-        )
-        torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
-        torch.save(scheduler.state_dict(), staging / SCHEDULER_FILE)
-        torch.save(_rng_state(), staging / RNG_FILE)
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-        recent = history[-HISTORY_STEPS:]
-        (staging / HISTORY_FILE).write_text(json.dumps([[step, dict(metrics)] for step, metrics in recent]),
-                                            encoding="utf-8")
-        # Asked last, right before the rename, so the window in which a takeover can slip in is smallest.
-        if (guard is not None and not guard()) or _newer_generation(target, state.get("attempt")):
-            shutil.rmtree(staging, ignore_errors=True)
-            logger.warning("checkpoint %s not published: this run no longer owns it", target)
-            return None
-        if target.exists():  # a step redone by a resumed run (same or newer generation): replace it
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    logger.debug("checkpoint written: %s", target)
-    return target
-
-
-def _load_history(checkpoint: Path) -> list[tuple[int, dict[str, float]]]:
-    """The per-step metrics saved with ``checkpoint`` (empty for a checkpoint written before they were)."""
-    path = checkpoint / HISTORY_FILE
-    if not path.is_file():
-        return []
-    return [(int(step), dict(metrics)) for step, metrics in json.loads(path.read_text(encoding="utf-8"))]
-
-
-def _newer_generation(target: Path, generation: int | None) -> bool:
-    """Whether ``target`` holds a checkpoint written by a newer generation (attempt) than ``generation``."""
-    if generation is None or not (target / STATE_FILE).is_file():
-        return False
-    try:
-        theirs = json.loads((target / STATE_FILE).read_text(encoding="utf-8")).get("attempt")
-    except (OSError, ValueError):
-        return False
-    return isinstance(theirs, int) and theirs > generation
-
-
-def _prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
-    for _, path in checkpoint_steps(checkpoint_dir)[:-keep]:
-        shutil.rmtree(path)
-        logger.debug("checkpoint pruned: %s", path)
-
-
-def _remove_staging_folders(checkpoint_dir: Path) -> None:
-    """Staging folders are what a crash during a save leaves behind; they are never a valid checkpoint."""
-    for path in checkpoint_dir.glob(f"{_STAGING_PREFIX}*"):
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _describe_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    names = sorted((set(saved) | set(current)) - _RESUMABLE_CHANGES)
-    missing = "(absent)"
-    return [
-        f"{name}: checkpoint {saved.get(name, missing)!r}, now {current.get(name, missing)!r}"
-        for name in names
-        if saved.get(name, missing) != current.get(name, missing)
-    ]
-
-
-def _load_checkpoint(
-    checkpoint: Path,
-    config: FitConfig,
-    num_items: int,
-    trainable: Mapping[str, torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNGs from ``checkpoint``; refuse one of a different run."""
-    fresh_start = f"give this run a fresh checkpoint_dir (or delete {checkpoint.parent}) to start over"
-    state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-    if state.get("fit_version") != FIT_VERSION:
-        raise ValueError(
-            f"checkpoint {checkpoint} was written by fit version {state.get('fit_version')!r}, this is "
-            f"{FIT_VERSION}; it cannot be resumed exactly: {fresh_start}."
-        )
-    differences = _describe_differences(state["config"], _config_dict(config))
-    if state["num_items"] != num_items:
-        differences.append(f"number of train_items: checkpoint {state['num_items']}, now {num_items}")
-    if differences:
-        raise ValueError(
-            f"checkpoint {checkpoint} belongs to a run with a different configuration "
-            f"({'; '.join(differences)}), so resuming would not continue that run: restore those values, "
-            f"or {fresh_start}."
-        )
-
-    tensors = load_file(str(checkpoint / TRAINABLE_FILE), device="cpu")
-    if set(tensors) != set(trainable):
-        unexpected, missing = sorted(set(tensors) - set(trainable)), sorted(set(trainable) - set(tensors))
-        raise ValueError(
-            f"checkpoint {checkpoint} trains other parameters than this model (in the checkpoint only: "
-            f"{unexpected[:5]}; in the model only: {missing[:5]}); build the model the same way (same base, "
-            f"same LoRA config) or {fresh_start}."
-        )
-    with torch.no_grad():
-        for name, parameter in trainable.items():
-            if tensors[name].shape != parameter.shape:
-                raise ValueError(
-                    f"checkpoint {checkpoint} has {name} of shape {tuple(tensors[name].shape)}, the model "
-                    f"{tuple(parameter.shape)}; build the model the same way or {fresh_start}."
-                )
-            parameter.copy_(tensors[name])
-    optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER_FILE, map_location="cpu", weights_only=True))
-    _set_rng_state(torch.load(checkpoint / RNG_FILE, map_location="cpu", weights_only=True))
-    return state

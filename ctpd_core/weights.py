@@ -20,9 +20,15 @@ import math
 
 import torch
 
-DEFAULT_LOWER = -0.5
-DEFAULT_UPPER = 1.5
-DEFAULT_SCALE = 1.0
+from ctpd_core.spec import WeightsSpec
+
+# The paper's values, as the JobSpec's defaults (the one place they live), for callers that use this module
+# without a spec.
+DEFAULT_LOWER: float = WeightsSpec.model_fields["lower"].default
+DEFAULT_UPPER: float = WeightsSpec.model_fields["upper"].default
+DEFAULT_SCALE: float = WeightsSpec.model_fields["scale"].default
+DEFAULT_RANDOM_LOW: float = WeightsSpec.model_fields["random_low"].default
+DEFAULT_RANDOM_HIGH: float = WeightsSpec.model_fields["random_high"].default
 
 
 def _validate_span_mask(span_mask: torch.Tensor, name: str = "span_mask") -> None:
@@ -121,7 +127,7 @@ def uniform_span_weights(span_mask: torch.Tensor) -> torch.Tensor:
 
 
 def random_span_weights(
-    span_mask: torch.Tensor, *, seed: int, low: float = 0.7, high: float = 1.3
+    span_mask: torch.Tensor, *, seed: int, low: float = DEFAULT_RANDOM_LOW, high: float = DEFAULT_RANDOM_HIGH
 ) -> torch.Tensor:
     """Independent U(low, high) weights per real span, 0 on padding (the "random weight" ablation, §4.3).
 

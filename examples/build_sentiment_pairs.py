@@ -23,7 +23,7 @@ Outputs (TRL's explicit-prompt preference format; ``prompt + chosen`` is the ful
 
 - ``sentiment-pairs.jsonl`` (train) and ``sentiment-pairs-validation.jsonl`` (validation, ~10 %, a seeded split by
   prompt), one JSON object per line with keys ``prompt, chosen, rejected, chosen_score, rejected_score, source``;
-  ``source`` is ``botchan:sentence=I`` where I indexes ``ctpd_core.textdata.read_sentences(botchan.txt)``.
+  ``source`` is ``botchan:sentence=I`` where I indexes ``bench.textdata.read_sentences(botchan.txt)``.
 - ``sentiment-pairs.meta.json``: settings, seed, model, the held-out sentence boundary, counts and wall time.
 
 ``--resume-cache FILE`` (optional) appends each generated batch to FILE and reuses it on a restart; since every batch
@@ -51,13 +51,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ctpd_core.sampling import (  # noqa: E402
+from bench.quality.sampling import (  # noqa: E402
     clean_continuation,
     continuation_text,
     control_token_ids,
     cut_at_control,
 )
-from ctpd_core.textdata import continuation_prompts, read_sentences, story_start  # noqa: E402
+from bench.textdata import continuation_prompts, read_sentences, story_start  # noqa: E402
 
 DEFAULT_BOOK = REPO / ".cache" / "assets" / "botchan.txt"
 DEFAULT_CATALOG = REPO / ".ctpd" / "catalog"

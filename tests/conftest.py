@@ -32,7 +32,7 @@ def botchan_text() -> str:
 
 @pytest.fixture(scope="session")
 def botchan_sentences(botchan_text: str) -> list[str]:
-    from ctpd_core.textdata import gutenberg_body, sentences
+    from bench.textdata import gutenberg_body, sentences
 
     return sentences(gutenberg_body(botchan_text))
 
@@ -73,7 +73,7 @@ def _train_unigram(corpus: list[str], vocab_size: int):
 
 @pytest.fixture(scope="session")
 def tiny_corpus(botchan_text: str) -> list[str]:
-    from ctpd_core.textdata import gutenberg_body, paragraphs
+    from bench.textdata import gutenberg_body, paragraphs
 
     return paragraphs(gutenberg_body(botchan_text))
 

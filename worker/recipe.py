@@ -1,8 +1,13 @@
 """The one place that turns a JobSpec into ctpd_core calls (design.md). Used by the worker and ``ctpd run``.
 
 It owns the mapping from spec fields to stage arguments, the stage cache keys, and the order of the stages.
-No Celery, no SQL: what the caller wants to know arrives through a :class:`PipelineObserver`, and a
-:class:`StopSignal` stops it between training steps (after a checkpoint).
+:func:`run_spec` reads as the README's pipeline table: each stage is a function that takes the records it
+needs and returns a frozen one (:class:`Prepared`, :class:`Reference`, :class:`Contrastive`, :class:`Weights`,
+:class:`Distilled`, :class:`Evaluation`, :class:`Exported`). What they share is only the :class:`ModelPool`
+(frozen models loaded once, trainable ones fresh, the fingerprint memo) and the :class:`StageRunner` (the
+stage cache, stage reporting and timing). No Celery, no SQL: what the caller wants to know arrives through an
+:class:`~ctpd_core.observe.Observer`, and a :class:`~ctpd_core.observe.StopToken` stops the run between any
+two batches (training checkpoints first) and at every stage boundary.
 
 Caching: prepare, reference, contrastive and weights are stored under ``artifact_root`` by a content key of
 everything that determines them (data, tokenizers, model identities, settings), so a second job with the same
@@ -17,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -25,44 +29,48 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from ctpd_core.artifacts import StageCache, content_key
 from ctpd_core.data import PreferencePair, load_pairs, pairs_fingerprint
 from ctpd_core.encoding import EncodingConfig
 from ctpd_core.evaluate import evaluate_student
 from ctpd_core.export import export_student
+from ctpd_core.inference import pad_token_id, token_logprobs
 from ctpd_core.models import load_causal_lm, load_tokenizer, model_fingerprint, tokenizer_fingerprint
+from ctpd_core.observe import NeverStop, NullObserver, Observer, Stopped, StopToken, check_stop
 from ctpd_core.pipeline import (
-    NullObserver,
-    PipelineObserver,
-    TokenLogprobs,
+    Granularity,
     averaged_weights,
-    build_items,
     contrastive_weights,
     fixed_weights,
+    make_distill_loss,
+    prepare,
+)
+from ctpd_core.publish import publish_folder
+from ctpd_core.records import (
+    PreparedData,
+    Side,
+    TokenLogprobs,
+    build_items,
     load_prepared,
     load_token_values,
-    make_distill_loss,
-    pad_token_id,
-    prepare,
     save_prepared,
     save_token_values,
     swap_pairs,
-    token_logprobs,
 )
 from ctpd_core.spec import JobSpec, ModelRef
-from ctpd_core.train import FitConfig, StopSignal, fit
+from ctpd_core.train import FitConfig, fit
+from ctpd_core.vocab import Stage, fit_stage
 
 logger = logging.getLogger(__name__)
 
 RECIPE_VERSION = 1  # bump when a stage's output format or semantics change: old cache entries stop matching
-
-
-class JobStopped(Exception):
-    """The stop signal fired; the current stage checkpointed and returned."""
+SPLITS = ("train", "validation")
+DIRECTIONS = ("positive", "negative")  # π+ by DPO, π− by DPO on swapped pairs
 
 
 @dataclass
@@ -71,10 +79,10 @@ class RunContext:
     run_dir: Path
     model_cache: Path
     device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    observer: PipelineObserver = field(default_factory=NullObserver)
-    stop_signal: StopSignal | None = None
+    observer: Observer = field(default_factory=NullObserver)
+    stop_signal: StopToken | None = None  # None: nothing stops the run
     dataset_resolver: Callable[[str], Path] | None = None  # uploaded dataset id -> file
-    inference_batch_size: int = 8
+    inference_batch_size: int = 8  # reference and weights passes (evaluation uses the spec's batch size)
     # Fencing (the worker): asked before a checkpoint or the export is published; False = another attempt
     # owns the job now, so this run stops without publishing. ``generation`` (the attempt) goes into every
     # checkpoint, and a checkpoint of a newer generation is never replaced.
@@ -91,14 +99,140 @@ class RunResult:
     cached_stages: list[str]
 
 
-class _ObserverSink:
-    """fit()'s MetricSink, forwarding to the observer under a stage name."""
+# ------------------------------------------------------------------------------------------ shared by stages
 
-    def __init__(self, observer: PipelineObserver, stage: str) -> None:
-        self.observer, self.stage = observer, stage
 
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        self.observer.metrics(self.stage, step, metrics)
+class ModelPool:
+    """Models of one run: frozen ones loaded once and shared, trainable ones fresh on every call, and model
+    fingerprints (memoised across runs in ``artifact_root/fingerprints.json``)."""
+
+    def __init__(self, context: RunContext) -> None:
+        self.model_cache, self.device = context.model_cache, context.device
+        self.memo_file = context.artifact_root / "fingerprints.json"
+        self._frozen: dict[tuple[str, str | None], tuple[Any, Any]] = {}
+
+    def frozen(self, ref: ModelRef) -> tuple[Any, Any]:
+        """(model, tokenizer) in eval mode without grads, loaded on first use."""
+        key = (ref.model, ref.revision)
+        if key not in self._frozen:
+            model, tokenizer = self._load(ref)
+            model.requires_grad_(False)
+            model.eval()
+            self._frozen[key] = (model, tokenizer)
+        return self._frozen[key]
+
+    def fresh(self, ref: ModelRef) -> tuple[Any, Any]:
+        """A newly loaded trainable (model, tokenizer); seed torch before the call for a reproducible init."""
+        return self._load(ref)
+
+    def release(self) -> None:
+        """Drop the frozen models (the teacher, π±), so training has their memory."""
+        self._frozen.clear()
+
+    def fingerprint(self, ref: ModelRef) -> str:
+        return model_fingerprint(ref.model, cache_dir=self.model_cache, revision=ref.revision, memo_file=self.memo_file)
+
+    def _load(self, ref: ModelRef) -> tuple[Any, Any]:
+        model, tokenizer = load_causal_lm(
+            ref.model, cache_dir=self.model_cache, trust_remote_code=ref.trust_remote_code, revision=ref.revision
+        )
+        model.to(self.device)
+        return model, tokenizer
+
+
+class StageRunner:
+    """The stage cache and the stage log of one run: reports each stage's start and end (with its summary),
+    times it, and checks the stop token at both of its boundaries."""
+
+    def __init__(self, context: RunContext, precision: str) -> None:
+        self.context = context
+        self.cache = StageCache(context.artifact_root)
+        self.observer = context.observer
+        self.stop: StopToken = context.stop_signal or NeverStop()
+        # What every cached inference or training output depends on besides its inputs.
+        self.numerics = {"device": context.device.type, "precision": precision}
+        self.stage_seconds: dict[str, float] = {}
+        self.cached_stages: list[str] = []
+
+    @contextmanager
+    def stage(self, name: Stage, cached: bool) -> Iterator[dict[str, Any]]:
+        # A stop is honoured at every stage boundary too, not only inside the loops: a cancel that arrives
+        # during a stage's last batch (or a stage with no loop at all, like export) never runs the next one.
+        check_stop(self.stop, name)
+        self.observer.stage_started(name, cached)
+        started = time.monotonic()
+        summary: dict[str, Any] = {}
+        yield summary
+        seconds = time.monotonic() - started
+        self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds
+        if cached:
+            self.cached_stages.append(name)
+        self.observer.stage_finished(name, seconds, cached, summary)
+        check_stop(self.stop, name)
+
+    def fit_hooks(self) -> dict[str, Any]:
+        """fit()'s reporting, stop token and fencing."""
+        return {"observer": self.observer, "stop": self.stop, "checkpoint_guard": self.context.publish_guard,
+                "generation": self.context.generation}
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Prepared:
+    key: str  # the prepare stage's cache key, part of every later stage's
+    data: PreparedData
+    train_fingerprint: str  # of the training pairs, for the model card
+    student_tokenizer: Any
+    teacher_tokenizer: Any  # the student's for the baselines: both "sides" are the student's
+    pad_ids: Mapping[Side, int]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A frozen model's per-token log-probs of both splits, on ``side``'s tokens."""
+
+    key: str
+    model: ModelRef
+    side: Side
+    logprobs: Mapping[str, TokenLogprobs]  # "train", "validation"
+
+
+@dataclass(frozen=True)
+class Contrastive:
+    """π+ and π−: given, or trained by DPO (then folders in the stage cache). ``*_id`` is what names each in the
+    weights key: a given model's fingerprint, or a trained one's contrastive key."""
+
+    positive: ModelRef
+    negative: ModelRef
+    positive_id: str
+    negative_id: str
+    side: Side
+
+
+@dataclass(frozen=True)
+class Weights:
+    values: TokenLogprobs | None  # per span (ctpd) or token (tisdpo) of the training split; None for dpo
+
+
+@dataclass(frozen=True)
+class Distilled:
+    student: nn.Module  # trained, in eval mode
+    steps: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+
+
+# ---------------------------------------------------------------------------------------------- helpers
 
 
 def split_dataset(spec: JobSpec, resolver: Callable[[str], Path] | None) -> tuple[list[PreferencePair], list[PreferencePair]]:
@@ -108,8 +242,10 @@ def split_dataset(spec: JobSpec, resolver: Callable[[str], Path] | None) -> tupl
         if resolver is None:
             raise ValueError("dataset.id needs the service (uploaded datasets); locally, use dataset.path")
         path = resolver(dataset.id)
-    else:
+    elif dataset.path is not None:
         path = Path(dataset.path)
+    else:  # the spec's validators require one of the two
+        raise ValueError("the dataset needs dataset.path or dataset.id")
     pairs = load_pairs(path)
     if dataset.validation_id is not None:
         if resolver is None:
@@ -161,411 +297,343 @@ def _trajectory(config: FitConfig) -> dict[str, Any]:
     return values
 
 
-class Recipe:
-    """One run of a JobSpec. ``run()`` executes the stages in order; see the module docstring."""
+def _is_ctpd(spec: JobSpec) -> bool:
+    return spec.method == "ctpd"
 
-    def __init__(self, spec: JobSpec, context: RunContext) -> None:
-        self.spec = spec
-        self.context = context
-        self.cache = StageCache(context.artifact_root)
-        self.observer = context.observer
-        self.device = context.device
-        self.stage_seconds: dict[str, float] = {}
-        self.cached_stages: list[str] = []
-        self._models: dict[tuple[str, str | None], tuple[Any, Any]] = {}
-        self._fingerprint_memo = context.artifact_root / "fingerprints.json"
-        self.is_ctpd = spec.method == "ctpd"
-        # The reference model and the side whose tokens it reads (method §5.2).
-        self.reference_ref: ModelRef = spec.teacher if self.is_ctpd else spec.student  # type: ignore[assignment]
-        self.reference_side = "teacher" if self.is_ctpd else "student"
-        self.precision = spec.training.precision
-        self.numerics = {"device": self.device.type, "precision": self.precision}
 
-    # ------------------------------------------------------------------------------------------ helpers
+def _load_tokenizer(ref: ModelRef, context: RunContext, role: str) -> Any:
+    return load_tokenizer(ref.model, cache_dir=context.model_cache, trust_remote_code=ref.trust_remote_code,
+                          revision=ref.revision, role=role)
 
-    @contextmanager
-    def _stage(self, name: str, cached: bool) -> Iterator[dict[str, Any]]:
-        # A stop is honoured at every stage boundary too, not only inside the loops: a cancel that arrives
-        # during a stage's last batch (or a stage with no loop at all, like export) never runs the next one.
-        self._check_stop_signal()
-        self.observer.stage_started(name, cached)
-        started = time.monotonic()
-        summary: dict[str, Any] = {}
-        yield summary
-        seconds = time.monotonic() - started
-        self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds
-        if cached:
-            self.cached_stages.append(name)
-        self.observer.stage_finished(name, seconds, cached, summary)
-        self._check_stop_signal()
 
-    def _fingerprint(self, ref: ModelRef) -> str:
-        return model_fingerprint(
-            ref.model, cache_dir=self.context.model_cache, revision=ref.revision, memo_file=self._fingerprint_memo
-        )
+# ----------------------------------------------------------------------------------------------- stages
 
-    def _load(self, ref: ModelRef, fresh: bool = False) -> tuple[Any, Any]:
-        """(model, tokenizer); frozen models are loaded once per run, trainable ones fresh each time."""
-        key = (ref.model, ref.revision)
-        if not fresh and key in self._models:
-            return self._models[key]
-        model, tokenizer = load_causal_lm(
-            ref.model,
-            cache_dir=self.context.model_cache,
-            trust_remote_code=ref.trust_remote_code,
-            revision=ref.revision,
-        )
-        model.to(self.device)
-        if not fresh:
-            model.requires_grad_(False)
-            model.eval()
-            self._models[key] = (model, tokenizer)
-        return model, tokenizer
 
-    def _check_stop(self, stopped: bool) -> None:
-        if stopped:
-            raise JobStopped()
+def prepare_stage(spec: JobSpec, runner: StageRunner) -> Prepared:
+    """Tokenize and align every pair with both tokenizers (cached by data, tokenizers and ``sequence``)."""
+    context = runner.context
+    train_pairs, validation_pairs = split_dataset(spec, context.dataset_resolver)
+    student_tokenizer = _load_tokenizer(spec.student, context, "student tokenizer")
+    teacher_tokenizer = (
+        _load_tokenizer(spec.teacher, context, "teacher tokenizer")
+        if _is_ctpd(spec) and spec.teacher is not None
+        else student_tokenizer  # the baselines train the student alone: both "sides" are the student's
+    )
+    train_fingerprint = pairs_fingerprint(train_pairs)
+    parts = {
+        "stage": Stage.PREPARE,
+        "version": RECIPE_VERSION,
+        "train": train_fingerprint,
+        "validation": pairs_fingerprint(validation_pairs),
+        "student_tokenizer": tokenizer_fingerprint(student_tokenizer),
+        "teacher_tokenizer": tokenizer_fingerprint(teacher_tokenizer),
+        "sequence": spec.sequence.model_dump(),
+    }
+    key = content_key(parts)
 
-    def _check_stop_signal(self) -> None:
-        signal = self.context.stop_signal
-        if signal is not None and signal.should_stop():
-            raise JobStopped()
+    def write(out: Path) -> None:
+        encoding = EncodingConfig(**spec.sequence.model_dump())
+        data = prepare(train_pairs, validation_pairs, student_tokenizer, teacher_tokenizer, encoding,
+                       observer=runner.observer, stop=runner.stop)
+        save_prepared(out, data)
 
-    def _fit_hooks(self, stage: str) -> dict[str, Any]:
-        """fit()'s fencing and metric replay for ``stage`` (an observer without ``replay_metrics`` keeps what it
-        saw, so it needs none)."""
-        replay = getattr(self.observer, "replay_metrics", None)
-        return {"checkpoint_guard": self.context.publish_guard, "generation": self.context.generation,
-                "replay_metrics": (lambda history: replay(stage, history)) if callable(replay) else None}
+    with runner.stage(Stage.PREPARE, runner.cache.is_complete(Stage.PREPARE, key)) as summary:
+        data = load_prepared(runner.cache.build(Stage.PREPARE, key, parts, write))
+        summary.update(data.stats)
+    return Prepared(
+        key=key, data=data, train_fingerprint=train_fingerprint, student_tokenizer=student_tokenizer,
+        teacher_tokenizer=teacher_tokenizer,
+        pad_ids={"student": pad_token_id(student_tokenizer), "teacher": pad_token_id(teacher_tokenizer)},
+    )
 
-    # ------------------------------------------------------------------------------------------- stages
 
-    def run(self) -> RunResult:
-        spec, context = self.spec, self.context
-        context.run_dir.mkdir(parents=True, exist_ok=True)
-        train_pairs, validation_pairs = split_dataset(spec, context.dataset_resolver)
-        self.data_fingerprint = pairs_fingerprint(train_pairs)
-        student_tokenizer = load_tokenizer(
-            spec.student.model, cache_dir=context.model_cache, trust_remote_code=spec.student.trust_remote_code,
-            role="student tokenizer",
-        )
-        teacher_tokenizer = (
-            load_tokenizer(
-                spec.teacher.model, cache_dir=context.model_cache, trust_remote_code=spec.teacher.trust_remote_code,
-                role="teacher tokenizer",
+def reference_stage(
+    spec: JobSpec, runner: StageRunner, models: ModelPool, prepared: Prepared, ref: ModelRef, side: Side,
+    *, stage: Stage = Stage.REFERENCE,
+) -> Reference:
+    """A frozen model's per-token log-probs on ``side`` for both splits (cached). The job's reference is the
+    teacher on its own tokens for ctpd, the initial student for the baselines (method §5.2); the contrastive
+    stage asks for another one when π± start from a different model (reported under its own ``stage``)."""
+    parts = {
+        "stage": Stage.REFERENCE,
+        "version": RECIPE_VERSION,
+        "prepare": prepared.key,
+        "model": models.fingerprint(ref),
+        "side": side,
+        **runner.numerics,
+    }
+    key = content_key(parts)
+
+    def write(out: Path) -> None:
+        model, _ = models.frozen(ref)
+        splits = {"train": prepared.data.train, "validation": prepared.data.validation}
+        values = {
+            split: token_logprobs(
+                model, splits[split], side, prepared.pad_ids[side], batch_size=runner.context.inference_batch_size,
+                device=runner.context.device, precision=spec.training.precision, stage=stage,
+                observer=runner.observer, stop=runner.stop,
             )
-            if self.is_ctpd
-            else student_tokenizer  # the baselines train the student alone: both "sides" are the student's
-        )
-        self.pad_ids = {"student": pad_token_id(student_tokenizer), "teacher": pad_token_id(teacher_tokenizer)}
-
-        # 1. prepare
-        prepare_parts = {
-            "stage": "prepare",
-            "version": RECIPE_VERSION,
-            "train": self.data_fingerprint,
-            "validation": pairs_fingerprint(validation_pairs),
-            "student_tokenizer": tokenizer_fingerprint(student_tokenizer),
-            "teacher_tokenizer": tokenizer_fingerprint(teacher_tokenizer),
-            "sequence": spec.sequence.model_dump(),
+            for split in SPLITS
         }
-        prepare_key = content_key(prepare_parts)
-        with self._stage("prepare", self.cache.is_complete("prepare", prepare_key)) as summary:
-            folder = self.cache.build(
-                "prepare",
-                prepare_key,
-                prepare_parts,
-                lambda out: save_prepared(
-                    out,
-                    prepare(
-                        train_pairs, validation_pairs, student_tokenizer, teacher_tokenizer,
-                        EncodingConfig(**spec.sequence.model_dump()), progress=self.observer.progress,
-                    ),
+        save_token_values(out / "logprobs.safetensors", values)
+
+    with runner.stage(stage, runner.cache.is_complete(Stage.REFERENCE, key)) as summary:
+        folder = runner.cache.build(Stage.REFERENCE, key, parts, write)
+        logprobs = load_token_values(folder / "logprobs.safetensors")
+        summary["model"] = ref.model
+        summary["side"] = side
+    return Reference(key=key, model=ref, side=side, logprobs=logprobs)
+
+
+def job_reference(spec: JobSpec) -> tuple[ModelRef, Side]:
+    """The job's reference model and the side whose tokens it reads (method §5.2)."""
+    if _is_ctpd(spec) and spec.teacher is not None:
+        return spec.teacher, "teacher"
+    return spec.student, "student"
+
+
+def contrastive_stage(
+    spec: JobSpec, runner: StageRunner, models: ModelPool, prepared: Prepared, reference: Reference
+) -> Contrastive | None:
+    """π+ and π− for contrastive weights (None when the weights need none): given, or trained by DPO from the
+    teacher (ctpd, the paper) or the student (tisdpo, ablation) on straight and swapped pairs, each on its own
+    tokens, against that model's frozen reference."""
+    source = spec.weights.source
+    if spec.method == "dpo" or source in ("uniform", "random"):
+        return None
+    base_ref = spec.teacher if source == "teacher_contrastive" else spec.student
+    side: Side = "teacher" if source == "teacher_contrastive" else "student"
+    if base_ref is None:  # the spec's validators refuse this; said here so the error is clear if one slips by
+        raise ValueError("weights.source teacher_contrastive needs a teacher; set teacher or another source")
+    if side == reference.side and base_ref == reference.model:
+        base_reference = reference
+    else:
+        base_reference = reference_stage(spec, runner, models, prepared, base_ref, side, stage=Stage.CONTRASTIVE)
+
+    contrastive = spec.contrastive
+    if contrastive.positive is not None and contrastive.negative is not None:
+        with runner.stage(Stage.CONTRASTIVE, True) as summary:
+            summary["given"] = True
+        return Contrastive(positive=contrastive.positive, negative=contrastive.negative,
+                           positive_id=models.fingerprint(contrastive.positive),
+                           negative_id=models.fingerprint(contrastive.negative), side=side)
+
+    config = fit_config(
+        spec, learning_rate=contrastive.learning_rate, epochs=contrastive.epochs, max_steps=contrastive.max_steps
+    )
+    common = {
+        "stage": Stage.CONTRASTIVE,
+        "version": RECIPE_VERSION,
+        "prepare": prepared.key,
+        "base": models.fingerprint(base_ref),
+        "side": side,
+        "reference": base_reference.key,
+        "beta": contrastive.beta,
+        "fit": _trajectory(config),
+        **runner.numerics,
+    }
+    keys = {direction: content_key({**common, "direction": direction}) for direction in DIRECTIONS}
+    cached = all(runner.cache.is_complete(Stage.CONTRASTIVE, key) for key in keys.values())
+    items = build_items(prepared.data.train, base_reference.logprobs["train"])
+    trained: dict[str, ModelRef] = {}
+    with runner.stage(Stage.CONTRASTIVE, cached) as summary:
+        for direction, key in keys.items():
+            direction_items = items if direction == "positive" else swap_pairs(items)
+            checkpoints = runner.context.run_dir / "contrastive" / f"{direction}-{key[:16]}"
+
+            def write(out: Path, direction: str = direction, train_items=direction_items, checkpoints=checkpoints) -> None:
+                torch.manual_seed(spec.training.seed)  # before loading: the init of a trainable model is seeded
+                model, tokenizer = models.fresh(base_ref)
+                loss = make_distill_loss("dpo", contrastive.beta, policy_side=side, reference_side=side,
+                                         pad_id=prepared.pad_ids[side], device=runner.context.device)
+                result = fit(model, train_items, loss, config, checkpoints,
+                             stage=fit_stage(Stage.CONTRASTIVE, direction), device=runner.context.device,
+                             **runner.fit_hooks())
+                model.save_pretrained(str(out / "model"), safe_serialization=True)
+                tokenizer.save_pretrained(str(out / "model"))
+                (out / "fit.json").write_text(json.dumps({"steps": result.steps, "last_metrics": result.last_metrics}))
+
+            folder = runner.cache.build(Stage.CONTRASTIVE, key, {**common, "direction": direction}, write)
+            # The trained model is published in the cache: its resume checkpoints (weights plus optimizer
+            # state, three times the model's size) are dead weight now.
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            trained[direction] = ModelRef(model=str(folder / "model"))
+            summary[direction] = str(folder / "model")
+    return Contrastive(positive=trained["positive"], negative=trained["negative"], positive_id=keys["positive"],
+                       negative_id=keys["negative"], side=side)
+
+
+def weights_stage(
+    spec: JobSpec, runner: StageRunner, models: ModelPool, prepared: Prepared, reference: Reference,
+    contrastive: Contrastive | None,
+) -> Weights:
+    """Span (ctpd) or token (tisdpo) importance weights of the training pairs; none for dpo."""
+    if spec.method == "dpo":
+        return Weights(values=None)
+    weights_spec = spec.weights
+    granularity: Granularity = "span" if _is_ctpd(spec) else "token"
+    if contrastive is None:  # the uniform and random ablations (method §4.3)
+        side: Side = reference.side if _is_ctpd(spec) else "student"
+        mode: Literal["uniform", "random"] = "uniform" if weights_spec.source == "uniform" else "random"
+        with runner.stage(Stage.WEIGHTS, False) as summary:
+            values = fixed_weights(
+                prepared.data.train, side, granularity, mode, seed=spec.training.seed,
+                low=weights_spec.random_low, high=weights_spec.random_high,
+            )
+            summary["source"] = weights_spec.source
+        return Weights(values=values)
+
+    side = contrastive.side
+    parts = {
+        "stage": Stage.WEIGHTS,
+        "version": RECIPE_VERSION,
+        "prepare": prepared.key,
+        "positive": contrastive.positive_id,
+        "negative": contrastive.negative_id,
+        "side": side,
+        "granularity": granularity,
+        # Averaging is applied to the stored weights below: it does not change what this stage computes.
+        "weights": weights_spec.model_dump(exclude={"average"}),
+        **runner.numerics,
+    }
+    key = content_key(parts)
+
+    def write(out: Path) -> None:
+        logps = {}
+        for direction, ref in (("positive", contrastive.positive), ("negative", contrastive.negative)):
+            model, _ = models.frozen(ref)
+            logps[direction] = token_logprobs(
+                model, prepared.data.train, side, prepared.pad_ids[side],
+                batch_size=runner.context.inference_batch_size, device=runner.context.device,
+                precision=spec.training.precision, stage=Stage.WEIGHTS, observer=runner.observer, stop=runner.stop,
+            )
+        values = contrastive_weights(
+            prepared.data.train, logps["positive"], logps["negative"], side, granularity,
+            lower=weights_spec.lower, upper=weights_spec.upper, scale=weights_spec.scale,
+        )
+        save_token_values(out / "weights.safetensors", {"train": values})
+
+    with runner.stage(Stage.WEIGHTS, runner.cache.is_complete(Stage.WEIGHTS, key)) as summary:
+        folder = runner.cache.build(Stage.WEIGHTS, key, parts, write)
+        values = load_token_values(folder / "weights.safetensors")["train"]
+        if weights_spec.average:
+            values = averaged_weights(values)
+            summary["average"] = True
+        flat = torch.cat([torch.as_tensor(w) for w in values.chosen + values.rejected])
+        summary.update(
+            {"source": weights_spec.source, "mean_weight": float(flat.mean()), "min_weight": float(flat.min()),
+             "max_weight": float(flat.max())}
+        )
+    return Weights(values=values)
+
+
+def distill_stage(
+    spec: JobSpec, runner: StageRunner, models: ModelPool, prepared: Prepared, reference: Reference,
+    weights: Weights,
+) -> Distilled:
+    """The student trained with the job's loss; checkpoints under ``run_dir/distill`` (resumed on a rerun)."""
+    with runner.stage(Stage.DISTILL, False) as summary:
+        torch.manual_seed(spec.training.seed)  # before loading: the init of a trainable model is seeded
+        student, _ = models.fresh(spec.student)
+        if spec.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            student = get_peft_model(
+                student,
+                LoraConfig(
+                    # peft annotates lora_alpha as int but computes alpha / r in float: a fractional alpha is kept.
+                    r=spec.lora.r, lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]
+                    lora_dropout=spec.lora.dropout,
+                    target_modules=spec.lora.target_modules, task_type="CAUSAL_LM",
                 ),
             )
-            self.data = load_prepared(folder)
-            summary.update(self.data.stats)
-        self.prepare_key = prepare_key
+        items = build_items(prepared.data.train, reference.logprobs["train"], weights.values)
+        loss = make_distill_loss(spec.method, spec.beta, policy_side="student", reference_side=reference.side,
+                                 pad_id=prepared.pad_ids["student"], device=runner.context.device)
+        config = fit_config(spec, learning_rate=spec.training.learning_rate, epochs=spec.training.epochs,
+                            max_steps=spec.training.max_steps)
+        result = fit(student, items, loss, config, runner.context.run_dir / Stage.DISTILL, stage=Stage.DISTILL,
+                     device=runner.context.device, **runner.fit_hooks())
+        summary.update({"steps": result.steps, "resumed_from": result.resumed_from, **result.last_metrics})
+    student.eval()
+    return Distilled(student=student, steps=result.steps)
 
-        # 2. reference
-        reference_key, reference = self._reference_stage(self.reference_ref, self.reference_side, stage="reference")
 
-        # 3 + 4. contrastive models and weights
-        weights = self._weights_stages(reference_key, reference)
-
-        # 5. distill. The teacher and the contrastive models are no longer needed: free their memory.
-        self._models.clear()
-        student, distill_step = self._distill(reference, weights)
-
-        # 6. evaluate
-        with self._stage("evaluate", False) as summary:
-            initial_student, _ = self._load(spec.student)
-            metrics = evaluate_student(
-                student,
-                initial_student,
-                self.data.validation,
-                reference=reference["validation"],
-                teacher=reference["validation"] if self.is_ctpd else None,
-                beta=spec.beta,
-                pad_id=self.pad_ids["student"],
-                batch_size=min(spec.evaluation.batch_size, self.context.inference_batch_size),
-                device=self.device,
-                precision=self.precision,
-                progress=self.observer.progress,
-            )
-            self.observer.metrics("evaluate", distill_step, metrics)
-            summary.update(metrics)
-
-        # 7. export: written under a staging name, then renamed into place only if this run still owns the job
-        # (asked right before the rename, as for checkpoints), so a paused or partitioned attempt that wakes up
-        # late never rewrites the export its successor already published.
-        with self._stage("export", False) as summary:
-            staging = context.run_dir / f".export-{context.generation or 0}-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
-            export_student(
-                student,
-                student_tokenizer,
-                staging,
-                spec=spec.model_dump(mode="json"),
-                metrics=metrics,
-                data_fingerprint=self.data_fingerprint,
-                stage_seconds=self.stage_seconds,
-            )
-            # The last point before anything is published: a stop that arrived while the folder was written, or
-            # another attempt that owns the job now (its export is the one that counts), publishes nothing.
-            signal = context.stop_signal
-            if (signal is not None and signal.should_stop()) or (
-                context.publish_guard is not None and not context.publish_guard()
-            ):
-                shutil.rmtree(staging, ignore_errors=True)
-                raise JobStopped()
-            export_dir = context.run_dir / "export"
-            if export_dir.exists():  # an earlier attempt of this job got this far and was lost before its finish
-                shutil.rmtree(export_dir)
-            staging.rename(export_dir)
-            summary["path"] = str(export_dir)
-        # The exported folder is the run's result; the distill checkpoints (weights plus optimizer state) only
-        # served resuming, and cost several times the model's size on disk.
-        shutil.rmtree(context.run_dir / "distill", ignore_errors=True)
-        (context.run_dir / "result.json").write_text(
-            json.dumps({"metrics": metrics, "stage_seconds": self.stage_seconds, "export_dir": str(export_dir)}, indent=2)
+def evaluate_stage(
+    spec: JobSpec, runner: StageRunner, models: ModelPool, prepared: Prepared, reference: Reference,
+    distilled: Distilled,
+) -> Evaluation:
+    """Held-out metrics of the trained student against the initial one (reported at the last training step)."""
+    with runner.stage(Stage.EVALUATE, False) as summary:
+        initial_student, _ = models.frozen(spec.student)
+        validation = reference.logprobs["validation"]
+        metrics = evaluate_student(
+            distilled.student,
+            initial_student,
+            prepared.data.validation,
+            reference=validation,
+            teacher=validation if _is_ctpd(spec) else None,
+            beta=spec.beta,
+            pad_id=prepared.pad_ids["student"],
+            batch_size=spec.evaluation.batch_size,
+            device=runner.context.device,
+            precision=spec.training.precision,
+            observer=runner.observer,
+            stop=runner.stop,
         )
-        return RunResult("succeeded", metrics, export_dir, self.stage_seconds, self.cached_stages)
+        runner.observer.metrics(Stage.EVALUATE, distilled.steps, metrics)
+        summary.update(metrics)
+    return Evaluation(metrics=metrics)
 
-    def _reference_stage(self, ref: ModelRef, side: str, stage: str) -> tuple[str, dict[str, TokenLogprobs]]:
-        """A frozen model's per-token log-probs on ``side`` for both splits (cached)."""
-        parts = {
-            "stage": "reference",
-            "version": RECIPE_VERSION,
-            "prepare": self.prepare_key,
-            "model": self._fingerprint(ref),
-            "side": side,
-            **self.numerics,
-        }
-        key = content_key(parts)
 
-        def write(out: Path) -> None:
-            model, _ = self._load(ref)
-            values = {
-                split: token_logprobs(
-                    model, records, side, self.pad_ids[side], batch_size=self.context.inference_batch_size,
-                    device=self.device, precision=self.precision, stage=stage, progress=self.observer.progress,
-                )
-                for split, records in (("train", self.data.train), ("validation", self.data.validation))
-            }
-            save_token_values(out / "logprobs.safetensors", values)
+def export_stage(
+    spec: JobSpec, runner: StageRunner, prepared: Prepared, distilled: Distilled, evaluation: Evaluation
+) -> Exported:
+    """The student as a Hugging Face folder, ``run_dir/export``. Published only if this run still owns the job
+    (asked right before the rename, as for checkpoints), so a paused or partitioned attempt that wakes up late
+    never rewrites the export its successor already published; a stop that arrived while the folder was
+    written publishes nothing either."""
+    context = runner.context
+    export_dir = context.run_dir / Stage.EXPORT
+    with runner.stage(Stage.EXPORT, False) as summary:
 
-        with self._stage(stage, self.cache.is_complete("reference", key)) as summary:
-            folder = self.cache.build("reference", key, parts, write)
-            values = load_token_values(folder / "logprobs.safetensors")
-            summary["model"] = ref.model
-            summary["side"] = side
-        return key, values
+        def write(staging: Path) -> None:
+            export_student(distilled.student, prepared.student_tokenizer, staging, spec=spec.model_dump(mode="json"),
+                           metrics=evaluation.metrics, data_fingerprint=prepared.train_fingerprint,
+                           stage_seconds=runner.stage_seconds)
 
-    def _weights_stages(self, reference_key: str, reference: dict[str, TokenLogprobs]) -> TokenLogprobs | None:
-        spec = self.spec
-        source = spec.weights.source
-        if spec.method == "dpo":
-            return None
-        granularity = "span" if self.is_ctpd else "token"
-        if source in ("uniform", "random"):
-            side = self.reference_side if self.is_ctpd else "student"
-            with self._stage("weights", False) as summary:
-                weights = fixed_weights(
-                    self.data.train, side, granularity, source, seed=spec.training.seed,
-                    low=spec.weights.random_low, high=spec.weights.random_high,
-                )
-                summary["source"] = source
-            return weights
+        def may_publish() -> bool:
+            return not runner.stop.should_stop() and (context.publish_guard is None or context.publish_guard())
 
-        # Contrastive weights: π+ / π− from the teacher (ctpd, the paper) or the student (tisdpo, ablation),
-        # each on its own tokens.
-        base_ref = spec.teacher if source == "teacher_contrastive" else spec.student
-        side = "teacher" if source == "teacher_contrastive" else "student"
-        if side == self.reference_side and base_ref == self.reference_ref:
-            base_reference_key, base_reference = reference_key, reference
-        else:
-            base_reference_key, base_reference = self._reference_stage(base_ref, side, stage="contrastive")
-        positive_fp, negative_fp = self._contrastive_stage(base_ref, side, base_reference_key, base_reference)
+        # An export already there is an earlier attempt's of this job that was lost before its finish: replaced.
+        if not publish_folder(export_dir, write, staging_prefix=f".export-{context.generation or 0}-",
+                              may_publish=may_publish):
+            raise Stopped(Stage.EXPORT)
+        summary["path"] = str(export_dir)
+    # The exported folder is the run's result; the distill checkpoints (weights plus optimizer state) only
+    # served resuming, and cost several times the model's size on disk.
+    shutil.rmtree(context.run_dir / Stage.DISTILL, ignore_errors=True)
+    return Exported(path=export_dir)
 
-        parts = {
-            "stage": "weights",
-            "version": RECIPE_VERSION,
-            "prepare": self.prepare_key,
-            "positive": positive_fp,
-            "negative": negative_fp,
-            "side": side,
-            "granularity": granularity,
-            # Averaging is applied to the stored weights below: it does not change what this stage computes.
-            "weights": spec.weights.model_dump(exclude={"average"}),
-            **self.numerics,
-        }
-        key = content_key(parts)
 
-        def write(out: Path) -> None:
-            logps = {}
-            for direction in ("positive", "negative"):
-                model = self._contrastive_models[direction]
-                if isinstance(model, ModelRef):
-                    model, _ = self._load(model)
-                logps[direction] = token_logprobs(
-                    model, self.data.train, side, self.pad_ids[side], batch_size=self.context.inference_batch_size,
-                    device=self.device, precision=self.precision, stage="weights", progress=self.observer.progress,
-                )
-            weights = contrastive_weights(
-                self.data.train, logps["positive"], logps["negative"], side, granularity,
-                lower=spec.weights.lower, upper=spec.weights.upper, scale=spec.weights.scale,
-            )
-            save_token_values(out / "weights.safetensors", {"train": weights})
-
-        with self._stage("weights", self.cache.is_complete("weights", key)) as summary:
-            folder = self.cache.build("weights", key, parts, write)
-            weights = load_token_values(folder / "weights.safetensors")["train"]
-            if spec.weights.average:
-                weights = averaged_weights(weights)
-                summary["average"] = True
-            flat = torch.cat([torch.as_tensor(w) for w in weights.chosen + weights.rejected])
-            summary.update(
-                {"source": source, "mean_weight": float(flat.mean()), "min_weight": float(flat.min()),
-                 "max_weight": float(flat.max())}
-            )
-        return weights
-
-    def _contrastive_stage(
-        self, base_ref: ModelRef, side: str, reference_key: str, reference: dict[str, TokenLogprobs]
-    ) -> tuple[str, str]:
-        """π+ and π− (given, or trained by DPO from ``base_ref`` on straight and swapped pairs)."""
-        spec = self.spec
-        contrastive = spec.contrastive
-        self._contrastive_models: dict[str, Any] = {}
-        if contrastive.positive is not None and contrastive.negative is not None:
-            with self._stage("contrastive", True) as summary:
-                self._contrastive_models = {"positive": contrastive.positive, "negative": contrastive.negative}
-                summary["given"] = True
-            return self._fingerprint(contrastive.positive), self._fingerprint(contrastive.negative)
-
-        config = fit_config(
-            spec, learning_rate=contrastive.learning_rate, epochs=contrastive.epochs, max_steps=contrastive.max_steps
-        )
-        common = {
-            "stage": "contrastive",
-            "version": RECIPE_VERSION,
-            "prepare": self.prepare_key,
-            "base": self._fingerprint(base_ref),
-            "side": side,
-            "reference": reference_key,
-            "beta": contrastive.beta,
-            "fit": _trajectory(config),
-            **self.numerics,
-        }
-        keys = {direction: content_key({**common, "direction": direction}) for direction in ("positive", "negative")}
-        cached = all(self.cache.is_complete("contrastive", key) for key in keys.values())
-        items = build_items(self.data.train, reference["train"])
-        with self._stage("contrastive", cached) as summary:
-            for direction, key in keys.items():
-                direction_items = items if direction == "positive" else swap_pairs(items)
-
-                checkpoints = self.context.run_dir / "contrastive" / f"{direction}-{key[:16]}"
-
-                def write(out: Path, direction: str = direction, train_items=direction_items, checkpoints=checkpoints) -> None:
-                    torch.manual_seed(spec.training.seed)
-                    model, tokenizer = self._load(base_ref, fresh=True)
-                    result = fit(
-                        model,
-                        train_items,
-                        make_distill_loss(
-                            "dpo", contrastive.beta, policy_side=side, reference_side=side,
-                            pad_id=self.pad_ids[side], device=self.device,
-                        ),
-                        config,
-                        checkpoints,
-                        stage=f"contrastive:{direction}",
-                        metric_sink=_ObserverSink(self.observer, f"contrastive:{direction}"),
-                        stop_signal=self.context.stop_signal,
-                        progress=self.observer.progress,
-                        device=self.device,
-                        on_checkpoint=lambda step, path, d=direction: self.observer.checkpoint(f"contrastive:{d}", step, path),
-                        **self._fit_hooks(f"contrastive:{direction}"),
-                    )
-                    self._check_stop(result.stopped)
-                    model.save_pretrained(str(out / "model"), safe_serialization=True)
-                    tokenizer.save_pretrained(str(out / "model"))
-                    (out / "fit.json").write_text(json.dumps({"steps": result.steps, "last_metrics": result.last_metrics}))
-
-                folder = self.cache.build("contrastive", key, {**common, "direction": direction}, write)
-                # The trained model is published in the cache: its resume checkpoints (weights plus optimizer
-                # state, three times the model's size) are dead weight now.
-                shutil.rmtree(checkpoints, ignore_errors=True)
-                self._contrastive_models[direction] = ModelRef(model=str(folder / "model"))
-                summary[direction] = str(folder / "model")
-        return keys["positive"], keys["negative"]
-
-    def _distill(self, reference: dict[str, TokenLogprobs], weights: TokenLogprobs | None) -> tuple[Any, int]:
-        spec = self.spec
-        with self._stage("distill", False) as summary:
-            torch.manual_seed(spec.training.seed)
-            student, _ = self._load(spec.student, fresh=True)
-            if spec.lora.enabled:
-                from peft import LoraConfig, get_peft_model
-
-                student = get_peft_model(
-                    student,
-                    LoraConfig(
-                        r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                        target_modules=spec.lora.target_modules, task_type="CAUSAL_LM",
-                    ),
-                )
-            items = build_items(self.data.train, reference["train"], weights)
-            result = fit(
-                student,
-                items,
-                make_distill_loss(
-                    spec.method, spec.beta, policy_side="student", reference_side=self.reference_side,
-                    pad_id=self.pad_ids["student"], device=self.device,
-                ),
-                fit_config(
-                    spec, learning_rate=spec.training.learning_rate, epochs=spec.training.epochs,
-                    max_steps=spec.training.max_steps,
-                ),
-                self.context.run_dir / "distill",
-                stage="distill",
-                metric_sink=_ObserverSink(self.observer, "distill"),
-                stop_signal=self.context.stop_signal,
-                progress=self.observer.progress,
-                device=self.device,
-                on_checkpoint=lambda step, path: self.observer.checkpoint("distill", step, path),
-                **self._fit_hooks("distill"),
-            )
-            self._check_stop(result.stopped)
-            summary.update({"steps": result.steps, "resumed_from": result.resumed_from, **result.last_metrics})
-        student.eval()
-        return student, result.steps
+# ------------------------------------------------------------------------------------------------- run
 
 
 def run_spec(spec: JobSpec, context: RunContext) -> RunResult:
-    """Run every stage of ``spec``; a fired stop signal returns status ``stopped`` (checkpointed)."""
-    recipe = Recipe(spec, context)
+    """Run every stage of ``spec`` in order; a stop returns status ``stopped`` (training checkpointed)."""
+    runner = StageRunner(context, precision=spec.training.precision)
+    models = ModelPool(context)
+    context.run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return recipe.run()
-    except JobStopped:
-        return RunResult("stopped", {}, None, recipe.stage_seconds, recipe.cached_stages)
+        prepared = prepare_stage(spec, runner)
+        reference = reference_stage(spec, runner, models, prepared, *job_reference(spec))
+        contrastive = contrastive_stage(spec, runner, models, prepared, reference)
+        weights = weights_stage(spec, runner, models, prepared, reference, contrastive)
+        models.release()  # the teacher and π± are no longer needed: free their memory for training
+        distilled = distill_stage(spec, runner, models, prepared, reference, weights)
+        evaluation = evaluate_stage(spec, runner, models, prepared, reference, distilled)
+        exported = export_stage(spec, runner, prepared, distilled, evaluation)
+    except Stopped as stopped:
+        logger.info("run stopped in %s", stopped.stage)
+        return RunResult("stopped", {}, None, runner.stage_seconds, runner.cached_stages)
+    return RunResult("succeeded", evaluation.metrics, exported.path, runner.stage_seconds, runner.cached_stages)

@@ -8,16 +8,13 @@
   database is unreachable the writes wait in the buffer (retried with backoff, never dropped) and go out in
   order when it returns; a stale attempt's writes are refused as a whole and the lease is marked lost; a
   buffer that fills up (an outage far longer than any lease) stops the run cleanly instead of growing.
-* :class:`DbObserver` is the recipe's :class:`ctpd_core.pipeline.PipelineObserver`: ``stage_started`` /
+* :class:`DbObserver` is the run's :class:`ctpd_core.observe.Observer`: ``stage_started`` /
   ``stage_finished`` / ``checkpoint_saved`` events, the job's ``stage`` and progress columns (at most one
   write per second per stage, plus the last value of a stage when it finishes), and metric points (one
-  write per optimizer step), all through the writer.
-* With a ``stop_signal``, :class:`DbObserver` also stops the *inference* stages (prepare, reference,
-  weights, evaluate) between batches, the last one included, by raising the recipe's ``JobStopped`` from
-  ``progress``: those stages have no checkpoint to lose (the stage cache discards a partial output).
-  Training stages are left to fit(), which checkpoints before it stops.
-* :class:`DbStopSignal` is fit()'s :class:`ctpd_core.train.StopSignal`: it fires on a cancel (the flag is
-  read at most once per second), a shutdown request (SIGTERM: the job is handed back), a lost lease, or a
+  write per optimizer step, and a resumed stage's replayed ones), all through the writer. It only reports.
+* :class:`DbStopSignal` is the run's :class:`ctpd_core.observe.StopToken`, asked between batches by every
+  long loop of the core (which answers with ``ctpd_core.observe.Stopped``): it fires on a cancel (the flag
+  is read at most once per second), a shutdown request (SIGTERM: the job is handed back), a lost lease, or a
   writer that cannot keep its writes; ``reason`` says which.
 * :class:`Heartbeat` renews the lease from a thread every ``lease_seconds / 4`` while the job runs (model
   loading included) and stops for good once the lease is lost.
@@ -34,7 +31,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +44,7 @@ from app.db.events import AttemptWrite, EventWrite, MetricsWrite, ProgressWrite,
 from worker import failpoints
 
 if TYPE_CHECKING:
-    from ctpd_core.train import Progress
+    from ctpd_core.observe import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +53,6 @@ CANCEL_POLL_SECONDS = 1.0
 MAX_PENDING_WRITES = 10_000  # about 10,000 optimizer steps of metrics: hours of training on any real model
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.5, 10.0
 REPLAY_STEPS_PER_WRITE = 500
-# Progress stages that are batched inference, not fit() (whose stages are "distill", "contrastive:<direction>").
-INTERRUPTIBLE_STAGES = frozenset({"prepare", "reference", "contrastive", "weights", "evaluate"})
 
 
 def jsonable(value: Any) -> Any:
@@ -215,7 +210,6 @@ class DbObserver:
         *,
         progress_interval: float = PROGRESS_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
-        stop_signal: DbStopSignal | None = None,
         attempt: int | None = None,
         writer: AttemptWriter | None = None,
     ) -> None:
@@ -224,7 +218,6 @@ class DbObserver:
         self.attempt = self.writer.lease.attempt
         self.progress_interval = progress_interval
         self.clock = clock
-        self.stop_signal = stop_signal
         self._last_write: dict[str, float] = {}  # progress stage -> when its progress was last written
         self._pending: dict[str, Progress] = {}  # progress stage -> the newest value not yet written
 
@@ -254,19 +247,12 @@ class DbObserver:
             self._pending[progress.stage] = progress  # written by the next due write or the stage's end
         else:
             self._write_progress(progress, now)
-        # The last batch too: a cancel that arrives during it must not let the job run on into the next stage.
-        if self.stop_signal is not None and progress.stage in INTERRUPTIBLE_STAGES and self.stop_signal.should_stop():
-            from worker.recipe import JobStopped  # the recipe is loaded by now; this module stays torch-free
-
-            self._flush_progress()
-            logger.info("job %s: stopping %s at %d of %d", self.job_id, progress.stage, progress.step, progress.total)
-            raise JobStopped()
 
     def metrics(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
         self.writer.submit(MetricsWrite(tuple((stage, step, name, value) for name, value in metrics.items())))
 
-    def replay_metrics(self, stage: str, history: list[tuple[int, Mapping[str, float]]]) -> None:
-        """A resumed training stage's metrics of the steps before its checkpoint (``fit(replay_metrics=...)``):
+    def replay_metrics(self, stage: str, history: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+        """A resumed training stage's metrics of the steps before its checkpoint (fit calls it on resume):
         written where the job lacks them, REPLAY_STEPS_PER_WRITE steps per transaction. This is what makes an attempt that died with writes
         still buffered (an outage longer than its lease) lose no metric point: its successor restores them."""
         for start in range(0, len(history), REPLAY_STEPS_PER_WRITE):  # short transactions, not one long one

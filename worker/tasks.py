@@ -213,7 +213,7 @@ def execute_job(
     heartbeat = Heartbeat(db, job_id, worker_id, settings.lease_seconds, attempt=attempt, lease=lease).start()
     writer = AttemptWriter(lease)
     stop_signal = DbStopSignal(db, job_id, lease=lease, writer=writer)
-    observer = DbObserver(db, job_id, stop_signal=stop_signal, writer=writer)
+    observer = DbObserver(db, job_id, writer=writer)  # reports only; the core loops ask stop_signal
     def release(reason: str) -> str | None:
         released = job_rows.release_job(db, job_id, worker_id, attempt, reason)
         if released == "queued" and requeue is not None:

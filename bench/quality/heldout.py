@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.textdata import ContinuationPrompt, continuation_prompts, read_sentences
 from ctpd_core.data import PreferencePair, load_pairs
 from ctpd_core.encoding import EncodingConfig, PairEncoder
-from ctpd_core.textdata import ContinuationPrompt, continuation_prompts, read_sentences
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "data"

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.quality.freetext import bits_per_byte, sequence_kl, sequence_logprobs
 from bench.quality.heldout import EvalSet
+from bench.quality.sampling import SamplingConfig, sample_continuations
 from bench.quality.stats import distinct_ngrams, preference_accuracy
-from ctpd_core.evaluate import bits_per_byte, sequence_kl, sequence_logprobs
-from ctpd_core.pipeline import pad_token_id
-from ctpd_core.sampling import SamplingConfig, sample_continuations
+from ctpd_core.inference import pad_token_id
 
 
 def vader_scorer():

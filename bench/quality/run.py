@@ -38,7 +38,7 @@ from bench.quality.heldout import (
     validation_pairs,
 )
 from bench.quality.report import PLOT_NAME
-from ctpd_core.pipeline import NullObserver
+from ctpd_core.observe import NullObserver
 
 DOCS = REPO / "docs"
 
@@ -109,8 +109,8 @@ class Bench:
         import torch
 
         from bench.quality.measure import vader_scorer
+        from bench.quality.sampling import SamplingConfig
         from ctpd_core.models import load_causal_lm
-        from ctpd_core.sampling import SamplingConfig
 
         self.scale, self.out, self.device, self.catalog = scale, out, torch.device(device), catalog
         self.numerics = scale.numerics(self.device.type)
@@ -142,7 +142,7 @@ class Bench:
     def measure(self, row: str, seed: int | None, family: str, model: Any | None, extra: dict[str, Any]) -> dict:
         """Measure ``model`` (None: the family's initial model) unless it is stored already."""
         from bench.quality.measure import measure_model, pair_logprob_sums
-        from ctpd_core.pipeline import pad_token_id
+        from ctpd_core.inference import pad_token_id
 
         stored = self.store.get(row, seed)
         if stored is not None:

@@ -15,7 +15,7 @@ from bench.quality.heldout import (
     heldout_prompts,
     training_subset,
 )
-from ctpd_core.textdata import continuation_prompts, read_sentences
+from bench.textdata import continuation_prompts, read_sentences
 
 
 def _dataset_rows() -> list[dict]:
@@ -23,7 +23,7 @@ def _dataset_rows() -> list[dict]:
 
 
 def test_the_shared_prompt_helper_reproduces_every_prompt_of_the_committed_dataset():
-    """examples/build_sentiment_pairs.py draws its prompts with ctpd_core.textdata.continuation_prompts; the
+    """examples/build_sentiment_pairs.py draws its prompts with bench.textdata.continuation_prompts; the
     committed files were built before that helper existed, so it must give the very same prompts."""
     meta = json.loads(META_FILE.read_text())
     sentences = read_sentences(BOOK)

@@ -94,20 +94,3 @@ def test_fingerprint_is_content_not_format():
         parse_pairs(json.dumps(rows).encode(), ".json")
     )
     assert pairs_fingerprint([PreferencePair("ab", "c", "d")]) != pairs_fingerprint([PreferencePair("a", "bc", "d")])
-
-
-def test_continuation_prompts_are_strict_prefixes_from_the_asked_range(botchan_sentences):
-    import random
-
-    from ctpd_core.textdata import continuation_prompts
-
-    start = len(botchan_sentences) // 2
-    prompts, skipped = continuation_prompts(botchan_sentences, start, len(botchan_sentences), random.Random(3))
-    assert prompts and all(start <= p.sentence_index < len(botchan_sentences) for p in prompts)
-    for p in prompts:
-        sentence = botchan_sentences[p.sentence_index]
-        assert p.prompt + p.rest == sentence and p.rest.strip()
-        assert 6 <= len(p.prompt.split()) <= 12
-    again, _ = continuation_prompts(botchan_sentences, start, len(botchan_sentences), random.Random(3))
-    assert again == prompts
-    assert sum(skipped.values()) + len(prompts) == len(botchan_sentences) - start

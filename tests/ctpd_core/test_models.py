@@ -53,3 +53,16 @@ def test_catalog_models_load_from_the_cache(tmp_path):
     model, tokenizer = load_causal_lm("smollm2-135m-instruct", cache_dir=catalog_cache())
     assert type(model).__name__ == "LlamaForCausalLM" and len(tokenizer) == 49152
     assert (catalog_cache() / "smollm2-135m-instruct" / "model" / "model.safetensors").exists()
+
+
+def test_a_hub_model_loads_its_tokenizer_from_the_requested_revision(tmp_path, monkeypatch, tiny_student_folder):
+    """Issue 10's bug: ``revision`` reached the weights but not the tokenizer, which came from the default branch."""
+    from tests.fake_hub import FakeHub
+
+    hub = FakeHub(monkeypatch, {("org/tiny", "v2"): tiny_student_folder})
+    tokenizer = load_tokenizer("org/tiny", cache_dir=tmp_path, revision="v2")
+    model, model_tokenizer = load_causal_lm("org/tiny", cache_dir=tmp_path, revision="v2")
+    assert tokenizer.is_fast and model_tokenizer.is_fast and model.config.model_type == "llama"
+    assert [(call.loader, call.revision) for call in hub.calls] == [
+        ("tokenizer", "v2"), ("model", "v2"), ("tokenizer", "v2")
+    ]

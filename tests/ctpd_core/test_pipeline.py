@@ -8,22 +8,15 @@ import torch
 
 from ctpd_core.data import load_pairs
 from ctpd_core.encoding import EncodingConfig
+from ctpd_core.inference import token_logprobs
 from ctpd_core.losses import dpo_loss
 from ctpd_core.models import load_causal_lm
-from ctpd_core.pipeline import (
-    build_items,
-    contrastive_weights,
-    fixed_weights,
-    load_prepared,
-    make_distill_loss,
-    prepare,
-    save_prepared,
-    swap_pairs,
-    token_logprobs,
-)
+from ctpd_core.pipeline import contrastive_weights, fixed_weights, make_distill_loss, prepare
+from ctpd_core.records import build_items, load_prepared, save_prepared, swap_pairs
 from ctpd_core.train import FitConfig, fit
 
 CPU = torch.device("cpu")
+INFER = {"device": CPU, "precision": "fp32", "stage": "reference"}  # token_logprobs on the CPU, in fp32
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +53,8 @@ def test_prepared_round_trip(prepared, tmp_path):
 
 def test_reference_logprobs_do_not_depend_on_batching(prepared, teacher, teacher_tokenizer):
     pad = teacher_tokenizer.pad_token_id
-    batched = token_logprobs(teacher, prepared.train[:6], "teacher", pad, batch_size=6, device=CPU)
-    single = token_logprobs(teacher, prepared.train[:6], "teacher", pad, batch_size=1, device=CPU)
+    batched = token_logprobs(teacher, prepared.train[:6], "teacher", pad, batch_size=6, **INFER)
+    single = token_logprobs(teacher, prepared.train[:6], "teacher", pad, batch_size=1, **INFER)
     for a, b in zip(batched.chosen + batched.rejected, single.chosen + single.rejected, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     # And they are the teacher's log-probs of the teacher's tokens, computed the plain way.
@@ -75,7 +68,7 @@ def test_reference_logprobs_do_not_depend_on_batching(prepared, teacher, teacher
 
 
 def test_swap_pairs_swaps_for_real(prepared, teacher, teacher_tokenizer):
-    reference = token_logprobs(teacher, prepared.train[:4], "teacher", teacher_tokenizer.pad_token_id, batch_size=4, device=CPU)
+    reference = token_logprobs(teacher, prepared.train[:4], "teacher", teacher_tokenizer.pad_token_id, batch_size=4, **INFER)
     items = build_items(prepared.train[:4], reference)
     swapped = swap_pairs(items)
     for item, flipped in zip(items, swapped, strict=True):
@@ -93,7 +86,8 @@ def _train_contrastive(tiny_teacher_folder, tmp_path, items, teacher_tokenizer, 
                        micro_batch_size=4, seed=0, checkpoint_every=100)
     loss_fn = make_distill_loss("dpo", 0.5, policy_side="teacher", reference_side="teacher",
                                 pad_id=teacher_tokenizer.pad_token_id, device=CPU)
-    fit(model, items if direction == "positive" else swap_pairs(items), loss_fn, config, tmp_path / direction)
+    fit(model, items if direction == "positive" else swap_pairs(items), loss_fn, config, tmp_path / direction,
+        stage=f"contrastive:{direction}")
     return model.eval()
 
 
@@ -102,12 +96,12 @@ def test_contrastive_models_move_in_opposite_directions(prepared, teacher, teach
     which would not happen if the swap were the no-op of the authors' code (method §9.2)."""
     pad = teacher_tokenizer.pad_token_id
     records = prepared.train[:16]
-    reference = token_logprobs(teacher, records, "teacher", pad, batch_size=8, device=CPU)
+    reference = token_logprobs(teacher, records, "teacher", pad, batch_size=8, **INFER)
     items = build_items(records, reference)
     margins = {}
     for direction in ("positive", "negative"):
         model = _train_contrastive(tiny_teacher_folder, tmp_path, items, teacher_tokenizer, direction)
-        logps = token_logprobs(model, records, "teacher", pad, batch_size=8, device=CPU)
+        logps = token_logprobs(model, records, "teacher", pad, batch_size=8, **INFER)
         margins[direction] = np.mean(
             [(c.sum() - rc.sum()) - (r.sum() - rr.sum())
              for c, r, rc, rr in zip(logps.chosen, logps.rejected, reference.chosen, reference.rejected, strict=True)]
@@ -120,9 +114,9 @@ def test_span_weights_come_from_teacher_tokens(prepared, teacher, teacher_tokeni
     §9.1: the authors fed student tokens to teacher models)."""
     pad = teacher_tokenizer.pad_token_id
     records = prepared.train[:5]
-    positive = token_logprobs(teacher, records, "teacher", pad, batch_size=5, device=CPU)
+    positive = token_logprobs(teacher, records, "teacher", pad, batch_size=5, **INFER)
     negative_model = type(teacher)(teacher.config).eval()  # a different model stands in for π−
-    negative = token_logprobs(negative_model, records, "teacher", pad, batch_size=5, device=CPU)
+    negative = token_logprobs(negative_model, records, "teacher", pad, batch_size=5, **INFER)
     weights = contrastive_weights(records, positive, negative, "teacher", "span", lower=-0.5, upper=1.5, scale=1.0)
     for index, record in enumerate(records):
         response = record.chosen
@@ -136,7 +130,7 @@ def test_span_weights_come_from_teacher_tokens(prepared, teacher, teacher_tokeni
 
 
 def test_fixed_weights(prepared):
-    uniform = fixed_weights(prepared.train[:3], "student", "span", "uniform")
+    uniform = fixed_weights(prepared.train[:3], "student", "span", "uniform", seed=0)
     assert all(np.all(w == 1) and w.shape == (r.chosen.num_spans,) for w, r in zip(uniform.chosen, prepared.train, strict=False))
     random_a = fixed_weights(prepared.train[:3], "student", "token", "random", seed=3)
     random_b = fixed_weights(prepared.train[:3], "student", "token", "random", seed=3)
@@ -151,14 +145,14 @@ def test_ctpd_with_uniform_weights_is_dpo_with_the_teacher_as_reference(
     """Method §5.2 at the pipeline level: uniform span weights make the CTPD loss of a batch equal the DPO
     loss on sequence log-probs with the teacher's string likelihood as the reference."""
     records = prepared.train[:4]
-    reference = token_logprobs(teacher, records, "teacher", teacher_tokenizer.pad_token_id, batch_size=4, device=CPU)
-    weights = fixed_weights(records, "teacher", "span", "uniform")
+    reference = token_logprobs(teacher, records, "teacher", teacher_tokenizer.pad_token_id, batch_size=4, **INFER)
+    weights = fixed_weights(records, "teacher", "span", "uniform", seed=0)
     items = build_items(records, reference, weights)
     student, _ = load_causal_lm(str(tiny_student_folder), cache_dir=tmp_path)
     loss_fn = make_distill_loss("ctpd", 0.1, policy_side="student", reference_side="teacher",
                                 pad_id=student_tokenizer.eos_token_id, device=CPU)
     loss, stats = loss_fn(student, items)
-    policy = token_logprobs(student, records, "student", student_tokenizer.eos_token_id, batch_size=4, device=CPU)
+    policy = token_logprobs(student, records, "student", student_tokenizer.eos_token_id, batch_size=4, **INFER)
     expected, _ = dpo_loss(
         torch.tensor([p.sum() for p in policy.chosen]), torch.tensor([p.sum() for p in policy.rejected]),
         torch.tensor([r.sum() for r in reference.chosen]), torch.tensor([r.sum() for r in reference.rejected]), 0.1,
@@ -168,7 +162,8 @@ def test_ctpd_with_uniform_weights_is_dpo_with_the_teacher_as_reference(
 
 
 def test_averaged_weights_keep_each_responses_total_and_spread_it_evenly():
-    from ctpd_core.pipeline import TokenLogprobs, averaged_weights
+    from ctpd_core.pipeline import averaged_weights
+    from ctpd_core.records import TokenLogprobs
 
     weights = TokenLogprobs(
         chosen=[np.array([0.5, 1.5, 4.0], dtype=np.float32), np.array([], dtype=np.float32)],

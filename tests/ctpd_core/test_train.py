@@ -18,15 +18,10 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ctpd_core.train import (
-    FitConfig,
-    Progress,
-    build_scheduler,
-    checkpoint_steps,
-    fit,
-    lr_multiplier,
-    plan_steps,
-)
+from ctpd_core.checkpoint import checkpoint_steps
+from ctpd_core.observe import NullObserver, Progress, Stopped
+from ctpd_core.train import FitConfig, FitResult, build_scheduler, lr_multiplier, plan_steps
+from ctpd_core.train import fit as train_fit
 
 VOCAB, SEQ = 64, 8
 CHECKPOINT_FILES = {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json", "metrics.json"}
@@ -77,15 +72,34 @@ def noisy_nll_loss(
     return loss, {"tokens": int((labels[:, 1:] != -100).sum())}
 
 
-class RecordingSink:
-    def __init__(self) -> None:
-        self.metrics: dict[int, dict[str, float]] = {}
+def fit(*args: Any, stage: str = "distill", **kwargs: Any) -> FitResult:
+    """fit() under a stage name, which every call needs and few of these tests care about."""
+    return train_fit(*args, stage=stage, **kwargs)
 
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        self.metrics[step] = dict(metrics)
+
+class RecordingSink(NullObserver):
+    """An observer that keeps every step's metrics, checkpoint, progress report and replayed history."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, dict[str, float]] = {}  # step -> metrics
+        self.checkpoints: list[tuple[int, Path]] = []
+        self.reports: list[Progress] = []
+        self.replayed: list[list[tuple[int, dict[str, float]]]] = []
+
+    def metrics(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
+        self.seen[step] = dict(metrics)
+
+    def checkpoint(self, stage: str, step: int, path: Path) -> None:
+        self.checkpoints.append((step, path))
+
+    def progress(self, progress: Progress) -> None:
+        self.reports.append(progress)
+
+    def replay_metrics(self, stage: str, history: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+        self.replayed.append([(step, dict(metrics)) for step, metrics in history])
 
     def series(self, name: str) -> list[float]:
-        return [self.metrics[step][name] for step in sorted(self.metrics)]
+        return [self.seen[step][name] for step in sorted(self.seen)]
 
 
 class StopAfter:
@@ -96,7 +110,7 @@ class StopAfter:
 
     def should_stop(self) -> bool:
         self.polls += 1
-        return len(self.sink.metrics) >= self.steps
+        return len(self.sink.seen) >= self.steps
 
 
 def config(**overrides: Any) -> FitConfig:
@@ -144,10 +158,10 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path: Path) -> None:
         nll_loss,
         config(learning_rate=1e-2, max_steps=20),
         tmp_path,
-        metric_sink=sink,
+        observer=sink,
     )
     losses = sink.series("loss")
-    assert result.steps == result.total_steps == 20 and not result.stopped and result.resumed_from is None
+    assert result.steps == result.total_steps == 20 and result.resumed_from is None
     assert len(losses) == 20
     assert losses[0] == pytest.approx(math.log(VOCAB), abs=0.3)  # a random init predicts ~uniformly
     assert losses[-1] < losses[0] - 1.0
@@ -162,9 +176,9 @@ def test_step_metrics(tmp_path: Path) -> None:
         nll_loss,
         config(max_steps=2, batch_size=8, micro_batch_size=2),
         tmp_path,
-        metric_sink=sink,
+        observer=sink,
     )
-    metrics = sink.metrics[1]
+    metrics = sink.seen[1]
     expected = {
         "loss",
         "nll",
@@ -180,7 +194,7 @@ def test_step_metrics(tmp_path: Path) -> None:
     assert metrics["tokens"] == 8 * (SEQ - 1)  # a count: summed over the 4 micro-batches, not averaged
     assert metrics["nll"] == pytest.approx(metrics["loss"], rel=1e-6)  # the micro-batch mean of the stat
     assert metrics["learning_rate"] == pytest.approx(1e-3)
-    assert metrics["epoch"] == 1.0 and sink.metrics[2]["epoch"] == 2.0
+    assert metrics["epoch"] == 1.0 and sink.seen[2]["epoch"] == 2.0
     assert metrics["tokens_per_second"] == pytest.approx(metrics["tokens"] / metrics["step_seconds"])
     assert metrics["grad_norm"] > 0
 
@@ -247,7 +261,7 @@ def test_schedule_never_rises_after_the_end(schedule: str) -> None:
 def test_fit_follows_the_schedule_with_warmup(tmp_path: Path) -> None:
     sink = RecordingSink()
     run = config(learning_rate=1e-3, lr_schedule="cosine", warmup_ratio=0.2, max_steps=10)  # warmup 2
-    fit(build_model(), make_items(4), nll_loss, run, tmp_path, metric_sink=sink)
+    fit(build_model(), make_items(4), nll_loss, run, tmp_path, observer=sink)
     expected = [
         1e-3 * lr_multiplier(step, schedule="cosine", warmup_steps=2, total_steps=10) for step in range(10)
     ]
@@ -268,7 +282,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path: Path) -> None:
         model, sink = build_model(), RecordingSink()
         with GradientsAtStep() as captured:
             run = config(max_steps=2, micro_batch_size=micro, max_grad_norm=math.inf)
-            fit(model, items, nll_loss, run, tmp_path / f"micro{micro}", metric_sink=sink)
+            fit(model, items, nll_loss, run, tmp_path / f"micro{micro}", observer=sink)
         torch.testing.assert_close(captured.steps[0], reference_grads, rtol=1e-4, atol=1e-6)
         final_parameters[micro], norms[micro] = parameters(model), sink.series("grad_norm")
     for micro in (1, 2):
@@ -285,7 +299,7 @@ def test_grad_clipping_caps_the_norm(tmp_path: Path) -> None:
             nll_loss,
             config(max_steps=3, max_grad_norm=0.05),
             tmp_path,
-            metric_sink=sink,
+            observer=sink,
         )
     for grads, reported in zip(captured.steps, sink.series("grad_norm"), strict=True):
         applied = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
@@ -305,24 +319,25 @@ def test_exact_resume_after_a_stop(tmp_path: Path) -> None:
     straight_sink = RecordingSink()
     straight_model = build_model()
     straight = fit(
-        straight_model, items, noisy_nll_loss, run, tmp_path / "straight", metric_sink=straight_sink
+        straight_model, items, noisy_nll_loss, run, tmp_path / "straight", observer=straight_sink
     )
-    assert straight.steps == 10 and not straight.stopped
+    assert straight.steps == 10
 
     first_sink = RecordingSink()
-    first = fit(
-        build_model(), items, noisy_nll_loss, run, tmp_path / "resumed",
-        metric_sink=first_sink, stop_signal=StopAfter(first_sink, 4),
-    )  # fmt: skip
-    assert first.stopped and first.steps == 4 and first.checkpoint == tmp_path / "resumed" / "step-00000004"
+    with pytest.raises(Stopped) as first:
+        fit(
+            build_model(), items, noisy_nll_loss, run, tmp_path / "resumed",
+            observer=first_sink, stop=StopAfter(first_sink, 4),
+        )  # fmt: skip
+    assert first.value.step == 4 and first.value.checkpoint == tmp_path / "resumed" / "step-00000004"
     assert [step for step, _ in checkpoint_steps(tmp_path / "resumed")] == [3, 4]
 
     torch.manual_seed(1234)  # disturb every RNG: the resume must restore them, not rely on them
     np.random.seed(1234)
     resumed_model, second_sink = build_model(), RecordingSink()
-    second = fit(resumed_model, items, noisy_nll_loss, run, tmp_path / "resumed", metric_sink=second_sink)
-    assert second.resumed_from == 4 and second.steps == 10 and not second.stopped
-    assert sorted(second_sink.metrics) == list(range(5, 11))
+    second = fit(resumed_model, items, noisy_nll_loss, run, tmp_path / "resumed", observer=second_sink)
+    assert second.resumed_from == 4 and second.steps == 10
+    assert sorted(second_sink.seen) == list(range(5, 11))
 
     for name in ("loss", "grad_norm", "learning_rate", "tokens"):
         resumed_series = first_sink.series(name) + second_sink.series(name)
@@ -335,8 +350,8 @@ def test_a_finished_run_returns_at_once_with_the_trained_weights(tmp_path: Path)
     trained = build_model()
     done = fit(trained, make_items(4), nll_loss, config(max_steps=3), tmp_path)
     again_model, sink = build_model(), RecordingSink()
-    again = fit(again_model, make_items(4), nll_loss, config(max_steps=3), tmp_path, metric_sink=sink)
-    assert again.resumed_from == 3 and again.steps == 3 and not again.stopped and sink.metrics == {}
+    again = fit(again_model, make_items(4), nll_loss, config(max_steps=3), tmp_path, observer=sink)
+    assert again.resumed_from == 3 and again.steps == 3 and sink.seen == {}
     assert again.last_metrics == done.last_metrics and again.checkpoint == done.checkpoint
     torch.testing.assert_close(parameters(again_model), parameters(trained), rtol=0, atol=0)
 
@@ -372,17 +387,11 @@ def test_resume_refuses_a_model_with_other_trainable_parameters(tmp_path: Path) 
 
 def test_checkpoints_are_complete_and_pruned(tmp_path: Path) -> None:
     (tmp_path / ".staging-step-crashed").mkdir()  # what a crash during a save leaves behind
-    saved: list[tuple[int, Path]] = []
+    sink = RecordingSink()
     run = config(max_steps=7, checkpoint_every=2, keep_checkpoints=2)
     model = build_model()
-    result = fit(
-        model,
-        make_items(8),
-        nll_loss,
-        run,
-        tmp_path,
-        on_checkpoint=lambda step, path: saved.append((step, path)),
-    )
+    result = fit(model, make_items(8), nll_loss, run, tmp_path, observer=sink)
+    saved = sink.checkpoints
 
     assert [step for step, _ in saved] == [2, 4, 6, 7]  # every 2 steps and at the end
     assert sorted(path.name for path in tmp_path.iterdir()) == ["step-00000006", "step-00000007"]
@@ -414,31 +423,22 @@ def test_stop_signal_stops_between_steps_and_checkpoints(tmp_path: Path) -> None
         def should_stop(self) -> bool:
             return True
 
-    saved: list[int] = []
     sink = RecordingSink()
     run = config(max_steps=10, checkpoint_every=1)
-    result = fit(
-        build_model(), make_items(8), counting_loss, run, tmp_path,
-        metric_sink=sink, stop_signal=StopNow(), on_checkpoint=lambda step, path: saved.append(step),
-    )  # fmt: skip
-    assert result.stopped and result.steps == 1 and result.total_steps == 10
+    with pytest.raises(Stopped) as stopped:
+        fit(build_model(), make_items(8), counting_loss, run, tmp_path, observer=sink, stop=StopNow())
+    assert (stopped.value.stage, stopped.value.step) == ("distill", 1)
     assert calls == [2, 2]  # both micro-batches of step 1 ran: no stop mid-accumulation
-    assert sorted(sink.metrics) == [1]
-    assert saved == [1]  # the periodic checkpoint of step 1 is the stop checkpoint; not written twice
-    assert result.checkpoint == tmp_path / "step-00000001" and result.checkpoint.is_dir()
+    assert sorted(sink.seen) == [1]
+    # the periodic checkpoint of step 1 is the stop checkpoint; not written twice
+    assert [step for step, _ in sink.checkpoints] == [1]
+    assert stopped.value.checkpoint == tmp_path / "step-00000001" and stopped.value.checkpoint.is_dir()
 
 
 def test_progress_reports_every_step(tmp_path: Path) -> None:
-    reports: list[Progress] = []
-    fit(
-        build_model(),
-        make_items(4),
-        nll_loss,
-        config(max_steps=5),
-        tmp_path,
-        stage="teacher_positive",
-        progress=reports.append,
-    )
+    sink = RecordingSink()
+    fit(build_model(), make_items(4), nll_loss, config(max_steps=5), tmp_path, stage="teacher_positive", observer=sink)
+    reports = sink.reports
     assert reports[0] == Progress("teacher_positive", 0, 5, None)
     assert [(report.stage, report.step, report.total) for report in reports[1:]] == [
         ("teacher_positive", step, 5) for step in range(1, 6)
@@ -506,7 +506,7 @@ def test_a_dataset_smaller_than_one_batch_still_trains(tmp_path: Path) -> None:
         recording_loss,
         FitConfig(learning_rate=1e-3, epochs=2.0),
         tmp_path,
-        metric_sink=sink,
+        observer=sink,
     )
     assert result.steps == result.total_steps == 2
     assert sizes == [2, 1, 2, 1]  # the whole dataset per step, in micro-batches of 2
@@ -569,10 +569,11 @@ def test_active_dropout_is_reported_not_rewritten(tmp_path: Path, caplog: pytest
 def test_a_stop_during_the_last_step_is_not_ignored(tmp_path: Path) -> None:
     """Issue 9.5: the stop check used to be skipped on the last step, so a cancel then let the run 'finish'."""
     sink = RecordingSink()
-    result = fit(build_model(), make_items(8), nll_loss, config(max_steps=3, checkpoint_every=1), tmp_path,
-                 metric_sink=sink, stop_signal=StopAfter(sink, 3))
-    assert result.stopped and result.steps == 3
-    assert result.checkpoint == tmp_path / "step-00000003"  # the final state is saved: a resume returns at once
+    with pytest.raises(Stopped) as stopped:
+        fit(build_model(), make_items(8), nll_loss, config(max_steps=3, checkpoint_every=1), tmp_path,
+            observer=sink, stop=StopAfter(sink, 3))
+    assert stopped.value.step == 3
+    assert stopped.value.checkpoint == tmp_path / "step-00000003"  # the final state is saved: a resume returns at once
 
 
 def test_a_checkpoint_of_a_newer_attempt_is_never_replaced(tmp_path: Path) -> None:
@@ -591,19 +592,20 @@ def test_a_checkpoint_of_a_newer_attempt_is_never_replaced(tmp_path: Path) -> No
             shutil.copytree(held, stale_dir / held.name)
         return True
 
-    result = fit(build_model(), make_items(8), noisy_nll_loss, config(max_steps=2, checkpoint_every=1), stale_dir,
-                 generation=1, checkpoint_guard=attempt_two_checkpoints_meanwhile)
-    assert result.stopped and result.steps == 2  # its step-2 save was refused, so fit stopped
+    with pytest.raises(Stopped) as stopped:
+        fit(build_model(), make_items(8), noisy_nll_loss, config(max_steps=2, checkpoint_every=1), stale_dir,
+            generation=1, checkpoint_guard=attempt_two_checkpoints_meanwhile)
+    assert stopped.value.step == 2  # its step-2 save was refused, so fit stopped
     assert (stale_dir / held.name / "trainable.safetensors").read_bytes() == before
     assert json.loads((stale_dir / held.name / "state.json").read_text())["attempt"] == 2
 
 
 def test_a_refused_guard_discards_the_checkpoint_and_stops(tmp_path: Path) -> None:
-    saved: list[int] = []
-    result = fit(build_model(), make_items(8), nll_loss, config(max_steps=5, checkpoint_every=1), tmp_path,
-                 generation=1, checkpoint_guard=lambda: len(saved) < 2,
-                 on_checkpoint=lambda step, path: saved.append(step))
-    assert result.stopped and result.steps == 3 and saved == [1, 2]
+    sink = RecordingSink()
+    with pytest.raises(Stopped) as stopped:
+        fit(build_model(), make_items(8), nll_loss, config(max_steps=5, checkpoint_every=1), tmp_path,
+            generation=1, checkpoint_guard=lambda: len(sink.checkpoints) < 2, observer=sink)
+    assert stopped.value.step == 3 and [step for step, _ in sink.checkpoints] == [1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000002"]  # nothing half-written
 
 
@@ -611,12 +613,13 @@ def test_a_resume_replays_the_metrics_of_the_steps_before_its_checkpoint(tmp_pat
     """What an attempt that died with its metric writes unflushed lost, its successor restores from the
     checkpoint (issue 9.7: an outage longer than the lease)."""
     first = RecordingSink()
-    fit(build_model(), make_items(8), nll_loss, config(max_steps=5, checkpoint_every=1), tmp_path,
-        metric_sink=first, stop_signal=StopAfter(first, 3))
-    replayed: list[list[tuple[int, dict[str, float]]]] = []
+    with pytest.raises(Stopped):
+        fit(build_model(), make_items(8), nll_loss, config(max_steps=5, checkpoint_every=1), tmp_path,
+            observer=first, stop=StopAfter(first, 3))
     second = RecordingSink()
     result = fit(build_model(), make_items(8), nll_loss, config(max_steps=5, checkpoint_every=1), tmp_path,
-                 metric_sink=second, replay_metrics=replayed.append)
-    assert result.resumed_from == 3 and sorted(second.metrics) == [4, 5]
+                 observer=second)
+    replayed = second.replayed
+    assert result.resumed_from == 3 and sorted(second.seen) == [4, 5]
     assert len(replayed) == 1 and [step for step, _ in replayed[0]] == [1, 2, 3]
-    assert dict(replayed[0]) == {step: first.metrics[step] for step in (1, 2, 3)}
+    assert dict(replayed[0]) == {step: first.seen[step] for step in (1, 2, 3)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctpd_core.pipeline import NullObserver
+from ctpd_core.observe import NullObserver
 from tests.worker.test_recipe import context, tiny_spec
 from worker.recipe import run_spec
 
@@ -51,7 +51,7 @@ def shared(tmp_path_factory, tiny_student_folder, tiny_teacher_folder, tiny_data
     root = tmp_path_factory.mktemp("cancel-points")
     spec = tiny_spec(tiny_student_folder, tiny_teacher_folder, tiny_dataset_path,
                      contrastive={"max_steps": 3}, training={"max_steps": 3, "checkpoint_every": 1},
-                     dataset={"validation_fraction": 0.3})
+                     dataset={"validation_fraction": 0.3}, evaluation={"batch_size": 3})  # 3 evaluate batches
     watch = Watch()
     # An uncached reference run in a root of its own: every stage reports all its progress points.
     assert run_spec(spec, context(root / "reference-run", "all", watch)).status == "succeeded"

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ctpd_core.models as models_module
-from ctpd_core.pipeline import NullObserver
+from ctpd_core.observe import NullObserver
 from ctpd_core.spec import JobSpec
 from worker import recipe as recipe_module
 from worker.recipe import RunContext, run_spec
@@ -181,6 +181,33 @@ def test_lora_exports_merged_weights_and_adapter(folders, tmp_path):
     assert (result.export_dir / "adapter" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(str(result.export_dir))
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_evaluation_uses_the_spec_batch_size(folders, tmp_path, monkeypatch):
+    """Issue 10's bug: evaluation.batch_size was silently capped at the context's inference batch (8)."""
+    student, teacher, dataset = folders
+    seen = []
+    real = recipe_module.evaluate_student
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["batch_size"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe_module, "evaluate_student", recording)
+    spec = tiny_spec(student, teacher, dataset, weights={"source": "uniform"}, training={"max_steps": 1},
+                     evaluation={"batch_size": 16})
+    assert run_spec(spec, context(tmp_path, "eval-batch")).status == "succeeded"  # inference batch 4
+    assert seen == [16]
+
+
+def test_a_finished_run_folder_holds_only_the_export(folders, tmp_path):
+    """The checkpoints go once the export is published, and nothing write-only is left beside it (issue 10:
+    a result.json that nothing read)."""
+    student, teacher, dataset = folders
+    spec = tiny_spec(student, teacher, dataset, weights={"source": "uniform"}, training={"max_steps": 1})
+    run_context = context(tmp_path, "tidy")
+    assert run_spec(spec, run_context).status == "succeeded"
+    assert sorted(path.name for path in run_context.run_dir.iterdir()) == ["export"]
 
 
 def test_bad_dataset_is_a_clear_error(folders, tmp_path):

@@ -1,4 +1,4 @@
-"""ctpd_core.sampling and the free-text helpers of ctpd_core.evaluate, on the tiny models."""
+"""bench/quality/sampling.py and the free-text helpers of bench/quality/freetext.py, on the tiny models."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from bench.quality.freetext import bits_per_byte, sequence_kl, sequence_logprobs
+from bench.quality.sampling import SamplingConfig, clean_continuation, cut_at_control, sample_continuations
 from ctpd_core.encoding import EncodingConfig, PairEncoder
-from ctpd_core.evaluate import bits_per_byte, sequence_kl, sequence_logprobs
 from ctpd_core.models import load_causal_lm
-from ctpd_core.sampling import SamplingConfig, clean_continuation, cut_at_control, sample_continuations
 from tests.conftest import catalog_cache
 
 CPU = torch.device("cpu")

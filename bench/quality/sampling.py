@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctpd_core.pipeline import pad_token_id
-from ctpd_core.train import autocast_context
+from ctpd_core.inference import autocast_context, batched, pad_token_id
+from ctpd_core.observe import StopToken
 
 _CONTROL = re.compile(r"<start_of_\w+>|<end_of_\w+>|<unused\d+>|<image_soft_token>|\[multimodal\]")
 
@@ -101,6 +101,7 @@ def sample_continuations(
     *,
     device: torch.device,
     precision: str = "auto",
+    stop: StopToken | None = None,
 ) -> list[list[Sample]]:
     """``config.num_samples`` continuations of every prompt, in prompt order.
 
@@ -131,8 +132,9 @@ def sample_continuations(
     )
     model.eval()
     out: list[list[Sample]] = []
-    for batch_index, start in enumerate(range(0, len(prompts), config.batch_size)):
-        batch_ids = [list(ids) for ids in prompt_ids[start : start + config.batch_size]]
+    for batch_index, batch in enumerate(batched(prompt_ids, config.batch_size, stage="sampling", stop=stop)):
+        start = batch_index * config.batch_size
+        batch_ids = [list(ids) for ids in batch]
         width = max(len(ids) for ids in batch_ids)
         # Left padding: every prompt ends at the same column, where generation starts.
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch_ids], device=device)
