@@ -67,7 +67,7 @@ def job_spec(scale: Scale, method: str, seed: int, train_file: Path) -> dict[str
 
 
 class _StageLog(NullObserver):
-    """A PipelineObserver that prints one line per stage and keeps each stage's summary."""
+    """An observer that prints one line per stage and keeps each stage's summary."""
 
     def __init__(self, label: str) -> None:
         self.label = label

@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 from app.db import events as job_log
 from app.db import jobs as job_rows
 from app.db.models import utcnow
-from ctpd_core.train import Progress
+from ctpd_core.observe import Progress
 from tests.worker.test_tasks import FakeClock
 from worker.sinks import AttemptLease, AttemptWriter, DbObserver, DbStopSignal
 
