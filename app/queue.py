@@ -11,12 +11,10 @@ import logging
 import threading
 from typing import Any, Protocol
 
+from ctpd_core.vocab import QueueName, TaskName
+
 logger = logging.getLogger(__name__)
 
-RUN_JOB_TASK = "ctpd.run_job"
-RUN_JOB_QUEUE = "train"
-REAPER_TASK = "ctpd.reap_stale_jobs"
-REAPER_QUEUE = "default"
 
 # A publish against a dead broker gives up after a few seconds instead of blocking the API request;
 # the job row is already committed and the reaper enqueues it again.
@@ -47,7 +45,7 @@ class CeleryTaskQueue:
                     task_ignore_result=True,
                     broker_connection_timeout=2,
                     broker_connection_retry=False,
-                    task_default_queue=REAPER_QUEUE,
+                    task_default_queue=QueueName.DEFAULT,
                 )
                 if self.broker_url.startswith("sqla+sqlite"):
                     # SQLite's default 5 s lock wait is short while a worker polls the same file; the worker
@@ -60,11 +58,11 @@ class CeleryTaskQueue:
         self.celery.send_task(name, args=args, queue=queue, retry=True, retry_policy=_PUBLISH_RETRY_POLICY)
 
     def enqueue_job(self, job_id: str) -> None:
-        self._send(RUN_JOB_TASK, [job_id], RUN_JOB_QUEUE)
-        logger.info("enqueued %s for job %s on %s", RUN_JOB_TASK, job_id, RUN_JOB_QUEUE)
+        self._send(TaskName.RUN_JOB, [job_id], QueueName.TRAIN)
+        logger.info("enqueued %s for job %s on %s", TaskName.RUN_JOB, job_id, QueueName.TRAIN)
 
     def enqueue_reaper(self) -> None:
-        self._send(REAPER_TASK, [], REAPER_QUEUE)
+        self._send(TaskName.REAP_STALE_JOBS, [], QueueName.DEFAULT)
 
     def close(self) -> None:
         with self._lock:

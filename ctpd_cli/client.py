@@ -1,4 +1,5 @@
-"""A small HTTP client of the ctpd service (stdlib only): upload a dataset, submit a job, follow it live.
+"""A small HTTP client of the ctpd service (the stdlib and the shared vocabulary only): upload a dataset, submit
+a job, follow it live.
 
 Used by ``ctpd submit`` and by the README's main command. The key comes from ``--key``, ``$CTPD_API_KEY`` or
 the file ``$CTPD_HOME/api-key`` that ``ctpd up`` writes on first start.
@@ -15,6 +16,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ctpd_core.vocab import TERMINAL_STATUSES, JobStatus
 
 
 class ServiceError(RuntimeError):
@@ -68,7 +71,7 @@ class Client:
         return self.request("GET", f"/v1/jobs/{job_id}/metrics")
 
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
+TERMINAL = frozenset(TERMINAL_STATUSES)
 
 
 def follow(client: Client, job_id: str, echo: Callable[[str], None] = print, poll_seconds: float = 2.0) -> dict[str, Any]:
@@ -84,7 +87,7 @@ def follow(client: Client, job_id: str, echo: Callable[[str], None] = print, pol
         job = client.job(job_id)
         progress = job.get("progress") or {}
         key = (job.get("stage"), progress.get("step"), progress.get("total"))
-        if job["status"] == "running" and progress.get("total") and key != last_progress:
+        if job["status"] == JobStatus.RUNNING and progress.get("total") and key != last_progress:
             eta = progress.get("eta_seconds")
             echo(
                 f"{time.monotonic() - started:7.1f}s  progress          {job.get('stage')}: "

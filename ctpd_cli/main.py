@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from ctpd_core.vocab import JobStatus, QueueName
+
 logger = logging.getLogger("ctpd_cli")
 
 
@@ -123,7 +125,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     result = run_spec(spec, context)
     print(_result_table(result))
-    return 0 if result.status == "succeeded" else 1
+    return 0 if result.status == JobStatus.SUCCEEDED else 1
 
 
 def _result_table(result) -> str:
@@ -166,19 +168,9 @@ def _service_settings():
     return get_settings()
 
 
-def _redacted(url: str) -> str:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):  # a URL SQLAlchemy cannot parse: show it without credentials
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://{rest.rpartition('@')[2]}" if "@" in rest else url
-
-
 def _cmd_db(args: argparse.Namespace) -> int:
     from app.db.engine import Database
+    from ctpd_cli.embedded import redacted_url
 
     settings = _service_settings()
     db = Database(settings.database_url)
@@ -186,7 +178,7 @@ def _cmd_db(args: argparse.Namespace) -> int:
         db.upgrade()
     finally:
         db.dispose()
-    print(f"database {_redacted(settings.database_url)}: migrated to the latest revision")
+    print(f"database {redacted_url(settings.database_url)}: migrated to the latest revision")
     return 0
 
 
@@ -237,7 +229,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-WORKER_QUEUES = ("train", "default")
+WORKER_QUEUES = tuple(QueueName)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -251,7 +243,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     settings = _service_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     devices = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if devices and "," in devices and "train" in queues:
+    if devices and "," in devices and QueueName.TRAIN in queues:
         logger.warning("CUDA_VISIBLE_DEVICES=%s lists several GPUs; a worker trains on the first one only: "
                        "start one `ctpd worker` per GPU, each with CUDA_VISIBLE_DEVICES=<index>", devices)
     tag = f"gpu{devices.replace(',', '-')}" if devices else "worker"
@@ -268,252 +260,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _die_with_parent(signum: int):
-    """A preexec_fn: the child gets ``signum`` when ``ctpd up`` dies, even by SIGKILL (Linux only)."""
-
-    def set_death_signal() -> None:
-        if sys.platform.startswith("linux"):
-            import ctypes
-
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signum)  # PR_SET_PDEATHSIG
-
-    return set_death_signal
-
-
-class _Child:
-    """A service process of ``ctpd up``, in its own process group, logging to a file."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str], death_signal: int) -> None:
-        import subprocess
-
-        self.name, self.log_path = name, log_path
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent(death_signal),
-            )
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def terminate(self) -> None:
-        import signal
-
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-
-    def kill_group(self) -> None:
-        """SIGKILL whatever is left of the child's process group (a worker's pool process, beat)."""
-        import contextlib
-        import signal
-
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-
-
-def _ensure_api_key(db, key_file: Path) -> tuple[str, bool]:
-    """The admin key of the embedded service: the stored one if it still authenticates, else a new one."""
-    from app.db.auth import authenticate, create_api_key
-
-    if key_file.exists():
-        stored = key_file.read_text().strip()
-        if stored and authenticate(db, stored) is not None:
-            return stored, False
-    key = create_api_key(db, "default", "ctpd up", is_admin=True)
-    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(descriptor, 0o600)
-        os.write(descriptor, (key + "\n").encode())
-    finally:
-        os.close(descriptor)
-    return key, True
-
-
-def _prepare_broker(settings) -> None:
-    """Declare the queues before the API and the worker start (``worker.celery_app.declare_queues``); nothing
-    consumes while ``ctpd up`` starts (it holds the home's lock), so delivered messages are purged too."""
-    from worker.celery_app import declare_queues
-
-    declare_queues(settings, purge_delivered=True)
-
-
-def _requeue_orphans(db, settings) -> list[str]:
-    """Embedded mode owns its SQLite database, so a job still ``running`` at start was left by a previous
-    ``ctpd up`` that died: requeue it now (it resumes from its checkpoints) instead of after its lease."""
-    from datetime import timedelta
-
-    from app.db.jobs import reap_stale_jobs
-    from app.db.models import utcnow
-    from app.queue import CeleryTaskQueue
-
-    job_ids = reap_stale_jobs(db, now=utcnow() + timedelta(seconds=settings.lease_seconds + 1))
-    if job_ids:
-        queue = CeleryTaskQueue(settings.broker_url)
-        try:
-            for job_id in job_ids:
-                queue.enqueue_job(job_id)
-        finally:
-            queue.close()
-    return job_ids
-
-
-def _wait_ready(url: str, children: list[_Child], stop, timeout: float) -> bool:
-    import time
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not stop.is_set():
-        for child in children:
-            if not child.alive():
-                raise RuntimeError(f"the {child.name} exited during start-up (code {child.process.returncode}); "
-                                   f"its log {child.log_path} ends with:\n{child.tail()}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        stop.wait(0.5)
-    return False
-
-
-def _stop_children(children: list[_Child], grace: float) -> None:
-    """SIGTERM (uvicorn: graceful; Celery: warm shutdown, in which a running job checkpoints and hands itself
-    back) and, after ``grace`` seconds, SIGKILL to each child's whole process group. A job killed here stays
-    ``running`` in SQL and is requeued by the next ``ctpd up``, resuming from its last checkpoint."""
-    import subprocess
-    import time
-
-    for child in children:
-        child.terminate()
-    deadline = time.monotonic() + grace
-    for child in children:
-        try:
-            child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(f"ctpd up: the {child.name} did not stop within {grace:g} s; killing it", file=sys.stderr)
-        child.kill_group()
-
-
-API_RESTARTS, API_RESTART_WINDOW_SECONDS = 5, 300.0
-
-
-def _may_restart(restarts: list[float]) -> bool:
-    """At most API_RESTARTS restarts within API_RESTART_WINDOW_SECONDS: a crash loop stops ``ctpd up``."""
-    import time
-
-    now = time.monotonic()
-    restarts[:] = [at for at in restarts if now - at < API_RESTART_WINDOW_SECONDS]
-    if len(restarts) >= API_RESTARTS:
-        return False
-    restarts.append(now)
-    return True
-
-
 def _cmd_up(args: argparse.Namespace) -> int:
     """The embedded service: SQLite state, Celery's SQLAlchemy transport, the API and one worker (with beat)."""
-    import fcntl
-    import signal
-    import threading
+    from ctpd_cli.embedded import run_embedded
 
-    from app.db.engine import Database
-
-    settings = _service_settings()
-    home = settings.home
-    home.mkdir(parents=True, exist_ok=True)
-    lock = open(home / "up.lock", "w")  # noqa: SIM115 (held for the life of the command)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as error:
-        raise ValueError(f"another `ctpd up` is already running on CTPD_HOME={home}; stop it first") from error
-
-    db = Database(settings.database_url)
-    try:
-        db.upgrade()
-        key, created = _ensure_api_key(db, home / "api-key")
-        _prepare_broker(settings)
-        orphans = _requeue_orphans(db, settings) if db.is_sqlite else []
-    finally:
-        db.dispose()
-    if orphans:
-        print(f"requeued {len(orphans)} job(s) left running by a previous start: {', '.join(orphans)}")
-
-    logs = home / "logs"
-    logs.mkdir(exist_ok=True)
-    env = {
-        **os.environ,
-        "CTPD_HOME": str(home),
-        "CTPD_DATABASE_URL": settings.database_url,
-        "CTPD_BROKER_URL": settings.broker_url,
-        "CTPD_ARTIFACT_ROOT": str(settings.artifact_root),
-        "CTPD_MODEL_CACHE": str(settings.model_cache),
-        "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
-        # One user who owns the machine: their own files are fair game (a multi-tenant deployment keeps the
-        # safe default, off). An explicit CTPD_ALLOW_SERVER_PATHS still wins.
-        "CTPD_ALLOW_SERVER_PATHS": os.environ.get("CTPD_ALLOW_SERVER_PATHS", "true"),
-    }
-    command = [sys.executable, "-m", "ctpd_cli.main"]
-    stop = threading.Event()
-    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
-    api_argv = [*command, "serve", "--host", args.host, "--port", str(args.port)]
-    children = [
-        _Child("API", api_argv, logs / "api.log", env, signal.SIGTERM),
-        # SIGTERM (a warm shutdown) also if ctpd up dies: the running job checkpoints and hands itself back
-        # within CTPD_SHUTDOWN_GRACE_SECONDS (worker/tasks.py), so the next start resumes it.
-        _Child("worker", [*command, "worker", "--queues", "train,default", "--beat"], logs / "worker.log", env,
-               signal.SIGTERM),
-    ]
-    api_restarts: list[float] = []
-    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    url = f"http://{host}:{args.port}"
-    code = 0
-    try:
-        if not _wait_ready(url, children, stop, args.start_timeout):
-            if stop.is_set():
-                return 130
-            raise RuntimeError(f"the API did not answer {url}/readyz within {args.start_timeout:g} s; "
-                               f"see {children[0].log_path}:\n{children[0].tail()}")
-        print(f"ctpd is up at {url} (OpenAPI: {url}/docs)")
-        if created:
-            print(f"admin API key (shown once; stored in {home / 'api-key'}, mode 0600):\n  {key}")
-        else:
-            print(f"admin API key: in {home / 'api-key'}")
-        print(f"state {_redacted(settings.database_url)}, broker {_redacted(settings.broker_url)}, "
-              f"artifacts {settings.artifact_root}")
-        print(f"logs: {logs / 'api.log'}, {logs / 'worker.log'}. Ctrl-C stops.", flush=True)
-        while not stop.wait(0.5):
-            if not children[0].alive() and children[1].alive() and _may_restart(api_restarts):
-                # The API died (OOM, a crash): the worker's running job is not its business. Start a new API
-                # beside it instead of stopping everything.
-                print(f"ctpd up: the API exited (code {children[0].process.returncode}); restarting it "
-                      f"({len(api_restarts)} of {API_RESTARTS} in {API_RESTART_WINDOW_SECONDS:g} s). "
-                      f"{children[0].log_path} ends with:\n{children[0].tail()}", file=sys.stderr, flush=True)
-                children[0].kill_group()
-                children[0] = _Child("API", api_argv, logs / "api.log", env, signal.SIGTERM)
-                continue
-            dead = [child for child in children if not child.alive()]
-            if dead:
-                child = dead[0]
-                print(f"ctpd up: the {child.name} exited (code {child.process.returncode}); stopping. "
-                      f"{child.log_path} ends with:\n{child.tail()}", file=sys.stderr)
-                code = 1
-                break
-    finally:
-        print("ctpd up: stopping", flush=True)
-        _stop_children(children, args.stop_timeout)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        lock.close()
-    print("ctpd up: stopped", flush=True)
-    return code
+    return run_embedded(_service_settings(), host=args.host, port=args.port, start_timeout=args.start_timeout,
+                        stop_timeout=args.stop_timeout)
 
 
 def _service_key(args: argparse.Namespace) -> str:
@@ -558,16 +310,16 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             return 0
         job = follow(client, job["id"])
         print(f"job {job['id']}: {job['status']}")
-        if job["status"] == "failed":
+        if job["status"] == JobStatus.FAILED:
             print(f"error: {job['error']['code']}: {job['error']['message']}", file=sys.stderr)
             return 1
-        if job["status"] == "succeeded":
+        if job["status"] == JobStatus.SUCCEEDED:
             print("evaluation (held-out pairs):")
             print(evaluation_table(client.metrics(job["id"])))
             model = job.get("model") or {}
             print(f"model folder: {model.get('id')}")
             print(f"download: {args.url.rstrip('/')}{model.get('download_url', '')}")
-        return 0 if job["status"] == "succeeded" else 1
+        return 0 if job["status"] == JobStatus.SUCCEEDED else 1
     except ServiceError as error:
         raise ValueError(str(error)) from error
 
@@ -635,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with CUDA_VISIBLE_DEVICES=<index>, on --queues train; run exactly one worker with --beat (the reaper's "
         "clock), e.g. a CPU worker on --queues default.",
     )
-    worker.add_argument("--queues", default="train,default", help="comma-separated: train, default (default both)")
+    worker.add_argument("--queues", default=",".join(WORKER_QUEUES), help="comma-separated: train, default (default both)")
     worker.add_argument("--beat", action="store_true", help="also run beat (the reaper every 30 s); one per deployment")
     worker.add_argument("--hostname", help="the Celery node name (default ctpd-gpu<CUDA_VISIBLE_DEVICES>@<host>)")
     worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -34,15 +34,12 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from ctpd_core.vocab import QueueName, TaskName
+
 if TYPE_CHECKING:
     from app.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-RUN_JOB = "ctpd.run_job"
-REAP_STALE_JOBS = "ctpd.reap_stale_jobs"
-TRAIN_QUEUE = "train"
-DEFAULT_QUEUE = "default"
 
 
 def _scheme(broker_url: str) -> str:
@@ -73,20 +70,20 @@ def celery_conf(settings: Settings) -> dict[str, Any]:
         # Each queue has its own direct exchange of the same name: what Celery creates for a publisher that
         # names only the queue (app.queue's send_task(..., queue="train")), so both sides always agree.
         "task_queues": tuple(
-            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in (TRAIN_QUEUE, DEFAULT_QUEUE)
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in (QueueName.TRAIN, QueueName.DEFAULT)
         ),
-        "task_default_queue": DEFAULT_QUEUE,
+        "task_default_queue": QueueName.DEFAULT,
         "task_routes": {
-            RUN_JOB: {"queue": TRAIN_QUEUE, "routing_key": TRAIN_QUEUE},
-            REAP_STALE_JOBS: {"queue": DEFAULT_QUEUE, "routing_key": DEFAULT_QUEUE},
+            TaskName.RUN_JOB: {"queue": QueueName.TRAIN, "routing_key": QueueName.TRAIN},
+            TaskName.REAP_STALE_JOBS: {"queue": QueueName.DEFAULT, "routing_key": QueueName.DEFAULT},
         },
         # --- beat: the reaper every reaper_interval_seconds (30 s). A reaper message nobody ran within one interval is dropped (a
         # newer one follows), so a busy single-worker setup does not pile them up behind a training job.
         "beat_schedule": {
             "reap-stale-jobs": {
-                "task": REAP_STALE_JOBS,
+                "task": TaskName.REAP_STALE_JOBS,
                 "schedule": settings.reaper_interval_seconds,
-                "options": {"queue": DEFAULT_QUEUE, "expires": settings.reaper_interval_seconds},
+                "options": {"queue": QueueName.DEFAULT, "expires": settings.reaper_interval_seconds},
             }
         },
         "beat_schedule_filename": str(settings.home / "celerybeat-schedule"),

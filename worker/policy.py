@@ -23,6 +23,7 @@ from app.policy import (
     remote_code_problems,
 )
 from ctpd_core.spec import JobSpec
+from ctpd_core.vocab import JobStatus
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 def _exported_folder(db: Database, tenant: str, job_id: str) -> Path | None:
     row = job_rows.get_job(db, job_id, tenant)
-    if row is None or row.status != "succeeded" or not row.export_dir or not Path(row.export_dir).is_dir():
+    if row is None or row.status != JobStatus.SUCCEEDED or not row.export_dir or not Path(row.export_dir).is_dir():
         return None
     return Path(row.export_dir)
 

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,10 +40,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.db import datasets as dataset_rows
 from app.db import jobs as job_rows
 from app.db.engine import Database, is_unavailable
+from app.db.models import utcnow
 from app.policy import PolicyViolation
 from ctpd_core.catalog import ModelLoadError
 from ctpd_core.data import DatasetError
-from worker.celery_app import REAP_STALE_JOBS, RUN_JOB, TRAIN_QUEUE
+from ctpd_core.vocab import QueueName, TaskName
 from worker.orphan_sweep import sweep_orphans
 from worker.sinks import AttemptLease, AttemptWriter, DbObserver, DbStopSignal, Heartbeat
 
@@ -308,7 +310,7 @@ def _record_outcome(db: Database, settings: Settings, job_id: str, worker_id: st
     return JobOutcome(job_id, recorded, error_code if recorded == "failed" else None)
 
 
-@shared_task(name=RUN_JOB, bind=True, ignore_result=True)
+@shared_task(name=TaskName.RUN_JOB, bind=True, ignore_result=True)
 def run_job(self: Any, job_id: str) -> str:
     from app.queue import CeleryTaskQueue
 
@@ -329,9 +331,13 @@ def run_job(self: Any, job_id: str) -> str:
 # ------------------------------------------------------------------------------------------ the reaper
 
 
-def reap(db: Database, settings: Settings, queue: Any) -> list[str]:
-    """One reaper pass: requeue expired leases and unclaimed queued jobs; returns the ids enqueued."""
-    requeued = job_rows.reap_stale_jobs(db)
+def reap(db: Database, settings: Settings, queue: Any, *, leases_lost: bool = False) -> list[str]:
+    """One reaper pass: requeue expired leases and unclaimed queued jobs; returns the ids enqueued.
+
+    ``leases_lost``: every lease is counted as expired, as if ``lease_seconds`` had passed. For ``ctpd up`` at
+    start, which owns its database: whatever still holds a job was left there by a previous run that died."""
+    now = utcnow() + timedelta(seconds=settings.lease_seconds + 1) if leases_lost else None
+    requeued = job_rows.reap_stale_jobs(db, now=now)
     unclaimed = job_rows.stale_queued_jobs(db, settings.requeue_after_seconds)
     job_ids = list(dict.fromkeys(requeued + unclaimed))
     for job_id in job_ids:
@@ -342,7 +348,7 @@ def reap(db: Database, settings: Settings, queue: Any) -> list[str]:
     return job_ids
 
 
-@shared_task(name=REAP_STALE_JOBS, bind=True, ignore_result=True)
+@shared_task(name=TaskName.REAP_STALE_JOBS, bind=True, ignore_result=True)
 def reap_stale_jobs(self: Any) -> int:
     from app.queue import CeleryTaskQueue
 
@@ -370,10 +376,10 @@ def _preload_training_stack(sender: Any = None, instance: Any = None, **_: Any) 
         queues = set(instance.app.amqp.queues.consume_from)
     except AttributeError:
         return
-    if TRAIN_QUEUE in queues:
+    if QueueName.TRAIN in queues:
         import worker.recipe  # noqa: F401
 
-        logger.info("preloaded the training stack for the %s queue", TRAIN_QUEUE)
+        logger.info("preloaded the training stack for the %s queue", QueueName.TRAIN)
 
 
 def child_pids(pid: int) -> list[int]:

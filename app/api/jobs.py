@@ -276,7 +276,7 @@ def get_job_metrics(job_id: str, principal: PrincipalDep, db: DbDep) -> JobMetri
 
 
 def _export_folder(job: orm.Job) -> Path | None:
-    if job.status != "succeeded" or not job.export_dir:
+    if job.status != JobStatus.SUCCEEDED or not job.export_dir:
         return None
     folder = Path(job.export_dir)
     return folder if folder.is_dir() else None
@@ -312,7 +312,7 @@ def list_job_artifacts(job_id: str, principal: PrincipalDep, db: DbDep) -> Artif
 )
 def download_job_model(job_id: str, principal: PrincipalDep, db: DbDep) -> StreamingResponse:
     job = _job_for(db, job_id, principal)
-    if job.status != "succeeded":
+    if job.status != JobStatus.SUCCEEDED:
         raise ApiError(409, "job_not_succeeded",
                        f"job {job_id} is {job.status}; the model can be downloaded once it has succeeded", "job_id")
     folder = _export_folder(job)
