@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from ctpd_core.vocab import JobStatus, QueueName
 
@@ -67,8 +68,8 @@ class _ConsoleObserver:
     """Draws one progress bar per stage and prints each stage's wall time (the local `ctpd run`)."""
 
     def __init__(self) -> None:
-        self.bar = None
-        self.stage = None
+        self.bar: Any = None  # a tqdm bar, imported on first use
+        self.stage: str | None = None
 
     def stage_started(self, stage: str, cached: bool) -> None:
         self.stage = stage

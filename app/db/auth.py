@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select, update
 
-from app.db.engine import Database
+from app.db.engine import Database, updated_rows
 from app.db.models import ApiKey, utcnow
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,6 @@ def get_api_key(db: Database, key_id: str) -> ApiKey | None:
 def revoke_api_key(db: Database, key_id: str) -> bool:
     """Revoke the key; False if there is no such key or it was already revoked."""
     with db.write() as session:
-        return bool(session.execute(
+        return bool(updated_rows(session,
             update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
-        ).rowcount)
+        ))

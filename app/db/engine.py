@@ -12,9 +12,9 @@ import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
@@ -131,3 +131,9 @@ def escape_nul(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [escape_nul(item) for item in value]
     return value
+
+
+def updated_rows(session: Session, statement: Executable) -> int:
+    """Run an UPDATE in ``session`` and return how many rows it changed: a compare-and-set's answer.
+    ``Session.execute`` is typed as returning a plain ``Result``; for an UPDATE it is a ``CursorResult``."""
+    return cast("CursorResult[Any]", session.execute(statement)).rowcount

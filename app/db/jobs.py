@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import and_, exists, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from app.db.engine import Database, escape_nul
+from app.db.engine import Database, escape_nul, updated_rows
 from app.db.events import new_event
 from app.db.models import Job, UTCDateTime, utcnow
 from ctpd_core.vocab import HELD_STATUSES, EventLevel, EventType, JobStatus
@@ -190,19 +190,19 @@ def request_cancel(db: Database, job_id: str, tenant: str | None) -> Job | None:
         for _ in range(5):
             now = utcnow()
             if job.status == JobStatus.QUEUED:
-                if session.execute(
+                if updated_rows(session,
                     update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
                     .values(status=JobStatus.CANCELLED, cancel_requested_at=now, finished_at=now, updated_at=now)
-                ).rowcount:
+                ):
                     session.add(new_event(job_id, EventType.CANCEL_REQUESTED, "cancel requested", now=now))
                     session.add(new_event(job_id, EventType.JOB_CANCELLED, "cancelled before it started", now=now,
                                           data={"status": JobStatus.CANCELLED}))
                     break
             elif job.status == JobStatus.RUNNING:
-                if session.execute(
+                if updated_rows(session,
                     update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
                     .values(status=JobStatus.CANCELLING, cancel_requested_at=now, updated_at=now)
-                ).rowcount:
+                ):
                     session.add(new_event(job_id, EventType.CANCEL_REQUESTED,
                                           "cancel requested; the worker stops at its next check", now=now,
                                           data={"status": JobStatus.CANCELLING}))
@@ -230,12 +230,12 @@ def claim_job(db: Database, job_id: str, worker_id: str, lease_seconds: float) -
     """queued -> running by compare-and-set: attempt += 1, started_at (first start), lease. None if not queued."""
     now = utcnow()
     with db.write() as session:
-        claimed = session.execute(
+        claimed = updated_rows(session,
             update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
             .values(status=JobStatus.RUNNING, attempt=Job.attempt + 1, worker_id=worker_id,
                     lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now,
                     started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())))  # started_at: the first start
-        ).rowcount
+        )
         if not claimed:
             return None
         job = session.scalars(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).one()
@@ -256,9 +256,9 @@ def heartbeat(db: Database, job_id: str, worker_id: str, lease_seconds: float, a
     if attempt is not None:
         held.append(Job.attempt == attempt)
     with db.write() as session:
-        return bool(session.execute(
+        return bool(updated_rows(session,
             update(Job).where(*held).values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
-        ).rowcount)
+        ))
 
 
 def holds(db: Database, job_id: str, worker_id: str, attempt: int) -> bool:
@@ -268,7 +268,7 @@ def holds(db: Database, job_id: str, worker_id: str, attempt: int) -> bool:
     return row is not None and tuple(row) in tuple((worker_id, attempt, status) for status in HELD_STATUSES)
 
 
-_FINISH_EVENTS = {
+_FINISH_EVENTS: dict[str, EventType] = {
     JobStatus.SUCCEEDED: EventType.JOB_SUCCEEDED,
     JobStatus.FAILED: EventType.JOB_FAILED,
     JobStatus.CANCELLED: EventType.JOB_CANCELLED,
@@ -317,7 +317,8 @@ def finish_job(
         data: dict[str, Any] = {"status": status}
         if status == JobStatus.FAILED:
             data.update(code=error_code, kind=error_kind)
-        message = {JobStatus.SUCCEEDED: "job succeeded", JobStatus.CANCELLED: "job cancelled"}.get(
+        outcomes: dict[str, str] = {JobStatus.SUCCEEDED: "job succeeded", JobStatus.CANCELLED: "job cancelled"}
+        message = outcomes.get(
             status, f"job failed: {error_message or error_code}")
         if reported != status:
             data["reported"] = reported
@@ -392,8 +393,9 @@ def reap_stale_jobs(db: Database, now: datetime | None = None) -> list[str]:
                               error_message=message)
                 event = new_event(job_id, EventType.JOB_FAILED, message, level=EventLevel.ERROR, now=now,
                                   data={"status": JobStatus.FAILED, "code": "worker_lost", "kind": "system"})
-            done = session.execute(update(Job).where(current).values(lease_expires_at=None, updated_at=now, **values))
-            if done.rowcount:
+            done = updated_rows(session, update(Job).where(current)
+                                .values(lease_expires_at=None, updated_at=now, **values))
+            if done:
                 session.add(event)
                 if values["status"] == JobStatus.QUEUED:
                     requeued.append(job_id)
@@ -413,10 +415,10 @@ def stale_queued_jobs(db: Database, older_than_seconds: float, now: datetime | N
     ids = []
     for job_id in candidates:
         with db.write() as session:
-            done = session.execute(
+            done = updated_rows(session,
                 update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.updated_at < cutoff)
                 .values(updated_at=now)
-            ).rowcount
+            )
             if done:
                 session.add(new_event(job_id, EventType.JOB_QUEUED,
                                       f"no worker claimed the job for {older_than_seconds:g} s; enqueueing it again",
