@@ -77,3 +77,9 @@ def test_the_observer_and_publish_modules_are_torch_free():
             "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_evaluation_does_not_import_the_training_loop():
+    code = "import sys, ctpd_core.evaluate; print('ctpd_core.train' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
