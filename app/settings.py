@@ -26,10 +26,12 @@ class Settings(BaseSettings):
     broker_url: str = Field(
         default="", description="Celery broker; default sqla+sqlite:///$CTPD_HOME/broker.db (redis://... in production)."
     )
-    artifact_root: Path | None = Field(
-        default=None, description="Stage cache, job run folders (jobs/<job_id>/), uploaded datasets (datasets/<id>/)."
+    # Typed as what every reader gets: unset (None, not validated) means "under home", and _fill_paths makes it
+    # an absolute Path before anyone can read it.
+    artifact_root: Path = Field(
+        default=None, validate_default=False, description="Stage cache, job run folders (jobs/<job_id>/), uploaded datasets (datasets/<id>/)."
     )
-    model_cache: Path | None = Field(default=None, description="Catalog model conversions; default $CTPD_HOME/catalog.")
+    model_cache: Path = Field(default=None, validate_default=False, description="Catalog model conversions; default $CTPD_HOME/catalog.")
     lease_seconds: int = Field(default=120, ge=5, description="A running job's lease; the worker heartbeats every lease/4.")
     max_attempts: int = Field(default=3, ge=1, description="Deliveries of a job before it fails with worker_lost.")
     reaper_interval_seconds: float = Field(

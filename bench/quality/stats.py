@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,7 @@ def distinct_ngrams(texts: Sequence[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def summarize(values: Sequence[float]) -> dict[str, float]:
+def summarize(values: Sequence[float]) -> dict[str, Any]:
     """Mean, sample standard deviation and a 95 % t-interval half-width over seeds."""
     array = np.asarray(values, dtype=float)
     n = array.size
@@ -61,7 +62,7 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "ci95": half, "n": n, "values": [float(v) for v in array]}
 
 
-def paired_difference(ours: Sequence[float], theirs: Sequence[float]) -> dict[str, float]:
+def paired_difference(ours: Sequence[float], theirs: Sequence[float]) -> dict[str, Any]:
     """Per-seed differences ``ours − theirs`` (same seed = same training data), summarised, and how many of the
     seeds favour ``ours``."""
     if len(ours) != len(theirs):
