@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,12 +27,13 @@ class Settings(BaseSettings):
     broker_url: str = Field(
         default="", description="Celery broker; default sqla+sqlite:///$CTPD_HOME/broker.db (redis://... in production)."
     )
-    # Typed as what every reader gets: unset (None, not validated) means "under home", and _fill_paths makes it
-    # an absolute Path before anyone can read it.
+    # An unset one is filled in under home by _default_paths before validation (the Path() default is never
+    # seen), so every reader gets a Path; _fill_paths makes it absolute.
     artifact_root: Path = Field(
-        default=None, validate_default=False, description="Stage cache, job run folders (jobs/<job_id>/), uploaded datasets (datasets/<id>/)."
+        default=Path(), description="Stage cache, job run folders (jobs/<job_id>/), uploaded datasets (datasets/<id>/); default "
+        "$CTPD_HOME/artifacts."
     )
-    model_cache: Path = Field(default=None, validate_default=False, description="Catalog model conversions; default $CTPD_HOME/catalog.")
+    model_cache: Path = Field(default=Path(), description="Catalog model conversions; default $CTPD_HOME/catalog.")
     lease_seconds: int = Field(default=120, ge=5, description="A running job's lease; the worker heartbeats every lease/4.")
     max_attempts: int = Field(default=3, ge=1, description="Deliveries of a job before it fails with worker_lost.")
     reaper_interval_seconds: float = Field(
@@ -65,6 +67,17 @@ class Settings(BaseSettings):
         "even when on, only admin keys may ask for it.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_paths(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            home = Path(data.get("home") or cls.model_fields["home"].default)
+            data = {**data}
+            for name, under_home in (("artifact_root", "artifacts"), ("model_cache", "catalog")):
+                if not data.get(name):
+                    data[name] = home / under_home
+        return data
+
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:
         # Absolute, so that a later chdir (or a worker started elsewhere) sees the same files.
@@ -73,8 +86,8 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.home / 'ctpd.db'}"
         if not self.broker_url:
             self.broker_url = f"sqla+sqlite:///{self.home / 'broker.db'}"
-        self.artifact_root = (self.artifact_root or self.home / "artifacts").expanduser().absolute()
-        self.model_cache = (self.model_cache or self.home / "catalog").expanduser().absolute()
+        self.artifact_root = self.artifact_root.expanduser().absolute()
+        self.model_cache = self.model_cache.expanduser().absolute()
         return self
 
 
