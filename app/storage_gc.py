@@ -24,7 +24,7 @@ HELD_SUFFIX = ".held"
 
 
 def datasets_dir(settings: Settings) -> Path:
-    return Path(settings.artifact_root) / "datasets"  # type: ignore[arg-type]
+    return Path(settings.artifact_root) / "datasets"
 
 
 def new_incoming_file(folder: Path) -> tuple[Path, BinaryIO]:

@@ -54,7 +54,7 @@ class StageCache:
     def is_complete(self, stage: str, key: str) -> bool:
         return (self.path(stage, key) / MARKER).exists()
 
-    def build(self, stage: str, key: str, parts: Mapping[str, Any], write: Callable[[Path], None]) -> Path:
+    def build(self, stage: str, key: str, parts: Mapping[str, Any], write: Callable[[Path], object]) -> Path:
         """Run ``write(folder)`` into a fresh temporary folder and publish it as the output for ``key``."""
         target = self.path(stage, key)
         if self.is_complete(stage, key):

@@ -78,13 +78,13 @@ def collate_side(
     response_mask = torch.zeros((batch_size, max_response), dtype=torch.bool)
     spans = torch.full((batch_size, max_response), NO_SPAN, dtype=torch.long)
     for row, (sequence, prompt_length, span) in enumerate(zip(input_ids, prompt_lengths, token_spans, strict=True)):
-        sequence = torch.as_tensor(np.asarray(sequence), dtype=torch.long)
-        length, response_length = sequence.shape[0], len(span)
-        ids[row, :length] = sequence
+        sequence_ids = torch.as_tensor(np.asarray(sequence), dtype=torch.long)  # [T_row]
+        length, response_length = sequence_ids.shape[0], len(span)
+        ids[row, :length] = sequence_ids
         mask[row, :length] = 1
         # Response token j sits at prompt_length + j and is predicted from the position before it.
         label_at = torch.arange(prompt_length - 1, prompt_length - 1 + response_length)
-        labels[row, label_at] = sequence[prompt_length:]
+        labels[row, label_at] = sequence_ids[prompt_length:]
         positions[row, :response_length] = label_at
         response_mask[row, :response_length] = True
         spans[row, :response_length] = torch.as_tensor(np.asarray(span), dtype=torch.long)

@@ -453,7 +453,7 @@ class _JsonRows:
 
 def streaming_validator(file_format: str, *, keep_pairs: bool = True) -> StreamingValidator:
     """A validator to ``feed()`` a ``.jsonl`` or ``.json`` file's bytes in chunks of any size, then ``finish()``."""
-    readers = {".jsonl": _JsonlRows, ".json": _JsonRows}
+    readers: dict[str, type[_JsonlRows] | type[_JsonRows]] = {".jsonl": _JsonlRows, ".json": _JsonRows}
     reader = readers.get(file_format.lower())
     if reader is None:
         raise DatasetError(f"{file_format!r} cannot be validated as a stream; stream .jsonl or .json, "

@@ -20,7 +20,7 @@ def _is_peft(model: nn.Module) -> bool:
 
 
 def export_student(
-    model: nn.Module,
+    model: Any,  # a transformers PreTrainedModel, or a PEFT model wrapping one
     tokenizer: Any,
     folder: Path,
     *,

@@ -19,6 +19,7 @@ with one ``scatter_add`` over a ``[B, T]`` span index.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -249,7 +250,7 @@ def _backbone(model: nn.Module) -> nn.Module:
 
 def _final_logit_softcapping(model: nn.Module) -> float | None:
     """Read the head's logit post-processing from the (text) config; refuse ones we do not reproduce."""
-    config = model.config
+    config = cast(Any, model).config  # a transformers config (torch's stubs type module attributes as Tensor | Module)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in ("logit_scale", "logits_scaling"):
         value = getattr(text_config, name, None)
@@ -293,7 +294,7 @@ def model_label_logprobs(
             f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must have "
             "the same [B, T] shape."
         )
-    head = model.get_output_embeddings()
+    head = cast(Any, model).get_output_embeddings()  # PreTrainedModel's, reached through nn.Module
     head_weight = getattr(head, "weight", None)
     if head_weight is None or head_weight.dim() != 2:
         raise ValueError(
@@ -362,7 +363,7 @@ def span_logprobs(token_logps: torch.Tensor, token_span: torch.Tensor, num_spans
 def _final_hidden_and_head(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
-    head = model.get_output_embeddings()
+    head = cast(Any, model).get_output_embeddings()  # PreTrainedModel's, reached through nn.Module
     outputs = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return outputs.last_hidden_state, head.weight, getattr(head, "bias", None), _final_logit_softcapping(model)
 

@@ -23,7 +23,7 @@ from ctpd_core.publish import publish_folder
 logger = logging.getLogger(__name__)
 
 
-def _atomic_save(save: Callable[[Path], None], target: Path) -> None:
+def _atomic_save(save: Callable[[Path], object], target: Path) -> None:
     """Publish a converted catalog folder atomically, so a crash leaves no half cache; if another process won
     the race, keep theirs."""
     publish_folder(target, save, staging_prefix=f".{target.name}-", keep_existing=lambda _: True)
@@ -137,7 +137,7 @@ def _catalog_model_folder(name: str, cache_dir: Path) -> Path:
     gguf = catalog_gguf_path(name, cache_dir)
     logger.info("converting %s from %s to safetensors (once; cached in %s)", name, gguf, folder)
     tokenizer = _catalog_tokenizer(name, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
     )
     # save_pretrained refuses a model that still carries its GGUF quantizer; the weights are already fp32.

@@ -232,7 +232,7 @@ def make_distill_loss(
             sequence_policy, sequence_reference = policy.sum(dim=1), reference.sum(dim=1)  # [2b]
             loss, stats = dpo_loss(sequence_policy[:b], sequence_policy[b:], sequence_reference[:b], sequence_reference[b:], beta)
         elif method == "tisdpo":
-            weights = pad_ragged([i.weights_chosen for i in items] + [i.weights_rejected for i in items]).to(device)
+            weights = pad_ragged(_item_weights(items, method)).to(device)
             width = policy.shape[1]
             reference, weights = _fit_width(reference, width), _fit_width(weights, width)
             mask = batch.response_mask
@@ -247,16 +247,23 @@ def make_distill_loss(
                 reference, _padded_spans(responses, reference_side, reference.shape[1]).to(device), num_spans
             )  # [2b, K]
             weights = _fit_width(
-                pad_ragged([i.weights_chosen for i in items] + [i.weights_rejected for i in items]).to(device), num_spans
+                pad_ragged(_item_weights(items, method)).to(device), num_spans
             )
             loss, stats = ctpd_loss(
                 policy_spans[:b], policy_spans[b:], reference_spans[:b], reference_spans[b:], weights[:b], weights[b:], beta
             )
-        stats = dict(stats)
-        stats["tokens"] = float(batch.attention_mask.sum())
-        return loss, stats
+        return loss, {**stats, "tokens": float(batch.attention_mask.sum())}
 
     return loss_fn
+
+
+def _item_weights(items: Sequence[TrainItem], method: str) -> list[np.ndarray]:
+    """Chosen then rejected weights of a batch; ``method`` needs them, so items built without any are refused."""
+    weights = [i.weights_chosen for i in items] + [i.weights_rejected for i in items]
+    present = [w for w in weights if w is not None]
+    if len(present) != len(weights):
+        raise ValueError(f"{method} needs span or token weights on every item; build the items with weights")
+    return present
 
 
 def _fit_width(values: torch.Tensor, width: int) -> torch.Tensor:

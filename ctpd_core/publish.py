@@ -47,7 +47,7 @@ def _fsync_dir(folder: Path) -> None:
 
 def publish_folder(
     target: Path,
-    write: Callable[[Path], None],
+    write: Callable[[Path], object],  # its return value is ignored
     *,
     staging_prefix: str,
     may_publish: Callable[[], bool] | None = None,

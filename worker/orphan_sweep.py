@@ -32,7 +32,7 @@ def sweep_orphans(settings: Settings) -> int:
     removed = 0
     try:
         removed += len(remove_orphaned_uploads(settings))
-        removed += len(StageCache(settings.artifact_root).remove_orphaned_staging())  # type: ignore[arg-type]
+        removed += len(StageCache(settings.artifact_root).remove_orphaned_staging())
     except OSError as error:
         logger.warning("orphan sweep of %s stopped: %s; check that this process can read and write it",
                        settings.artifact_root, error)

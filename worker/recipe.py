@@ -73,12 +73,17 @@ SPLITS = ("train", "validation")
 DIRECTIONS = ("positive", "negative")  # π+ by DPO, π− by DPO on swapped pairs
 
 
+def default_device() -> torch.device:
+    """The first GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @dataclass
 class RunContext:
     artifact_root: Path
     run_dir: Path
     model_cache: Path
-    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device: torch.device = field(default_factory=default_device)
     observer: Observer = field(default_factory=NullObserver)
     stop_signal: StopToken | None = None  # None: nothing stops the run
     dataset_resolver: Callable[[str], Path] | None = None  # uploaded dataset id -> file

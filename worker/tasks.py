@@ -234,7 +234,7 @@ def execute_job(
 
                 from ctpd_core.spec import JobSpec
                 from worker.policy import enforce_job_policy
-                from worker.recipe import RunContext, run_spec
+                from worker.recipe import RunContext, default_device, run_spec
 
                 spec = enforce_job_policy(db, JobSpec.model_validate(row.spec), row, settings)
                 context = RunContext(
@@ -246,7 +246,7 @@ def execute_job(
                     dataset_resolver=dataset_resolver(db, row.tenant),
                     publish_guard=lease.holds,
                     generation=attempt,
-                    **({"device": torch.device(device)} if device is not None else {}),
+                    device=torch.device(device) if device is not None else default_device(),
                 )
                 result = run_spec(spec, context)
                 if result.status == "succeeded":

@@ -56,7 +56,7 @@ def measure_model(
     """Every measurement of ``model``; ``initial_model`` None means ``model`` is itself the initial model.
     ``initial_pairs``: the initial model's :func:`pair_logprob_sums`, when the caller keeps them."""
     pad = pad_token_id(tokenizer)
-    common = {"pad_id": pad, "batch_size": batch_size, "device": device, "precision": precision}
+    common: dict[str, Any] = {"pad_id": pad, "batch_size": batch_size, "device": device, "precision": precision}
     samples = sample_continuations(model, tokenizer, eval_set.prompts, eval_set.prompt_ids, sampling, device=device,
                                    precision=precision)
     rewards = [[reward(s.text) for s in row] for row in samples]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -143,7 +143,7 @@ def sample_continuations(
         )
         torch.manual_seed(config.seed + batch_index)
         with autocast_context(device, precision):
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
+            output = cast(Any, model).generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
         rows = output.sequences[:, width:].tolist()
         step_logprobs = None
         if config.return_logprobs:  # scores[t]: the processed logits step t sampled from, [rows, V]
