@@ -126,7 +126,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     result = run_spec(spec, context)
     print(_result_table(result))
-    return 0 if result.status == JobStatus.SUCCEEDED else 1
+    return 0 if result.status == "succeeded" else 1
 
 
 def _result_table(result) -> str:

@@ -97,7 +97,7 @@ class RunContext:
 
 @dataclass
 class RunResult:
-    status: str  # "succeeded" or "stopped"
+    status: Literal["succeeded", "stopped"]  # stopped: a stop token fired (training checkpointed first)
     metrics: dict[str, float]
     export_dir: Path | None
     stage_seconds: dict[str, float]

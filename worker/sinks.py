@@ -41,6 +41,7 @@ from app.db import events as job_log
 from app.db import jobs as job_rows
 from app.db.engine import Database, is_unavailable
 from app.db.events import AttemptWrite, EventWrite, MetricsWrite, ProgressWrite, StaleAttempt
+from ctpd_core.vocab import EventType
 from worker import failpoints
 
 if TYPE_CHECKING:
@@ -228,12 +229,12 @@ class DbObserver:
         self._flush_progress()
         self.writer.submit(ProgressWrite(stage, None, None, None))
         message = f"{stage}: reusing the cached output" if cached else f"{stage} started"
-        self._event("stage_started", message, stage=stage, data={"cached": cached})
+        self._event(EventType.STAGE_STARTED, message, stage=stage, data={"cached": cached})
 
     def stage_finished(self, stage: str, seconds: float, cached: bool, summary: Mapping[str, Any]) -> None:
         self._flush_progress()
         self._event(
-            "stage_finished",
+            EventType.STAGE_FINISHED,
             f"{stage} finished in {seconds:.1f} s" + (" (cached)" if cached else ""),
             stage=stage,
             data={"seconds": seconds, "cached": cached, "summary": jsonable(dict(summary))},
@@ -263,7 +264,7 @@ class DbObserver:
 
     def checkpoint(self, stage: str, step: int, path: Path) -> None:
         self._event(
-            "checkpoint_saved",
+            EventType.CHECKPOINT_SAVED,
             f"{stage}: checkpoint at step {step}",
             stage=stage.split(":", 1)[0],
             data={"stage": stage, "step": step, "path": str(path)},
@@ -288,7 +289,7 @@ class DbObserver:
         for progress in list(self._pending.values()):
             self._write_progress(progress, self.clock())
 
-    def _event(self, type: str, message: str, *, stage: str | None, data: Mapping[str, Any]) -> None:
+    def _event(self, type: EventType, message: str, *, stage: str | None, data: Mapping[str, Any]) -> None:
         self.writer.submit(EventWrite(type, message, stage=stage, data=jsonable(data)))
 
 

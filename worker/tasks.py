@@ -44,7 +44,7 @@ from app.db.models import utcnow
 from app.policy import PolicyViolation
 from ctpd_core.catalog import ModelLoadError
 from ctpd_core.data import DatasetError
-from ctpd_core.vocab import QueueName, TaskName
+from ctpd_core.vocab import JobStatus, QueueName, TaskName
 from worker.orphan_sweep import sweep_orphans
 from worker.sinks import AttemptLease, AttemptWriter, DbObserver, DbStopSignal, Heartbeat
 
@@ -218,7 +218,7 @@ def execute_job(
     observer = DbObserver(db, job_id, writer=writer)  # reports only; the core loops ask stop_signal
     def release(reason: str) -> str | None:
         released = job_rows.release_job(db, job_id, worker_id, attempt, reason)
-        if released == "queued" and requeue is not None:
+        if released == JobStatus.QUEUED and requeue is not None:
             try:
                 requeue(job_id)
             except Exception as error:  # the broker is down: the reaper enqueues it after requeue_after_seconds
@@ -226,7 +226,7 @@ def execute_job(
         return released
 
     shutdown = _ShutdownHandler(stop_signal, release, settings.shutdown_grace_seconds)
-    status, error_code, error_kind, error_message, export_dir = "failed", None, None, None, None
+    status, error_code, error_kind, error_message, export_dir = JobStatus.FAILED, None, None, None, None
     try:
         with shutdown:
             try:
@@ -250,9 +250,9 @@ def execute_job(
                 )
                 result = run_spec(spec, context)
                 if result.status == "succeeded":
-                    status, export_dir = "succeeded", result.export_dir
-                else:
-                    status = "cancelled"
+                    status, export_dir = JobStatus.SUCCEEDED, result.export_dir
+                else:  # stopped: cancelled, or handed back / abandoned by the stop's reason below
+                    status = JobStatus.CANCELLED
             except (DatasetError, ModelLoadError, ValueError) as error:
                 error_kind, error_code = classify_error(error)
                 error_message = _message_of(error, error_kind)
@@ -284,18 +284,18 @@ def _record_outcome(db: Database, settings: Settings, job_id: str, worker_id: st
         return JobOutcome(job_id, "abandoned")
     deadline = settings.lease_seconds
     try:
-        if status == "cancelled" and stop_signal.reason == "storage":
+        if status == JobStatus.CANCELLED and stop_signal.reason == "storage":
             # Its writes could not reach the database for a very long time: that is a failure of this attempt,
             # not a hand-back (which never counts), so it is left to its lease and the reaper, which count it.
             logger.error("job %s: attempt %d stopped, its writes could not reach the database", job_id, attempt)
             return JobOutcome(job_id, "abandoned")
-        if status == "cancelled" and stop_signal.reason == "shutdown":
+        if status == JobStatus.CANCELLED and stop_signal.reason == "shutdown":
             reason = "SIGTERM"
             released = _retrying("the hand-back", lambda: release(reason), deadline)
             if released is None:
                 return JobOutcome(job_id, "lost")
             logger.info("job %s: attempt %d handed back (%s): now %s", job_id, attempt, reason, released)
-            return JobOutcome(job_id, "handed_back" if released == "queued" else released)
+            return JobOutcome(job_id, "handed_back" if released == JobStatus.QUEUED else released)
         recorded = _retrying(f"the outcome ({status})", lambda: job_rows.finish_job(
             db, job_id, worker_id, status, error_code=error_code, error_message=error_message, error_kind=error_kind,
             export_dir=export_dir, attempt=attempt), deadline)
@@ -306,8 +306,8 @@ def _record_outcome(db: Database, settings: Settings, job_id: str, worker_id: st
     if recorded is None:
         logger.warning("job %s: %s not recorded: this worker no longer holds the job", job_id, status)
         return JobOutcome(job_id, "lost")
-    logger.info("job %s: %s%s", job_id, recorded, f" ({error_code})" if error_code and recorded == "failed" else "")
-    return JobOutcome(job_id, recorded, error_code if recorded == "failed" else None)
+    logger.info("job %s: %s%s", job_id, recorded, f" ({error_code})" if error_code and recorded == JobStatus.FAILED else "")
+    return JobOutcome(job_id, recorded, error_code if recorded == JobStatus.FAILED else None)
 
 
 @shared_task(name=TaskName.RUN_JOB, bind=True, ignore_result=True)

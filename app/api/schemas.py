@@ -213,7 +213,7 @@ def job_object(row: JobRow, transitions: list[tuple[str, datetime]]) -> Job:
     if row.error_code or row.error_message:
         error = JobError(code=row.error_code, message=row.error_message, kind=row.error_kind)  # type: ignore[arg-type]
     model = None
-    if row.status == "succeeded" and row.export_dir:
+    if row.status == JobStatus.SUCCEEDED and row.export_dir:
         # Named as /v1/models lists it: a reference any of the tenant's jobs may use, not the server path
         # (which a multi-tenant service refuses as a model reference, and which is the server's business).
         model = ExportedModel(
