@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 
 from app.db import datasets as dataset_rows
 from ctpd_cli.main import main
 from tests.app.conftest import SPEC
-from tests.live_service import free_port
+from tests.live_service import serving
 
 ROWS = [
     {"prompt": "The cat", "chosen": " sat on the mat.", "rejected": " flew to the moon."},
@@ -24,20 +21,8 @@ ROWS = [
 
 @pytest.fixture
 def server(app) -> Iterator[str]:
-    port = free_port()
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uvicorn_server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uvicorn_server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uvicorn_server.should_exit = True
-        thread.join(timeout=30)
+    with serving(app) as url:
+        yield url
 
 
 def _write_jsonl(path, rows) -> str:

@@ -10,24 +10,20 @@ used to cost the client ``Job`` and ``JobList``) fails here with the generator's
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import io
 import json
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import httpx
 import pytest
-import uvicorn
 
 from app.main import create_app
-from tests.live_service import free_port
+from tests.live_service import serving
 
 PACKAGE = "ctpd_client"
 # No formatter hooks (ruff is not needed to import the code); the tar.gz download is binary, which the generator
@@ -38,25 +34,6 @@ GENERATOR_CONFIG = (
     "content_type_overrides:\n"
     "  application/gzip: application/octet-stream\n"
 )
-
-
-@contextlib.contextmanager
-def serving(app) -> Iterator[str]:
-    """``app`` served over HTTP by uvicorn in a thread; yields its base URL."""
-    port = free_port()
-    uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uvicorn_server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uvicorn_server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uvicorn_server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture
