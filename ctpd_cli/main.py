@@ -318,7 +318,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             print("evaluation (held-out pairs):")
             print(evaluation_table(client.metrics(job["id"])))
             model = job.get("model") or {}
-            print(f"model folder: {model.get('id')}")
+            print(f"model: {model.get('id')} (use it as {{\"model\": \"{model.get('id')}\"}} in another job)")
             print(f"download: {args.url.rstrip('/')}{model.get('download_url', '')}")
         return 0 if job["status"] == JobStatus.SUCCEEDED else 1
     except ServiceError as error:

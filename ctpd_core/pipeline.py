@@ -86,13 +86,16 @@ def prepare(
             except AlignmentError as error:
                 logger.warning("dropping a pair that cannot be aligned: %s", error)
                 dropped["unalignable"] += 1
-                continue
-            if chosen.alignment.num_spans == 0 or rejected.alignment.num_spans == 0:
-                dropped["empty_response"] += 1
-                continue
-            alignments += [chosen.alignment, rejected.alignment]
-            truncated += int(chosen.truncated) + int(rejected.truncated)
-            records.append(PairRecord(ResponseRecord.from_encoded(chosen), ResponseRecord.from_encoded(rejected)))
+            else:
+                if chosen.alignment.num_spans == 0 or rejected.alignment.num_spans == 0:
+                    dropped["empty_response"] += 1
+                else:
+                    alignments += [chosen.alignment, rejected.alignment]
+                    truncated += int(chosen.truncated) + int(rejected.truncated)
+                    records.append(
+                        PairRecord(ResponseRecord.from_encoded(chosen), ResponseRecord.from_encoded(rejected))
+                    )
+            # Also after a dropped pair: a dropped 64th (or last) pair must not skip the report and the stop.
             if done % 64 == 0 or done == total:
                 observer.progress(progress_of(Stage.PREPARE, done, total, started))
                 check_stop(stop, Stage.PREPARE, done)

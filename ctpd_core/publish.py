@@ -23,26 +23,43 @@ logger = logging.getLogger(__name__)
 
 
 def _flush_tree(folder: Path) -> None:
-    """fsync every file under ``folder`` and the folder itself, so the rename publishes data that is on disk
-    (a power loss after the rename must not leave a complete-looking folder of empty files)."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.is_symlink():
+    """fsync every file under ``folder``, then every folder deepest first and ``folder`` itself, so the rename
+    publishes data and directory entries that are on disk (a power loss after the rename must not leave a
+    complete-looking folder of empty files, nor a ``model/`` subfolder whose entries were never written)."""
+    folders = []
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_file():
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
+        elif path.is_dir():
+            folders.append(path)
+    for sub in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        _fsync_dir(sub)
     _fsync_dir(folder)
 
 
 def _fsync_dir(folder: Path) -> None:
     try:
         descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:  # a filesystem that cannot open folders: the rename is still atomic, only less durable
+    except OSError as error:  # a filesystem that cannot open folders: the rename is still atomic, less durable
+        logger.debug("cannot open %s to fsync it: %s", folder, error)
         return
     try:
         os.fsync(descriptor)
-    except OSError:
-        pass
+    except OSError as error:
+        logger.debug("cannot fsync %s: %s", folder, error)
     finally:
         os.close(descriptor)
+
+
+def _default_folder_mode() -> int:
+    """The mode ``mkdir`` would give a new folder under this process's umask (mkdtemp's is always 0700, which
+    would make a published export unreadable to anyone but its writer)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def publish_folder(
@@ -73,6 +90,7 @@ def publish_folder(
     else:
         staging = Path(tempfile.mkdtemp(prefix=staging_prefix, dir=target.parent))
     try:
+        os.chmod(staging, _default_folder_mode())
         write(staging)
         _flush_tree(staging)
         if may_publish is not None and not may_publish():

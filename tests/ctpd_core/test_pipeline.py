@@ -176,3 +176,28 @@ def test_averaged_weights_keep_each_responses_total_and_spread_it_evenly():
     np.testing.assert_allclose(out.rejected[1], [2.0])
     for before, after in zip(weights.chosen + weights.rejected, out.chosen + out.rejected, strict=True):
         assert after.sum() == pytest.approx(before.sum())
+
+
+def test_prepare_reports_and_asks_the_stop_even_when_the_last_pair_is_dropped(student_tokenizer, teacher_tokenizer):
+    from ctpd_core.data import PreferencePair
+    from ctpd_core.observe import NullObserver, Stopped
+
+    pairs = [PreferencePair(prompt=f"Question {i}:", chosen=" a fine answer.", rejected=" no.") for i in range(3)]
+    pairs.append(PreferencePair(prompt="Question 3:", chosen="", rejected=" no."))  # no spans without an EOS span
+    seen = []
+
+    class Recording(NullObserver):
+        def progress(self, progress):
+            seen.append((progress.step, progress.total))
+
+    class StopAtTheEnd:
+        def should_stop(self):
+            return bool(seen) and seen[-1][0] == 4
+
+    encoding = EncodingConfig(max_response_tokens=64, eos_span=False)
+    data = prepare(pairs, [], student_tokenizer, teacher_tokenizer, encoding, observer=Recording())
+    assert data.stats["dropped"] == {"unalignable": 0, "empty_response": 1} and len(data.train) == 3
+    assert seen[-1] == (4, 4)  # the dropped last pair still closed the stage's progress
+    seen.clear()
+    with pytest.raises(Stopped):
+        prepare(pairs, [], student_tokenizer, teacher_tokenizer, encoding, observer=Recording(), stop=StopAtTheEnd())

@@ -46,3 +46,40 @@ def test_a_failed_write_leaves_no_staging_folder(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         publish_folder(tmp_path / "out", failing, staging_prefix=".out-", held=True)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_a_published_folder_gets_the_umask_mode_not_mkdtemps_0700(tmp_path, held):
+    # The export is read by other users (a shared run folder, a different service account downloading it).
+    import os
+
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "export"
+        publish_folder(target, _write("x"), staging_prefix=".export-", held=held)
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o755
+
+
+def test_every_file_and_every_nested_folder_is_flushed_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    import ctpd_core.publish as publish
+
+    flushed_dirs: list[str] = []
+    flushed_files: list[int] = []
+    real_fsync_dir = publish._fsync_dir
+    monkeypatch.setattr(publish, "_fsync_dir", lambda folder: (flushed_dirs.append(folder.name), real_fsync_dir(folder)))
+    real_fsync = os.fsync
+    monkeypatch.setattr(publish.os, "fsync", lambda fd: (flushed_files.append(fd), real_fsync(fd)))
+
+    def write(folder):
+        (folder / "model" / "shards").mkdir(parents=True)
+        (folder / "model" / "shards" / "a.bin").write_bytes(b"a")
+        (folder / "_complete.json").write_text("{}")
+
+    publish_folder(tmp_path / "entry", write, staging_prefix=".entry-")
+    # deepest first, then the staging folder itself, then (after the rename) the parent
+    assert flushed_dirs[:2] == ["shards", "model"] and flushed_dirs[-1] == tmp_path.name
+    assert len(flushed_files) >= 2 + 3  # two files, and the three folders (each fsync'd through a descriptor)
