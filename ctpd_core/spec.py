@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Method = Literal["ctpd", "dpo", "tisdpo"]
 WeightSource = Literal["teacher_contrastive", "student_contrastive", "uniform", "random"]
 Precision = Literal["auto", "fp32", "bf16"]
+LrSchedule = Literal["cosine", "linear", "constant"]
 
 # Every number is finite (``allow_inf_nan=False`` below) and bounded: an unbounded value such as
 # training.max_steps 2**31 or 1e30 would otherwise be accepted and fail later (an integer column overflows, an ETA
@@ -196,7 +197,7 @@ class LoraSpec(_Strict):
 
 class TrainingSpec(_Strict):
     learning_rate: float = Field(default=1e-6, gt=0, le=MAX_LEARNING_RATE, description="Paper: 1e-6 for CTPD.")
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_schedule: LrSchedule = "cosine"
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of steps spent warming up (paper: 10 %).")
     epochs: float = Field(default=1.0, gt=0, le=MAX_EPOCHS, description="Paper: one epoch.")
     max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Stop after this many optimizer steps.")

@@ -78,7 +78,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -95,12 +95,10 @@ from ctpd_core.checkpoint import (
 )
 from ctpd_core.inference import autocast_factory
 from ctpd_core.observe import NeverStop, NullObserver, Observer, Progress, Stopped, StopToken
-from ctpd_core.spec import TrainingSpec
+from ctpd_core.spec import LrSchedule, Precision, TrainingSpec
 
 logger = logging.getLogger(__name__)
 
-LrSchedule = Literal["cosine", "linear", "constant"]
-Precision = Literal["auto", "fp32", "bf16"]
 _SCHEDULES = ("cosine", "linear", "constant")
 _PRECISIONS = ("auto", "fp32", "bf16")
 

@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "source_text": {"path": str(args.book), "sha256": sha256_of(args.book),
                         "title": "Botchan (Master Darling), Natsume Soseki, tr. Yasotaro Morri",
                         "origin": "Project Gutenberg EBook #8868 via sentencepiece 0.2.3 sdist test/botchan.txt",
-                        "sentences_via": "ctpd_core.textdata.read_sentences(path) (default limits)"},
+                        "sentences_via": "bench.textdata.read_sentences(path) (default limits)"},
         "sentence_boundary": {
             "total_sentences": len(sentences), "train_fraction": args.train_fraction,
             "prompt_pool_end_exclusive": boundary, "heldout_start_index": boundary,

@@ -13,9 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.db.models import Dataset as DatasetRow
-from app.db.models import Job as JobRow
-from app.db.models import JobEvent as EventRow
+from app.db import models as orm  # the SQL rows; the names without a prefix here are the API's schemas
 from app.policy import JOB_MODEL_PREFIX
 from ctpd_core.spec import JobSpec
 from ctpd_core.vocab import EventLevel, EventType, JobStatus
@@ -208,7 +206,7 @@ class Health(BaseModel):
 # --------------------------------------------------------------------------------------------- builders
 
 
-def job_object(row: JobRow, transitions: list[tuple[str, datetime]]) -> Job:
+def job_object(row: orm.Job, transitions: list[tuple[str, datetime]]) -> Job:
     error = None
     if row.error_code or row.error_message:
         error = JobError(code=row.error_code, message=row.error_message, kind=row.error_kind)  # type: ignore[arg-type]
@@ -233,14 +231,14 @@ def job_object(row: JobRow, transitions: list[tuple[str, datetime]]) -> Job:
     )
 
 
-def event_object(row: EventRow) -> JobEvent:
+def event_object(row: orm.JobEvent) -> JobEvent:
     return JobEvent(
         id=row.id, job_id=row.job_id, created_at=row.created_at, type=EventType(row.type), level=EventLevel(row.level),
         stage=row.stage, message=row.message, data=dict(row.data or {}),
     )
 
 
-def dataset_object(row: DatasetRow) -> Dataset:
+def dataset_object(row: orm.Dataset) -> Dataset:
     return Dataset(
         id=row.id, filename=row.filename, format=row.format, num_rows=row.num_rows,  # type: ignore[arg-type]
         sha256=row.sha256, size_bytes=row.size_bytes, created_at=row.created_at,
