@@ -124,3 +124,19 @@ def test_left_padded_batches_sample_from_the_same_distribution_as_a_plain_forwar
     direct = sequence_logprobs(model, flat_prompts, kept, pad_id=0, batch_size=4, device=CPU)
     for sample, tokens, values in zip(flat, kept, direct, strict=True):
         np.testing.assert_allclose(sample.logprobs[: len(tokens)], values, atol=1e-4)
+
+
+def test_free_text_scoring_stops_between_batches(student):
+    from ctpd_core.observe import Stopped
+
+    class StopNow:
+        def should_stop(self):
+            return True
+
+    model, _ = student
+    prompts, responses = [[1, 2, 3]] * 4, [[4, 5]] * 4
+    common = {"pad_id": 0, "batch_size": 2, "device": torch.device("cpu"), "precision": "fp32", "stop": StopNow()}
+    with pytest.raises(Stopped):
+        sequence_logprobs(model, prompts, responses, **common)
+    with pytest.raises(Stopped):
+        sequence_kl(model, model, prompts, responses, **common)
