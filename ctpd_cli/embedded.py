@@ -214,7 +214,7 @@ def run_embedded(settings: Settings, *, host: str, port: int, start_timeout: flo
     finally:
         db.dispose()
     if orphans:
-        print(f"requeued {len(orphans)} job(s) left running by a previous start: {', '.join(orphans)}")
+        print(f"requeued {len(orphans)} job(s) a previous start left running or unclaimed: {', '.join(orphans)}")
 
     logs = home / "logs"
     logs.mkdir(exist_ok=True)
