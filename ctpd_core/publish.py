@@ -21,6 +21,10 @@ from ctpd_core.held_paths import make_held_dir
 
 logger = logging.getLogger(__name__)
 
+# A job's student is staged as ``<run_dir>/.export-<attempt>-<random>`` (held by its writer) before it is renamed
+# to ``export``; the orphan sweep (worker/orphan_sweep.py) removes the ones a killed worker left.
+EXPORT_STAGING_PREFIX = ".export-"
+
 
 def _flush_tree(folder: Path) -> None:
     """fsync every file under ``folder``, then every folder deepest first and ``folder`` itself, so the rename

@@ -1,8 +1,9 @@
-"""Removing what killed processes left in the artifact root: unfinished uploads and stage staging folders.
+"""Removing what killed processes left in the artifact root: unfinished uploads, stage staging folders and
+half-written exports.
 
 A SIGKILL (the OOM killer, ``docker kill``, a lost node) runs no cleanup, so an API process killed mid-upload
-leaves ``datasets/.incoming-*`` and a worker killed mid-stage leaves a staging folder in the stage cache.
-Both are held by their writer while it lives (``ctpd_core.held_paths``), so this sweep removes exactly the
+leaves ``datasets/.incoming-*``, a worker killed mid-stage leaves a staging folder in the stage cache, and one
+killed while writing the student leaves ``jobs/<id>/.export-*`` (a whole model's size). All are held by their writer while it lives (``ctpd_core.held_paths``), so this sweep removes exactly the
 ones no live process holds: safe to run at any time, from any process that shares the artifact root.
 
 It runs when a worker starts (connected to ``celeryd_after_setup`` here) and in every reaper pass
@@ -13,12 +14,15 @@ numpy-free, like the scheduler image that runs the reaper.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery.signals import celeryd_after_setup
 
 from app.storage_gc import remove_orphaned_uploads
-from ctpd_core.artifacts import StageCache
+from ctpd_core.artifacts import UNHELD_STAGING_GRACE_SECONDS, StageCache
+from ctpd_core.held_paths import remove_if_orphaned
+from ctpd_core.publish import EXPORT_STAGING_PREFIX
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -33,9 +37,29 @@ def sweep_orphans(settings: Settings) -> int:
     try:
         removed += len(remove_orphaned_uploads(settings))
         removed += len(StageCache(settings.artifact_root).remove_orphaned_staging())
+        removed += len(remove_orphaned_exports(settings.artifact_root / "jobs"))
     except OSError as error:
         logger.warning("orphan sweep of %s stopped: %s; check that this process can read and write it",
                        settings.artifact_root, error)
+    return removed
+
+
+def remove_orphaned_exports(jobs_dir: Path) -> list[Path]:
+    """Remove the export staging folders (``<job>/.export-*``) no live worker holds; returns what was removed."""
+    removed: list[Path] = []
+    if not jobs_dir.is_dir():
+        return removed
+    for staging in sorted(jobs_dir.glob(f"*/{EXPORT_STAGING_PREFIX}*")):
+        try:
+            # Every export is staged under a hold, so only a dead writer's folder is unlocked; on a filesystem
+            # that cannot lock, only a folder unchanged for the stage cache's long grace goes.
+            if remove_if_orphaned(staging, grace_seconds=UNHELD_STAGING_GRACE_SECONDS, held=True):
+                removed.append(staging)
+        except OSError as error:  # one unreadable folder must not stop the sweep
+            logger.warning("could not check or remove %s: %s", staging, error)
+    if removed:
+        logger.info("removed %d export staging folder(s) left by killed workers: %s", len(removed),
+                    ", ".join(str(path) for path in removed))
     return removed
 
 

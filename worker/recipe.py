@@ -50,7 +50,7 @@ from ctpd_core.pipeline import (
     make_distill_loss,
     prepare,
 )
-from ctpd_core.publish import publish_folder
+from ctpd_core.publish import EXPORT_STAGING_PREFIX, publish_folder
 from ctpd_core.records import (
     PreparedData,
     Side,
@@ -611,8 +611,9 @@ def export_stage(
             return not runner.stop.should_stop() and (context.publish_guard is None or context.publish_guard())
 
         # An export already there is an earlier attempt's of this job that was lost before its finish: replaced.
-        if not publish_folder(export_dir, write, staging_prefix=f".export-{context.generation or 0}-",
-                              may_publish=may_publish):
+        # Held while written: a worker killed mid-export leaves a folder the orphan sweep can tell is dead.
+        if not publish_folder(export_dir, write, staging_prefix=f"{EXPORT_STAGING_PREFIX}{context.generation or 0}-",
+                              may_publish=may_publish, held=True):
             raise Stopped(Stage.EXPORT)
         summary["path"] = str(export_dir)
     # The exported folder is the run's result; the distill checkpoints (weights plus optimizer state) only

@@ -80,3 +80,20 @@ def test_the_sweep_needs_no_numpy_or_torch():
     code = "import sys, worker.orphan_sweep; print(sorted({'numpy', 'torch'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
+def test_a_half_written_export_of_a_killed_worker_is_swept_and_a_live_one_kept(settings):
+    jobs = Path(settings.artifact_root) / "jobs"
+    (jobs / "job_a").mkdir(parents=True)
+    (jobs / "job_b").mkdir(parents=True)
+    dead, fd = make_held_dir(jobs / "job_a", ".export-1-")
+    (dead / "model.safetensors").write_bytes(b"half")
+    os.close(fd)  # as after a SIGKILL
+    live, live_fd = make_held_dir(jobs / "job_b", ".export-2-")
+    published = jobs / "job_b" / "export"
+    published.mkdir()
+    try:
+        assert sweep_orphans(settings) == 1
+        assert not dead.exists() and live.exists() and published.exists()
+    finally:
+        os.close(live_fd)
