@@ -55,6 +55,12 @@ logger = logging.getLogger(__name__)
 
 MAX_ERROR_MESSAGE = 4000
 
+# Set in a worker's main process when its warm shutdown begins (_hand_back_running_jobs). Pool processes are
+# forked from it, so one forked after that sees it set: a message the stopping worker still pulls (its own
+# hand-back's doorbell, typically, which it rings a moment before its consumer stops) is passed on unclaimed
+# instead of starting an attempt in a process the shutdown is about to end, which would then be counted lost.
+_DRAINING = threading.Event()
+
 
 @dataclass(frozen=True)
 class JobOutcome:
@@ -63,6 +69,7 @@ class JobOutcome:
     job_id: str
     # succeeded | failed | cancelled | skipped (not claimed) | lost (the lease went elsewhere) | handed_back
     # (SIGTERM: queued again, the attempt not counted) | abandoned (the database stayed away: left to the reaper)
+    # | passed_on (this worker is shutting down: not claimed, the doorbell rung again for another)
     status: str
     error_code: str | None = None
 
@@ -200,6 +207,14 @@ def execute_job(
 
     ``requeue(job_id)`` rings the doorbell again after a hand-back, so another worker resumes the job at once
     instead of after ``requeue_after_seconds`` (the reaper's net still catches a lost message)."""
+    if _DRAINING.is_set():
+        logger.info("job %s: this worker is shutting down; passing the job on unclaimed", job_id)
+        if requeue is not None:
+            try:
+                requeue(job_id)
+            except Exception as error:  # the broker is down: the reaper enqueues it after requeue_after_seconds
+                logger.warning("job %s: not enqueued again (%s); the reaper will", job_id, error)
+        return JobOutcome(job_id, "passed_on")
     asked_at = time.monotonic()  # the lease runs from (at the latest) here, by this process's own clock
     row = job_rows.claim_job(db, job_id, worker_id, settings.lease_seconds)
     if row is None:
@@ -336,8 +351,9 @@ def reap(db: Database, settings: Settings, queue: Any, *, leases_lost: bool = Fa
 
     ``leases_lost``: every lease is counted as expired, as if ``lease_seconds`` had passed. For ``ctpd up`` at
     start, which owns its database: whatever still holds a job was left there by a previous run that died."""
-    now = utcnow() + timedelta(seconds=settings.lease_seconds + 1) if leases_lost else None
-    requeued = job_rows.reap_stale_jobs(db, now=now)
+    # Stamped with the real time either way: only the cutoff moves.
+    expired_before = utcnow() + timedelta(seconds=settings.lease_seconds + 1) if leases_lost else None
+    requeued = job_rows.reap_stale_jobs(db, expired_before=expired_before)
     unclaimed = job_rows.stale_queued_jobs(db, settings.requeue_after_seconds)
     job_ids = list(dict.fromkeys(requeued + unclaimed))
     for job_id in job_ids:
@@ -401,6 +417,7 @@ def _hand_back_running_jobs(sig: str | None = None, how: str | None = None, **_:
     idle one just exits, and the warm shutdown completes as soon as they have."""
     if how != "Warm":
         return  # a cold shutdown terminates the children itself
+    _DRAINING.set()  # before the children hand back: their doorbells must not start a new attempt here
     for child in child_pids(os.getpid()):
         try:
             os.kill(child, signal.SIGTERM)

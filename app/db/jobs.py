@@ -359,16 +359,20 @@ def release_job(db: Database, job_id: str, worker_id: str, attempt: int, reason:
 # ------------------------------------------------------------------------------------------ the reaper
 
 
-def reap_stale_jobs(db: Database, now: datetime | None = None) -> list[str]:
+def reap_stale_jobs(db: Database, now: datetime | None = None, *, expired_before: datetime | None = None) -> list[str]:
     """Jobs whose lease ran out: running -> queued (attempt < max_attempts, with a ``job_restarted`` event)
-    or failed with ``worker_lost``; cancelling -> cancelled. Returns the ids to enqueue again."""
+    or failed with ``worker_lost``; cancelling -> cancelled. Returns the ids to enqueue again.
+
+    ``now`` stamps the rows and events; a lease counts as run out when it ends before ``expired_before``
+    (default ``now``; later to treat leases that still run as lost, without stamping the future)."""
     now = now or utcnow()
+    expired_before = expired_before or now
     requeued = []
     with db.read() as session:
         stale = session.execute(
             select(Job.id, Job.status, Job.attempt, Job.max_attempts, Job.lease_expires_at, Job.worker_id,
                    Job.handoffs)
-            .where(Job.status.in_(HELD_STATUSES), Job.lease_expires_at < now)
+            .where(Job.status.in_(HELD_STATUSES), Job.lease_expires_at < expired_before)
         ).all()
     for job_id, status, attempt, max_attempts, lease, worker_id, handoffs in stale:
         failures = attempt - (handoffs or 0)  # hand-backs on SIGTERM are not failures

@@ -269,3 +269,35 @@ def test_observer_only_reports_and_the_stop_signal_stops(db):
     assert observer.close()
     job = job_rows.get_job(db, job_id)
     assert (job.stage, job.progress_step, job.progress_total) == ("evaluate", 4, 8)
+
+
+def test_a_worker_that_is_shutting_down_passes_a_job_on_unclaimed(db, settings, monkeypatch):
+    # A stopping worker still pulls the doorbell its own hand-back rang; starting an attempt there would be
+    # killed with the worker and counted as a lost attempt (seen in tests/faults/test_embedded_up.py).
+    import threading
+
+    import worker.tasks as tasks
+
+    draining = threading.Event()
+    draining.set()
+    monkeypatch.setattr(tasks, "_DRAINING", draining)
+    job_id = new_job(db)
+    rung: list[str] = []
+    outcome = execute_job(db, settings, job_id, "w1", requeue=rung.append)
+    assert outcome == JobOutcome(job_id, "passed_on") and rung == [job_id]
+    job = job_rows.get_job(db, job_id)
+    assert (job.status, job.attempt) == ("queued", 0)
+
+
+def test_a_start_up_reap_counts_every_lease_as_lost_but_stamps_the_real_time(db, settings):
+    # `ctpd up` at start: a job a dead previous run left "running" is requeued at once, and its event is not
+    # dated a lease into the future (it was, and sorted after the events of the attempt that resumed it).
+    left = new_job(db)
+    job_rows.claim_job(db, left, "previous-run", settings.lease_seconds)
+    before = utcnow()
+    assert reap(db, settings, RecordingQueue(), leases_lost=True) == [left]
+    job = job_rows.get_job(db, left)
+    restarted = [row for row in events(db, left) if row.type == "job_restarted"]
+    assert job.status == "queued" and len(restarted) == 1
+    assert restarted[0].created_at.replace(tzinfo=None) <= utcnow().replace(tzinfo=None)
+    assert job.updated_at.replace(tzinfo=None) >= before.replace(tzinfo=None)
