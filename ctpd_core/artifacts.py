@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ctpd_core.held_paths import remove_if_orphaned
+from ctpd_core.held_paths import remove_orphans
 from ctpd_core.publish import publish_folder
 
 if TYPE_CHECKING:  # numpy only where arrays are stored: the scheduler image sweeps the cache without it
@@ -72,21 +72,17 @@ class StageCache:
     def remove_orphaned_staging(self, *, grace_seconds: float = UNHELD_STAGING_GRACE_SECONDS) -> list[Path]:
         """Remove the staging folders no live builder holds (and unheld ones unchanged for ``grace_seconds``);
         returns what was removed. Safe to run at any time, from any process sharing the cache."""
-        removed: list[Path] = []
         if not self.root.is_dir():
-            return removed
+            return []
+        candidates = []
         for stage_dir in sorted(self.root.iterdir()):
             if stage_dir.name.startswith(".") or not stage_dir.is_dir() or stage_dir.is_symlink():
                 continue
             for entry in stage_dir.iterdir():
                 held = _HELD_STAGING.fullmatch(entry.name) is not None
-                if not held and _UNHELD_STAGING.fullmatch(entry.name) is None:
-                    continue
-                try:
-                    if remove_if_orphaned(entry, grace_seconds=grace_seconds, held=held):
-                        removed.append(entry)
-                except OSError as error:  # one unreadable folder must not stop the sweep
-                    logger.warning("stage cache: could not check or remove %s: %s", entry, error)
+                if held or _UNHELD_STAGING.fullmatch(entry.name) is not None:
+                    candidates.append((entry, held))
+        removed = remove_orphans(candidates, grace_seconds=grace_seconds)
         if removed:
             logger.info("stage cache: removed %d staging folder(s) left by killed builders: %s",
                         len(removed), ", ".join(str(path) for path in removed))

@@ -26,6 +26,7 @@ import stat
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO
@@ -87,6 +88,19 @@ def make_held_dir(parent: Path, prefix: str) -> tuple[Path, int]:
         os.close(fd)
     raise OSError(f"could not create a held folder in {parent}: each new folder was removed before it was "
                   "locked; is another process deleting folders there?")
+
+
+def remove_orphans(candidates: Iterable[tuple[Path, bool]], *, grace_seconds: float) -> list[Path]:
+    """:func:`remove_if_orphaned` over ``(path, held)`` pairs; returns what was removed. One path that cannot be
+    checked or removed is logged and skipped: it must not stop a sweep."""
+    removed: list[Path] = []
+    for path, held in candidates:
+        try:
+            if remove_if_orphaned(path, grace_seconds=grace_seconds, held=held):
+                removed.append(path)
+        except OSError as error:
+            logger.warning("could not check or remove %s: %s", path, error)
+    return removed
 
 
 def _newest_change(path: Path) -> float:

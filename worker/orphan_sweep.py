@@ -21,7 +21,7 @@ from celery.signals import celeryd_after_setup
 
 from app.storage_gc import remove_orphaned_uploads
 from ctpd_core.artifacts import UNHELD_STAGING_GRACE_SECONDS, StageCache
-from ctpd_core.held_paths import remove_if_orphaned
+from ctpd_core.held_paths import remove_orphans
 from ctpd_core.publish import EXPORT_STAGING_PREFIX
 
 if TYPE_CHECKING:
@@ -46,17 +46,12 @@ def sweep_orphans(settings: Settings) -> int:
 
 def remove_orphaned_exports(jobs_dir: Path) -> list[Path]:
     """Remove the export staging folders (``<job>/.export-*``) no live worker holds; returns what was removed."""
-    removed: list[Path] = []
     if not jobs_dir.is_dir():
-        return removed
-    for staging in sorted(jobs_dir.glob(f"*/{EXPORT_STAGING_PREFIX}*")):
-        try:
-            # Every export is staged under a hold, so only a dead writer's folder is unlocked; on a filesystem
-            # that cannot lock, only a folder unchanged for the stage cache's long grace goes.
-            if remove_if_orphaned(staging, grace_seconds=UNHELD_STAGING_GRACE_SECONDS, held=True):
-                removed.append(staging)
-        except OSError as error:  # one unreadable folder must not stop the sweep
-            logger.warning("could not check or remove %s: %s", staging, error)
+        return []
+    # Every export is staged under a hold, so only a dead writer's folder is unlocked; on a filesystem that
+    # cannot lock, only a folder unchanged for the stage cache's long grace goes.
+    staging = sorted(jobs_dir.glob(f"*/{EXPORT_STAGING_PREFIX}*"))
+    removed = remove_orphans([(path, True) for path in staging], grace_seconds=UNHELD_STAGING_GRACE_SECONDS)
     if removed:
         logger.info("removed %d export staging folder(s) left by killed workers: %s", len(removed),
                     ", ".join(str(path) for path in removed))
