@@ -35,7 +35,7 @@ from ctpd_core.alignment import AlignmentError, alignment_stats
 from ctpd_core.batching import SideBatch, pad_ragged, response_logprobs
 from ctpd_core.data import PreferencePair
 from ctpd_core.encoding import EncodingConfig, PairEncoder
-from ctpd_core.inference import collate_responses
+from ctpd_core.inference import collate_responses, pair_responses
 from ctpd_core.logprobs import span_logprobs
 from ctpd_core.losses import ctpd_loss, dpo_loss, tisdpo_loss
 from ctpd_core.observe import NeverStop, NullObserver, Observer, StopToken, check_stop, progress_of
@@ -202,9 +202,8 @@ LossFn = Callable[[nn.Module, Sequence[TrainItem]], tuple[torch.Tensor, dict[str
 
 
 def _policy_logps(
-    model: nn.Module, items: Sequence[TrainItem], side: Side, pad_id: int, device: torch.device
+    model: nn.Module, responses: Sequence[ResponseRecord], side: Side, pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, SideBatch]:
-    responses = [item.record.chosen for item in items] + [item.record.rejected for item in items]
     batch = collate_responses(responses, side, pad_id).to(device)
     return response_logprobs(model, batch), batch  # [2b, R]
 
@@ -229,7 +228,8 @@ def make_distill_loss(
 
     def loss_fn(model: nn.Module, items: Sequence[TrainItem]) -> tuple[torch.Tensor, dict[str, Any]]:
         b = len(items)
-        policy, batch = _policy_logps(model, items, policy_side, pad_id, device)  # [2b, R]
+        responses = pair_responses([item.record for item in items])  # chosen rows, then rejected
+        policy, batch = _policy_logps(model, responses, policy_side, pad_id, device)  # [2b, R]
         reference = pad_ragged([i.reference_chosen for i in items] + [i.reference_rejected for i in items]).to(device)
         if method == "dpo":
             sequence_policy, sequence_reference = policy.sum(dim=1), reference.sum(dim=1)  # [2b]
@@ -243,15 +243,12 @@ def make_distill_loss(
                 policy[:b], policy[b:], reference[:b], reference[b:], weights[:b], weights[b:], mask[:b], mask[b:], beta
             )
         else:
-            responses = [i.record.chosen for i in items] + [i.record.rejected for i in items]
             num_spans = max(r.num_spans for r in responses)
             policy_spans = span_logprobs(policy, batch.token_span, num_spans)  # [2b, K]
             reference_spans = span_logprobs(
                 reference, _padded_spans(responses, reference_side, reference.shape[1]).to(device), num_spans
             )  # [2b, K]
-            weights = _fit_width(
-                pad_ragged(_item_weights(items, method)).to(device), num_spans
-            )
+            weights = _fit_width(pad_ragged(_item_weights(items, method)).to(device), num_spans)
             loss, stats = ctpd_loss(
                 policy_spans[:b], policy_spans[b:], reference_spans[:b], reference_spans[b:], weights[:b], weights[b:], beta
             )
