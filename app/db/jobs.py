@@ -165,11 +165,6 @@ def has_export(db: Database, job_id: str, tenant: str) -> bool:
         )) is not None
 
 
-def owns_job(db: Database, job_id: str, tenant: str) -> bool:
-    with db.read() as session:
-        return session.scalar(select(Job.id).where(Job.id == job_id, Job.tenant == tenant)) is not None
-
-
 # ------------------------------------------------------------------------------------------------ cancel
 
 
