@@ -67,6 +67,51 @@ class Settings(BaseSettings):
         "even when on, only admin keys may ask for it.",
     )
 
+    # ----------------------------------------------------------------------------------------- webhooks
+    webhook_allow_private_targets: bool = Field(
+        default=False,
+        description="Whether webhook endpoints may resolve to loopback, link-local, private or otherwise "
+        "non-public addresses. Off by default, so a tenant cannot make the service call its own internals; "
+        "a single-machine deployment (or a test with a local receiver) turns it on.",
+    )
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=120, description="One delivery attempt's timeout.")
+    webhook_retry_window_seconds: float = Field(
+        default=28 * 3600, ge=1,
+        description="A message whose delivery keeps failing is retried (exponential backoff with jitter) for this "
+        "long after it was written, then given up; default 28 h.",
+    )
+    webhook_disable_after_failures: int = Field(
+        default=50, ge=1,
+        description="An endpoint whose last this-many delivery attempts all failed is disabled (an event says so); "
+        "re-enable it with PATCH /v1/webhooks/{id} {\"enabled\": true}.",
+    )
+    webhook_dispatch_interval_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="How often the outbox dispatcher looks for messages that are due."
+    )
+    webhook_dispatcher: bool = Field(
+        default=True,
+        description="Whether this API process runs the webhook outbox dispatcher (a thread; several API processes "
+        "share the work through row leases). Turn it off where a dedicated `ctpd webhooks dispatch` runs.",
+    )
+    # ---------------------------------------------------------------------------------- metrics and logs
+    metrics_token: str = Field(
+        default="",
+        description="When set, GET /metrics asks for `Authorization: Bearer <token>`; empty: open (an internal "
+        "scrape network). The figures carry no tenant's data beyond counts.",
+    )
+    log_format: str = Field(
+        default="auto", pattern="^(auto|json|text)$",
+        description="json: one JSON object per line (job id, attempt, stage, tenant, request id); text: for a "
+        "person at a terminal; auto: text when stderr is a terminal, json otherwise.",
+    )
+    # ---------------------------------------------------------------------------------- experiment tracking
+    mlflow_tracking_uri: str = Field(
+        default="",
+        description="The deployment's MLflow tracking URI: every job becomes an MLflow run there, unless its spec "
+        "names its own (tracking.mlflow.uri). Empty: only jobs whose spec asks are tracked.",
+    )
+    mlflow_experiment: str = Field(default="ctpd", description="The MLflow experiment of jobs that name none.")
+
     @model_validator(mode="before")
     @classmethod
     def _default_paths(cls, data: Any) -> Any:

@@ -281,9 +281,9 @@ class DbObserver:
     def _write_progress(self, progress: Progress, now: float) -> None:
         self._pending.pop(progress.stage, None)
         self._last_write[progress.stage] = now
-        # The column holds the pipeline stage ("contrastive", not "contrastive:positive").
-        self.writer.submit(ProgressWrite(progress.stage.split(":", 1)[0], progress.step, progress.total,
-                                         progress.eta_seconds))
+        # The stage column holds the pipeline stage ("contrastive"), the detail column what it counts ("positive").
+        stage, _, detail = progress.stage.partition(":")
+        self.writer.submit(ProgressWrite(stage, progress.step, progress.total, progress.eta_seconds, detail or None))
 
     def _flush_progress(self) -> None:
         for progress in list(self._pending.values()):

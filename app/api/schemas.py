@@ -56,6 +56,11 @@ class Progress(BaseModel):
     step: int | None = Field(description="Optimizer steps (or items) done in the current stage.")
     total: int | None = Field(description="Steps of the current stage in total.")
     eta_seconds: float | None = Field(description="Estimated seconds until the current stage finishes.")
+    detail: str | None = Field(
+        default=None,
+        description="What the stage is counting: positive / negative (training π+ / π− in contrastive), chosen / "
+        "rejected (a log-prob pass over those responses); null when the stage has one part.",
+    )
 
 
 class JobError(BaseModel):
@@ -220,7 +225,8 @@ def job_object(row: orm.Job, transitions: list[tuple[str, datetime]]) -> Job:
         )
     return Job(
         id=row.id, status=JobStatus(row.status), stage=row.stage,
-        progress=Progress(step=row.progress_step, total=row.progress_total, eta_seconds=row.eta_seconds),
+        progress=Progress(step=row.progress_step, total=row.progress_total, eta_seconds=row.eta_seconds,
+                          detail=row.progress_detail),
         attempt=row.attempt, max_attempts=row.max_attempts, error=error, name=row.name,
         metadata=dict(row.job_metadata or {}), created_at=row.created_at, started_at=row.started_at,
         cancel_requested_at=row.cancel_requested_at, finished_at=row.finished_at,

@@ -98,6 +98,7 @@ class ProgressWrite:
     step: int | None
     total: int | None
     eta_seconds: float | None
+    detail: str | None = None  # the sub-stage: "positive" of contrastive:positive, "chosen" of reference:chosen
 
 
 AttemptWrite = EventWrite | MetricsWrite | ProgressWrite
@@ -125,7 +126,8 @@ def record_attempt_writes(db: Database, job_id: str, attempt: int | None, writes
                                             created_at=now, attempt=attempt) for stage, step, name, value in points)
             else:
                 session.execute(update(Job).where(Job.id == job_id).values(
-                    **_progress_values(write.stage, write.step, write.total, write.eta_seconds)))
+                    **_progress_values(write.stage, write.step, write.total, write.eta_seconds),
+                    progress_detail=write.detail))
 
 
 def update_progress(db: Database, job_id: str, *, stage: str | None, step: int | None, total: int | None,

@@ -98,6 +98,8 @@ class Job(Base):
     stage: Mapped[str | None] = mapped_column(String(64), nullable=True)
     progress_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     progress_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # What the progress counts within the stage: "positive" (π+) in contrastive, "chosen" in a log-prob pass.
+    progress_detail: Mapped[str | None] = mapped_column(String(64), nullable=True)
     eta_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     attempt: Mapped[int] = mapped_column(Integer)  # 0 until the first claim; +1 per claim: the fencing token
     max_attempts: Mapped[int] = mapped_column(Integer)

@@ -88,6 +88,20 @@ def test_progress_writes_at_most_once_per_second_per_stage(db):
     assert (job.progress_step, job.progress_total) == (10, 10)
 
 
+def test_progress_names_the_sub_stage_in_its_own_column(db):
+    """contrastive:positive is the contrastive stage counting π+'s steps: stage and detail apart, and a stage
+    with one part clears the detail its predecessor left."""
+    job_id = new_job(db)
+    observer = DbObserver(db, job_id, progress_interval=0.0)
+    observer.stage_started("contrastive", False)
+    observer.progress(Progress("contrastive:positive", 3, 8, 5.0))
+    job = job_rows.get_job(db, job_id)
+    assert (job.stage, job.progress_detail, job.progress_step) == ("contrastive", "positive", 3)
+    observer.progress(Progress("distill", 1, 4, None))
+    job = job_rows.get_job(db, job_id)
+    assert (job.stage, job.progress_detail) == ("distill", None)
+
+
 def test_stop_signal_polls_at_most_once_per_second(db):
     job_id = new_job(db)
     assert job_rows.claim_job(db, job_id, "w1", 30) is not None
