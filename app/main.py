@@ -8,19 +8,21 @@ at creation (the engine connects on first use). Logging is configured only by th
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from app.api import api_keys, datasets, health, jobs, models
+from app.api import api_keys, datasets, health, jobs, models, webhooks
 from app.api.deps import refuse_nul_characters
 from app.api.errors import install_error_handlers
 from app.db.engine import Database
+from app.metrics import install_metrics, process_exiting
 from app.queue import CeleryTaskQueue, TaskQueue
 from app.settings import Settings, get_settings
 from app.storage_gc import remove_orphaned_uploads
+from app.webhooks.dispatcher import DispatcherThread
+from ctpd_core import logs
 
 API_VERSION = "0.1.0"
 
@@ -47,11 +49,16 @@ def create_app(settings: Settings, queue: TaskQueue | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Uploads a killed API process left half-written (a SIGKILL runs no cleanup); live ones are held.
         remove_orphaned_uploads(settings)
+        # The webhook outbox's sender (several API processes share the work through row leases).
+        dispatcher = DispatcherThread(database, settings).start() if settings.webhook_dispatcher else None
         yield
+        if dispatcher is not None:
+            dispatcher.stop()
         close = getattr(task_queue, "close", None)
         if callable(close):
             close()
         database.dispose()
+        process_exiting()  # multiprocess metrics: this process's in-flight gauge leaves the sum
 
     # One schema per model for requests and responses: the JobSpec a client sends is the type it reads back in
     # Job.spec, so the document has one JobSpec component, never JobSpec-Input / JobSpec-Output.
@@ -61,8 +68,9 @@ def create_app(settings: Settings, queue: TaskQueue | None = None) -> FastAPI:
     app.state.db = database
     app.state.queue = task_queue
     install_error_handlers(app)
+    install_metrics(app, database, settings)  # request ids, access lines, request metrics; GET /metrics
     # The routers that take ids, cursors and filters.
-    for router in (jobs.router, datasets.router, api_keys.router):
+    for router in (jobs.router, datasets.router, api_keys.router, webhooks.router):
         app.include_router(router, dependencies=[Depends(refuse_nul_characters)])
     for router in (models.router, health.router):
         app.include_router(router)
@@ -74,16 +82,20 @@ def app_from_env() -> FastAPI:
     return create_app(get_settings())
 
 
-def configure_logging(level: str | int = "INFO") -> None:
-    """Handlers for a process entry point; library modules only ever call ``logging.getLogger(__name__)``."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str | int = "INFO", log_format: str = "auto") -> None:
+    """Handlers for a process entry point (``ctpd_core.logs``: JSON lines or text, with the request id on every
+    line of a request); library modules only ever call ``logging.getLogger(__name__)``."""
+    logs.configure_logging(log_format, level)
 
 
 def serve(settings: Settings | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "INFO") -> None:
-    """Run the API with uvicorn (the entry point behind ``ctpd serve``; ``ctpd up`` runs a worker beside it)."""
+    """Run the API with uvicorn (the entry point behind ``ctpd serve``; ``ctpd up`` runs a worker beside it).
+    Logging is ours (``log_config=None``), and so is the access line (the request middleware writes one per
+    request with its id, route template and duration), so uvicorn's own access log is off."""
     import uvicorn
 
-    configure_logging(log_level)
-    uvicorn.run(create_app(settings or get_settings()), host=host, port=port, log_config=None,
-                log_level=log_level.lower())
+    settings = settings or get_settings()
+    configure_logging(log_level, settings.log_format)
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, log_level=log_level.lower(),
+                access_log=False)
