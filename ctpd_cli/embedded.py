@@ -177,6 +177,8 @@ def _may_restart(restarts: list[float]) -> bool:
 
 
 def _child_env(settings: Settings) -> dict[str, str]:
+    from ctpd_core.logs import resolve_format
+
     return {
         **os.environ,
         "CTPD_HOME": str(settings.home),
@@ -185,6 +187,9 @@ def _child_env(settings: Settings) -> dict[str, str]:
         "CTPD_ARTIFACT_ROOT": str(settings.artifact_root),
         "CTPD_MODEL_CACHE": str(settings.model_cache),
         "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
+        # The children log to files; "auto" follows the terminal of `ctpd up` itself: text for the person who
+        # started it there, JSON when a supervisor (systemd, a container) did.
+        "CTPD_LOG_FORMAT": resolve_format(settings.log_format),
         # One user who owns the machine: their own files are fair game (a multi-tenant deployment keeps the
         # safe default, off). An explicit CTPD_ALLOW_SERVER_PATHS still wins.
         "CTPD_ALLOW_SERVER_PATHS": os.environ.get("CTPD_ALLOW_SERVER_PATHS", "true"),

@@ -328,6 +328,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctpd", description="Cross-Tokenizer Preference Distillation")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--log-format", choices=["auto", "json", "text"],
+                        help="log lines as JSON objects or text (default $CTPD_LOG_FORMAT, else auto: text at a "
+                        "terminal, JSON otherwise); the service commands (serve, worker, up) pass it on")
     commands = parser.add_subparsers(dest="command", required=True)
 
     align = commands.add_parser(
@@ -423,7 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.log_format:  # the flag wins over CTPD_LOG_FORMAT, for the service settings and `ctpd up`'s children too
+        os.environ["CTPD_LOG_FORMAT"] = args.log_format
+    from ctpd_core.logs import configure_logging
+
+    configure_logging(os.environ.get("CTPD_LOG_FORMAT") or "auto", logging.INFO if args.verbose else logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.handler(args)

@@ -31,9 +31,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+from celery import Celery, current_app
+from celery.signals import setup_logging, task_postrun, task_prerun
 from kombu import Exchange, Queue
 
+from ctpd_core import logs
 from ctpd_core.vocab import QueueName, TaskName
 
 if TYPE_CHECKING:
@@ -137,6 +139,47 @@ def create_celery(settings: Settings | None = None) -> Celery:
     celery.conf.update(celery_conf(settings))
     celery.ctpd_settings = settings  # the tasks read their settings from the app that runs them
     return celery
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+
+@setup_logging.connect
+def _configure_worker_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """The worker's logs are ctpd's (``ctpd_core.logs``): one root handler in the ``log_format`` setting (JSON
+    lines by default where stderr is not a terminal), which Celery's own loggers, beat's and the pool children
+    (forked from this process) share. Handling this signal replaces Celery's logging set-up; Celery then also
+    skips redirecting stdout and stderr, so that is done here, as ``worker_redirect_stdouts`` asks: a stray
+    print() becomes a log line (``celery.redirected``) instead of a line that is not JSON."""
+    app = current_app
+    settings = getattr(app, "ctpd_settings", None)
+    if settings is None:
+        from app.settings import get_settings
+
+        settings = get_settings()
+    logs.configure_logging(settings.log_format, loglevel or logging.INFO)
+    if app.conf.worker_redirect_stdouts:
+        app.log.redirect_stdouts(app.conf.worker_redirect_stdouts_level)
+
+
+# A job's process runs that one job (worker_max_tasks_per_child=1): the job context is process-wide, opened
+# before the task body and closed after Celery has logged the task's end (so that line carries it too).
+_job_log_previous: list[logs.JobFields | None] = []
+
+
+@task_prerun.connect
+def _open_job_log(sender: Any = None, args: Any = None, kwargs: Any = None, **_: Any) -> None:
+    if getattr(sender, "name", None) != TaskName.RUN_JOB:
+        return
+    job_id = (list(args or ()) or [None])[0] or (kwargs or {}).get("job_id")
+    if isinstance(job_id, str):
+        _job_log_previous.append(logs.open_job_context(job_id))
+
+
+@task_postrun.connect
+def _close_job_log(sender: Any = None, **_: Any) -> None:
+    if getattr(sender, "name", None) == TaskName.RUN_JOB and _job_log_previous:
+        logs.close_job_context(_job_log_previous.pop())
 
 
 _app: Celery | None = None

@@ -41,6 +41,7 @@ from app.db import events as job_log
 from app.db import jobs as job_rows
 from app.db.engine import Database, is_unavailable
 from app.db.events import AttemptWrite, EventWrite, MetricsWrite, ProgressWrite, StaleAttempt
+from ctpd_core import logs
 from ctpd_core.vocab import EventType
 from worker import failpoints
 
@@ -226,6 +227,7 @@ class DbObserver:
 
     def stage_started(self, stage: str, cached: bool) -> None:
         failpoints.hit(f"stage_started:{stage}", self.attempt)
+        logs.update_job_context(stage=stage)  # the process's log lines name the stage from here on
         self._flush_progress()
         self.writer.submit(ProgressWrite(stage, None, None, None))
         message = f"{stage}: reusing the cached output" if cached else f"{stage} started"

@@ -42,6 +42,7 @@ from app.db import jobs as job_rows
 from app.db.engine import Database, is_unavailable
 from app.db.models import utcnow
 from app.policy import PolicyViolation
+from ctpd_core import logs
 from ctpd_core.catalog import ModelLoadError
 from ctpd_core.data import DatasetError
 from ctpd_core.vocab import JobStatus, QueueName, TaskName
@@ -223,6 +224,7 @@ def execute_job(
                     job_id, current.status if current else "missing")
         return JobOutcome(job_id, "skipped")
     attempt = row.attempt
+    logs.update_job_context(attempt=attempt, tenant=row.tenant)  # every log line from here on names them
     logger.info("job %s: attempt %d of %d on %s", job_id, attempt, row.max_attempts, worker_id)
 
     # Everything this attempt writes is fenced by (worker_id, attempt): see worker/sinks.py.
