@@ -13,8 +13,9 @@ CLI) calls :func:`configure_logging` once. Two formats (the ``log_format`` setti
 
 The context, and why it lives where it does:
 
-* **Job** (``job_id``, ``attempt``, ``tenant``, ``stage``): process-wide, set by the worker's task for the job's
-  lifetime (:func:`job_context`) and updated as stages start (:func:`update_job_context`). A worker child runs
+* **Job** (``job_id``, ``attempt``, ``tenant``, ``stage``): process-wide, opened around the worker's task (Celery's
+  ``task_prerun`` / ``task_postrun``, so Celery's own line about the task's end carries it too), completed once
+  the job is claimed and updated as stages start (:func:`update_job_context`). A worker child runs
   exactly one job (``worker_max_tasks_per_child=1``), so a process-wide value is exact there, and it reaches
   every thread of the process: the heartbeat thread, the SIGTERM timer, threads a library starts. Context
   variables would not: in Python 3.11 a new thread starts with an empty context.
@@ -62,19 +63,32 @@ _job_lock = threading.Lock()  # update_job_context reads and replaces: one write
 # ------------------------------------------------------------------------------------------- the context
 
 
-@contextlib.contextmanager
-def job_context(job_id: str, *, attempt: int | None = None, tenant: str | None = None) -> Iterator[JobFields]:
-    """Stamp ``job_id`` (and whatever else is known yet) on every line of this process until the block ends;
-    the previous context comes back afterwards (a nested or an in-process call leaves nothing behind)."""
+def open_job_context(job_id: str, *, attempt: int | None = None, tenant: str | None = None) -> JobFields | None:
+    """Stamp ``job_id`` (and whatever else is known yet) on every line of this process from now on; returns the
+    context it replaced, for :func:`close_job_context`. For a pair of hooks (Celery's task_prerun/postrun);
+    elsewhere use :func:`job_context`."""
     global _job
     with _job_lock:
         previous, _job = _job, JobFields(job_id, attempt, tenant)
-        opened = _job
+    return previous
+
+
+def close_job_context(previous: JobFields | None = None) -> None:
+    """End the job context: ``previous`` (what :func:`open_job_context` returned) comes back."""
+    global _job
+    with _job_lock:
+        _job = previous
+
+
+@contextlib.contextmanager
+def job_context(job_id: str, *, attempt: int | None = None, tenant: str | None = None) -> Iterator[None]:
+    """:func:`open_job_context` for the block; the previous context comes back afterwards (a nested or an
+    in-process call leaves nothing behind)."""
+    previous = open_job_context(job_id, attempt=attempt, tenant=tenant)
     try:
-        yield opened
+        yield
     finally:
-        with _job_lock:
-            _job = previous
+        close_job_context(previous)
 
 
 def update_job_context(*, attempt: int | None = None, tenant: str | None = None, stage: str | None = None) -> None:
