@@ -246,6 +246,8 @@ def run_embedded(settings: Settings, *, host: str, port: int, start_timeout: flo
             raise RuntimeError(f"the API did not answer {url}/readyz within {start_timeout:g} s; "
                                f"see {children[0].log_path}:\n{children[0].tail()}")
         print(f"ctpd is up at {url} (OpenAPI: {url}/docs)")
+        # The remote commands (`ctpd jobs list`, ...) read it when neither --url nor CTPD_URL names a service.
+        (home / "url").write_text(url + "\n")
         if created:
             print(f"admin API key (shown once; stored in {home / 'api-key'}, mode 0600):\n  {key}")
         else:
@@ -272,6 +274,7 @@ def run_embedded(settings: Settings, *, host: str, port: int, start_timeout: flo
                 break
     finally:
         print("ctpd up: stopping", flush=True)
+        (home / "url").unlink(missing_ok=True)  # no service there any more
         _stop_children(children, stop_timeout)
         for signum, handler in previous.items():
             signal.signal(signum, handler)

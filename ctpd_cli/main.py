@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ctpd_core.vocab import JobStatus, QueueName
+from ctpd_core.vocab import QueueName
 
 logger = logging.getLogger("ctpd_cli")
 
@@ -70,6 +70,7 @@ class _ConsoleObserver:
     def __init__(self) -> None:
         self.bar: Any = None  # a tqdm bar, imported on first use
         self.stage: str | None = None
+        self.progress_stage: str | None = None  # what the bar counts: a stage, or stage:detail
 
     def stage_started(self, stage: str, cached: bool) -> None:
         self.stage = stage
@@ -79,9 +80,14 @@ class _ConsoleObserver:
     def progress(self, progress) -> None:
         from tqdm import tqdm
 
-        if self.bar is None or self.bar.desc != progress.stage:
+        from ctpd_cli.follow import substage_label
+
+        if self.bar is None or self.progress_stage != progress.stage:
             self._close()
-            self.bar = tqdm(total=progress.total, desc=progress.stage, unit="step", dynamic_ncols=True, leave=True)
+            stage, _, detail = progress.stage.partition(":")  # contrastive:positive -> "contrastive π+"
+            self.bar = tqdm(total=progress.total, desc=substage_label(stage, detail), unit="step", dynamic_ncols=True,
+                            leave=True)
+            self.progress_stage = progress.stage
         self.bar.total = progress.total
         self.bar.n = progress.step
         self.bar.refresh()
@@ -111,20 +117,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from ctpd_core.artifacts import content_key
+    from ctpd_core.observe import FanOut
     from ctpd_core.spec import load_spec
     from worker.recipe import RunContext, run_spec
+    from worker.tracking import start_local_tracking
 
     spec = load_spec(args.spec, args.set)
     artifacts = Path(args.artifacts) if args.artifacts else ctpd_home() / "artifacts"
-    run_dir = artifacts / "runs" / content_key(spec.model_dump(mode="json"))[:16]
+    # Where a run is tracked does not change what it trains: the run folder (and its checkpoints) stays put.
+    run_dir = artifacts / "runs" / content_key(spec.model_dump(mode="json", exclude={"tracking"}))[:16]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"ctpd run: method {spec.method}, student {spec.student.model}"
           + (f", teacher {spec.teacher.model}" if spec.teacher else "") + f", device {device}, run folder {run_dir}")
+    tracker = start_local_tracking(spec, run_dir.name, artifacts)  # the spec's tracking.mlflow, if any
     context = RunContext(
         artifact_root=artifacts, run_dir=run_dir, model_cache=catalog_cache(), device=device,
-        observer=_ConsoleObserver(),
+        observer=_ConsoleObserver() if tracker is None else FanOut(_ConsoleObserver(), tracker),
     )
-    result = run_spec(spec, context)
+    outcome, export_dir = "failed", None
+    try:
+        result = run_spec(spec, context)
+        outcome, export_dir = ("succeeded" if result.status == "succeeded" else "cancelled"), result.export_dir
+    finally:
+        if tracker is not None:
+            tracker.finish(outcome, export_dir=export_dir)
     print(_result_table(result))
     return 0 if result.status == "succeeded" else 1
 
@@ -183,8 +199,24 @@ def _cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_are_remote(args: argparse.Namespace) -> bool:
+    """``ctpd keys`` goes through the API (``/v1/api-keys``, an admin key) when a service is named: ``--url`` or
+    ``--key``, or ``$CTPD_URL``; otherwise, and always with ``--database``, it works in the service database
+    (``CTPD_DATABASE_URL``), the operator's bootstrap before any key exists. ``$CTPD_HOME/url`` alone does not
+    switch: on the machine ``ctpd up`` runs on, both paths reach the same keys."""
+    if args.database:
+        if args.url or args.key:
+            raise ValueError("--database works in the service database directly; leave out --url and --key")
+        return False
+    return bool(args.url or args.key or os.environ.get("CTPD_URL"))
+
+
 def _cmd_keys(args: argparse.Namespace) -> int:
-    """API keys, straight in the service database (the operator's side; admins use /v1/api-keys remotely)."""
+    """API keys: through the API with an admin key, or straight in the service database (the operator's side)."""
+    if _keys_are_remote(args):
+        from ctpd_cli.remote import cmd_keys_remote
+
+        return cmd_keys_remote(args)
     from app.db import auth as key_rows
     from app.db.engine import Database
 
@@ -197,7 +229,12 @@ def _cmd_keys(args: argparse.Namespace) -> int:
             print(f"(tenant {args.tenant}{', admin' if args.admin else ''}; shown once, stored only as a hash)",
                   file=sys.stderr)
         elif args.keys_command == "list":
-            print(_key_table(key_rows.list_api_keys(db, args.tenant)))
+            rows = key_rows.list_api_keys(db, args.tenant)
+            if args.json:
+                print(json.dumps({"object": "list", "data": [_key_object(row) for row in rows], "has_more": False},
+                                 indent=2))
+            else:
+                print(_key_table(rows))
         else:
             if not key_rows.revoke_api_key(db, args.key_id):
                 row = key_rows.get_api_key(db, args.key_id)
@@ -211,16 +248,17 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_object(row) -> dict[str, Any]:
+    """A key row as the API's key object (``/v1/api-keys``), so both paths print the same table and JSON."""
+    return {"object": "api_key", "id": row.id, "tenant": row.tenant, "name": row.name, "prefix": row.prefix,
+            "is_admin": row.is_admin, "created_at": row.created_at.isoformat(),
+            "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None}
+
+
 def _key_table(rows) -> str:
-    """The keys as a table; the key itself is never stored, so only its prefix can be shown."""
-    lines = [("id", "tenant", "name", "prefix", "admin", "created (UTC)", "revoked (UTC)")]
-    for row in rows:
-        revoked = f"{row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "-"
-        lines.append((row.id, row.tenant, row.name, row.prefix + "...", "yes" if row.is_admin else "no",
-                      f"{row.created_at:%Y-%m-%d %H:%M}", revoked))
-    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-                     for line in lines)
+    from ctpd_cli.remote import key_table
+
+    return key_table(_key_object(row) for row in rows)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -269,63 +307,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
                         stop_timeout=args.stop_timeout)
 
 
-def _service_key(args: argparse.Namespace) -> str:
-    if args.key:
-        return args.key
-    if os.environ.get("CTPD_API_KEY"):
-        return os.environ["CTPD_API_KEY"]
-    key_file = ctpd_home() / "api-key"
-    if key_file.exists():
-        return key_file.read_text().strip()
-    raise ValueError(f"no API key: pass --key, set CTPD_API_KEY, or start `ctpd up` (it writes {key_file})")
-
-
-def _upload_datasets(client, train_file: Path, dataset: dict) -> dict:
-    """``dataset`` with the uploaded ``train_file`` as ``id`` and, when the spec names a ``validation_path``, that
-    file uploaded too as ``validation_id``: a service reads uploads, not the paths of the submitting machine."""
-    uploaded = client.upload_dataset(train_file)
-    print(f"uploaded {train_file}: dataset {uploaded['id']} ({uploaded.get('num_rows')} rows)")
-    kept = {key: value for key, value in dataset.items() if key not in ("path", "validation_path")}
-    resolved = {**kept, "id": uploaded["id"]}
-    validation_path = dataset.get("validation_path")
-    if validation_path:
-        validation = client.upload_dataset(Path(validation_path))
-        print(f"uploaded {validation_path}: validation dataset {validation['id']} ({validation.get('num_rows')} rows)")
-        resolved["validation_id"] = validation["id"]
-    return resolved
-
-
-def _cmd_submit(args: argparse.Namespace) -> int:
-    from ctpd_cli.client import Client, ServiceError, evaluation_table, follow
-    from ctpd_core.spec import apply_overrides, read_spec_data
-
-    client = Client(args.url, _service_key(args))
-    spec = apply_overrides(read_spec_data(args.spec), args.set)
-    try:
-        if args.upload:
-            spec["dataset"] = _upload_datasets(client, Path(args.upload), spec.get("dataset") or {})
-        job = client.create_job(spec, idempotency_key=args.idempotency_key)
-        print(f"submitted job {job['id']} ({job['status']})")
-        if not args.follow:
-            print(json.dumps(job, indent=2))
-            return 0
-        job = follow(client, job["id"])
-        print(f"job {job['id']}: {job['status']}")
-        if job["status"] == JobStatus.FAILED:
-            print(f"error: {job['error']['code']}: {job['error']['message']}", file=sys.stderr)
-            return 1
-        if job["status"] == JobStatus.SUCCEEDED:
-            print("evaluation (held-out pairs):")
-            print(evaluation_table(client.metrics(job["id"])))
-            model = job.get("model") or {}
-            print(f"model: {model.get('id')} (use it as {{\"model\": \"{model.get('id')}\"}} in another job)")
-            print(f"download: {args.url.rstrip('/')}{model.get('download_url', '')}")
-        return 0 if job["status"] == JobStatus.SUCCEEDED else 1
-    except ServiceError as error:
-        raise ValueError(str(error)) from error
-
-
 def build_parser() -> argparse.ArgumentParser:
+    # argparse and the vocabulary only: the HTTP client is imported when a remote command runs
+    from ctpd_cli import remote
+
     parser = argparse.ArgumentParser(prog="ctpd", description="Cross-Tokenizer Preference Distillation")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("--log-format", choices=["auto", "json", "text"],
@@ -376,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     keys_list.add_argument("--tenant", help="only this tenant's keys")
     keys_revoke = keys_commands.add_parser("revoke", help="revoke a key: it is refused from the next request on")
     keys_revoke.add_argument("key_id", help="the key's id (key_...), from `ctpd keys list`")
+    keys_list.add_argument("--json", action="store_true", help="print the key objects as JSON")
+    for keys_parser in (keys_create, keys_list, keys_revoke):
+        # Remote through /v1/api-keys (an admin key) when a service is named; else in the service database.
+        remote.add_connection_flags(keys_parser)
+        keys_parser.add_argument("--database", action="store_true",
+                                 help="work in the service database (CTPD_DATABASE_URL) even when CTPD_URL is set")
     keys.set_defaults(handler=_cmd_keys)
 
     serve = commands.add_parser("serve", help="the API server (uvicorn on app.main:create_app)")
@@ -399,15 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = commands.add_parser("submit", help="submit a job to a running service (optionally follow it live)")
     submit.add_argument("spec", help="a job spec, YAML or JSON")
-    submit.add_argument("--url", default=os.environ.get("CTPD_URL", "http://127.0.0.1:8000"))
-    submit.add_argument("--key", help="API key (default: $CTPD_API_KEY or $CTPD_HOME/api-key)")
+    remote.add_connection_flags(submit)
     submit.add_argument("--upload", metavar="FILE",
                         help="upload this dataset first and use it as dataset.id (the spec's dataset.validation_path, "
                         "if any, is uploaded too and used as dataset.validation_id)")
     submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field")
-    submit.add_argument("--idempotency-key")
-    submit.add_argument("--follow", action="store_true", help="print events and progress until the job ends")
-    submit.set_defaults(handler=_cmd_submit)
+    submit.add_argument("--idempotency-key", help="a retried submit with the same key returns the same job "
+                        "(default: a fresh one per command, so the client's own retries never make two jobs)")
+    submit.add_argument("--follow", action="store_true",
+                        help="a progress bar per stage, the loss and the job's ETA until it ends (Ctrl-C stops "
+                        "following; the job keeps running)")
+    remote.add_follow_flags(submit)
+    submit.set_defaults(handler=remote.cmd_submit)
+    remote.add_commands(commands)
 
     up = commands.add_parser(
         "up",
@@ -439,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         # ValidationError are all ValueErrors. Not importing them keeps the service commands torch-free.
         print(f"ctpd {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the shell's exit code for SIGINT, without a traceback
+        print(f"\nctpd {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

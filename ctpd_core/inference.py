@@ -100,16 +100,21 @@ def token_logprobs(
     observer: Observer | None = None,
     stop: StopToken | None = None,
 ) -> TokenLogprobs:
-    """A frozen model's log-prob of every response token (no grad, inference mode, batched)."""
+    """A frozen model's log-prob of every response token (no grad, inference mode, batched).
+
+    Two passes, the chosen responses then the rejected ones, reported as ``<stage>:chosen`` and
+    ``<stage>:rejected`` (the job's ``progress.detail``), so a client can say which half runs. A forward still
+    holds ``2 * batch_size`` responses, as when a batch held both responses of ``batch_size`` pairs."""
     model.eval()
-    chosen, rejected = [], []
-    for batch in batched(records, batch_size, stage=stage, observer=observer, stop=stop):
-        responses = pair_responses(batch)
-        side_batch = collate_responses(responses, side, pad_id).to(device)
-        with autocast_context(device, precision):
-            logps = response_logprobs(model, side_batch).float().cpu().numpy()  # [2b, R]
-        lengths = side_batch.response_mask.sum(dim=1).tolist()
-        rows = [logps[i, : lengths[i]].copy() for i in range(len(responses))]
-        chosen += rows[: len(batch)]
-        rejected += rows[len(batch) :]
-    return TokenLogprobs(chosen=chosen, rejected=rejected)
+    values: dict[str, list[Any]] = {}
+    for which in ("chosen", "rejected"):
+        rows: list[Any] = []
+        for batch in batched(records, 2 * batch_size, stage=f"{stage}:{which}", observer=observer, stop=stop):
+            responses = [getattr(pair, which) for pair in batch]
+            side_batch = collate_responses(responses, side, pad_id).to(device)
+            with autocast_context(device, precision):
+                logps = response_logprobs(model, side_batch).float().cpu().numpy()  # [2b, R]
+            lengths = side_batch.response_mask.sum(dim=1).tolist()
+            rows += [logps[i, : lengths[i]].copy() for i in range(len(responses))]
+        values[which] = rows
+    return TokenLogprobs(chosen=values["chosen"], rejected=values["rejected"])

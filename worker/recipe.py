@@ -13,9 +13,10 @@ Caching: prepare, reference, contrastive and weights are stored under ``artifact
 everything that determines them (data, tokenizers, model identities, settings), so a second job with the same
 teacher, data and settings reuses them without loading the teacher at all. distill, evaluate and export
 belong to one run and live under ``run_dir``; training checkpoints there, so a restarted job (or a rerun
-after a stop) resumes where it stopped. Checkpoints are deleted once what they protect is published (the
-contrastive model in the cache, the student in ``export/``): they hold optimizer state, several times the
-model's size.
+after a stop) resumes where it stopped. Resume state is deleted once what it protects is published (the
+contrastive model in the cache, the student in ``export/``): it holds optimizer state, several times the
+model's size. The student's last checkpoints stay, weights only, under ``run_dir/checkpoints``
+(``ctpd_core.checkpoint_layout``), for the API to list and make into models.
 """
 
 from __future__ import annotations
@@ -35,10 +36,23 @@ import torch
 from torch import nn
 
 from ctpd_core.artifacts import StageCache, content_key
+from ctpd_core.checkpoint_layout import (
+    MODEL_STAGING_PREFIX,
+    TRAINABLE_FILE,
+    StoredCheckpoint,
+    keep_checkpoints,
+)
 from ctpd_core.data import PreferencePair, load_pairs, pairs_fingerprint
 from ctpd_core.encoding import EncodingConfig
 from ctpd_core.evaluate import evaluate_student
-from ctpd_core.export import export_student
+from ctpd_core.export import (
+    CardFacts,
+    base_license,
+    declared_dtype,
+    export_student,
+    public_model_id,
+    resolve_export_dtype,
+)
 from ctpd_core.inference import pad_token_id, token_logprobs
 from ctpd_core.models import load_causal_lm, load_tokenizer, model_fingerprint, tokenizer_fingerprint
 from ctpd_core.observe import NeverStop, NullObserver, Observer, Stopped, StopToken, check_stop
@@ -306,6 +320,24 @@ def _is_ctpd(spec: JobSpec) -> bool:
     return spec.method == "ctpd"
 
 
+def with_lora(spec: JobSpec, student: Any) -> Any:
+    """The student wrapped in the spec's LoRA adapters (peft), or as it is without LoRA: how distill builds the
+    model it trains, and how a checkpoint's tensors (named as that model names them) are put back."""
+    if not spec.lora.enabled:
+        return student
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(
+        student,
+        LoraConfig(
+            # peft annotates lora_alpha as int but computes alpha / r in float: a fractional alpha is kept.
+            r=spec.lora.r, lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]
+            lora_dropout=spec.lora.dropout,
+            target_modules=spec.lora.target_modules, task_type="CAUSAL_LM",
+        ),
+    )
+
+
 def _load_tokenizer(ref: ModelRef, context: RunContext, role: str) -> Any:
     return load_tokenizer(ref.model, cache_dir=context.model_cache, trust_remote_code=ref.trust_remote_code,
                           revision=ref.revision, role=role)
@@ -510,7 +542,8 @@ def weights_stage(
             logps[direction] = token_logprobs(
                 model, prepared.data.train, side, prepared.pad_ids[side],
                 batch_size=runner.context.inference_batch_size, device=runner.context.device,
-                precision=spec.training.precision, stage=Stage.WEIGHTS, observer=runner.observer, stop=runner.stop,
+                precision=spec.training.precision, stage=f"{Stage.WEIGHTS}:{direction}", observer=runner.observer,
+                stop=runner.stop,
             )
         values = contrastive_weights(
             prepared.data.train, logps["positive"], logps["negative"], side, granularity,
@@ -539,19 +572,7 @@ def distill_stage(
     """The student trained with the job's loss; checkpoints under ``run_dir/distill`` (resumed on a rerun)."""
     with runner.stage(Stage.DISTILL, False) as summary:
         torch.manual_seed(spec.training.seed)  # before loading: the init of a trainable model is seeded
-        student, _ = models.fresh(spec.student)
-        if spec.lora.enabled:
-            from peft import LoraConfig, get_peft_model
-
-            student = get_peft_model(
-                student,
-                LoraConfig(
-                    # peft annotates lora_alpha as int but computes alpha / r in float: a fractional alpha is kept.
-                    r=spec.lora.r, lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]
-                    lora_dropout=spec.lora.dropout,
-                    target_modules=spec.lora.target_modules, task_type="CAUSAL_LM",
-                ),
-            )
+        student = with_lora(spec, models.fresh(spec.student)[0])
         items = build_items(prepared.data.train, reference.logprobs["train"], weights.values)
         loss = make_distill_loss(spec.method, spec.beta, policy_side="student", reference_side=reference.side,
                                  pad_id=prepared.pad_ids["student"], device=runner.context.device)
@@ -591,21 +612,58 @@ def evaluate_stage(
     return Evaluation(metrics=metrics)
 
 
+def export_dtype(spec: JobSpec) -> str:
+    """The dtype the student is written in: ``export.dtype``, where ``auto`` is the base's declared one."""
+    declared = declared_dtype(spec.student.model, revision=spec.student.revision) if spec.export.dtype == "auto" else None
+    return resolve_export_dtype(spec.export.dtype, declared)
+
+
+# The card shows the settings that made the model; references and data are named by the card's own fields, in
+# public terms only (a server path never reaches a card that may be published).
+_CARD_SETTINGS = {"method", "beta", "weights", "training", "sequence", "lora", "evaluation"}
+
+
+def card_facts(
+    spec: JobSpec, *, held_out: Mapping[str, float], data_fingerprint: str | None = None,
+    stage_seconds: Mapping[str, float] | None = None, checkpoint_step: int | None = None,
+    training_metrics: Mapping[str, float] | None = None,
+) -> CardFacts:
+    """The model card of ``spec``'s student (or of one of its checkpoints), in public names."""
+    title = spec.name or "Distilled student"
+    teacher = spec.teacher.model if spec.teacher is not None and _is_ctpd(spec) else None
+    return CardFacts(
+        title=title if checkpoint_step is None else f"{title} (checkpoint, step {checkpoint_step})",
+        method=spec.method,
+        base_model=public_model_id(spec.student.model),
+        teacher=public_model_id(teacher) if teacher is not None else None,
+        license=spec.export.license or base_license(spec.student.model, revision=spec.student.revision),
+        datasets=tuple(spec.export.datasets),
+        held_out=dict(held_out),
+        checkpoint_step=checkpoint_step,
+        training_metrics=dict(training_metrics or {}),
+        data_fingerprint=data_fingerprint,
+        stage_seconds=dict(stage_seconds or {}),
+        settings=spec.model_dump(mode="json", include=_CARD_SETTINGS),
+    )
+
+
 def export_stage(
     spec: JobSpec, runner: StageRunner, prepared: Prepared, distilled: Distilled, evaluation: Evaluation
 ) -> Exported:
-    """The student as a Hugging Face folder, ``run_dir/export``. Published only if this run still owns the job
-    (asked right before the rename, as for checkpoints), so a paused or partitioned attempt that wakes up late
-    never rewrites the export its successor already published; a stop that arrived while the folder was
-    written publishes nothing either."""
+    """The student as a Hugging Face folder, ``run_dir/export``, in the export dtype. Published only if this run
+    still owns the job (asked right before the rename, as for checkpoints), so a paused or partitioned attempt
+    that wakes up late never rewrites the export its successor already published; a stop that arrived while the
+    folder was written publishes nothing either."""
     context = runner.context
     export_dir = context.run_dir / Stage.EXPORT
     with runner.stage(Stage.EXPORT, False) as summary:
+        dtype = export_dtype(spec)
 
         def write(staging: Path) -> None:
+            card = card_facts(spec, held_out=evaluation.metrics, data_fingerprint=prepared.train_fingerprint,
+                              stage_seconds=runner.stage_seconds)
             export_student(distilled.student, prepared.student_tokenizer, staging, spec=spec.model_dump(mode="json"),
-                           metrics=evaluation.metrics, data_fingerprint=prepared.train_fingerprint,
-                           stage_seconds=runner.stage_seconds)
+                           metrics=evaluation.metrics, card=card, dtype=dtype)
 
         def may_publish() -> bool:
             return not runner.stop.should_stop() and (context.publish_guard is None or context.publish_guard())
@@ -616,10 +674,57 @@ def export_stage(
                               may_publish=may_publish, held=True):
             raise Stopped(Stage.EXPORT)
         summary["path"] = str(export_dir)
-    # The exported folder is the run's result; the distill checkpoints (weights plus optimizer state) only
-    # served resuming, and cost several times the model's size on disk.
-    shutil.rmtree(context.run_dir / Stage.DISTILL, ignore_errors=True)
+        summary["dtype"] = dtype
+    # The exported folder is the run's result; the distill checkpoints only served resuming. Those fit left on disk
+    # are kept without their optimizer state (twice the weights for AdamW), so any of them can still be made into a
+    # model (materialize_checkpoint) at about the weights' size each.
+    keep_checkpoints(context.run_dir, Stage.DISTILL)
     return Exported(path=export_dir)
+
+
+def materialize_checkpoint(spec: JobSpec, checkpoint: StoredCheckpoint, *, model_cache: Path,
+                           device: torch.device | None = None) -> Path:
+    """A distill checkpoint of ``spec``'s job as a Hugging Face folder, ``<checkpoint>/model``: the student's base,
+    built as distill built it (LoRA included), with the checkpoint's tensors put back, written as the export is
+    (export dtype, tokenizer, a card naming the step). Already there: returned as it is. Raises ValueError for a
+    checkpoint that does not fit the model (another base, another LoRA config)."""
+    target = checkpoint.model_folder
+    if checkpoint.model_ready():
+        return target
+    from safetensors.torch import load_file
+
+    from ctpd_core.checkpoint import load_history
+
+    device = device or torch.device("cpu")
+    ref = spec.student
+    base, tokenizer = load_causal_lm(ref.model, cache_dir=model_cache, trust_remote_code=ref.trust_remote_code,
+                                     revision=ref.revision, role="student")
+    student = with_lora(spec, base)
+    tensors = load_file(str(checkpoint.folder / TRAINABLE_FILE), device="cpu")
+    parameters = dict(student.named_parameters())
+    unknown = sorted(set(tensors) - set(parameters))
+    if unknown:
+        raise ValueError(f"checkpoint {checkpoint.id} holds tensors this job's student does not have ({unknown[:5]}); "
+                         "was the student's base changed since the job ran?")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if tensor.shape != parameters[name].shape:
+                raise ValueError(f"checkpoint {checkpoint.id}: {name} has shape {tuple(tensor.shape)}, the student "
+                                 f"{tuple(parameters[name].shape)}; was the student's base changed since the job ran?")
+            parameters[name].copy_(tensor)
+    student.to(device).eval()
+    at_step = dict(next((metrics for step, metrics in load_history(checkpoint.folder) if step == checkpoint.step), {}))
+    dtype = export_dtype(spec)
+
+    def write(staging: Path) -> None:
+        card = card_facts(spec, held_out={}, checkpoint_step=checkpoint.step, training_metrics=at_step)
+        export_student(student, tokenizer, staging, spec=spec.model_dump(mode="json"), metrics=at_step, card=card,
+                       dtype=dtype)
+
+    # Two requests for one checkpoint may build it at once: the first published wins, the other is discarded.
+    publish_folder(target, write, staging_prefix=MODEL_STAGING_PREFIX, held=True,
+                   keep_existing=lambda existing: (existing / "config.json").is_file())
+    return target
 
 
 # ------------------------------------------------------------------------------------------------- run

@@ -66,10 +66,16 @@ def records(tiny_dataset_path, student_tokenizer, teacher_tokenizer):
 def test_token_logprobs_stops_at_its_last_batch(records, tiny_teacher_folder, tmp_path):
     model, tokenizer = load_causal_lm(str(tiny_teacher_folder), cache_dir=tmp_path)
     observer = Reports()
-    with pytest.raises(Stopped) as stopped:  # 5 pairs in batches of 2: the third report is the last batch's
+    # 5 pairs, a chosen then a rejected pass, 2 * 2 responses a forward: reports at 4, 5 (chosen), 4, 5 (rejected);
+    # the fourth is the last batch's.
+    with pytest.raises(Stopped) as stopped:
         token_logprobs(model, records, "teacher", tokenizer.pad_token_id, batch_size=2, device=CPU,
-                       precision="fp32", stage="reference", observer=observer, stop=StopAt(observer, 3))
-    assert stopped.value.step == 5
+                       precision="fp32", stage="reference", observer=observer, stop=StopAt(observer, 4))
+    assert (stopped.value.stage, stopped.value.step) == ("reference:rejected", 5)
+    assert [(row.stage, row.step, row.total) for row in observer.rows] == [
+        ("reference:chosen", 4, 5), ("reference:chosen", 5, 5), ("reference:rejected", 4, 5),
+        ("reference:rejected", 5, 5),
+    ]
 
 
 def test_the_observer_and_publish_modules_are_torch_free():

@@ -80,7 +80,8 @@ def test_ctpd_end_to_end_then_cached(folders, tmp_path, monkeypatch):
     distill_rows = [row for stage, _, row in observer.metric_rows if stage == "distill"]
     assert len(distill_rows) == 4 and all(math.isfinite(row["loss"]) for row in distill_rows)
     assert {"reward_accuracy", "reward_margin", "grad_norm", "learning_rate", "tokens_per_second"} <= set(distill_rows[0])
-    assert {p.stage for p in observer.progress_rows} >= {"prepare", "reference", "distill", "evaluate"}
+    assert {p.stage for p in observer.progress_rows} >= {"prepare", "reference:chosen", "reference:rejected", "distill",
+                                                         "evaluate"}
 
     exported = result.export_dir
     run_dir = tmp_path / "runs" / "first"
