@@ -19,17 +19,26 @@ the embedded single-user ``ctpd up``):
 ``trust_remote_code: true`` runs the model repository's Python on the workers: it is refused unless the
 deployment allows it (``CTPD_ALLOW_REMOTE_CODE=true``) *and* the key is an admin's.
 
+``tracking.mlflow.uri`` (the job mirrored into an MLflow run, worker/tracking.py) is, for the same keys, an
+``http(s)`` MLflow server on a public address: a ``sqlite:``, ``file:`` or database URI would write to the
+worker's disk or a database it can reach, and a loopback or private address would make the workers call the
+service's own internals. The deployment's own ``CTPD_MLFLOW_TRACKING_URI`` is trusted (the spec leaves the URI
+unset to use it).
+
 Torch-free and database-free: the callers pass what they know (``owns_job`` / ``owns_dataset`` lookups).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from ctpd_core.catalog import CATALOG
 from ctpd_core.spec import JobSpec
@@ -184,4 +193,57 @@ def reference_problems(
             problem = None  # a hub id that is nothing on this disk: the loader fetches it from the hub
         if problem:
             problems.append((param, f"{param}: {problem}"))
-    return problems
+    return problems + tracking_problems(spec, caller, where=where)
+
+
+TRACKING_HINT = ("name an http(s) MLflow tracking server on a public address, or leave tracking.mlflow.uri unset to "
+                 "use this deployment's (if it has one)")
+
+
+def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses ``host`` resolves to where the check runs; empty when it resolves to none here (the
+    workers check again where the connection is made)."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return []
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+
+
+def experiment_problems(spec: JobSpec, deployment_uri: str) -> list[tuple[str, str]]:
+    """An experiment with no tracking URI to put it in (the API's check: a worker without the deployment's URI
+    just warns on the job)."""
+    mlflow = spec.tracking.mlflow
+    if mlflow.experiment is None or mlflow.uri is not None or deployment_uri:
+        return []
+    return [("tracking.mlflow.experiment", "tracking.mlflow.experiment: this deployment has no MLflow tracking "
+             "server (CTPD_MLFLOW_TRACKING_URI is unset), so the job would not be tracked; add tracking.mlflow.uri "
+             "or drop tracking.mlflow.experiment")]
+
+
+def tracking_problems(spec: JobSpec, caller: Caller, *, where: str = "the server") -> list[tuple[str, str]]:
+    """``tracking.mlflow.uri`` for a key that may not name the server's own stores (see the module docstring)."""
+    uri = spec.tracking.mlflow.uri
+    if uri is None or caller.is_admin or caller.allow_server_paths:
+        return []
+    param = "tracking.mlflow.uri"
+    parsed = urlsplit(uri)
+    scheme = parsed.scheme.lower()
+    if scheme not in ("http", "https"):
+        return [(param, f"{param}: {uri[:80]!r} is a {scheme}: store, which writes to a disk or database of "
+                 f"{where}; this service does not allow that for your key; {TRACKING_HINT}")]
+    try:
+        host = parsed.hostname
+    except ValueError:
+        host = None
+    if not host:
+        return [(param, f"{param}: {uri[:80]!r} names no host; {TRACKING_HINT}")]
+    local_name = host.lower() == "localhost" or host.lower().endswith(".localhost")
+    if local_name or any(not address.is_global for address in _addresses(host)):
+        return [(param, f"{param}: {host!r} is a loopback, private or otherwise non-public address of {where}, "
+                 f"which this service does not let your key call; {TRACKING_HINT}")]
+    return []

@@ -73,6 +73,41 @@ class NullObserver:
         pass  # an observer that keeps what it saw lost nothing
 
 
+
+class FanOut:
+    """Reports to several observers, in order: the worker's SQL record first, then its mirrors (MLflow).
+
+    A mirror must not raise (a tracking store that fails is the mirror's own warning, not the run's failure);
+    FanOut does not catch for it, so a bug in an observer is not silently swallowed either."""
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+
+    def stage_started(self, stage: str, cached: bool) -> None:
+        for observer in self.observers:
+            observer.stage_started(stage, cached)
+
+    def stage_finished(self, stage: str, seconds: float, cached: bool, summary: Mapping[str, Any]) -> None:
+        for observer in self.observers:
+            observer.stage_finished(stage, seconds, cached, summary)
+
+    def progress(self, progress: Progress) -> None:
+        for observer in self.observers:
+            observer.progress(progress)
+
+    def metrics(self, stage: str, step: int, metrics: Mapping[str, float]) -> None:
+        for observer in self.observers:
+            observer.metrics(stage, step, metrics)
+
+    def checkpoint(self, stage: str, step: int, path: Path) -> None:
+        for observer in self.observers:
+            observer.checkpoint(stage, step, path)
+
+    def replay_metrics(self, stage: str, history: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+        for observer in self.observers:
+            observer.replay_metrics(stage, history)
+
+
 class StopToken(Protocol):
     """Cooperative cancellation, polled between batches (the worker's reads the job's cancel flag)."""
 

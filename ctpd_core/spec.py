@@ -9,8 +9,10 @@ spec (``JobSpec.model_validate(data).model_dump()``) is what gets stored and rep
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -195,6 +197,54 @@ class LoraSpec(_Strict):
     target_modules: list[Text] | Literal["all-linear"] = "all-linear"
 
 
+
+# A URI scheme (RFC 3986): what tells MLflow which store to use; a bare path would be its deprecated file store.
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
+
+
+class MlflowSpec(_Strict):
+    """Where the job is mirrored as an MLflow run (worker/tracking.py). Unset fields fall back to the
+    deployment's (``CTPD_MLFLOW_TRACKING_URI``, ``CTPD_MLFLOW_EXPERIMENT``); with no URI anywhere, nothing is
+    tracked. Tracking only reports: a store that cannot be reached is a warning on the job, never its failure."""
+
+    uri: Text | None = Field(
+        default=None, min_length=1, max_length=2048,
+        description="An MLflow tracking URI: an MLflow server (`https://mlflow.example.com`), or, where the "
+        "deployment allows server paths, a local store (`sqlite:////data/mlflow.db`). No credentials in it: the "
+        "spec is stored and shown with the job (give them to the workers as MLFLOW_TRACKING_TOKEN, or "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD).",
+    )
+    experiment: Text | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="The MLflow experiment (created if missing); default: the deployment's (`ctpd`).",
+    )
+
+    @model_validator(mode="after")
+    def _uri(self) -> MlflowSpec:
+        if self.uri is None:
+            return self
+        parsed = urlsplit(self.uri)
+        if not _URI_SCHEME.match(parsed.scheme or "") or len(parsed.scheme) < 2:  # "C:/..." is a path, not a URI
+            raise SpecError(
+                f"tracking.mlflow.uri {self.uri[:80]!r} is not a URI; name an MLflow server (https://host[:port]) "
+                "or a local store such as sqlite:////abs/path/mlflow.db (a bare folder is MLflow's retired file "
+                "store)", "uri",
+            )
+        if parsed.password is not None or "@" in parsed.netloc:
+            raise SpecError(
+                "tracking.mlflow.uri must not carry credentials (the spec is stored and shown with the job); drop "
+                "the user:password@ part and give the workers MLFLOW_TRACKING_TOKEN (or MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD)", "uri",
+            )
+        return self
+
+
+class TrackingSpec(_Strict):
+    """Experiment tracking: the job mirrored into an MLflow run (params, per-step metrics, the model)."""
+
+    mlflow: MlflowSpec = MlflowSpec()
+
+
 class TrainingSpec(_Strict):
     learning_rate: float = Field(default=1e-6, gt=0, le=MAX_LEARNING_RATE, description="Paper: 1e-6 for CTPD.")
     lr_schedule: LrSchedule = "cosine"
@@ -235,6 +285,9 @@ class JobSpec(_Strict):
     training: TrainingSpec = TrainingSpec()
     sequence: SequenceSpec = SequenceSpec()
     lora: LoraSpec = LoraSpec()
+    tracking: TrackingSpec = Field(
+        default=TrackingSpec(), description="Mirror the job into an MLflow run (see tracking.mlflow)."
+    )
     evaluation: EvaluationSpec = EvaluationSpec()
     name: Text | None = Field(default=None, max_length=200, description="A label for people.")
     metadata: dict[Text, Text] = Field(

@@ -64,6 +64,8 @@ class EventType(StrEnum):
     JOB_SUCCEEDED = "job_succeeded"
     JOB_FAILED = "job_failed"
     JOB_CANCELLED = "job_cancelled"
+    # A mirror of the job (MLflow, worker/tracking.py) could not be written; the job goes on without it.
+    TRACKING_WARNING = "tracking_warning"
 
 
 class EventLevel(StrEnum):

@@ -51,6 +51,7 @@ from worker.sinks import AttemptLease, AttemptWriter, DbObserver, DbStopSignal, 
 
 if TYPE_CHECKING:
     from app.settings import Settings
+    from worker.tracking import MlflowObserver
 
 logger = logging.getLogger(__name__)
 
@@ -244,21 +245,27 @@ def execute_job(
 
     shutdown = _ShutdownHandler(stop_signal, release, settings.shutdown_grace_seconds)
     status, error_code, error_kind, error_message, export_dir = JobStatus.FAILED, None, None, None, None
+    tracker: MlflowObserver | None = None  # the job's MLflow run (worker/tracking.py), when the spec or the deployment names one
     try:
         with shutdown:
             try:
                 import torch
 
+                from ctpd_core.observe import FanOut
                 from ctpd_core.spec import JobSpec
                 from worker.policy import enforce_job_policy
                 from worker.recipe import RunContext, default_device, run_spec
+                from worker.tracking import RunIdentity, job_outcome, start_job_tracking, warning_events
 
                 spec = enforce_job_policy(db, JobSpec.model_validate(row.spec), row, settings)
+                tracker = start_job_tracking(
+                    spec, settings, RunIdentity(job_id, row.tenant, attempt, row.name, spec.method),
+                    warn=warning_events(writer), still_current=lambda: not lease.is_lost())
                 context = RunContext(
                     artifact_root=settings.artifact_root,
                     run_dir=settings.artifact_root / "jobs" / job_id,
                     model_cache=settings.model_cache,
-                    observer=observer,
+                    observer=observer if tracker is None else FanOut(observer, tracker),
                     stop_signal=stop_signal,
                     dataset_resolver=dataset_resolver(db, row.tenant),
                     publish_guard=lease.holds,
@@ -278,6 +285,8 @@ def execute_job(
                 error_kind, error_code = classify_error(error)
                 error_message = _message_of(error, error_kind)
                 logger.exception("job %s: failed with a system error", job_id)
+            if tracker is not None:  # before the outcome: a job seen ended has its run ended (warnings as events)
+                tracker.finish(job_outcome(status, stop_signal.reason), export_dir=export_dir)
             # Buffered writes go out before the outcome (in order), waiting out a short database outage.
             flushed = observer.close(deadline_seconds=settings.lease_seconds)
             return _record_outcome(db, settings, job_id, worker_id, attempt, lease, stop_signal, flushed,

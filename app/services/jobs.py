@@ -112,6 +112,7 @@ def dataset_problems(db: Database, spec: JobSpec, tenant: str) -> list[tuple[str
 def reference_problems(db: Database, spec: JobSpec, principal: Principal, settings: Settings) -> Problems:
     """Every reference of the spec that the caller may not use, as the API sees the disk."""
     problems: Problems = list(dataset_problems(db, spec, principal.tenant))
+    problems += policy.experiment_problems(spec, settings.mlflow_tracking_uri)  # the tracking URI: in the next call
     problems += policy.reference_problems(
         spec, caller_of(principal, settings),
         # job:<id> and the artifact folders of a job: only the tenant's own jobs that exported a student.

@@ -24,6 +24,9 @@ from worker.recipe import run_spec
 ALLOWED_UNREAD = {
     "name": "a label for people: the API lists it; the model card prints it from the stored spec",
     "metadata": "the caller's own key/values: stored and returned by the API, never interpreted",
+    "tracking.mlflow.uri": "where the run is mirrored, not what it computes: read by worker/tracking.py, which "
+    "the worker task and ctpd run put beside the recipe (tests/worker/test_tracking.py)",
+    "tracking.mlflow.experiment": "as tracking.mlflow.uri",
 }
 
 

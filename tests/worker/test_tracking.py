@@ -1,0 +1,294 @@
+"""Each job as one MLflow run (worker/tracking.py), against a real MLflow tracking store: SQLite in tmp.
+
+A job through the worker's task body becomes one run holding the resolved spec as params, every metric point
+the job has in SQL (same keys, steps and values), the model folder as ``model/``, its tags and FINISHED; the
+``mlflow`` CLI lists and describes it. A retried job (attempt 1 stopped mid-distill, its newest checkpoint gone
+as if it had died right after that step; attempt 2 resumes from the one before) stays one run with each step
+once. A store that cannot be opened costs the job a warning event, not its success. And the policy: a tenant
+of a multi-tenant deployment may name only an http(s) server on a public address.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from mlflow.tracking import MlflowClient
+
+from app.db import auth as key_rows
+from app.db import events as job_log
+from app.db import jobs as job_rows
+from app.main import create_app
+from app.policy import Caller, reference_problems
+from app.settings import Settings
+from ctpd_core.observe import FanOut
+from ctpd_core.spec import JobSpec
+from tests.app.conftest import RecordingQueue
+from tests.worker.test_recipe import RecordingObserver, StopAfter, context, tiny_spec
+from tests.worker.test_tasks import new_job
+from worker.policy import enforce_job_policy
+from worker.recipe import run_spec
+from worker.tracking import (
+    LOCAL_ARTIFACT_FOLDER,
+    MlflowObserver,
+    RunIdentity,
+    flatten_params,
+    tracking_target,
+)
+from worker.tasks import execute_job
+
+TRAINING_KEYS = ("loss", "reward_accuracy", "reward_margin", "learning_rate")
+
+
+@pytest.fixture
+def store(tmp_path) -> str:
+    (tmp_path / "mlflow").mkdir()
+    return f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return Settings(home=tmp_path / "home", lease_seconds=30, allow_server_paths=True)  # the embedded shape
+
+
+def only_run(uri: str, experiment: str):
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment!r}"
+    runs = client.search_runs([found.experiment_id])
+    assert len(runs) == 1, [run.info.run_id for run in runs]
+    return client, found, runs[0]
+
+
+def steps_of(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return [metric.step for metric in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_a_job_is_one_mlflow_run_with_its_spec_metrics_model_and_tags(
+    db, settings, store, tmp_path, tiny_student_folder, tiny_teacher_folder, tiny_dataset_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # where MLflow would put ./mlruns if the experiment had no artifact location
+    spec = tiny_spec(tiny_student_folder, tiny_teacher_folder, tiny_dataset_path, name="tiny ctpd",
+                     tracking={"mlflow": {"uri": store, "experiment": "tiny"}})
+    job, _ = job_rows.create_job(db, tenant="acme", spec=spec.model_dump(mode="json"), name=spec.name, metadata={},
+                                 idempotency_key=None, request_hash="h", max_attempts=3)
+    assert execute_job(db, settings, job.id, "w1", device="cpu").status == "succeeded"
+
+    client, experiment, run = only_run(store, "tiny")
+    assert experiment.artifact_location == (tmp_path / "mlflow" / LOCAL_ARTIFACT_FOLDER).as_uri()
+    assert not (tmp_path / "mlruns").exists()
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["ctpd.job_id"] == job.id
+    assert {key: run.data.tags[key] for key in ("ctpd.tenant", "ctpd.attempt", "ctpd.method", "ctpd.status",
+                                                "mlflow.runName")} == {
+        "ctpd.tenant": "acme", "ctpd.attempt": "1", "ctpd.method": "ctpd", "ctpd.status": "succeeded",
+        "mlflow.runName": "tiny ctpd"}
+
+    # The params: the resolved spec, every leaf.
+    assert run.data.params == flatten_params(spec.model_dump(mode="json"))
+    assert run.data.params["training.learning_rate"] == "0.001"
+    assert run.data.params["student.model"] == str(tiny_student_folder)
+    assert run.data.params["weights.source"] == "teacher_contrastive"  # resolved, not as submitted (unset)
+
+    # The metrics: exactly what the job has in SQL, under the API's keys.
+    in_sql: dict[str, dict[int, float]] = {}
+    for name, points in job_log.metric_series(db, job.id).items():
+        for stage, step, value in points:
+            in_sql.setdefault(f"{stage}/{name}", {})[step] = value
+    in_mlflow = {key: {metric.step: metric.value for metric in client.get_metric_history(run.info.run_id, key)}
+                 for key in run.data.metrics}
+    assert in_mlflow == in_sql
+    for name in TRAINING_KEYS:
+        assert steps_of(client, run.info.run_id, f"distill/{name}") == [1, 2, 3, 4], name
+    assert steps_of(client, run.info.run_id, "contrastive:positive/loss") == [1, 2, 3]
+    assert steps_of(client, run.info.run_id, "contrastive:negative/loss") == [1, 2, 3]
+    evaluation = {key: value for key, value in run.data.metrics.items() if key.startswith("evaluate/")}
+    assert "evaluate/preference_accuracy" in evaluation and "evaluate/kl_from_initial_per_token" in evaluation
+    assert {steps_of(client, run.info.run_id, key)[0] for key in evaluation} == {4}  # at the last distill step
+
+    # The model: the exported folder, file for file.
+    export_dir = Path(job_rows.get_job(db, job.id).export_dir)
+    listed = {Path(info.path).name for info in client.list_artifacts(run.info.run_id, "model")}
+    assert listed == {path.name for path in export_dir.iterdir()}
+    assert {"config.json", "model.safetensors"} <= listed
+
+    # The mlflow CLI (mlflow-skinny's) sees the same run.
+    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    env = {"MLFLOW_TRACKING_URI": store, "PATH": str(Path(sys.executable).parent)}
+    listing = subprocess.run([mlflow_cli, "runs", "list", "--experiment-id", experiment.experiment_id],
+                             capture_output=True, text=True, env=env, timeout=120, check=True)
+    assert run.info.run_id in listing.stdout and "tiny ctpd" in listing.stdout
+    described = subprocess.run([mlflow_cli, "runs", "describe", "--run-id", run.info.run_id],
+                               capture_output=True, text=True, env=env, timeout=120, check=True)
+    description = json.loads(described.stdout)
+    assert description["data"]["tags"]["ctpd.job_id"] == job.id
+    assert description["info"]["status"] == "FINISHED"
+
+
+def test_a_retried_job_resumes_its_run_and_logs_each_step_once(
+    store, tmp_path, tiny_student_folder, tiny_teacher_folder, tiny_dataset_path
+):
+    spec = tiny_spec(tiny_student_folder, tiny_teacher_folder, tiny_dataset_path, weights={"source": "uniform"},
+                     training={"max_steps": 6, "checkpoint_every": 2}, tracking={"mlflow": {"uri": store}})
+    target = tracking_target(spec, default_uri="", default_experiment="ctpd")
+    assert target is not None
+    warnings: list[str] = []
+
+    # Attempt 1 stops after distill step 3 (checkpointing there), as a hand-back does: the run stays RUNNING.
+    seen = RecordingObserver()
+    first = MlflowObserver(target, RunIdentity("job_retry", "acme", 1, None, "ctpd"), spec,
+                           warn=warnings.append).start()
+    assert run_spec(spec, context(tmp_path, "job", FanOut(seen, first), StopAfter(seen, 3))).status == "stopped"
+    first.finish(None)
+    client, _, run = only_run(store, "ctpd")
+    assert run.info.status == "RUNNING"
+    assert steps_of(client, run.info.run_id, "distill/loss") == [1, 2, 3]
+    attempt_1 = {metric.step: metric.value for metric in client.get_metric_history(run.info.run_id, "distill/loss")}
+
+    # As if attempt 1 had died right after step 3's metrics went out: its newest checkpoint is gone, so attempt 2
+    # resumes from step 2, replays steps 1-2 from that checkpoint and runs step 3 again.
+    distill = tmp_path / "runs" / "job" / "distill"
+    shutil.rmtree(distill / "step-00000003")
+    again = RecordingObserver()
+    second = MlflowObserver(target, RunIdentity("job_retry", "acme", 2, None, "ctpd"), spec,
+                            warn=warnings.append).start()
+    result = run_spec(spec, context(tmp_path, "job", FanOut(again, second)))
+    assert result.status == "succeeded"
+    assert [step for stage, step, _ in again.metric_rows if stage == "distill"] == [3, 4, 5, 6]  # step 3 ran again
+    second.finish("succeeded", export_dir=result.export_dir)
+
+    client, _, run = only_run(store, "ctpd")  # still one run
+    assert second.run_id == first.run_id == run.info.run_id
+    assert run.info.status == "FINISHED" and run.data.tags["ctpd.attempt"] == "2"
+    for name in TRAINING_KEYS:
+        assert steps_of(client, run.info.run_id, f"distill/{name}") == [1, 2, 3, 4, 5, 6], name
+    resumed = {metric.step: metric.value for metric in client.get_metric_history(run.info.run_id, "distill/loss")}
+    assert {step: resumed[step] for step in attempt_1} == attempt_1  # the first value of a step is the one kept
+    rerun_step_3 = next(row["loss"] for stage, step, row in again.metric_rows if stage == "distill" and step == 3)
+    assert rerun_step_3 == pytest.approx(attempt_1[3], abs=1e-6)  # ... and the re-run is the same trajectory
+    assert run.data.params == flatten_params(spec.model_dump(mode="json"))
+    assert client.list_artifacts(run.info.run_id, "model")
+    assert warnings == []
+
+
+def test_replayed_steps_the_run_lacks_are_logged_and_those_it_has_are_not(store):
+    """An attempt that died before it sent its last steps: its successor's replay (the checkpoint's history)
+    fills them in; what the run already has is not sent again, whatever the replay says."""
+    spec = JobSpec.model_validate({"student": {"model": "s"}, "teacher": {"model": "t"}, "dataset": {"id": "d"},
+                                   "tracking": {"mlflow": {"uri": store}}})
+    target = tracking_target(spec, default_uri="", default_experiment="ctpd")
+    assert target is not None
+    first = MlflowObserver(target, RunIdentity("job_gap", "acme", 1, None, "ctpd"), spec).start()
+    first.metrics("distill", 1, {"loss": 0.7})
+    first.finish(None)
+    second = MlflowObserver(target, RunIdentity("job_gap", "acme", 2, None, "ctpd"), spec).start()
+    second.replay_metrics("distill", [(1, {"loss": 99.0}), (2, {"loss": 0.6}), (3, {"loss": 0.5})])
+    second.metrics("distill", 4, {"loss": 0.4, "grad_norm": float("nan")})
+    second.finish("cancelled")
+    client, _, run = only_run(store, "ctpd")
+    history = {metric.step: metric.value for metric in client.get_metric_history(run.info.run_id, "distill/loss")}
+    assert history == {1: 0.7, 2: 0.6, 3: 0.5, 4: 0.4}
+    assert "distill/grad_norm" not in run.data.metrics  # non-finite: skipped, as in SQL
+    assert run.info.status == "KILLED"
+
+
+def test_a_broken_tracking_store_is_a_warning_and_the_job_succeeds(
+    db, tmp_path, tiny_student_folder, tiny_teacher_folder, tiny_dataset_path
+):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the store's folder should be")
+    settings = Settings(home=tmp_path / "home", lease_seconds=30, allow_server_paths=True,
+                        mlflow_tracking_uri=f"sqlite:///{blocker}/mlflow.db")  # the deployment's own store
+    spec = tiny_spec(tiny_student_folder, tiny_teacher_folder, tiny_dataset_path, weights={"source": "uniform"},
+                     training={"max_steps": 2})
+    job_id = new_job(db, spec.model_dump(mode="json"))
+    assert execute_job(db, settings, job_id, "w1", device="cpu").status == "succeeded"
+    events, _ = job_log.list_events(db, job_id, limit=1000)
+    warnings = [event for event in events if event.type == "tracking_warning"]
+    assert warnings and {event.level for event in warnings} == {"warning"}
+    assert "MLflow tracking" in warnings[0].message
+    assert str(blocker) not in " ".join(event.message for event in warnings)  # the deployment's store is not named
+    assert events[-1].type == "job_succeeded"  # the warnings came before the outcome, not after it
+    assert job_rows.get_job(db, job_id).export_dir
+
+
+def locked(**overrides) -> Caller:
+    values = {"tenant": "acme", "is_admin": False, "allow_server_paths": False, "allow_remote_code": False,
+              "artifact_root": Path("/srv/ctpd/artifacts")}
+    return Caller(**{**values, **overrides})
+
+
+def tracked(uri: str | None = None, experiment: str | None = None) -> JobSpec:
+    mlflow = {key: value for key, value in (("uri", uri), ("experiment", experiment)) if value is not None}
+    return JobSpec.model_validate({"student": {"model": "gemma-3-270m"}, "teacher": {"model": "smollm2-135m-instruct"},
+                                   "dataset": {"id": "ds_x"}, "tracking": {"mlflow": mlflow}})
+
+
+def tracking_refusals(spec: JobSpec, caller: Caller) -> list[tuple[str, str]]:
+    problems = reference_problems(spec, caller, owns_job=lambda _: False, owns_dataset=lambda _: True)
+    return [problem for problem in problems if problem[0].startswith("tracking.")]
+
+
+@pytest.mark.parametrize("uri", [
+    "sqlite:////srv/ctpd/mlflow.db", "file:///srv/mlruns", "postgresql://db.internal/mlflow",
+    "http://127.0.0.1:5000", "http://localhost:5000", "https://10.1.2.3", "http://[::1]:5000",
+    "http://169.254.169.254/latest",
+])
+def test_a_tenant_may_not_name_the_servers_own_stores(uri):
+    problems = tracking_refusals(tracked(uri), locked())
+    assert len(problems) == 1 and problems[0][0] == "tracking.mlflow.uri", problems
+    assert "http(s) MLflow tracking server on a public address" in problems[0][1]  # the fix
+    assert tracking_refusals(tracked(uri), locked(is_admin=True)) == []
+    assert tracking_refusals(tracked(uri), locked(allow_server_paths=True)) == []  # the embedded service
+
+
+def test_a_tenant_may_name_a_public_tracking_server():
+    assert tracking_refusals(tracked("https://8.8.8.8:5000"), locked()) == []
+    # A name that resolves to nothing here is left to the worker, which checks again where it connects.
+    assert tracking_refusals(tracked("https://mlflow.example.com"), locked()) == []
+    assert tracking_refusals(tracked(), locked()) == []  # no URI: the deployment's, trusted
+
+
+def test_the_worker_refuses_a_local_store_for_a_tenant_too(db, tmp_path):
+    settings = Settings(home=tmp_path / "home", lease_seconds=30)  # multi-tenant defaults
+    spec = tracked(f"sqlite:///{tmp_path}/mlflow.db")
+    row = job_rows.get_job(db, new_job(db, spec.model_dump(mode="json")))
+    with pytest.raises(ValueError, match="tracking.mlflow.uri") as refused:
+        enforce_job_policy(db, spec, row, settings)
+    assert "the worker" in str(refused.value)
+    job_id = new_job(db, spec.model_dump(mode="json"))
+    assert execute_job(db, settings, job_id, "w1", device="cpu").error_code == "policy_violation"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_api_answers_422_naming_the_field_and_the_fix(db, tmp_path):
+    settings = Settings(home=tmp_path / "home", broker_url="memory://", lease_seconds=30)  # the db fixture's
+    app = create_app(settings, queue=RecordingQueue())
+    try:
+        key = key_rows.create_api_key(db, "acme", "acme test key")
+        client = TestClient(app, headers={"Authorization": f"Bearer {key}"})
+
+        def refused(body: dict) -> dict[str, str]:
+            response = client.post("/v1/jobs", json=body)
+            assert response.status_code == 422, response.text
+            return {problem["param"]: problem["message"] for problem in response.json()["error"]["errors"]}
+
+        body = tracked("sqlite:////tmp/mlflow.db").model_dump(mode="json", exclude_defaults=True)
+        problems = refused(body)  # beside dataset.id: ds_x is no upload of this tenant's
+        assert "sqlite:" in problems["tracking.mlflow.uri"] and "http(s)" in problems["tracking.mlflow.uri"]
+
+        # An experiment with nowhere to go: this deployment has no tracking URI.
+        problems = refused(tracked(experiment="x").model_dump(mode="json", exclude_defaults=True))
+        assert "CTPD_MLFLOW_TRACKING_URI" in problems["tracking.mlflow.experiment"]
+
+        # A credential in the URI is refused for every key, by the spec itself.
+        problems = refused({**body, "tracking": {"mlflow": {"uri": "https://u:p@mlflow.example.com"}}})
+        assert "MLFLOW_TRACKING_TOKEN" in problems["tracking.mlflow.uri"]
+        assert job_rows.list_jobs(db, "acme", limit=10)[0] == []  # nothing stored on error
+    finally:
+        app.state.db.dispose()
