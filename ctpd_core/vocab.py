@@ -64,6 +64,11 @@ class EventType(StrEnum):
     JOB_SUCCEEDED = "job_succeeded"
     JOB_FAILED = "job_failed"
     JOB_CANCELLED = "job_cancelled"
+    # A checkpoint made into a model folder (POST /v1/jobs/{id}/checkpoints/{checkpoint}/model): asked, built, or
+    # not (data: checkpoint, step; error). The listing's model status is read from these and the folder on disk.
+    CHECKPOINT_MODEL_REQUESTED = "checkpoint_model_requested"
+    CHECKPOINT_MODEL_READY = "checkpoint_model_ready"
+    CHECKPOINT_MODEL_FAILED = "checkpoint_model_failed"
     # A mirror of the job (MLflow, worker/tracking.py) could not be written; the job goes on without it.
     TRACKING_WARNING = "tracking_warning"
 
@@ -86,3 +91,17 @@ class TaskName(StrEnum):
 
     RUN_JOB = "ctpd.run_job"
     REAP_STALE_JOBS = "ctpd.reap_stale_jobs"
+    MATERIALIZE_CHECKPOINT = "ctpd.materialize_checkpoint"  # default queue: a checkpoint as a model folder
+
+
+class WebhookEventType(StrEnum):
+    """What a webhook endpoint subscribes to (``POST /v1/webhooks``): each job transition, its checkpoints and its
+    evaluation results. ``cancelling`` is announced by nobody: a cancel request ends in ``job.cancelled``."""
+
+    JOB_QUEUED = "job.queued"
+    JOB_RUNNING = "job.running"
+    JOB_SUCCEEDED = "job.succeeded"
+    JOB_FAILED = "job.failed"
+    JOB_CANCELLED = "job.cancelled"
+    JOB_CHECKPOINT = "job.checkpoint"
+    JOB_EVALUATED = "job.evaluated"

@@ -11,6 +11,10 @@ writers anyway), so a concurrent reap or claim is ordered strictly before or aft
 Every status change (in :mod:`app.db.jobs`) writes its event in the same transaction, with
 ``data["status"]`` set to the new status: the API derives a job's transitions from those events (an event a
 caller adds with :func:`add_event` never counts as a transition).
+
+**Webhooks.** Importing :mod:`app.db.webhooks` (above) installs its listener on ``JobEvent`` inserts: the flush
+that writes a transition, a checkpoint or the evaluate stage's end writes the outbox rows that announce it, in
+the same transaction, whichever path wrote the event.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.db import webhooks as _webhook_outbox  # noqa: F401  installs the outbox listener wherever events are written
 from app.db.engine import Database, escape_nul
 from app.db.models import Job, JobEvent, MetricPoint, utcnow
 from ctpd_core.vocab import HELD_STATUSES, EventLevel, EventType
@@ -250,3 +255,28 @@ def metric_series(db: Database, job_id: str) -> dict[str, list[tuple[str, int, f
         for name, stage, step, value in rows:
             series.setdefault(name, []).append((stage, step, value))
     return series
+
+
+def events_of_types(db: Database, job_id: str, types: Sequence[str]) -> list[JobEvent]:
+    """A job's events of these types, oldest first (the checkpoint listing reads its checkpoint events)."""
+    with db.read() as session:
+        return list(session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type.in_(list(types))).order_by(JobEvent.id)
+        ))
+
+
+def metrics_at_steps(db: Database, job_id: str, stage: str, steps: Sequence[int]) -> dict[int, dict[str, float]]:
+    """``{step: {name: value}}`` of one stage at the given steps; a point recorded twice (a resumed attempt)
+    keeps its last value."""
+    result: dict[int, dict[str, float]] = {step: {} for step in steps}
+    if not steps:
+        return result
+    with db.read() as session:
+        rows = session.execute(
+            select(MetricPoint.step, MetricPoint.name, MetricPoint.value)
+            .where(MetricPoint.job_id == job_id, MetricPoint.stage == stage, MetricPoint.step.in_(list(steps)))
+            .order_by(MetricPoint.id)
+        )
+        for step, name, value in rows:
+            result[step][name] = value
+    return result

@@ -165,3 +165,75 @@ class Dataset(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     path: Mapped[str] = mapped_column(Text)  # absolute path of the file under the artifact root
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+# --------------------------------------------------------------------------------------------- webhooks
+# app/db/webhooks.py: endpoints, the outbox written in the transaction of the event it announces, the attempt log.
+
+
+class Webhook(Base):
+    """A tenant's endpoint. The secret signs every message (HMAC needs it in the clear; it is never shown again)."""
+
+    __tablename__ = "webhooks"
+    __table_args__ = (Index("ix_webhooks_tenant_created_at_id", "tenant", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # wh_<uuid4 hex>
+    tenant: Mapped[str] = mapped_column(String(200), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    event_types: Mapped[list[str]] = mapped_column(JSON)  # WebhookEventType values
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    secret: Mapped[str] = mapped_column(String(100))  # whsec_<base64>
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    disabled_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer)  # failed attempts since the last delivered one
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class WebhookMessage(Base):
+    """The outbox: one row per (announced event, endpoint), written in the event's own transaction. Its id is the
+    ``webhook-id`` of every attempt and its body is frozen, so retries and redeliveries are byte-identical."""
+
+    __tablename__ = "webhook_messages"
+    # One message per event and endpoint: a transition is never announced twice.
+    __table_args__ = (
+        UniqueConstraint("webhook_id", "event_id"),
+        Index("ix_webhook_messages_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # msg_<uuid4 hex>: the webhook-id
+    webhook_id: Mapped[str] = mapped_column(String(40), ForeignKey("webhooks.id", ondelete="CASCADE"))
+    job_id: Mapped[str | None] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=True,
+                                               index=True)
+    event_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("job_events.id", ondelete="CASCADE"),
+                                                 nullable=True)
+    event_type: Mapped[str] = mapped_column(String(32))
+    body: Mapped[str] = mapped_column(Text)  # the JSON sent, frozen when the message was written
+    status: Mapped[str] = mapped_column(String(16))  # pending | delivered | gave_up
+    attempts: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    retry_from: Mapped[datetime] = mapped_column(UTCDateTime())  # the retry window starts here (a redelivery: now)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # null: nothing due
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)  # the dispatcher sending it
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class WebhookDelivery(Base):
+    """One delivery attempt of a message (``GET /v1/webhooks/{id}/deliveries``), and the disabling of an endpoint."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_webhook_id_id", "webhook_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)  # the log's cursor
+    webhook_id: Mapped[str] = mapped_column(String(40), ForeignKey("webhooks.id", ondelete="CASCADE"))
+    message_id: Mapped[str] = mapped_column(String(40), ForeignKey("webhook_messages.id", ondelete="CASCADE"),
+                                            index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    attempted_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    outcome: Mapped[str] = mapped_column(String(32))  # delivered | failed | gave_up | endpoint_disabled
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -27,7 +27,7 @@ from app.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 POSTGRES_ADMIN_URL = os.environ.get("CTPD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-TABLES = ("metric_points", "job_events", "jobs", "datasets", "api_keys")
+TABLES = ("metric_points", "job_events", "jobs", "datasets", "api_keys", "webhooks")  # webhooks: with their outbox and log
 
 # A valid spec whose files lie outside the artifact root (so no upload is needed).
 SPEC = {
@@ -43,6 +43,7 @@ class RecordingQueue:
     def __init__(self) -> None:
         self.jobs: list[str] = []
         self.reaper_calls = 0
+        self.checkpoint_models: list[tuple[str, str]] = []
         self.fail_with: Exception | None = None
         self.on_enqueue = None  # optional callback(job_id), e.g. to look at the database at that moment
 
@@ -55,6 +56,11 @@ class RecordingQueue:
 
     def enqueue_reaper(self) -> None:
         self.reaper_calls += 1
+
+    def enqueue_checkpoint_model(self, job_id: str, checkpoint_id: str) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.checkpoint_models.append((job_id, checkpoint_id))
 
 
 @pytest.fixture(scope="session")

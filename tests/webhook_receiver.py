@@ -1,0 +1,132 @@
+"""A real webhook receiver on loopback for the tests: a threaded ``http.server`` that verifies every request's
+signature with the Standard Webhooks reference library (``standardwebhooks.Webhook(secret).verify``), records
+what came, and can be told to fail its first N requests (or every request) to exercise retries and disabling.
+
+    with WebhookReceiver() as receiver:
+        created = client.post("/v1/webhooks", json={"url": receiver.url}).json()
+        receiver.secret = created["secret"]
+        ...
+        receiver.wait_for(lambda r: len(r.delivered()) == 3, 10, "three deliveries")
+
+A request that fails verification is answered 400 and recorded with ``verified=False``; tests assert there is none.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import standardwebhooks
+
+
+@dataclass(frozen=True)
+class Received:
+    message_id: str
+    timestamp: str
+    body: bytes
+    headers: dict[str, str]
+    verified: bool
+    verify_error: str | None
+    answered: int  # the status this receiver answered with
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return json.loads(self.body)
+
+    @property
+    def type(self) -> str:
+        return self.payload["type"]
+
+
+class WebhookReceiver:
+    """``fail_first``: answer the first N requests with ``fail_status`` (whatever their id); ``fail_all``: every one."""
+
+    def __init__(self, *, secret: str | None = None, fail_first: int = 0, fail_status: int = 503,
+                 fail_all: bool = False) -> None:
+        self.secret = secret
+        self.fail_first, self.fail_status, self.fail_all = fail_first, fail_status, fail_all
+        self._lock = threading.Lock()
+        self.requests: list[Received] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                receiver._handle(self, body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet
+                return
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="webhook-receiver", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/hooks/ctpd"
+
+    def _handle(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
+        headers = {key.lower(): value for key, value in handler.headers.items()}
+        verified, error = False, None
+        try:
+            if self.secret is None:
+                raise standardwebhooks.WebhookVerificationError("the receiver has no secret yet")
+            standardwebhooks.Webhook(self.secret).verify(body, headers)
+            verified = True
+        except standardwebhooks.WebhookVerificationError as refused:
+            error = str(refused) or type(refused).__name__
+        with self._lock:
+            failing = self.fail_all or len(self.requests) < self.fail_first
+            status = 400 if not verified else self.fail_status if failing else 204
+            self.requests.append(Received(headers.get("webhook-id", ""), headers.get("webhook-timestamp", ""), body,
+                                          headers, verified, error, status))
+        handler.send_response(status)
+        handler.send_header("content-length", "0")
+        handler.end_headers()
+
+    # ---------------------------------------------------------------------------------------- reading
+
+    def received(self) -> list[Received]:
+        with self._lock:
+            return list(self.requests)
+
+    def delivered(self) -> list[Received]:
+        """The requests answered 2xx, in arrival order."""
+        return [request for request in self.received() if 200 <= request.answered < 300]
+
+    def unverified(self) -> list[Received]:
+        return [request for request in self.received() if not request.verified]
+
+    def wait_for(self, predicate: Callable[[WebhookReceiver], Any], timeout: float, what: str,
+                 diagnostics: Callable[[], str] = str) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate(self)
+            if value:
+                return value
+            time.sleep(0.05)
+        got = [(request.type if request.body else "?", request.message_id, request.answered)
+               for request in self.received()]
+        raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; received {got}\n{diagnostics()}")
+
+    # ---------------------------------------------------------------------------------------- lifetime
+
+    def __enter__(self) -> WebhookReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
+def serving_receiver(**options: Any) -> Iterator[WebhookReceiver]:
+    """For a pytest fixture: ``yield from serving_receiver(fail_first=2)``."""
+    with WebhookReceiver(**options) as receiver:
+        yield receiver
