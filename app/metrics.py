@@ -57,6 +57,7 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from sqlalchemy import case, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -256,28 +257,28 @@ class StateCollector(Collector):
     def _read(self) -> Iterator[Metric]:
         now = utcnow()
         with self.db.read() as session:
-            by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all())
+            by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
             queued = session.execute(
                 select(Job.created_at, select(func.max(JobEvent.created_at))
                        .where(JobEvent.job_id == Job.id, JobEvent.type.in_(QUEUED_AGAIN))
                        .scalar_subquery())
                 .where(Job.status == JobStatus.QUEUED)
-            ).tuples().all()
-            stage_rows = session.execute(_stage_duration_query()).tuples().all()
+            ).all()
+            stage_rows = session.execute(_stage_duration_query()).all()
             training_rows = session.execute(
                 select(MetricPoint.stage, MetricPoint.name, func.count(), func.sum(MetricPoint.value))
                 .where(MetricPoint.name.in_((STEP_SECONDS, TOKENS)))
                 .group_by(MetricPoint.stage, MetricPoint.name)
-            ).tuples().all()
+            ).all()
             running = [RunningJob(*row) for row in session.execute(
                 select(Job.id, Job.worker_id, Job.stage, Job.lease_expires_at)
                 .where(Job.status.in_(HELD_STATUSES)).order_by(Job.id)
-            ).tuples().all()]
+            ).all()]
             live_rates = {job.job_id: session.execute(
                 select(MetricPoint.stage, MetricPoint.value)
                 .where(MetricPoint.job_id == job.job_id, MetricPoint.name == TOKENS_PER_SECOND)
                 .order_by(MetricPoint.id.desc()).limit(1)
-            ).tuples().first() for job in running}
+            ).first() for job in running}
             restarted = session.scalar(select(func.count()).select_from(JobEvent)
                                        .where(JobEvent.type == EventType.JOB_RESTARTED)) or 0
             lost = session.scalar(select(func.count()).select_from(Job)
@@ -348,14 +349,10 @@ def _stage_histogram(rows: Sequence[Sequence[Any]]) -> HistogramMetricFamily:
         "ctpd_stage_duration_seconds", "Wall time of finished stages (stage_finished events), by stage and whether "
         "the stage reused its cached output.", labels=["stage", "cached"])
     for stage, cached, count, total, *in_buckets in rows:
-        buckets = [(_bound(bound), float(n or 0)) for bound, n in zip(STAGE_BUCKETS, in_buckets, strict=True)]
+        buckets = [(floatToGoString(bound), float(n or 0)) for bound, n in zip(STAGE_BUCKETS, in_buckets, strict=True)]
         family.add_metric([stage or "", "true" if cached else "false"], [*buckets, ("+Inf", float(count))],
                           sum_value=float(total or 0.0))
     return family
-
-
-def _bound(bound: float) -> str:
-    return str(int(bound)) if bound == int(bound) else str(bound)
 
 
 def _training_families(rows: Iterable[Sequence[Any]]) -> Iterator[Metric]:

@@ -4,8 +4,8 @@ that stamps every line with the job or the request it belongs to.
 Library modules only call ``logging.getLogger(__name__)``; an entry point (``ctpd serve``, a Celery worker, the
 CLI) calls :func:`configure_logging` once. Two formats (the ``log_format`` setting, ``CTPD_LOG_FORMAT``):
 
-* ``json``: one JSON object per line, by python-json-logger: ``time``, ``level``, ``logger``, ``message``, the
-  context fields below when they are set, whatever a call passed in ``extra=`` (the API's access line: ``method``,
+* ``json``: one JSON object per line, by python-json-logger: ``level``, ``logger``, ``message``, ``pid``, ``time``,
+  the context fields below when they are set, whatever a call passed in ``extra=`` (the API's access line: ``method``,
   ``route``, ``status``, ``duration_ms``) and ``exc_info`` for a traceback (inside the object, so a traceback is
   one line too).
 * ``text``: ``2026-01-01 12:00:00,000 INFO worker.tasks [job=job_1 attempt=1 stage=distill tenant=acme]: ...``.
@@ -169,10 +169,11 @@ def resolve_format(log_format: str, stream: IO[str] | None = None) -> str:
 
 
 def json_formatter() -> logging.Formatter:
-    """One JSON object per line: time (ISO 8601, UTC), level, logger, message, then the context and extras."""
+    """One JSON object per line: level, logger, message, pid (which of a worker's processes), then the context,
+    the extras and time (ISO 8601, UTC)."""
     return JsonFormatter(
-        ["levelname", "name", "message"],
-        rename_fields={"levelname": "level", "name": "logger"},
+        ["levelname", "name", "message", "process"],
+        rename_fields={"levelname": "level", "name": "logger", "process": "pid"},
         timestamp="time",
         reserved_attrs=[*logging.LogRecord("", 0, "", 0, "", None, None).__dict__, "message", "asctime",
                         "context", "color_message"],  # color_message: uvicorn's ANSI copy of the message
