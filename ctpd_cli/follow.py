@@ -158,7 +158,7 @@ class View:
         return substage_label(self.stage, self.detail)
 
     def summary(self) -> str:
-        """``loss 0.693  stage ETA 12s  job ETA ≥ 3m04s``."""
+        """``loss 0.693, stage ETA 12s, job ETA ≥ 3m04s``."""
         parts = []
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4g}")
@@ -166,7 +166,7 @@ class View:
             parts.append(f"stage ETA {format_seconds(self.stage_eta)}")
         if self.job_eta is not None:
             parts.append(f"job ETA {'≥ ' if self.job_eta_is_lower_bound else ''}{format_seconds(self.job_eta)}")
-        return "  ".join(parts)
+        return ", ".join(parts)
 
 
 @dataclass
@@ -303,6 +303,9 @@ class BarDisplay:
             data = event.get("data") or {}
             done = "cached" if data.get("cached") else f"done in {format_seconds(float(data.get('seconds') or 0))}"
             if self.bar is not None and self.stage == event.get("stage"):
+                # The stage is done, whatever the last poll saw: a full bar under the stage's name.
+                if self.bar.total:
+                    self.bar.n = self.bar.total
                 self.bar.set_description_str(str(event.get("stage")), refresh=False)
                 self.bar.set_postfix_str(done, refresh=False)
                 self._close()
@@ -319,13 +322,14 @@ class BarDisplay:
         if self.bar is not None and self.stage != view.stage:
             self._close()
         if self.bar is None:
-            self.bar = tqdm(total=view.total, desc=view.label, file=self.file, leave=True, dynamic_ncols=True,
-                            unit="step", bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix}")
+            self.bar = tqdm(total=view.total, initial=view.step or 0, desc=view.label, file=self.file, leave=True,
+                            dynamic_ncols=True, unit="step", postfix=view.summary(),
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}")
             self.stage, self.label = view.stage, view.label
-        elif self.label != view.label:  # the next sub-stage of this stage: the same bar, counting it
-            self.bar.reset(total=view.total)
-            self.bar.set_description_str(view.label, refresh=False)
-            self.label = view.label
+            return
+        # The same stage (its next sub-stage, if the label changed): the same bar, counting what runs now.
+        self.bar.set_description_str(view.label, refresh=False)
+        self.label = view.label
         self.bar.total = view.total
         self.bar.n = view.step or 0
         self.bar.set_postfix_str(view.summary(), refresh=False)
