@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from app.api import api_keys, datasets, health, jobs, models, webhooks
+from app.api import api_keys, checkpoints, datasets, health, jobs, models, webhooks
 from app.api.deps import refuse_nul_characters
 from app.api.errors import install_error_handlers
 from app.db.engine import Database
@@ -70,7 +70,7 @@ def create_app(settings: Settings, queue: TaskQueue | None = None) -> FastAPI:
     install_error_handlers(app)
     install_metrics(app, database, settings)  # request ids, access lines, request metrics; GET /metrics
     # The routers that take ids, cursors and filters.
-    for router in (jobs.router, datasets.router, api_keys.router, webhooks.router):
+    for router in (jobs.router, checkpoints.router, datasets.router, api_keys.router, webhooks.router):
         app.include_router(router, dependencies=[Depends(refuse_nul_characters)])
     for router in (models.router, health.router):
         app.include_router(router)

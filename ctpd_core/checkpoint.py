@@ -22,6 +22,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+# The file names are the layout's, which the API reads without torch (ctpd_core.checkpoint_layout).
+from ctpd_core.checkpoint_layout import (
+    CHECKPOINT_PREFIX,
+    HISTORY_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    SCHEDULER_FILE,
+    STATE_FILE,
+    TRAINABLE_FILE,
+)
 from ctpd_core.publish import publish_folder
 
 logger = logging.getLogger(__name__)
@@ -29,17 +39,10 @@ logger = logging.getLogger(__name__)
 FIT_VERSION = 1
 """Bumped whenever the checkpoint layout or the step arithmetic changes; a mismatch refuses to resume."""
 
-TRAINABLE_FILE = "trainable.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
-RNG_FILE = "rng.pt"
-STATE_FILE = "state.json"
-HISTORY_FILE = "metrics.json"  # the last steps' metrics up to the checkpoint, for replay on resume
 HISTORY_STEPS = 10_000
 """Steps of metrics a checkpoint keeps: a sink can only have lost what an attempt buffered but never wrote,
 and the worker's buffer holds at most 10,000 writes (about one per step), so older steps are never missing.
 Bounded so that neither memory nor each checkpoint's size grows with the length of the run."""
-CHECKPOINT_PREFIX = "step-"
 _STAGING_PREFIX = ".staging-step-"
 
 # Config fields that change when or how often checkpoints are written, not what the run computes: a resume may

@@ -274,6 +274,35 @@ class EvaluationSpec(_Strict):
     batch_size: int = Field(default=8, ge=1, le=MAX_BATCH)
 
 
+# ---------------------------------------------------------------------------------------------- export
+
+ExportDtype = Literal["auto", "bf16", "fp16", "fp32"]
+# A Hugging Face dataset id (``imdb``, ``org/name``): what the model card's ``datasets`` may name. An upload id or a
+# server path is not one, so neither reaches a card that may be published.
+HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$"
+
+
+class ExportSpec(_Strict):
+    """What the exported student folder (and a materialised checkpoint) is written as. Training is unaffected:
+    the trained weights stay fp32 in memory and in checkpoints; only the files written are cast."""
+
+    dtype: ExportDtype = Field(
+        default="auto",
+        description="The dtype of the written weights. auto: the dtype the student's base declares (its "
+        "config.json `dtype` / `torch_dtype`; bf16 for the catalog's models, which are bf16 upstream), fp32 when "
+        "it declares none. bf16 and fp16 halve the files of an fp32 export.",
+    )
+    license: Text | None = Field(
+        default=None, max_length=100,
+        description="The model card's license (a Hub license id such as apache-2.0); default: the base's, when known.",
+    )
+    datasets: list[Annotated[str, Field(pattern=HUB_ID_PATTERN, max_length=200)]] = Field(
+        default_factory=list, max_length=20,
+        description="Hub ids of the training data, for the model card's `datasets` (an upload is not on the Hub, "
+        "so only what you name here is listed).",
+    )
+
+
 class JobSpec(_Strict):
     method: Method = Field(default="ctpd", description="ctpd, or a baseline on the student alone: dpo, tisdpo.")
     teacher: ModelRef | None = Field(default=None, description="The teacher; required for ctpd.")
@@ -289,6 +318,7 @@ class JobSpec(_Strict):
         default=TrackingSpec(), description="Mirror the job into an MLflow run (see tracking.mlflow)."
     )
     evaluation: EvaluationSpec = EvaluationSpec()
+    export: ExportSpec = ExportSpec()
     name: Text | None = Field(default=None, max_length=200, description="A label for people.")
     metadata: dict[Text, Text] = Field(
         default_factory=dict, json_schema_extra=_text_map_schema, description="Free-form key/value labels (filterable)."

@@ -78,6 +78,7 @@ def celery_conf(settings: Settings) -> dict[str, Any]:
         "task_routes": {
             TaskName.RUN_JOB: {"queue": QueueName.TRAIN, "routing_key": QueueName.TRAIN},
             TaskName.REAP_STALE_JOBS: {"queue": QueueName.DEFAULT, "routing_key": QueueName.DEFAULT},
+            TaskName.MATERIALIZE_CHECKPOINT: {"queue": QueueName.DEFAULT, "routing_key": QueueName.DEFAULT},
         },
         # --- beat: the reaper every reaper_interval_seconds (30 s). A reaper message nobody ran within one interval is dropped (a
         # newer one follows), so a busy single-worker setup does not pile them up behind a training job.

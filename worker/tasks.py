@@ -387,6 +387,18 @@ def reap_stale_jobs(self: Any) -> int:
         queue.close()
 
 
+# ------------------------------------------------------------------------------------ checkpoint models
+
+
+@shared_task(name=TaskName.MATERIALIZE_CHECKPOINT, bind=True, ignore_result=True)
+def materialize_checkpoint(self: Any, job_id: str, checkpoint_id: str) -> str:
+    """A training checkpoint as a model folder (``default`` queue; worker/checkpoint_models.py)."""
+    from worker.checkpoint_models import build_checkpoint_model
+
+    settings = _settings_of(self.app)
+    return build_checkpoint_model(_database(settings.database_url), settings, job_id, checkpoint_id)
+
+
 # ---------------------------------------------------------------------------------------- worker set-up
 
 

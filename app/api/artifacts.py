@@ -1,29 +1,61 @@
-"""A job's exported model folder: its file list, and a streamed tar.gz of it.
+"""A model folder over HTTP: its file list, one file, or the whole folder as one archive, resumable by Range.
 
-The archive is produced file by file as the client reads it (tar headers and data through one gzip
-stream), so a multi-GB export never sits in memory or in a temporary file. Symlinks are left out: the
-archive holds only what the export wrote.
+Two archives:
+
+* ``tar_gz_stream``: the folder as a gzip-compressed tar, produced as the client reads it (the original
+  ``/artifacts/model.tar.gz``). A gzip stream cannot start at an offset, so it cannot resume.
+* ``tar_layout``: the folder as a plain, deterministic tar whose every byte offset is computed from the file list
+  (name, size, mtime) before a byte is read: each member is a PAX header (``tarfile.TarInfo.tobuf``, no I/O),
+  the file's bytes, zero padding to 512; then the 1024-byte end marker. So ``Content-Length`` is known, and a
+  request for ``bytes=N-`` streams from offset N without building the archive. safetensors barely compress, so
+  the plain tar costs little over the gzip one.
+
+Both one file and the plain tar are served by :func:`ranged_response` (RFC 9110): ``Accept-Ranges: bytes``,
+a strong ``ETag`` and ``Last-Modified``, 206 with ``Content-Range`` for one satisfiable range, 416 (with
+``Content-Range: bytes */size``) when none is, 200 with the whole body when the ``If-Range`` validator is stale,
+for a malformed Range (which RFC 9110 says to ignore) and for several ranges (a server may answer those whole).
+Starlette's ``FileResponse`` does ranges for one file, but answers 416 and a malformed Range as plain text (400
+for the latter), and cannot serve the archive; one implementation serves both here.
+
+Symlinks are left out everywhere: a download holds only what the export wrote, and a path never leaves its
+folder (:func:`folder_file`). Files are read as they stream; if one changed since the layout was computed (the
+folder was replaced), the stream is cut short rather than mixing two versions, and the client's retry gets the
+new ETag.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import stat
 import tarfile
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
+from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from app.api.errors import ApiError
 
 CHUNK = 1 << 20
 GZIP_LEVEL = 1  # safetensors barely compress; level 1 keeps the stream fast
+TAR_LAYOUT_VERSION = 1  # in the ETag: a change of how the tar is laid out must not match an old download
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 
 
 def export_files(folder: Path) -> list[tuple[str, Path, int]]:
-    """``(relative posix path, absolute path, size)`` of every regular file under ``folder``, sorted."""
+    """``(relative posix path, absolute path, size)`` of every regular file under ``folder``, sorted. Hidden
+    entries (a staging folder being written next to a materialised model) and symlinks are left out."""
     files = []
-    for root, _dirs, names in os.walk(folder, followlinks=False):
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
         for name in names:
             path = Path(root) / name
-            if path.is_symlink() or not path.is_file():
+            if name.startswith(".") or path.is_symlink() or not path.is_file():
                 continue
             files.append((path.relative_to(folder).as_posix(), path, path.stat().st_size))
     return sorted(files)
@@ -53,19 +85,241 @@ def tar_gz_stream(folder: Path, root_name: str) -> Iterator[bytes]:
                 seen_dirs.add(sub)
                 yield from emit(directory(f"{root_name}/{sub}", (folder / sub).stat().st_mtime))
         with path.open("rb") as handle:
-            stat = os.fstat(handle.fileno())
+            opened = os.fstat(handle.fileno())
             info = tarfile.TarInfo(f"{root_name}/{relative}")
-            info.size, info.mode, info.mtime = stat.st_size, 0o644, int(stat.st_mtime)
+            info.size, info.mode, info.mtime = opened.st_size, 0o644, int(opened.st_mtime)
             yield from emit(info.tobuf(format=tarfile.PAX_FORMAT))
-            remaining = stat.st_size
+            remaining = opened.st_size
             while remaining:  # exactly the size in the header, even if the file changes meanwhile
                 chunk = handle.read(min(CHUNK, remaining)) or b"\0" * min(CHUNK, remaining)
                 remaining -= len(chunk)
                 yield from emit(chunk)
-        padding = (-stat.st_size) % tarfile.BLOCKSIZE
+        padding = (-opened.st_size) % tarfile.BLOCKSIZE
         if padding:
             yield from emit(b"\0" * padding)
     yield from emit(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
     tail = compressor.flush()
     if tail:
         yield tail
+
+
+# ------------------------------------------------------------------------------- byte sources with offsets
+
+
+@dataclass(frozen=True)
+class FilePart:
+    """A file's bytes inside a download, with what it looked like when the layout was computed."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A download as consecutive parts (literal bytes or a file), with its total size and validators."""
+
+    parts: tuple[bytes | FilePart, ...]
+    size: int
+    etag: str  # strong: equal ETags mean equal bytes
+    mtime: float  # Last-Modified: the newest file's
+
+    def stream(self, start: int, end: int) -> Iterator[bytes]:
+        """Bytes ``start`` to ``end`` (inclusive), reading each file only for the slice that overlaps."""
+        offset = 0
+        for part in self.parts:
+            length = len(part) if isinstance(part, bytes) else part.size
+            lo, hi = max(start, offset), min(end + 1, offset + length)
+            if lo < hi:
+                if isinstance(part, bytes):
+                    yield part[lo - offset:hi - offset]
+                else:
+                    yield from _read_file(part, lo - offset, hi - offset)
+            offset += length
+            if offset > end:
+                return
+
+
+def _file_part(path: Path) -> FilePart:
+    info = os.stat(path, follow_symlinks=False)
+    return FilePart(path=path, size=info.st_size, mtime_ns=info.st_mtime_ns, inode=info.st_ino)
+
+
+def _read_file(part: FilePart, start: int, stop: int) -> Iterator[bytes]:
+    with part.path.open("rb") as handle:
+        info = os.fstat(handle.fileno())
+        if (info.st_size, info.st_mtime_ns, info.st_ino) != (part.size, part.mtime_ns, part.inode):
+            # The folder was replaced since the response began: cut the stream (the client sees a short body and
+            # retries, getting the new ETag) rather than send bytes of two versions under one validator.
+            raise OSError(f"{part.path} changed while it was being downloaded")
+        handle.seek(start)
+        remaining = stop - start
+        while remaining:
+            chunk = handle.read(min(CHUNK, remaining))
+            if not chunk:
+                raise OSError(f"{part.path} is shorter than when the download began")
+            remaining -= len(chunk)
+            yield chunk
+
+
+def _etag(kind: str, parts: list[tuple[str, FilePart]]) -> str:
+    digest = hashlib.sha256(f"{kind}:{TAR_LAYOUT_VERSION}".encode())
+    for name, part in parts:
+        digest.update(f"\0{name}\0{part.size}\0{part.mtime_ns}\0{part.inode}".encode())
+    return f'"{digest.hexdigest()[:32]}"'
+
+
+def file_layout(path: Path) -> Layout:
+    part = _file_part(path)
+    return Layout(parts=(part,), size=part.size, etag=_etag("file", [(path.name, part)]), mtime=part.mtime_ns / 1e9)
+
+
+def tar_layout(folder: Path, root_name: str) -> Layout:
+    """The folder as an uncompressed tar of ``root_name/<relative path>``, laid out without reading a file.
+    Directory entries carry the newest file's mtime, so the layout depends on the file list alone."""
+    files = [(relative, _file_part(path)) for relative, path, _ in export_files(folder)]
+    newest = max((part.mtime_ns for _, part in files), default=0)
+    parts: list[bytes | FilePart] = []
+
+    def header(name: str, *, size: int = 0, mtime_ns: int, directory: bool = False) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime = size, mtime_ns // 1_000_000_000
+        info.type, info.mode = (tarfile.DIRTYPE, 0o755) if directory else (tarfile.REGTYPE, 0o644)
+        info.uname = info.gname = ""
+        return info.tobuf(format=tarfile.PAX_FORMAT)
+
+    parts.append(header(f"{root_name}/", mtime_ns=newest, directory=True))
+    seen: set[str] = set()
+    for relative, part in files:
+        folders = relative.split("/")[:-1]
+        for depth in range(1, len(folders) + 1):
+            sub = "/".join(folders[:depth])
+            if sub not in seen:
+                seen.add(sub)
+                parts.append(header(f"{root_name}/{sub}/", mtime_ns=newest, directory=True))
+        parts.append(header(f"{root_name}/{relative}", size=part.size, mtime_ns=part.mtime_ns))
+        parts.append(part)
+        if part.size % tarfile.BLOCKSIZE:
+            parts.append(b"\0" * (-part.size % tarfile.BLOCKSIZE))
+    parts.append(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+    size = sum(len(part) if isinstance(part, bytes) else part.size for part in parts)
+    return Layout(parts=tuple(parts), size=size, etag=_etag(f"tar:{root_name}", files), mtime=newest / 1e9)
+
+
+# ------------------------------------------------------------------------------------------ Range
+
+
+def requested_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range (first, last; inclusive) a Range header asks of ``size`` bytes, or None to send the
+    whole body (no header, a malformed one, several ranges, or one that covers everything). Raises the 416
+    when the range is syntactically fine but starts past the end (or asks for the last 0 bytes)."""
+    if header is None:
+        return None
+    match = _RANGE.match(header)
+    if match is None:
+        return None  # RFC 9110 14.2: a server ignores a Range it does not understand (several ranges included)
+    first, last = match.group(1), match.group(2)
+    if not first and not last:
+        return None
+    if not first:  # bytes=-N: the last N bytes
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise _unsatisfiable(header, size)
+        start, end = max(0, size - suffix), size - 1
+    else:
+        start = int(first)
+        end = min(int(last), size - 1) if last else size - 1
+        if last and int(last) < start:
+            return None  # an invalid range-spec: ignored like a malformed header
+        if start >= size:
+            raise _unsatisfiable(header, size)
+    return (start, end) if (start, end) != (0, size - 1) else None
+
+
+def _unsatisfiable(header: str, size: int) -> ApiError:
+    return ApiError(416, "range_not_satisfiable",
+                    f"Range {header!r} starts past the end of this {size}-byte file; ask for bytes=0-{max(size - 1, 0)} "
+                    "or fewer, or drop the Range header for the whole file", "Range",
+                    headers={"Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"})
+
+
+def _validator_matches(if_range: str, layout: Layout, last_modified: str) -> bool:
+    """RFC 9110 13.1.5: a strong ETag must match exactly (a weak one never does); a date must equal
+    Last-Modified (to the second)."""
+    value = if_range.strip()
+    if value.startswith('"') or value.startswith("W/"):
+        return value == layout.etag
+    try:
+        return parsedate_to_datetime(value) == parsedate_to_datetime(last_modified)
+    except (TypeError, ValueError):
+        return False
+
+
+def ranged_response(request: Request, layout: Layout, *, media_type: str, filename: str) -> StreamingResponse:
+    """``layout`` whole (200) or the one range the request asks (206), per RFC 9110 (module docstring)."""
+    last_modified = formatdate(layout.mtime, usegmt=True)
+    headers = {
+        "Accept-Ranges": "bytes", "ETag": layout.etag, "Last-Modified": last_modified,
+        "Content-Disposition": f'attachment; filename="{filename}"',
+    }
+    wanted = None
+    if_range = request.headers.get("if-range")
+    if if_range is None or _validator_matches(if_range, layout, last_modified):
+        wanted = requested_range(request.headers.get("range"), layout.size)
+    if wanted is None:
+        headers["Content-Length"] = str(layout.size)
+        return StreamingResponse(layout.stream(0, layout.size - 1) if layout.size else iter(()), status_code=200,
+                                 media_type=media_type, headers=headers)
+    start, end = wanted
+    headers["Content-Range"] = f"bytes {start}-{end}/{layout.size}"
+    headers["Content-Length"] = str(end - start + 1)
+    return StreamingResponse(layout.stream(start, end), status_code=206, media_type=media_type, headers=headers)
+
+
+# ------------------------------------------------------------------------------------------ one file
+
+
+def folder_file(folder: Path, relative: str) -> Path | None:
+    """The regular file ``relative`` names inside ``folder``, or None: no ``..``, ``.`` or empty segments, no
+    hidden names, no symlink on the way (so nothing resolves outside the folder), nothing but a regular file."""
+    parts = relative.split("/")
+    if not relative or any(part in ("", ".", "..") or part.startswith(".") or "\\" in part for part in parts):
+        return None
+    path = folder
+    for part in parts:
+        path = path / part
+        try:
+            mode = path.lstat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if stat.S_ISLNK(mode):
+            return None
+    if not stat.S_ISREG(mode) or not path.resolve().is_relative_to(folder.resolve()):
+        return None
+    return path
+
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_DOWNLOAD_HEADERS = {
+    "Accept-Ranges": {"description": "`bytes`.", "schema": {"type": "string"}},
+    "ETag": {"description": "A strong validator: send it as `If-Range` when resuming.", "schema": {"type": "string"}},
+    "Content-Range": {"description": "206 only: `bytes <first>-<last>/<size>`.", "schema": {"type": "string"}},
+}
+
+
+def download_responses(media_type: str, what: str) -> dict[int | str, dict[str, object]]:
+    """The 200 and 206 of a ranged download (for a route's ``responses=``)."""
+    return {
+        200: {"content": {media_type: _BINARY}, "description": f"{what}, whole.", "headers": _DOWNLOAD_HEADERS},
+        206: {"content": {media_type: _BINARY}, "description": f"The requested range of {what} (`Range: bytes=N-`).",
+              "headers": _DOWNLOAD_HEADERS},
+    }
+
+
+def file_download(request: Request, folder: Path, path: str) -> StreamingResponse:
+    """One file of ``folder`` by its relative path (404 for anything that is not a file inside it)."""
+    found = folder_file(folder, path)
+    if found is None:
+        raise ApiError(404, "not_found", f"no file {path!r} in this model folder; its listing names the files", "path")
+    return ranged_response(request, file_layout(found), media_type="application/octet-stream", filename=found.name)

@@ -12,7 +12,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from app.api.artifacts import export_files, tar_gz_stream
+from app.api.artifacts import (
+    download_responses,
+    export_files,
+    file_download,
+    ranged_response,
+    tar_gz_stream,
+    tar_layout,
+)
 from app.api.deps import DbDep, PrincipalDep, QueueDep, SettingsDep
 from app.api.errors import ApiError, error_responses, invalid_request
 from app.api.schemas import (
@@ -275,6 +282,18 @@ def get_job_metrics(job_id: str, principal: PrincipalDep, db: DbDep) -> JobMetri
     )
 
 
+def _downloadable_export(db: Database, job_id: str, principal: Principal) -> Path:
+    """The export folder of the caller's succeeded job; 404 / 409 otherwise."""
+    job = _job_for(db, job_id, principal)
+    if job.status != JobStatus.SUCCEEDED:
+        raise ApiError(409, "job_not_succeeded",
+                       f"job {job_id} is {job.status}; the model can be downloaded once it has succeeded", "job_id")
+    folder = _export_folder(job)
+    if folder is None:
+        raise ApiError(409, "artifacts_unavailable", f"the export folder of job {job_id} is no longer on disk", "job_id")
+    return folder
+
+
 def _export_folder(job: orm.Job) -> Path | None:
     if job.status != JobStatus.SUCCEEDED or not job.export_dir:
         return None
@@ -293,7 +312,8 @@ def _export_folder(job: orm.Job) -> Path | None:
 def list_job_artifacts(job_id: str, principal: PrincipalDep, db: DbDep) -> ArtifactList:
     folder = _export_folder(_job_for(db, job_id, principal))
     files = export_files(folder) if folder is not None else []
-    return ArtifactList(data=[Artifact(path=relative, size_bytes=size) for relative, _, size in files])
+    return ArtifactList(data=[Artifact(path=relative, size_bytes=size, download_url=f"/v1/jobs/{job_id}/model/files/{relative}")
+                              for relative, _, size in files])
 
 
 @router.get(
@@ -311,14 +331,48 @@ def list_job_artifacts(job_id: str, principal: PrincipalDep, db: DbDep) -> Artif
     },
 )
 def download_job_model(job_id: str, principal: PrincipalDep, db: DbDep) -> StreamingResponse:
-    job = _job_for(db, job_id, principal)
-    if job.status != JobStatus.SUCCEEDED:
-        raise ApiError(409, "job_not_succeeded",
-                       f"job {job_id} is {job.status}; the model can be downloaded once it has succeeded", "job_id")
-    folder = _export_folder(job)
-    if folder is None:
-        raise ApiError(409, "artifacts_unavailable", f"the export folder of job {job_id} is no longer on disk", "job_id")
+    folder = _downloadable_export(db, job_id, principal)
     return StreamingResponse(
         tar_gz_stream(folder, job_id), media_type="application/gzip",
         headers={"Content-Disposition": f'attachment; filename="{job_id}-model.tar.gz"'},
     )
+
+
+# The final model, resumable: the plain tar and each file, with Range (app/api/artifacts.py).
+_EXPORT_ERRORS = error_responses((409, 416), {
+    409: "The job has not succeeded (`job_not_succeeded`), or its export is gone (`artifacts_unavailable`).",
+    416: "The Range starts past the end (`range_not_satisfiable`); `Content-Range: bytes */<size>`.",
+})
+
+
+@router.get(
+    "/{job_id}/model.tar",
+    operation_id="download_job_model_tar",
+    summary="Download the exported model folder (resumable)",
+    description=(
+        "The exported Hugging Face folder as a plain (uncompressed, deterministic) tar whose top folder is the job "
+        "id, with Range support: resume an interrupted download with `Range: bytes=<bytes you have>-` and "
+        "`If-Range: <ETag>` (a stale ETag gets the whole archive again, 200)."
+    ),
+    response_class=StreamingResponse,
+    responses={**download_responses("application/x-tar", "The tar"), **_ERRORS, **_EXPORT_ERRORS},
+)
+def download_job_model_tar(request: Request, job_id: str, principal: PrincipalDep, db: DbDep) -> StreamingResponse:
+    folder = _downloadable_export(db, job_id, principal)
+    return ranged_response(request, tar_layout(folder, job_id), media_type="application/x-tar",
+                           filename=f"{job_id}-model.tar")
+
+
+@router.get(
+    "/{job_id}/model/files/{path:path}",
+    operation_id="download_job_model_file",
+    summary="Download one file of the exported model",
+    description="One file of the export (as `GET .../artifacts` lists them), with Range support.",
+    response_class=StreamingResponse,
+    responses={**download_responses("application/octet-stream", "The file"),
+               **error_responses((404,), {404: "No such job for this API key's tenant, or no such file (`not_found`)."}),
+               **_EXPORT_ERRORS},
+)
+def download_job_model_file(request: Request, job_id: str, path: str, principal: PrincipalDep,
+                            db: DbDep) -> StreamingResponse:
+    return file_download(request, _downloadable_export(db, job_id, principal), path)

@@ -79,8 +79,9 @@ class Transition(BaseModel):
 class ExportedModel(BaseModel):
     id: str = Field(description="Use as a model reference ({\"model\": id}), e.g. as the teacher of another job.")
     object: Literal["model"] = "model"
-    download_url: str
-    artifacts_url: str
+    download_url: str = Field(description="The folder as a streamed tar.gz (cannot resume).")
+    archive_url: str = Field(description="The folder as a plain tar with Range support: resumable (`Range: bytes=N-`).")
+    artifacts_url: str = Field(description="The folder's files, each with its own (resumable) download URL.")
 
 
 class Job(BaseModel):
@@ -147,6 +148,7 @@ class JobMetrics(BaseModel):
 class Artifact(BaseModel):
     path: str = Field(description="Relative to the export folder, '/'-separated.")
     size_bytes: int
+    download_url: str = Field(description="This file alone, with Range support.")
 
 
 class ArtifactList(BaseModel):
@@ -208,6 +210,43 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+# ------------------------------------------------------------------------------ checkpoints (app/api/checkpoints.py)
+
+
+class CheckpointModel(BaseModel):
+    """A checkpoint made into a Hugging Face folder (POST .../checkpoints/{id}/model builds it on a worker)."""
+
+    status: Literal["absent", "pending", "ready", "failed"] = Field(
+        description="absent: never asked for (POST .../model); pending: a worker is building it; ready: download it; "
+        "failed: see `error`, then POST again."
+    )
+    error: str | None = Field(default=None, description="Why the last build failed (status failed).")
+    size_bytes: int | None = Field(default=None, description="The folder's bytes on disk (status ready).")
+    archive_url: str | None = Field(
+        default=None, description="The folder as a plain tar with Range support (status ready)."
+    )
+    files: list[Artifact] = Field(default_factory=list, description="The folder's files (status ready).")
+
+
+class Checkpoint(BaseModel):
+    id: str = Field(description="`<stage>-<step, 8 digits>`, e.g. `distill-00000040`: stable and URL-safe.")
+    object: Literal["checkpoint"] = "checkpoint"
+    job_id: str
+    stage: str = Field(description="The training stage: `distill` (the student). π+/π− checkpoints are not listed.")
+    step: int = Field(description="Optimizer steps done when it was saved.")
+    created_at: datetime | None = Field(description="When it was saved (its checkpoint_saved event).")
+    size_bytes: int = Field(description="Bytes on disk of the checkpoint itself (its materialised model not counted).")
+    metrics: dict[str, float] = Field(description="The training metrics of that step (`loss`, `reward_margin`, ...).")
+    model: CheckpointModel
+    model_url: str = Field(description="POST here to make it a model folder; GET its files once `model.status` is ready.")
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Checkpoint] = Field(description="The checkpoints still on disk, oldest first.")
+    has_more: bool = False
+
+
 # --------------------------------------------------------------------------------------------- builders
 
 
@@ -221,7 +260,7 @@ def job_object(row: orm.Job, transitions: list[tuple[str, datetime]]) -> Job:
         # (which a multi-tenant service refuses as a model reference, and which is the server's business).
         model = ExportedModel(
             id=f"{JOB_MODEL_PREFIX}{row.id}", download_url=f"/v1/jobs/{row.id}/artifacts/model.tar.gz",
-            artifacts_url=f"/v1/jobs/{row.id}/artifacts",
+            archive_url=f"/v1/jobs/{row.id}/model.tar", artifacts_url=f"/v1/jobs/{row.id}/artifacts",
         )
     return Job(
         id=row.id, status=JobStatus(row.status), stage=row.stage,

@@ -85,7 +85,7 @@ def test_ctpd_end_to_end_then_cached(folders, tmp_path, monkeypatch):
 
     exported = result.export_dir
     run_dir = tmp_path / "runs" / "first"
-    assert not (run_dir / "distill").exists()  # checkpoints are dropped once the export is written
+    assert not (run_dir / "distill").exists()  # resume state is dropped once the export is written
     assert not list((run_dir / "contrastive").glob("*/step-*"))  # and once π± are published in the cache
     model = AutoModelForCausalLM.from_pretrained(str(exported))
     assert model.config.model_type == "llama"
@@ -202,13 +202,16 @@ def test_evaluation_uses_the_spec_batch_size(folders, tmp_path, monkeypatch):
 
 
 def test_a_finished_run_folder_holds_only_the_export(folders, tmp_path):
-    """The checkpoints go once the export is published, and nothing write-only is left beside it (issue 10:
-    a result.json that nothing read)."""
+    """The resume state goes once the export is published, and nothing write-only is left beside it (issue 10:
+    a result.json that nothing read): only the export and the kept checkpoints' weights, which the API lists and
+    makes into models (issue 11; tests/worker/test_checkpoint_model.py)."""
     student, teacher, dataset = folders
     spec = tiny_spec(student, teacher, dataset, weights={"source": "uniform"}, training={"max_steps": 1})
     run_context = context(tmp_path, "tidy")
     assert run_spec(spec, run_context).status == "succeeded"
-    assert sorted(path.name for path in run_context.run_dir.iterdir()) == ["export"]
+    assert sorted(path.name for path in run_context.run_dir.iterdir()) == ["checkpoints", "export"]
+    (kept,) = (run_context.run_dir / "checkpoints").iterdir()
+    assert sorted(path.name for path in kept.iterdir()) == ["metrics.json", "state.json", "trainable.safetensors"]
 
 
 def test_bad_dataset_is_a_clear_error(folders, tmp_path):

@@ -1,0 +1,80 @@
+"""The body of ``ctpd.materialize_checkpoint(job_id, checkpoint_id)``: a training checkpoint made into a model folder.
+
+Light work for the ``default`` queue: load the student's base on the CPU (so it never competes with a training
+job for GPU memory on the same machine), put the checkpoint's tensors back and write the folder next to the
+checkpoint (``worker.recipe.materialize_checkpoint``). The job's spec is re-read with the job's policy applied
+(``worker.policy``), as ``run_job`` does: the base a checkpoint needs is the one its job was allowed to load.
+
+The outcome is an event (``checkpoint_model_ready`` / ``checkpoint_model_failed``, data: checkpoint, step, error),
+unfenced: the job may be running, finished or cancelled, and this is no attempt of it. The folder itself is the
+proof of readiness (the API checks it on disk), so a duplicate delivery that finds it built does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from app.db import events as job_log
+from app.db import jobs as job_rows
+from app.db.engine import Database
+from app.policy import PolicyViolation
+from ctpd_core.catalog import ModelLoadError
+from ctpd_core.checkpoint_layout import find_checkpoint, parse_checkpoint_id, run_folder
+from ctpd_core.vocab import EventLevel, EventType
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MAX_ERROR = 2000
+
+
+def build_checkpoint_model(db: Database, settings: Settings, job_id: str, checkpoint: str) -> str:
+    """Build the model folder of ``checkpoint`` (an id like ``distill-00000040``); returns ready, failed or
+    skipped (no such job). Failures are recorded, never raised: this runs at a task boundary."""
+    job = job_rows.get_job(db, job_id)
+    if job is None:
+        logger.warning("materialize %s: job %s does not exist; nothing to do", checkpoint, job_id)
+        return "skipped"
+    parsed = parse_checkpoint_id(checkpoint)
+    data: dict[str, object] = {"checkpoint": checkpoint}
+    stored = None
+    if parsed is not None:
+        data["stage"], data["step"] = parsed
+        stored = find_checkpoint(run_folder(settings.artifact_root, job_id), *parsed)
+    if stored is None:
+        return _failed(db, job_id, data, f"checkpoint {checkpoint} is no longer on disk (a job keeps only its newest "
+                                         "checkpoints while it trains); pick one the listing shows")
+    if stored.model_ready():
+        return "ready"  # a duplicate delivery, or two requests: built once
+    started = time.monotonic()
+    try:
+        from ctpd_core.spec import JobSpec
+        from worker.policy import enforce_job_policy
+        from worker.recipe import materialize_checkpoint
+
+        spec = enforce_job_policy(db, JobSpec.model_validate(job.spec), job, settings)
+        folder = materialize_checkpoint(spec, stored, model_cache=settings.model_cache)
+    except (PolicyViolation, ModelLoadError, ValueError, OSError) as error:
+        # OSError: the checkpoint was pruned while its tensors were read, or the disk is full
+        logger.info("materialize %s of job %s failed: %s", checkpoint, job_id, error)
+        return _failed(db, job_id, data, str(error) or type(error).__name__)
+    except Exception as error:  # the task boundary: recorded as the build's failure, with the type for operators
+        logger.exception("materialize %s of job %s failed", checkpoint, job_id)
+        return _failed(db, job_id, data, f"internal error: {type(error).__name__}: {error}")
+    seconds = time.monotonic() - started
+    job_log.add_event(db, job_id, EventType.CHECKPOINT_MODEL_READY,
+                      f"checkpoint {checkpoint}: model folder ready ({seconds:.1f} s)", stage=stored.stage,
+                      data={**data, "seconds": round(seconds, 3)})
+    logger.info("materialize %s of job %s: %s in %.1f s", checkpoint, job_id, folder, seconds)
+    return "ready"
+
+
+def _failed(db: Database, job_id: str, data: dict[str, object], error: str) -> str:
+    error = error if len(error) <= MAX_ERROR else error[: MAX_ERROR - 3] + "..."
+    job_log.add_event(db, job_id, EventType.CHECKPOINT_MODEL_FAILED, f"checkpoint {data['checkpoint']}: {error}",
+                      level=EventLevel.WARNING, stage=str(data.get("stage") or "distill"), data={**data, "error": error})
+    return "failed"
