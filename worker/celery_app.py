@@ -29,10 +29,11 @@ Run one worker per GPU, each seeing one device::
 from __future__ import annotations
 
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, current_app
-from celery.signals import setup_logging, task_postrun, task_prerun
+from celery.signals import celeryd_after_setup, celeryd_init, setup_logging, task_postrun, task_prerun
 from kombu import Exchange, Queue
 
 from ctpd_core import logs
@@ -145,6 +146,15 @@ def create_celery(settings: Settings | None = None) -> Celery:
 # ------------------------------------------------------------------------------------------------ logging
 
 
+def _current_settings() -> Settings:
+    settings = getattr(current_app, "ctpd_settings", None)
+    if settings is None:
+        from app.settings import get_settings
+
+        settings = get_settings()
+    return settings
+
+
 @setup_logging.connect
 def _configure_worker_logging(loglevel: int | str | None = None, **_: Any) -> None:
     """The worker's logs are ctpd's (``ctpd_core.logs``): one root handler in the ``log_format`` setting (JSON
@@ -153,14 +163,32 @@ def _configure_worker_logging(loglevel: int | str | None = None, **_: Any) -> No
     skips redirecting stdout and stderr, so that is done here, as ``worker_redirect_stdouts`` asks: a stray
     print() becomes a log line (``celery.redirected``) instead of a line that is not JSON."""
     app = current_app
-    settings = getattr(app, "ctpd_settings", None)
-    if settings is None:
-        from app.settings import get_settings
-
-        settings = get_settings()
-    logs.configure_logging(settings.log_format, loglevel or logging.INFO)
+    chosen = logs.configure_logging(_current_settings().log_format, loglevel or logging.INFO)
     if app.conf.worker_redirect_stdouts:
         app.log.redirect_stdouts(app.conf.worker_redirect_stdouts_level)
+        if chosen == "json":
+            # Celery writes its notices for a person at the terminal ("worker: Warm shutdown (MainProcess)",
+            # "Hitting Ctrl+C again ...") to the descriptor of sys.__stdout__, past the redirect; pointed at the
+            # proxy, which has none, they are skipped, and a JSON log stays JSON (the warm shutdown has its own
+            # line: worker.tasks._hand_back_running_jobs). SIGUSR1's thread dump still goes to stderr.
+            sys.__stdout__ = sys.stdout
+
+
+@celeryd_init.connect
+def _quiet_banner_for_json(instance: Any = None, **_: Any) -> None:
+    """Celery prints its start-up banner straight to the real stdout, many lines of text: in a JSON log it is
+    one log line instead (:func:`_log_banner`)."""
+    banner_due = instance is not None and not getattr(instance, "quiet", True)
+    if banner_due and logs.resolve_format(_current_settings().log_format) == "json":
+        instance.quiet = True
+        instance.ctpd_log_banner = True
+
+
+@celeryd_after_setup.connect
+def _log_banner(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    startup_info = getattr(instance, "startup_info", None)
+    if getattr(instance, "ctpd_log_banner", False) and callable(startup_info):
+        logger.info("worker %s starting:\n%s", sender, startup_info(artlines=False).strip("\n"))
 
 
 # A job's process runs that one job (worker_max_tasks_per_child=1): the job context is process-wide, opened

@@ -372,6 +372,7 @@ def finished_job(tmp_path_factory, tiny_dataset_path, tiny_student_folder, tiny_
         job = wait_for_job(http, submitted.json()["id"], lambda job: job["status"] in TERMINAL, "finished", logs)
         assert job["status"] == "succeeded", logs()
         metrics_text = http.get("/metrics").text
+        worker.stop()  # its part is over; its log is then complete, the shutdown's lines included
         yield {"job": job, "metrics": metrics_text, "http": http, "api": api, "worker": worker, "logs": logs}
     finally:
         http.close()
@@ -437,11 +438,11 @@ def _json_lines(path: Path) -> list[dict]:
 def test_the_job_logs_json_lines_with_its_fields(finished_job):
     job = finished_job["job"]
     worker_lines = _json_lines(finished_job["worker"].log_path)  # every line, start-up and shutdown included
-    job_pid = int(job["worker_id"].rsplit(":", 1)[1])
     in_job = [line for line in worker_lines if line.get("job_id") == job["id"]]
     assert in_job, finished_job["logs"]()
-    assert {line["pid"] for line in in_job} == {job_pid}  # the job's own process, not the parent that received it
     claimed = next(i for i, line in enumerate(in_job) if line["message"].startswith(f"job {job['id']}: attempt 1"))
+    job_pid = in_job[claimed]["pid"]
+    assert {line["pid"] for line in in_job} == {job_pid}  # the job's own process, not the parent that received it
     for line in in_job[claimed:]:  # from the claim on, every line names the attempt and the tenant
         assert (line["attempt"], line["tenant"]) == (1, TENANT), line
         assert "stage" in line
