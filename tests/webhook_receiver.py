@@ -32,7 +32,7 @@ class Received:
     headers: dict[str, str]
     verified: bool
     verify_error: str | None
-    answered: int  # the status this receiver answered with
+    answered: int | None  # the status this receiver answered with; None: held, never answered (stall_first)
 
     @property
     def payload(self) -> dict[str, Any]:
@@ -44,12 +44,15 @@ class Received:
 
 
 class WebhookReceiver:
-    """``fail_first``: answer the first N requests with ``fail_status`` (whatever their id); ``fail_all``: every one."""
+    """``fail_first``: answer the first N requests with ``fail_status`` (whatever their id); ``fail_all``: every one;
+    ``stall_first``: hold the first N requests unanswered until the receiver stops (a sender that dies mid-send)."""
 
     def __init__(self, *, secret: str | None = None, fail_first: int = 0, fail_status: int = 503,
-                 fail_all: bool = False) -> None:
+                 fail_all: bool = False, stall_first: int = 0) -> None:
         self.secret = secret
         self.fail_first, self.fail_status, self.fail_all = fail_first, fail_status, fail_all
+        self.stall_first = stall_first
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
         self.requests: list[Received] = []
         receiver = self
@@ -81,13 +84,20 @@ class WebhookReceiver:
         except standardwebhooks.WebhookVerificationError as refused:
             error = str(refused) or type(refused).__name__
         with self._lock:
+            stalled = len(self.requests) < self.stall_first
             failing = self.fail_all or len(self.requests) < self.fail_first
             status = 400 if not verified else self.fail_status if failing else 204
             self.requests.append(Received(headers.get("webhook-id", ""), headers.get("webhook-timestamp", ""), body,
-                                          headers, verified, error, status))
-        handler.send_response(status)
-        handler.send_header("content-length", "0")
-        handler.end_headers()
+                                          headers, verified, error, None if stalled else status))
+        if stalled:
+            self._stopping.wait(120)
+            return
+        try:
+            handler.send_response(status)
+            handler.send_header("content-length", "0")
+            handler.end_headers()
+        except OSError:  # the sender hung up (its timeout, or it died)
+            pass
 
     # ---------------------------------------------------------------------------------------- reading
 
@@ -97,7 +107,7 @@ class WebhookReceiver:
 
     def delivered(self) -> list[Received]:
         """The requests answered 2xx, in arrival order."""
-        return [request for request in self.received() if 200 <= request.answered < 300]
+        return [request for request in self.received() if request.answered is not None and 200 <= request.answered < 300]
 
     def unverified(self) -> list[Received]:
         return [request for request in self.received() if not request.verified]
@@ -121,6 +131,7 @@ class WebhookReceiver:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self._stopping.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)

@@ -13,9 +13,9 @@ leaves a pending row that the next one sends.
 **The body is frozen** when the message is written (JSON text), and the row's id is the ``webhook-id``, so every
 retry and every redelivery of a message is byte-identical and carries the same id: the receiver's idempotency key.
 
-**Sending** (:mod:`app.webhooks.dispatcher`): :func:`claim_due` leases due messages by compare-and-set (``UPDATE
-... WHERE lease_expires_at < now``; SQLite and PostgreSQL alike), so two dispatchers never send one message at
-once, and counts the attempt at the claim (an attempt that died mid-send still counts). :func:`record_attempt`
+**Sending** (:mod:`app.webhooks.dispatcher`): :func:`claim` leases a due message right before its send by
+compare-and-set (``UPDATE ... WHERE lease_expires_at < now``; SQLite and PostgreSQL alike), so two dispatchers
+never send one message at once, and counts the attempt at the claim (an attempt that died mid-send still counts). :func:`record_attempt`
 writes the attempt's log row and the message's next state, fenced by (lease owner, attempt), and counts the
 endpoint's run of failures, disabling it (with a log entry the tenant reads) once the run is long enough.
 """
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, event, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, event, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Mapper
 
 from app.db.engine import Database, escape_nul, updated_rows
@@ -126,7 +126,7 @@ def update_webhook(db: Database, webhook_id: str, tenant: str, *, enabled: bool 
             row.url = url
         if description is not _UNSET:
             row.description = escape_nul(description)
-        if enabled is True and not row.enabled:
+        if enabled is True:  # (again): the run of failures ends either way
             row.enabled, row.disabled_reason, row.disabled_at, row.consecutive_failures = True, None, None, 0
         elif enabled is False and row.enabled:
             row.enabled, row.disabled_reason, row.disabled_at = False, "disabled with PATCH /v1/webhooks/{id}", now
@@ -160,7 +160,7 @@ _STATUS_EVENTS = {
 }
 
 # Why a job is queued (again), for the receiver: the event that put it there.
-_QUEUED_REASONS = {EventType.JOB_CREATED: "created", EventType.JOB_RESTARTED: "requeued",
+_QUEUED_REASONS: dict[str, str] = {EventType.JOB_CREATED: "created", EventType.JOB_RESTARTED: "requeued",
                    EventType.JOB_HANDED_BACK: "handed_back"}
 
 
@@ -252,37 +252,45 @@ class Claimed:
     event_type: str
 
 
-def claim_due(db: Database, owner: str, *, now: datetime, lease_seconds: float, limit: int) -> list[Claimed]:
-    """Lease up to ``limit`` due messages of enabled endpoints, oldest due first (compare-and-set per row: a
-    message another dispatcher leased first is skipped)."""
+def _due(now: datetime) -> Any:
+    """A pending message whose time has come, that no live lease holds, of an enabled endpoint."""
     free = or_(WebhookMessage.lease_expires_at.is_(None), WebhookMessage.lease_expires_at < now)
-    due = and_(WebhookMessage.status == PENDING, WebhookMessage.next_attempt_at <= now, free)
+    enabled = exists().where(Webhook.id == WebhookMessage.webhook_id, Webhook.enabled.is_(True))
+    return and_(WebhookMessage.status == PENDING, WebhookMessage.next_attempt_at <= now, free, enabled)
+
+
+def due_messages(db: Database, *, now: datetime, limit: int) -> list[str]:
+    """The ids of up to ``limit`` due messages, oldest due first (candidates: :func:`claim` decides)."""
     with db.read() as session:
-        candidates = list(session.scalars(
-            select(WebhookMessage.id).join(Webhook, Webhook.id == WebhookMessage.webhook_id)
-            .where(due, Webhook.enabled.is_(True))
+        return list(session.scalars(
+            select(WebhookMessage.id).where(_due(now))
             .order_by(WebhookMessage.next_attempt_at, WebhookMessage.created_at, WebhookMessage.event_id)
             .limit(limit)))
-    claimed = []
-    for message_id in candidates:
-        with db.write() as session:
-            if not updated_rows(session, update(WebhookMessage).where(WebhookMessage.id == message_id, due).values(
-                    lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    attempts=WebhookMessage.attempts + 1)):
-                continue
-            row = session.execute(
-                select(WebhookMessage, Webhook.url, Webhook.secret, Webhook.enabled)
-                .join(Webhook, Webhook.id == WebhookMessage.webhook_id).where(WebhookMessage.id == message_id)
-                .execution_options(populate_existing=True)
-            ).one()
-            message, url, secret, enabled = row
-            if not enabled:  # disabled between the read and the lease: give the lease back, uncounted
-                session.execute(update(WebhookMessage).where(WebhookMessage.id == message_id).values(
-                    lease_owner=None, lease_expires_at=None, attempts=WebhookMessage.attempts - 1))
-                continue
-            claimed.append(Claimed(message.id, message.webhook_id, url, secret, message.body, message.attempts,
-                                   message.retry_from, message.event_type))
-    return claimed
+
+
+def claim(db: Database, message_id: str, owner: str, *, now: datetime, lease_seconds: float) -> Claimed | None:
+    """Lease one due message by compare-and-set and count the attempt; None when it is no longer due (sent,
+    leased by another dispatcher, its endpoint disabled or deleted). Claimed right before its send, so a lease
+    only has to outlive one attempt."""
+    with db.write() as session:
+        if not updated_rows(session, update(WebhookMessage).where(WebhookMessage.id == message_id, _due(now)).values(
+                lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
+                attempts=WebhookMessage.attempts + 1)):
+            return None
+        message, url, secret = session.execute(
+            select(WebhookMessage, Webhook.url, Webhook.secret)
+            .join(Webhook, Webhook.id == WebhookMessage.webhook_id).where(WebhookMessage.id == message_id)
+            .execution_options(populate_existing=True)
+        ).one()
+        return Claimed(message.id, message.webhook_id, url, secret, message.body, message.attempts,
+                       message.retry_from, message.event_type)
+
+
+def claim_due(db: Database, owner: str, *, now: datetime, lease_seconds: float, limit: int) -> list[Claimed]:
+    """Lease up to ``limit`` due messages at once (tests, and a sender that sends them all at once)."""
+    claimed = (claim(db, message_id, owner, now=now, lease_seconds=lease_seconds)
+               for message_id in due_messages(db, now=now, limit=limit))
+    return [message for message in claimed if message is not None]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The outbox dispatcher: sends due webhook messages, signed, and schedules the retries.
 
-One pass (:meth:`Dispatcher.run_once`) leases the due messages (:func:`app.db.webhooks.claim_due`: a row lease
-by compare-and-set, so the API processes that each run a dispatcher never send one message at once), checks each
+One pass (:meth:`Dispatcher.run_once`) reads the due messages and leases each right before its send
+(:func:`app.db.webhooks.claim`: a row lease by compare-and-set, so the API processes that each run a dispatcher
+never send one message at once), checks each
 URL again with the address guard (DNS can change; a refusal is a failed attempt with the reason), POSTs the
 frozen body with the Standard Webhooks headers (``webhook-id`` = the message id on every attempt; a fresh
 timestamp and signature per attempt), redirects not followed, within ``webhook_timeout_seconds``, and records
@@ -70,7 +71,8 @@ class Dispatcher:
         self.backoff = backoff or Backoff()
         self.clock, self.resolver = clock, resolver
         self.batch_size, self.concurrency = batch_size, concurrency
-        # A lease outlives an attempt's timeout by a wide margin: it only has to end a dead dispatcher's hold.
+        # A message is leased right before its send, so the lease only has to outlive one attempt (by a wide margin:
+        # it exists to end a dead dispatcher's hold).
         self.lease_seconds = settings.webhook_timeout_seconds * 2 + 30
         # No redirects (a 3xx is a failure: a redirect could lead past the address guard), no proxies from the
         # environment (they would bypass it too), no cookies kept between endpoints.
@@ -81,21 +83,19 @@ class Dispatcher:
         self.client.close()
 
     def run_once(self) -> int:
-        """Send every message due now (up to ``batch_size``); returns how many attempts were made."""
-        claimed = webhook_rows.claim_due(self.db, self.owner, now=self.clock(), lease_seconds=self.lease_seconds,
-                                         limit=self.batch_size)
-        if not claimed:
-            return 0
-        if self.concurrency <= 1 or len(claimed) == 1:
-            for message in claimed:
-                self._attempt(message)
-        else:
-            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(claimed)),
-                                    thread_name_prefix="webhook-send") as pool:
-                list(pool.map(self._attempt, claimed))
-        return len(claimed)
+        """Send the messages due now (up to ``batch_size``), each leased right before its send; returns how many
+        attempts were made."""
+        due = webhook_rows.due_messages(self.db, now=self.clock(), limit=self.batch_size)
+        if self.concurrency <= 1 or len(due) <= 1:
+            return sum(self._attempt(message_id) for message_id in due)
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(due)), thread_name_prefix="webhook-send") as pool:
+            return sum(pool.map(self._attempt, due))
 
-    def _attempt(self, message: webhook_rows.Claimed) -> None:
+    def _attempt(self, message_id: str) -> bool:
+        """Claim, send and record one message; False when another dispatcher had it first."""
+        message = webhook_rows.claim(self.db, message_id, self.owner, now=self.clock(), lease_seconds=self.lease_seconds)
+        if message is None:
+            return False
         result = self.send(message)
         now = self.clock()
         next_attempt_at = None
@@ -112,6 +112,7 @@ class Dispatcher:
         if outcome is not None and outcome != "delivered":
             logger.info("webhook %s message %s (%s) attempt %d %s: %s", message.webhook_id, message.message_id,
                         message.event_type, message.attempt, outcome, result.error)
+        return True
 
     def send(self, message: webhook_rows.Claimed) -> webhook_rows.AttemptResult:
         """One signed POST of the message; never raises (every failure is a failed attempt with its reason)."""

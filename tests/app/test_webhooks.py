@@ -8,6 +8,8 @@ time; the receiver is a real HTTP server and every request it gets is checked by
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -28,7 +30,7 @@ from app.settings import Settings
 from app.webhooks import signing
 from app.webhooks.dispatcher import Backoff, Dispatcher
 from app.webhooks.targets import TargetRefused, check_url, pinned_request
-from tests.app.conftest import SPEC, _client_for
+from tests.app.conftest import REPO_ROOT, SPEC, _client_for
 from tests.live_service import serving, wait_until
 from tests.webhook_receiver import WebhookReceiver
 
@@ -440,6 +442,45 @@ def test_a_dispatcher_that_dies_after_the_commit_loses_nothing(db: Database, ali
     late = webhook_rows.record_attempt(db, doomed, "doomed", webhook_rows.AttemptResult(False, None, None, "late"),
                                        now=clock(), next_attempt_at=clock(), disable_after=50)
     assert late is None and webhook_rows.list_messages(db, webhook_id)[0].status == "delivered"
+
+
+DISPATCH_ONCE = """
+import sys
+from app.db.engine import Database
+from app.settings import Settings
+from app.webhooks.dispatcher import Dispatcher
+
+settings = Settings(database_url=sys.argv[1], broker_url="memory://", webhook_allow_private_targets=True,
+                    webhook_timeout_seconds=60)
+Dispatcher(Database(sys.argv[1]), settings, concurrency=1).run_once()
+"""
+
+
+def test_a_dispatcher_process_killed_mid_send_loses_nothing(db: Database, alice, settings: Settings, clock, tmp_path):
+    """A real dispatcher process leases the committed message and is SIGKILLed while the receiver holds its
+    request; a new dispatcher sends the same message (same webhook-id, same body) once the lease runs out."""
+    with WebhookReceiver(stall_first=1) as receiver:
+        webhook_id = subscribe(alice, receiver, event_types=["job.queued"])["id"]
+        new_job(db)
+        doomed = subprocess.Popen([sys.executable, "-c", DISPATCH_ONCE, settings.database_url], cwd=REPO_ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_until(lambda: receiver.received() or doomed.poll() is not None, 60, "the doomed dispatcher's request")
+            assert doomed.poll() is None, doomed.stderr.read().decode() if doomed.stderr else ""
+        finally:
+            doomed.kill()
+            doomed.wait(30)
+        rescuer = Dispatcher(db, settings, clock=clock, concurrency=1)
+        assert rescuer.run_once() == 0  # still leased by the dead process
+        clock.advance(60 * 2 + 30 + 1)  # its lease: twice its timeout plus 30 s
+        assert rescuer.run_once() == 1
+        rescuer.close()
+        stalled, delivered = receiver.received()
+        assert stalled.answered is None and delivered.answered == 204
+        assert stalled.message_id == delivered.message_id and stalled.body == delivered.body
+        assert stalled.verified and delivered.verified
+        (entry,) = alice.get(f"/v1/webhooks/{webhook_id}/deliveries").json()["data"]
+        assert entry["attempt"] == 2 and entry["outcome"] == "delivered"
 
 
 def test_concurrent_dispatchers_never_send_one_message_twice(db: Database, alice, settings: Settings, receiver):

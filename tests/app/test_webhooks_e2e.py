@@ -23,8 +23,8 @@ from app.settings import Settings
 from tests.live_service import (
     TERMINAL,
     reachable,
-    serving,
     service_env,
+    serving,
     tiny_job,
     upload_dataset,
     wait_for_job,
