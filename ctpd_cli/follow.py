@@ -209,7 +209,9 @@ class JobTracker:
             self.rates.setdefault(kind, seconds / sum(u for u in units if u is not None))
 
     def metrics(self, metrics: Mapping[str, Any], stage: str | None, detail: str | None) -> None:
-        """The latest loss of the training sub-stage running now (``distill/loss``, ``contrastive:positive/loss``)."""
+        """The latest loss of the training sub-stage running now (``distill/loss``, ``contrastive:positive/loss``);
+        none until that sub-stage has one (another sub-stage's loss is not shown as this one's)."""
+        self.loss = None
         if stage is None:
             return
         series = (metrics.get("data") or {}).get(f"{stage}:{detail}/loss" if detail else f"{stage}/loss")
@@ -402,7 +404,7 @@ def follow(client: FollowClient, job_id: str, display: Display, *, poll_seconds:
     tracker = JobTracker(current.get("spec") or {})
     started = clock()
     after: int | None = None
-    metrics_at = -math.inf
+    metrics_at, metrics_of = -math.inf, None
     try:
         while True:
             has_more = True
@@ -414,10 +416,12 @@ def follow(client: FollowClient, job_id: str, display: Display, *, poll_seconds:
                     display.event(event, clock() - started)
                 has_more = bool(page.get("has_more")) and bool(page["data"])
             current = client.job(job_id)
-            detail = (current.get("progress") or {}).get("detail")
-            if current.get("stage") in TRAINING and clock() - metrics_at >= METRICS_INTERVAL:
-                tracker.metrics(client.metrics(job_id), current.get("stage"), detail)
-                metrics_at = clock()
+            running = (current.get("stage"), (current.get("progress") or {}).get("detail"))
+            if running[0] in TRAINING and (running != metrics_of or clock() - metrics_at >= METRICS_INTERVAL):
+                tracker.metrics(client.metrics(job_id), *running)
+                metrics_at, metrics_of = clock(), running
+            elif running[0] not in TRAINING:
+                tracker.loss = None
             display.update(tracker.view(current), clock() - started)
             if current["status"] in TERMINAL_STATUSES:
                 # Events written with the final status are read once more, so none is left unshown.

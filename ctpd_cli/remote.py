@@ -125,9 +125,10 @@ def follow_job(args: argparse.Namespace, client: Any, job: Mapping[str, Any]) ->
     if final["status"] == JobStatus.SUCCEEDED:
         print("evaluation (held-out pairs):")
         print(evaluation_table(client.metrics(job_id)))
-        model = final.get("model") or {}
-        print(f"model: {model.get('id')} (use it as {{\"model\": \"{model.get('id')}\"}} in another job)")
-        print(f"download: ctpd jobs download {job_id}  ({client.url}{model.get('download_url', '')})")
+        model = final.get("model")
+        if model:
+            print(f"model: {model['id']} (use it as {{\"model\": \"{model['id']}\"}} in another job)")
+            print(f"download: ctpd jobs download {job_id}  ({client.url}{model['download_url']})")
         return 0
     return 1
 
