@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from ctpd_cli.follow import BarDisplay, JobTracker, LineDisplay, format_seconds, plan_stages, replay, substage_label
+from ctpd_cli.follow import (
+    BarDisplay,
+    JobTracker,
+    LineDisplay,
+    format_seconds,
+    plan_stages,
+    replay,
+    substage_label,
+)
 
 # A resolved ctpd spec (the service returns every default filled in), with small sizes.
 SPEC: dict[str, Any] = {

@@ -28,7 +28,6 @@ from tests.app.conftest import SPEC
 from tests.live_service import free_port, serving
 
 
-
 @pytest.fixture
 def database_url(tmp_path, migrated_sqlite_template) -> str:
     """SQLite only: these tests are about the client, not the database (the API tests cover both)."""

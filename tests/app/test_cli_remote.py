@@ -258,8 +258,8 @@ def test_keys_through_the_api_with_an_admin_key_and_in_the_database(server, admi
 
 def _drive(db, job_id: str, seen: Any) -> None:
     """Play a worker's attempt through the worker's own observer, one state per poll of the follower."""
-    from worker.sinks import DbObserver
     from ctpd_core.observe import Progress
+    from worker.sinks import DbObserver
 
     claimed = job_rows.claim_job(db, job_id, "w1", 60)
     assert claimed is not None
