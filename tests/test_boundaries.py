@@ -1,6 +1,6 @@
 """The import rules of design.md, each checked in a fresh interpreter by looking at ``sys.modules``.
 
-* The torch-free core modules (``ctpd_core.spec``, ``.vocab``, ``.data``, ``.catalog``, ``.held_paths``, ``.checkpoint_layout``) and every ``app``
+* The torch-free core modules (``ctpd_core.spec``, ``.vocab``, ``.data``, ``.catalog``, ``.held_paths``, ``.checkpoint_layout``, ``.logs``) and every ``app``
   module import no torch (the API image carries none); ``app`` imports nothing of ``ctpd_core`` but those, and
   nothing of ``worker``.
 * ``ctpd_core`` imports no fastapi, celery, sqlalchemy, redis, ``app`` or ``worker``: the method is a library.
@@ -48,7 +48,7 @@ SERVICE = {"fastapi", "celery", "sqlalchemy", "redis", "kombu", "uvicorn", "star
 
 
 TORCH_FREE_CORE = {"ctpd_core.spec", "ctpd_core.vocab", "ctpd_core.data", "ctpd_core.catalog", "ctpd_core.held_paths",
-                   "ctpd_core.checkpoint_layout"}
+                   "ctpd_core.checkpoint_layout", "ctpd_core.logs"}
 
 
 @pytest.mark.parametrize("module", [*sorted(TORCH_FREE_CORE), *_modules_of("app")])
