@@ -1,0 +1,137 @@
+"""GET /v1/jobs/{id}/checkpoints after a real (tiny) training run that reported to the database, a checkpoint made
+into a model by the worker's task body and downloaded (archive with a resumed Range, one file), loaded with
+transformers: its weights are the checkpoint's. Pruned checkpoints answer 410, unknown ones 404, another tenant
+gets 404 everywhere, and a build that cannot work is shown failed with its reason."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from app.db import events as job_log
+from app.db import jobs as job_rows
+from ctpd_core.checkpoint_layout import TRAINABLE_FILE, run_folder
+from tests.worker.test_recipe import tiny_spec
+from worker.checkpoint_models import build_checkpoint_model
+from worker.recipe import RunContext, run_spec
+from worker.sinks import DbObserver
+
+
+@pytest.fixture
+def trained_job(db, settings, tiny_student_folder, tiny_teacher_folder, tiny_dataset_path):
+    """A succeeded job of tenant acme, trained for 4 steps with a checkpoint after each (fit keeps the last 2)."""
+    spec = tiny_spec(tiny_student_folder, tiny_teacher_folder, tiny_dataset_path, weights={"source": "uniform"},
+                     training={"checkpoint_every": 1}, export={"dtype": "bf16"})
+    job, _ = job_rows.create_job(db, tenant="acme", spec=spec.model_dump(mode="json"), name="ckpt", metadata={},
+                                 idempotency_key=None, request_hash="h", max_attempts=3)
+    assert job_rows.claim_job(db, job.id, "test-worker:1", lease_seconds=60) is not None
+    observer = DbObserver(db, job.id, attempt=1)
+    context = RunContext(artifact_root=settings.artifact_root, run_dir=run_folder(settings.artifact_root, job.id),
+                         model_cache=settings.model_cache, device=torch.device("cpu"), observer=observer,
+                         inference_batch_size=4, generation=1)
+    result = run_spec(spec, context)
+    assert result.status == "succeeded" and observer.close(deadline_seconds=10)
+    assert job_rows.finish_job(db, job.id, "test-worker:1", "succeeded", export_dir=result.export_dir,
+                               attempt=1) == "succeeded"
+    return job.id
+
+
+def test_checkpoints_are_listed_made_into_models_and_downloaded(alice, bob, db, settings, queue, trained_job,
+                                                               tmp_path):
+    job_id = trained_job
+    listing = alice.get(f"/v1/jobs/{job_id}/checkpoints")
+    assert listing.status_code == 200, listing.text
+    checkpoints = listing.json()["data"]
+    assert [(c["id"], c["step"], c["stage"]) for c in checkpoints] == [
+        ("distill-00000003", 3, "distill"), ("distill-00000004", 4, "distill")]
+    losses = {step: value for stage, step, value in job_log.metric_series(db, job_id)["loss"] if stage == "distill"}
+    run_dir = run_folder(settings.artifact_root, job_id)
+    for checkpoint in checkpoints:
+        assert checkpoint["metrics"]["loss"] == pytest.approx(losses[checkpoint["step"]])
+        folder = run_dir / "checkpoints" / checkpoint["id"]
+        assert checkpoint["size_bytes"] == sum(path.stat().st_size for path in folder.iterdir())
+        assert checkpoint["created_at"] and checkpoint["model"] == {
+            "status": "absent", "error": None, "size_bytes": None, "archive_url": None, "files": []}
+        assert checkpoint["model_url"] == f"/v1/jobs/{job_id}/checkpoints/{checkpoint['id']}/model"
+
+    # Saved but pruned by keep_checkpoints: 410; never saved, or not an id: 404.
+    for pruned in ("distill-00000001", "distill-00000002"):
+        gone = alice.get(f"/v1/jobs/{job_id}/checkpoints/{pruned}")
+        assert gone.status_code == 410 and gone.json()["error"]["code"] == "checkpoint_pruned"
+        assert alice.post(f"/v1/jobs/{job_id}/checkpoints/{pruned}/model").status_code == 410
+    for unknown in ("distill-00000009", "contrastive-00000001", "step-00000003", "%2e%2e", "distill-3"):
+        assert alice.get(f"/v1/jobs/{job_id}/checkpoints/{unknown}").status_code == 404, unknown
+
+    # Another tenant sees nothing of it.
+    wanted = "distill-00000003"
+    for method, url in (("GET", f"/v1/jobs/{job_id}/checkpoints"), ("GET", f"/v1/jobs/{job_id}/checkpoints/{wanted}"),
+                        ("POST", f"/v1/jobs/{job_id}/checkpoints/{wanted}/model"),
+                        ("GET", f"/v1/jobs/{job_id}/checkpoints/{wanted}/model.tar")):
+        response = bob.request(method, url)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", url
+    assert queue.checkpoint_models == []
+
+    # Not built yet: nothing to download.
+    not_ready = alice.get(f"/v1/jobs/{job_id}/checkpoints/{wanted}/model.tar")
+    assert not_ready.status_code == 409 and not_ready.json()["error"]["code"] == "checkpoint_model_not_ready"
+
+    # Asked for: 202 pending and one task on the queue; the worker builds it; then it is ready (200, nothing queued).
+    asked = alice.post(f"/v1/jobs/{job_id}/checkpoints/{wanted}/model")
+    assert asked.status_code == 202 and asked.json()["model"]["status"] == "pending"
+    assert queue.checkpoint_models == [(job_id, wanted)]
+    assert alice.get(f"/v1/jobs/{job_id}/checkpoints/{wanted}").json()["model"]["status"] == "pending"
+    assert build_checkpoint_model(db, settings, job_id, wanted) == "ready"
+    ready = alice.get(f"/v1/jobs/{job_id}/checkpoints/{wanted}").json()["model"]
+    assert ready["status"] == "ready" and ready["size_bytes"] > 0
+    files = {item["path"]: item for item in ready["files"]}
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(files)
+    again = alice.post(f"/v1/jobs/{job_id}/checkpoints/{wanted}/model")
+    assert again.status_code == 200 and queue.checkpoint_models == [(job_id, wanted)]
+    types = [event["type"] for event in alice.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["data"]]
+    assert types.count("checkpoint_model_requested") == 1 and types.count("checkpoint_model_ready") == 1
+
+    # The archive, cut mid-way and resumed, then loaded with transformers: the checkpoint's weights, in bf16.
+    url = ready["archive_url"]
+    whole = alice.get(url)
+    assert whole.status_code == 200
+    cut = len(whole.content) // 2
+    rest = alice.get(url, headers={"Range": f"bytes={cut}-", "If-Range": whole.headers["etag"]})
+    assert rest.status_code == 206 and whole.content[:cut] + rest.content == whole.content
+    with tarfile.open(fileobj=io.BytesIO(whole.content)) as archive:
+        archive.extractall(tmp_path, filter="data")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / f"{job_id}-{wanted}"))
+    assert model.dtype == torch.bfloat16
+    parameters = dict(model.named_parameters())
+    trained = load_file(str(run_dir / "checkpoints" / wanted / TRAINABLE_FILE))
+    assert all(torch.equal(parameters[name], tensor.to(torch.bfloat16)) for name, tensor in trained.items())
+
+    one = alice.get(files["model.safetensors"]["download_url"], headers={"Range": "bytes=0-7"})
+    on_disk = (run_dir / "checkpoints" / wanted / "model" / "model.safetensors").read_bytes()
+    assert one.status_code == 206 and one.content == on_disk[:8]
+    assert bob.get(files["config.json"]["download_url"]).status_code == 404
+
+
+def test_a_build_that_cannot_work_is_shown_failed_with_its_reason(alice, db, settings, queue, trained_job):
+    job_id, broken = trained_job, "distill-00000004"
+    tensors = run_folder(settings.artifact_root, job_id) / "checkpoints" / broken / TRAINABLE_FILE
+    save_file({"model.not_a_parameter": torch.zeros(2)}, str(tensors))
+    assert alice.post(f"/v1/jobs/{job_id}/checkpoints/{broken}/model").status_code == 202
+    assert build_checkpoint_model(db, settings, job_id, broken) == "failed"
+    model = alice.get(f"/v1/jobs/{job_id}/checkpoints/{broken}").json()["model"]
+    assert model["status"] == "failed" and "model.not_a_parameter" in model["error"]
+    # Asking again queues it again (the listing goes back to pending until the worker answers).
+    assert alice.post(f"/v1/jobs/{job_id}/checkpoints/{broken}/model").json()["model"]["status"] == "pending"
+    assert queue.checkpoint_models == [(job_id, broken), (job_id, broken)]
+
+
+def test_a_queue_outage_is_a_503_and_recorded(alice, queue, trained_job):
+    queue.fail_with = ConnectionError("broker down")
+    response = alice.post(f"/v1/jobs/{trained_job}/checkpoints/distill-00000003/model")
+    assert response.status_code == 503 and response.headers["retry-after"]
+    model = alice.get(f"/v1/jobs/{trained_job}/checkpoints/distill-00000003").json()["model"]
+    assert model["status"] == "failed" and "ask again" in model["error"]
