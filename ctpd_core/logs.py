@@ -96,11 +96,11 @@ def update_job_context(*, attempt: int | None = None, tenant: str | None = None,
     stage as each starts); None leaves a field as it is. Outside :func:`job_context` it does nothing, so a
     caller that runs without one (a test calling the task body) stamps nothing by accident."""
     global _job
-    changes = {name: value for name, value in (("attempt", attempt), ("tenant", tenant), ("stage", stage))
-               if value is not None}
     with _job_lock:
-        if _job is not None and changes:
-            _job = replace(_job, **changes)
+        if _job is not None:
+            _job = replace(_job, attempt=_job.attempt if attempt is None else attempt,
+                           tenant=_job.tenant if tenant is None else tenant,
+                           stage=_job.stage if stage is None else stage)
 
 
 def current_job() -> JobFields | None:

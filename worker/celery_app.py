@@ -171,7 +171,7 @@ def _configure_worker_logging(loglevel: int | str | None = None, **_: Any) -> No
             # "Hitting Ctrl+C again ...") to the descriptor of sys.__stdout__, past the redirect; pointed at the
             # proxy, which has none, they are skipped, and a JSON log stays JSON (the warm shutdown has its own
             # line: worker.tasks._hand_back_running_jobs). SIGUSR1's thread dump still goes to stderr.
-            sys.__stdout__ = sys.stdout
+            sys.__stdout__ = sys.stdout  # type: ignore[misc,assignment]  # typeshed calls it final; it is not
 
 
 @celeryd_init.connect
