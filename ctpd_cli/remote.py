@@ -339,8 +339,9 @@ def _byte_progress(label: str) -> tuple[Callable[[int, int | None], None] | None
 
 @remote_command
 def cmd_jobs_download(args: argparse.Namespace, client: Any) -> int:
-    """The exported model of a succeeded job: the archive (``model.tar.gz``), or with ``--file`` one file of the
-    folder. Resumable: run the same command again after an interruption."""
+    """The exported model of a succeeded job: the archive (the plain tar of ``model.archive_url``, or the tar.gz of
+    ``model.download_url`` from a service without it), or with ``--file`` one file of the folder. Resumable: run the
+    same command again after an interruption and it continues the ``.part`` file."""
     from urllib.parse import quote
 
     job_id = args.job_id
@@ -355,8 +356,12 @@ def cmd_jobs_download(args: argparse.Namespace, client: Any) -> int:
         job = client.job(job_id)
         if job["status"] != JobStatus.SUCCEEDED:
             raise ValueError(f"job {job_id} is {job['status']}; its model can be downloaded once it has succeeded")
-        path = (job.get("model") or {}).get("download_url") or f"/v1/jobs/{job_id}/artifacts/model.tar.gz"
-        target = _download_target(args.output, f"{job_id}-model.tar.gz")
+        model = job.get("model") or {}
+        if model.get("archive_url"):  # the plain tar, which resumes with Range
+            path, name = model["archive_url"], f"{job_id}-model.tar"
+        else:  # a service without it: the tar.gz, which starts over after an interruption
+            path, name = model.get("download_url") or f"/v1/jobs/{job_id}/artifacts/model.tar.gz", f"{job_id}-model.tar.gz"
+        target = _download_target(args.output, name)
     progress, close = _byte_progress(target.name)
     try:
         written = client.download(path, target, progress=progress)
@@ -559,7 +564,7 @@ def add_commands(commands: Any) -> None:
     download = jobs_commands.add_parser("download", help="the exported model (archive, or one file); resumable")
     download.add_argument("job_id")
     download.add_argument("-o", "--output", metavar="DIR|FILE",
-                          help="where to write it (default: <job>-model.tar.gz, or the file's name, here)")
+                          help="where to write it (default: <job>-model.tar, or the file's name, here)")
     download.add_argument("--file", metavar="PATH", help="one file of the exported folder, e.g. config.json")
     download.set_defaults(handler=cmd_jobs_download)
 

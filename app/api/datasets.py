@@ -1,4 +1,4 @@
-"""/v1/datasets: upload (validated row by row, all or nothing) and read.
+"""/v1/datasets: upload (validated row by row, all or nothing), list, read and delete.
 
 An upload is received as a stream (``app.upload_stream``): the file goes to a held temporary file under
 ``<artifact root>/datasets/`` while it is counted against the size limit, hashed and validated with the same
@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import DbDep, PrincipalDep, SettingsDep
@@ -130,3 +132,67 @@ def get_dataset(dataset_id: str, principal: PrincipalDep, db: DbDep) -> Dataset:
     if row is None:
         raise ApiError(404, "not_found", f"no dataset {dataset_id!r} for this API key", "dataset_id")
     return dataset_object(row)
+
+
+# ------------------------------------------------------------------------------------- listing and deleting
+
+
+class DatasetList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Dataset]
+    has_more: bool = Field(description="Pass the last dataset's id as `after` for the next page.")
+
+
+@router.get(
+    "",
+    operation_id="list_datasets",
+    response_model=DatasetList,
+    summary="List datasets",
+    description="The tenant's uploads, newest first. Cursor pagination: pass the last dataset's `id` of a page as "
+                "`after` for the next one, while `has_more` is true.",
+)
+def list_datasets(
+    principal: PrincipalDep,
+    db: DbDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
+    after: Annotated[
+        str | None,
+        Query(min_length=1, description="The id of the last dataset of the previous page; leave it out for the first."),
+    ] = None,
+) -> DatasetList:
+    try:
+        rows, has_more = dataset_rows.list_datasets(db, principal.tenant, limit=limit, after=after)
+    except dataset_rows.InvalidCursor as error:
+        raise ApiError(422, "invalid_request", str(error), "after") from None
+    return DatasetList(data=[dataset_object(row) for row in rows], has_more=has_more)
+
+
+@router.delete(
+    "/{dataset_id}",
+    operation_id="delete_dataset",
+    status_code=204,
+    response_class=Response,
+    summary="Delete a dataset",
+    description="The row and the file. Refused (409 `dataset_in_use`, the jobs listed in the message) while a queued, "
+                "running or cancelling job names it as `dataset.id` or `dataset.validation_id`: cancel them, or wait "
+                "for them to end. Ended jobs keep what they computed from it.",
+    responses={204: {"description": "Deleted."}, **error_responses((404, 409), {
+        404: "No such dataset for this API key's tenant (`not_found`).",
+        409: "An active job uses it (`dataset_in_use`).",
+    })},
+)
+def delete_dataset(dataset_id: str, principal: PrincipalDep, db: DbDep, settings: SettingsDep) -> Response:
+    if dataset_rows.get_dataset(db, dataset_id, principal.tenant) is None:
+        raise ApiError(404, "not_found", f"no dataset {dataset_id!r} for this API key", "dataset_id")
+    using = dataset_rows.active_jobs_using(db, dataset_id, principal.tenant)
+    if using:
+        raise ApiError(409, "dataset_in_use", f"dataset {dataset_id} is used by active job(s) {', '.join(using)}; "
+                       "cancel them or wait until they end, then delete it", "dataset_id")
+    row = dataset_rows.delete_dataset(db, dataset_id, principal.tenant)
+    if row is not None:
+        # Its own folder (datasets/<id>/, where the upload put it), and nothing outside the upload area.
+        folder = datasets_dir(settings) / dataset_id
+        if Path(row.path).parent == folder:
+            shutil.rmtree(folder, ignore_errors=True)
+        logger.info("dataset %s of tenant %s deleted", dataset_id, principal.tenant)
+    return Response(status_code=204)

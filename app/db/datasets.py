@@ -6,10 +6,11 @@ import logging
 import uuid
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import and_, delete, or_, select
 
 from app.db.engine import Database
-from app.db.models import Dataset, utcnow
+from app.db.models import Dataset, Job, utcnow
+from ctpd_core.vocab import ACTIVE_STATUSES
 
 logger = logging.getLogger(__name__)
 
@@ -46,3 +47,51 @@ def get_dataset(db: Database, dataset_id: str, tenant: str | None = None) -> Dat
         if tenant is not None:
             query = query.where(Dataset.tenant == tenant)
         return session.scalars(query).one_or_none()
+
+
+class InvalidCursor(ValueError):
+    """``after`` names no dataset of the tenant."""
+
+
+def list_datasets(db: Database, tenant: str, *, limit: int, after: str | None = None) -> tuple[list[Dataset], bool]:
+    """The tenant's datasets, newest first; ``after`` is the id of the last dataset of the previous page."""
+    with db.read() as session:
+        query = select(Dataset).where(Dataset.tenant == tenant)
+        if after is not None:
+            cursor = session.execute(
+                select(Dataset.created_at, Dataset.id).where(Dataset.tenant == tenant, Dataset.id == after)
+            ).one_or_none()
+            if cursor is None:
+                raise InvalidCursor(f"after={after!r} is not one of your datasets; pass the id of the last dataset "
+                                    "of a page")
+            query = query.where(or_(Dataset.created_at < cursor.created_at,
+                                    and_(Dataset.created_at == cursor.created_at, Dataset.id < cursor.id)))
+        rows = list(session.scalars(query.order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def active_jobs_using(db: Database, dataset_id: str, tenant: str) -> list[str]:
+    """The tenant's queued, running or cancelling jobs whose spec names the dataset (as ``dataset.id`` or
+    ``dataset.validation_id``): a worker will open its file. Read from the specs in Python: a tenant has few
+    active jobs, and JSON paths differ between SQLite and PostgreSQL."""
+    with db.read() as session:
+        rows = session.execute(
+            select(Job.id, Job.spec).where(Job.tenant == tenant, Job.status.in_(ACTIVE_STATUSES))
+        ).all()
+    using = []
+    for job_id, spec in rows:
+        dataset = (spec or {}).get("dataset") or {}
+        if dataset_id in (dataset.get("id"), dataset.get("validation_id")):
+            using.append(job_id)
+    return sorted(using)
+
+
+def delete_dataset(db: Database, dataset_id: str, tenant: str) -> Dataset | None:
+    """Delete the row (the caller removes the file afterwards: a crash in between leaves a file without a row,
+    never a row without its file); the deleted row, or None when the tenant has no such dataset."""
+    with db.write() as session:
+        row = session.scalars(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant == tenant)).one_or_none()
+        if row is None:
+            return None
+        session.execute(delete(Dataset).where(Dataset.id == dataset_id))
+        return row

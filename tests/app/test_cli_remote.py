@@ -44,15 +44,19 @@ def clean_env(monkeypatch, tmp_path) -> None:
 
 
 class Requests:
-    """An ASGI wrapper that counts the requests to each path (to know that a follower has seen a state)."""
+    """An ASGI wrapper that counts the requests to each path (to know that a follower has seen a state) and keeps
+    their Range headers."""
 
     def __init__(self, app: Any) -> None:
         self.app, self.counts, self.lock = app, {}, threading.Lock()
+        self.ranges: list[tuple[str, str | None]] = []
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
             with self.lock:
                 self.counts[scope["path"]] = self.counts.get(scope["path"], 0) + 1
+                headers = dict(scope["headers"])
+                self.ranges.append((scope["path"], (headers.get(b"range") or b"").decode() or None))
         await self.app(scope, receive, send)
 
     def count(self, path: str) -> int:
@@ -164,7 +168,7 @@ def test_jobs_list_get_cancel_events(server, alice, bob, capsys):
     assert code == 0 and [json.loads(line)["type"] for line in out.splitlines()][-1] == "job_cancelled"
 
 
-def test_jobs_download_writes_the_archive_resumably(server, alice, db, tmp_path, capsys):
+def test_jobs_download_writes_the_archive_resumably(server, requests, alice, db, tmp_path, capsys):
     job_id = alice.post("/v1/jobs", json=SPEC).json()["id"]
     export = tmp_path / "export"
     (export / "sub").mkdir(parents=True)
@@ -177,19 +181,27 @@ def test_jobs_download_writes_the_archive_resumably(server, alice, db, tmp_path,
     out_dir.mkdir()
     code, out, _ = ctpd(capsys, "jobs", "download", job_id, "-o", str(out_dir), "--url", server, "--key",
                         alice.api_key)
-    archive = out_dir / f"{job_id}-model.tar.gz"
+    archive = out_dir / f"{job_id}-model.tar"  # the Job's model.archive_url: a plain tar, resumable
     assert code == 0 and f"downloaded {archive}" in out
     with tarfile.open(archive) as tar:
         assert {f"{job_id}/config.json", f"{job_id}/sub/weights.bin"} <= set(tar.getnames())
         member = tar.extractfile(f"{job_id}/sub/weights.bin")
         assert member is not None and member.read() == (export / "sub" / "weights.bin").read_bytes()
 
-    # An interrupted earlier download left a part file: completed (with Range where the route serves it, else
-    # from the start), never appended to blindly.
-    again = tmp_path / "again.tar.gz"
+    # An interrupted earlier download left a part file: continued from its end with a Range request.
+    again = tmp_path / "again.tar"
     Path(f"{again}.part").write_bytes(archive.read_bytes()[:1000])
     code, _, _ = ctpd(capsys, "jobs", "download", job_id, "-o", str(again), "--url", server, "--key", alice.api_key)
     assert code == 0 and again.read_bytes() == archive.read_bytes() and not Path(f"{again}.part").exists()
+    assert requests.ranges[-1] == (f"/v1/jobs/{job_id}/model.tar", "bytes=1000-")
+
+    # One file of the export, by its path in the folder.
+    code, out, _ = ctpd(capsys, "jobs", "download", job_id, "--file", "sub/weights.bin", "-o", str(out_dir) + "/",
+                        "--url", server, "--key", alice.api_key)
+    assert code == 0 and (out_dir / "weights.bin").read_bytes() == (export / "sub" / "weights.bin").read_bytes()
+    code, _, err = ctpd(capsys, "jobs", "download", job_id, "--file", "nope.bin", "-o", str(out_dir),
+                        "--url", server, "--key", alice.api_key)
+    assert code == 1 and "not_found" in err and not (out_dir / "nope.bin").exists()
 
     queued = alice.post("/v1/jobs", json=SPEC).json()["id"]
     code, _, err = ctpd(capsys, "jobs", "download", queued, "--url", server, "--key", alice.api_key)
