@@ -3,7 +3,12 @@ own disk and working directory, and ``job:<id>`` model references resolved to th
 
 The API already refused what it could see; this catches what it could not (a relative path that exists only
 where the worker runs, a folder created after the submit) and any job row that reached the queue some other
-way. The submitter's admin-ness travels on the job row (``submitted_by_admin``)."""
+way. The submitter's admin-ness travels on the job row (``submitted_by_admin``).
+
+``tracking.mlflow.uri`` is among the references (``app.policy.tracking_problems``, through
+``reference_problems``): a tenant's ``sqlite:``/``file:``/database URI is refused here too, and an http(s) host is
+resolved with the worker's own resolver, which is the one the MLflow client will use (a name the API could not
+resolve, or one that resolves differently on the workers' network, is judged here)."""
 
 from __future__ import annotations
 

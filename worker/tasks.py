@@ -260,7 +260,8 @@ def execute_job(
                 spec = enforce_job_policy(db, JobSpec.model_validate(row.spec), row, settings)
                 tracker = start_job_tracking(
                     spec, settings, RunIdentity(job_id, row.tenant, attempt, row.name, spec.method),
-                    warn=warning_events(writer), still_current=lambda: not lease.is_lost())
+                    warn=warning_events(writer), still_current=lambda: not lease.is_lost(),
+                    submitted_by_admin=bool(row.submitted_by_admin))
                 context = RunContext(
                     artifact_root=settings.artifact_root,
                     run_dir=settings.artifact_root / "jobs" / job_id,

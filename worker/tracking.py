@@ -177,6 +177,7 @@ class MlflowObserver:
         warn: Callable[[str], None] | None = None,
         still_current: Callable[[], bool] | None = None,
         artifact_fallback_root: Path | None = None,
+        trusted_store: bool = True,
         flush_interval: float = FLUSH_INTERVAL_SECONDS,
         finish_seconds: float = FINISH_SECONDS,
         max_pending: int = MAX_PENDING_POINTS,
@@ -187,6 +188,9 @@ class MlflowObserver:
         # False once this attempt no longer owns the job: a stale attempt sends nothing more to the shared run.
         self.still_current = still_current or (lambda: True)
         self.artifact_fallback_root = artifact_fallback_root
+        # False for a tenant's own server in a multi-tenant deployment: the server names where the model is
+        # written, so only its own proxied store is used (see _artifact_problem).
+        self.trusted_store = trusted_store
         self.flush_interval, self.finish_seconds, self.max_pending = flush_interval, finish_seconds, max_pending
         self.run_id: str | None = None
         # (key, value, timestamp ms, step), appended by the job's thread, taken by the tracking thread.
@@ -415,13 +419,33 @@ class MlflowObserver:
                 self._points.extendleft(reversed(taken))
                 raise
 
+    def _artifact_problem(self, artifact_uri: str) -> str | None:
+        """Why the model may not be written to ``artifact_uri``, the location the tracking server gave the run.
+
+        The MLflow client writes artifacts wherever the server says: ``file:`` is the worker's own disk, ``s3:``
+        a bucket reached with the worker's credentials. For a tenant's own server (not trusted) only the
+        server's proxied store is used: ``mlflow-artifacts:`` without another host, uploaded through the
+        tracking server itself (``mlflow server`` serves artifacts so by default)."""
+        if self.trusted_store:
+            return None
+        parsed = urlsplit(artifact_uri)
+        if parsed.scheme == "mlflow-artifacts" and parsed.netloc in ("", urlsplit(self.target.uri).netloc):
+            return None
+        return (f"the tracking server keeps this run's artifacts at {artifact_uri[:120]!r}, which the workers do not "
+                "write to for your key; serve artifacts through the tracking server (mlflow server "
+                "--serve-artifacts, an mlflow-artifacts: location)")
+
     def _end(self) -> None:
         """The job's end: the model, the status tag and the run's status."""
         status, outcome, export_dir = self._final
         client = self._connect()
         assert self.run_id is not None
         if export_dir is not None and Path(export_dir).is_dir():
-            client.log_artifacts(self.run_id, str(export_dir), artifact_path=MODEL_ARTIFACT_PATH)
+            problem = self._artifact_problem(client.get_run(self.run_id).info.artifact_uri or "")
+            if problem:
+                self._warning(f"{self._where()}: the model was not logged: {problem}")
+            else:
+                client.log_artifacts(self.run_id, str(export_dir), artifact_path=MODEL_ARTIFACT_PATH)
         if outcome:
             client.set_tag(self.run_id, TAG_STATUS, outcome)
         if status is not None:
@@ -430,15 +454,21 @@ class MlflowObserver:
 
 def start_job_tracking(
     spec: JobSpec, settings: Settings, identity: RunIdentity, *, warn: Callable[[str], None],
-    still_current: Callable[[], bool] | None = None,
+    still_current: Callable[[], bool] | None = None, submitted_by_admin: bool = False,
 ) -> MlflowObserver | None:
-    """The started observer of a job the spec or the deployment tracks; None when neither names a URI."""
+    """The started observer of a job the spec or the deployment tracks; None when neither names a URI. The
+    deployment's store is trusted, and so is a spec's for the keys that may name server paths (app/policy.py)."""
     target = tracking_target(spec, default_uri=settings.mlflow_tracking_uri,
                              default_experiment=settings.mlflow_experiment)
     if target is None:
+        if spec.tracking.mlflow.experiment is not None:  # the API refuses this; a worker configured apart may not
+            warn("tracking.mlflow.experiment is set, but neither the spec nor this worker names an MLflow tracking "
+                 "URI (CTPD_MLFLOW_TRACKING_URI), so the job is not tracked")
         return None
     return MlflowObserver(target, identity, spec, warn=warn, still_current=still_current,
-                          artifact_fallback_root=Path(settings.artifact_root)).start()
+                          artifact_fallback_root=Path(settings.artifact_root),
+                          trusted_store=not target.from_spec or settings.allow_server_paths or submitted_by_admin,
+                          ).start()
 
 
 def job_outcome(status: str, stop_reason: str | None) -> str | None:

@@ -33,6 +33,7 @@ from tests.worker.test_recipe import RecordingObserver, StopAfter, context, tiny
 from tests.worker.test_tasks import new_job
 from worker.policy import enforce_job_policy
 from worker.recipe import run_spec
+from worker.tasks import execute_job
 from worker.tracking import (
     LOCAL_ARTIFACT_FOLDER,
     MlflowObserver,
@@ -40,7 +41,6 @@ from worker.tracking import (
     flatten_params,
     tracking_target,
 )
-from worker.tasks import execute_job
 
 TRAINING_KEYS = ("loss", "reward_accuracy", "reward_margin", "learning_rate")
 
@@ -197,6 +197,29 @@ def test_replayed_steps_the_run_lacks_are_logged_and_those_it_has_are_not(store)
     assert run.info.status == "KILLED"
 
 
+
+def test_a_tenants_own_server_gets_the_model_only_through_its_proxied_store(store, tmp_path):
+    """The server names where artifacts go; for a tenant's server (multi-tenant, no admin) a file: location,
+    the worker's own disk, is refused with a warning, and the rest of the run is logged."""
+    spec = JobSpec.model_validate({"student": {"model": "s"}, "teacher": {"model": "t"}, "dataset": {"id": "d"},
+                                   "tracking": {"mlflow": {"uri": store}}})
+    target = tracking_target(spec, default_uri="", default_experiment="ctpd")
+    assert target is not None and target.from_spec
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / "config.json").write_text("{}")
+    warnings: list[str] = []
+    tracker = MlflowObserver(target, RunIdentity("job_tenant", "acme", 1, None, "ctpd"), spec,
+                             warn=warnings.append, trusted_store=False).start()
+    tracker.metrics("distill", 1, {"loss": 0.7})
+    tracker.finish("succeeded", export_dir=export_dir)
+    client, experiment, run = only_run(store, "ctpd")
+    assert experiment.artifact_location.startswith("file:")
+    assert client.list_artifacts(run.info.run_id) == []
+    assert len(warnings) == 1 and "the model was not logged" in warnings[0] and "mlflow-artifacts" in warnings[0]
+    assert run.info.status == "FINISHED" and "distill/loss" in run.data.metrics
+
+
 def test_a_broken_tracking_store_is_a_warning_and_the_job_succeeds(
     db, tmp_path, tiny_student_folder, tiny_teacher_folder, tiny_dataset_path
 ):
@@ -215,6 +238,35 @@ def test_a_broken_tracking_store_is_a_warning_and_the_job_succeeds(
     assert str(blocker) not in " ".join(event.message for event in warnings)  # the deployment's store is not named
     assert events[-1].type == "job_succeeded"  # the warnings came before the outcome, not after it
     assert job_rows.get_job(db, job_id).export_dir
+
+
+
+def test_ctpd_run_tracks_the_spec_and_a_rerun_resumes_the_same_run(
+    store, tmp_path, monkeypatch, tiny_student_folder, tiny_teacher_folder, tiny_dataset_path
+):
+    from ctpd_cli.main import main
+
+    monkeypatch.setenv("CTPD_HOME", str(tmp_path / "home"))
+    spec = {"method": "ctpd", "teacher": {"model": str(tiny_teacher_folder)},
+            "student": {"model": str(tiny_student_folder)}, "dataset": {"path": str(tiny_dataset_path)},
+            "weights": {"source": "uniform"}, "training": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 2},
+            "tracking": {"mlflow": {"uri": store, "experiment": "local"}}}
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    command = ["run", str(spec_path), "--artifacts", str(tmp_path / "art"), "--device", "cpu"]
+    assert main(command) == 0
+    client, _, run = only_run(store, "local")
+    run_folders = list((tmp_path / "art" / "runs").iterdir())
+    assert [folder.name for folder in run_folders] == [run.data.tags["ctpd.job_id"].removeprefix("local-")]
+    assert (run.info.status, run.data.tags["ctpd.attempt"], run.data.tags["ctpd.tenant"]) == ("FINISHED", "1", "local")
+    assert steps_of(client, run.info.run_id, "distill/loss") == [1, 2]
+    assert client.list_artifacts(run.info.run_id, "model")
+
+    assert main(command) == 0  # the same spec again: the same run folder, so the same MLflow run
+    client, _, again = only_run(store, "local")
+    assert again.info.run_id == run.info.run_id
+    assert (again.info.status, again.data.tags["ctpd.attempt"]) == ("FINISHED", "2")
+    assert steps_of(client, run.info.run_id, "distill/loss") == [1, 2]
 
 
 def locked(**overrides) -> Caller:
