@@ -123,12 +123,13 @@ class Dispatcher:
             return webhook_rows.AttemptResult(False, None, None, f"refused: {refused}"[:MAX_ERROR_CHARS])
         body = message.body.encode("utf-8")
         headers = signed_headers(message.secret, message.message_id, int(time.time()), body)
-        request = pinned_request(self.client, target, body, headers)
         started = time.perf_counter()
         try:
+            request = pinned_request(self.client, target, body, headers)
             response = self.client.send(request, stream=True)  # the status line is the answer: the body is not read
             response.close()
-        except httpx.HTTPError as error:
+        # A URL httpx cannot use (InvalidURL, a host IDNA refuses: ValueError) fails like an unreachable one.
+        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as error:
             latency = (time.perf_counter() - started) * 1000
             return webhook_rows.AttemptResult(False, None, latency,
                                               f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS])

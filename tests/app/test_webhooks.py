@@ -340,6 +340,18 @@ def test_every_transition_path_writes_its_message_in_the_same_transaction(db: Da
     assert webhook_rows.list_messages(db, other_tenant) == []
 
 
+def test_no_code_writes_events_past_the_outbox_listener():
+    """The listener sees ORM inserts of JobEvent (every event comes from app.db.events.new_event); a Core bulk insert
+    into job_events would write a transition that no webhook announces."""
+    from pathlib import Path
+
+    offenders = [f"{path}: {line.strip()}" for package in ("app", "worker", "ctpd_cli")
+                 for path in sorted((Path(REPO_ROOT) / package).rglob("*.py"))
+                 for line in path.read_text().splitlines()
+                 if "insert(JobEvent" in line or "JobEvent.__table__" in line or "insert(job_events" in line.lower()]
+    assert offenders == []
+
+
 def test_a_disabled_or_unsubscribed_endpoint_gets_no_messages(db: Database, alice, receiver):
     webhook_id = subscribe(alice, receiver, event_types=["job.running"])["id"]
     job_id = new_job(db)
