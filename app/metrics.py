@@ -163,7 +163,7 @@ class RequestTelemetry:
             return
         request_id = request_id_of(scope)
         method = scope["method"] if scope["method"] in METHODS else "other"
-        status = 500  # what an exception that escapes the app becomes (ServerErrorMiddleware answers it)
+        status = 500  # if no response starts: the app raised and the server answers 500
         header = (REQUEST_ID_HEADER.lower().encode(), request_id.encode())
 
         async def send_with_id(message: Message) -> None:
@@ -177,10 +177,8 @@ class RequestTelemetry:
         in_flight = self.metrics.in_flight.labels(method)
         in_flight.inc()
         started = time.perf_counter()
-        failed = True
         try:
             await self.app(scope, receive, send_with_id)
-            failed = False
         finally:
             seconds = time.perf_counter() - started
             in_flight.dec()
@@ -194,10 +192,7 @@ class RequestTelemetry:
                 extra={"method": scope["method"], "route": route, "path": scope.get("path"), "status": status,
                        "duration_ms": round(seconds * 1000, 3)},
             )
-            # On an exception the id stays set: the server's error handler, outside this middleware, logs the
-            # traceback in this same task, and that line should carry the request's id too.
-            if not failed:
-                logs.reset_request_id(token)
+            logs.reset_request_id(token)
 
 
 # --------------------------------------------------------------------------------- deployment-wide figures
@@ -424,8 +419,16 @@ def install_metrics(app: Any, db: Database, settings: Settings) -> None:
     creation, so a bad folder fails the start and not every request)."""
     multiprocess_dir()
     app.state.metrics_registry = metrics_registry(db, settings)
-    app.add_middleware(RequestTelemetry)
     app.include_router(router)
+    # Outermost, outside Starlette's ServerErrorMiddleware (app.add_middleware would put it inside): the 500 that
+    # answers an unhandled exception gets the request id header and is counted as a 500, and the error handler's
+    # traceback line carries the id, like every other line of the request.
+    build_stack = app.build_middleware_stack
+
+    def build_with_telemetry() -> ASGIApp:
+        return RequestTelemetry(build_stack())
+
+    app.build_middleware_stack = build_with_telemetry
 
 
 def process_exiting() -> None:

@@ -190,11 +190,16 @@ def test_every_line_of_a_request_carries_its_id(captured, tmp_path: Path):
         endpoint_log.info("async handler")
         return {}
 
-    with TestClient(app) as client:
+    @app.get("/test/bug")
+    def buggy_route() -> dict:
+        raise RuntimeError("a bug")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
         sync = client.get("/test/sync/42", headers={"X-Request-ID": "req-sync.1"})
         async_ = client.get("/test/async", headers={"X-Request-ID": "req-async"})
         forged = client.get("/test/async", headers={"X-Request-ID": 'x" injected="1'})
         missing = client.get("/v1/jobs/job_nope")  # 401: no key
+        bug = client.get("/test/bug", headers={"X-Request-ID": "req-bug"})
     app.state.db.dispose()
 
     assert sync.headers["x-request-id"] == "req-sync.1" and async_.headers["x-request-id"] == "req-async"
@@ -216,3 +221,9 @@ def test_every_line_of_a_request_carries_its_id(captured, tmp_path: Path):
     assert by_request[forged.headers["x-request-id"]][0]["message"] == "async handler"
     (unauthorized,) = by_request[missing.headers["x-request-id"]]
     assert (unauthorized["route"], unauthorized["status"]) == ("/v1/jobs/{job_id}", 401)
+    # An unhandled exception: the server's 500 carries the id, and so does the handler's traceback line.
+    assert bug.status_code == 500 and bug.json()["error"]["code"] == "internal_error"
+    assert bug.headers["x-request-id"] == "req-bug"
+    traceback, bug_access = by_request["req-bug"]
+    assert traceback["level"] == "ERROR" and "RuntimeError: a bug" in traceback["exc_info"]
+    assert (bug_access["route"], bug_access["status"]) == ("/test/bug", 500)
