@@ -26,13 +26,14 @@ from app.main import create_app
 from tests.live_service import serving
 
 PACKAGE = "ctpd_client"
-# No formatter hooks (ruff is not needed to import the code); the tar.gz download is binary, which the generator
-# knows as application/octet-stream.
+# No formatter hooks (ruff is not needed to import the code); the tar.gz and tar downloads are binary, which the
+# generator knows as application/octet-stream.
 GENERATOR_CONFIG = (
     f"package_name_override: {PACKAGE}\n"
     "post_hooks: []\n"
     "content_type_overrides:\n"
     "  application/gzip: application/octet-stream\n"
+    "  application/x-tar: application/octet-stream\n"
 )
 
 
