@@ -46,6 +46,7 @@ import collections
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -76,6 +77,10 @@ LOCAL_ARTIFACT_FOLDER = "mlflow-artifacts"  # next to a sqlite store's database 
 
 FLUSH_INTERVAL_SECONDS = 5.0  # a live run shows its metrics this late at most
 FINISH_SECONDS = 300.0  # the most a job's end waits for the last sends and the model upload
+UNHEALTHY_FINISH_SECONDS = 15.0  # ... when the run was never opened, or the store is failing: one last short try
+# The workers' MLflow client gives up sooner than MLflow's defaults (7 retries of up to 120 s each: minutes per
+# call), so a store that went away costs a job's end seconds; an operator's own values win.
+MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 2.0, 60.0
 MAX_PENDING_POINTS = 200_000  # per attempt, while the store is away (~15 keys per step: >10k steps)
 MAX_WARNING_DETAIL = 300  # characters of an MLflow error in a job's event (its response body is not the tenant's)
@@ -208,6 +213,8 @@ class MlflowObserver:
         self._thread = threading.Thread(target=self._run, name=f"mlflow-{identity.job_id}", daemon=True)
 
     def start(self) -> MlflowObserver:
+        for name, value in MLFLOW_CLIENT_ENV.items():  # read by MLflow at each request; process-wide on purpose
+            os.environ.setdefault(name, value)
         self._thread.start()
         return self
 
@@ -240,12 +247,14 @@ class MlflowObserver:
         of ``outcome`` (``succeeded``, ``failed``, ``cancelled``; None leaves it RUNNING for the next attempt).
         Waits at most ``finish_seconds``; the warnings go to ``warn`` before it returns."""
         self._final = (run_status_of(outcome), outcome, export_dir if outcome == "succeeded" else None)
+        healthy = self.run_id is not None and self._failing_since is None
+        wait = self.finish_seconds if healthy else min(self.finish_seconds, UNHEALTHY_FINISH_SECONDS)
         self._closing.set()
         self._wake.set()
-        self._thread.join(self.finish_seconds)
+        self._thread.join(wait)
         if self._thread.is_alive():
-            self._warning(f"the MLflow run was not complete within {self.finish_seconds:.0f} s of the job's end "
-                          "(the tracking store is slow or away); it may lack the last metrics or the model")
+            self._warning(f"{self._where()}: the run was not complete {wait:.0f} s after the job's end (the store is "
+                          "slow or away); it may lack the last metrics, its status or the model")
         self._relay_warnings()
 
     # ------------------------------------------------------------------------------------ internals

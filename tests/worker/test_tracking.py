@@ -220,6 +220,27 @@ def test_a_tenants_own_server_gets_the_model_only_through_its_proxied_store(stor
     assert run.info.status == "FINISHED" and "distill/loss" in run.data.metrics
 
 
+
+def test_an_unreachable_server_costs_the_end_of_a_job_seconds_not_minutes(monkeypatch):
+    import time
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once, not after MLflow's backoff
+    spec = JobSpec.model_validate({"student": {"model": "s"}, "teacher": {"model": "t"}, "dataset": {"id": "d"},
+                                   "tracking": {"mlflow": {"uri": "http://127.0.0.1:9"}}})  # the discard port
+    target = tracking_target(spec, default_uri="", default_experiment="ctpd")
+    assert target is not None
+    warnings: list[str] = []
+    tracker = MlflowObserver(target, RunIdentity("job_away", "acme", 1, None, "ctpd"), spec,
+                             warn=warnings.append).start()
+    for step in range(1, 50):
+        tracker.metrics("distill", step, {"loss": 1.0 / step})
+    started = time.monotonic()
+    tracker.finish("succeeded")
+    assert time.monotonic() - started < 20
+    assert warnings and all("MLflow tracking (http://127.0.0.1:9)" in warning for warning in warnings)
+    assert any("lacks 49 metric points" in warning for warning in warnings), warnings
+
+
 def test_a_broken_tracking_store_is_a_warning_and_the_job_succeeds(
     db, tmp_path, tiny_student_folder, tiny_teacher_folder, tiny_dataset_path
 ):
