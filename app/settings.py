@@ -91,7 +91,8 @@ class Settings(BaseSettings):
     webhook_dispatcher: bool = Field(
         default=True,
         description="Whether this API process runs the webhook outbox dispatcher (a thread; several API processes "
-        "share the work through row leases). Turn it off where a dedicated `ctpd webhooks dispatch` runs.",
+        "share the work through row leases, so every API process may run one). Off: this process sends nothing; "
+        "at least one process of the deployment must send (app.webhooks.dispatcher.run_forever).",
     )
     # ---------------------------------------------------------------------------------- metrics and logs
     metrics_token: str = Field(
