@@ -227,3 +227,39 @@ def test_every_line_of_a_request_carries_its_id(captured, tmp_path: Path):
     traceback, bug_access = by_request["req-bug"]
     assert traceback["level"] == "ERROR" and "RuntimeError: a bug" in traceback["exc_info"]
     assert (bug_access["route"], bug_access["status"]) == ("/test/bug", 500)
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+
+
+def _ctpd(args: list[str], home: Path, **env: str) -> tuple[str, str]:
+    import subprocess
+    import sys
+
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("CTPD_")}
+    result = subprocess.run([sys.executable, "-m", "ctpd_cli.main", *args], capture_output=True, text=True,
+                            timeout=120, env={**clean, "CTPD_HOME": str(home), **env},
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    return result.stdout, result.stderr
+
+
+def test_the_cli_logs_in_the_format_asked(tmp_path: Path):
+    """``--log-format`` (or CTPD_LOG_FORMAT) for the CLI's own lines; Alembic's INFO lines stand in for them."""
+    _, as_json = _ctpd(["-v", "--log-format", "json", "db", "upgrade"], tmp_path / "a")
+    lines = [json.loads(line) for line in as_json.splitlines() if line]
+    assert lines and all(line["logger"].startswith("alembic") for line in lines)
+    assert any("Running upgrade" in line["message"] for line in lines)
+
+    _, as_text = _ctpd(["-v", "db", "upgrade"], tmp_path / "b", CTPD_LOG_FORMAT="text")
+    assert re.search(r"^\S+ \S+ INFO alembic\.runtime\.migration: Running upgrade", as_text, re.MULTILINE)
+    assert not any(line.startswith("{") for line in as_text.splitlines())
+
+
+def test_ctpd_up_passes_the_resolved_format_to_its_children(tmp_path: Path):
+    from app.settings import Settings
+    from ctpd_cli.embedded import _child_env
+
+    assert _child_env(Settings(home=tmp_path, log_format="text"))["CTPD_LOG_FORMAT"] == "text"
+    # auto follows ctpd up's own stderr (here pytest's capture, not a terminal), not the children's log files
+    assert _child_env(Settings(home=tmp_path))["CTPD_LOG_FORMAT"] == logs.resolve_format("auto")
