@@ -50,7 +50,7 @@ def test_create_and_get_a_job(alice, db, queue):
     assert seen_at_enqueue[0] is not None and seen_at_enqueue[0].status == "queued"  # committed before enqueue
     assert job["name"] == "first run" and job["metadata"] == {"team": "nlp"}
     assert job["attempt"] == 0 and job["max_attempts"] == 3 and job["error"] is None and job["model"] is None
-    assert job["progress"] == {"step": None, "total": None, "eta_seconds": None}
+    assert job["progress"] == {"step": None, "total": None, "eta_seconds": None, "detail": None}
     # the resolved spec: defaults filled in, the request's values kept
     assert job["spec"]["training"]["max_steps"] == 5 and job["spec"]["training"]["batch_size"] == 16
     assert job["spec"]["weights"]["source"] == "teacher_contrastive" and job["spec"]["method"] == "ctpd"
@@ -223,7 +223,7 @@ def test_progress_metrics_artifacts_and_download(alice, db, settings):
     job_log.update_progress(db, job_id, stage="distill", step=4, total=10, eta_seconds=30.0)
     body = alice.get(f"/v1/jobs/{job_id}").json()
     assert body["status"] == "running" and body["stage"] == "distill" and body["attempt"] == 1
-    assert body["progress"] == {"step": 4, "total": 10, "eta_seconds": 30.0} and body["started_at"]
+    assert body["progress"] == {"step": 4, "total": 10, "eta_seconds": 30.0, "detail": None} and body["started_at"]
 
     _run_to_success(db, job_id, export_dir)
     job_log.add_metrics(db, job_id, "distill", 2, {"loss": 0.60})  # a resumed attempt re-logs step 2: last wins
