@@ -21,7 +21,8 @@ from app.db import jobs as job_rows
 from app.db.engine import Database
 from app.policy import PolicyViolation
 from ctpd_core.catalog import ModelLoadError
-from ctpd_core.checkpoint_layout import find_checkpoint, parse_checkpoint_id, run_folder
+from ctpd_core.checkpoint_layout import MODEL_STAGING_PREFIX, find_checkpoint, parse_checkpoint_id, run_folder
+from ctpd_core.held_paths import remove_orphans
 from ctpd_core.vocab import EventLevel, EventType
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_ERROR = 2000
+STAGING_GRACE_SECONDS = 3600.0  # only where flock cannot tell: a staging folder unchanged this long is dead
 
 
 def build_checkpoint_model(db: Database, settings: Settings, job_id: str, checkpoint: str) -> str:
@@ -50,6 +52,9 @@ def build_checkpoint_model(db: Database, settings: Settings, job_id: str, checkp
                                          "checkpoints while it trains); pick one the listing shows")
     if stored.model_ready():
         return "ready"  # a duplicate delivery, or two requests: built once
+    # A build killed mid-write left its held staging folder here; no sweep looks inside checkpoint folders.
+    remove_orphans(((staging, True) for staging in stored.folder.glob(f"{MODEL_STAGING_PREFIX}*")),
+                   grace_seconds=STAGING_GRACE_SECONDS)
     started = time.monotonic()
     try:
         from ctpd_core.spec import JobSpec
