@@ -25,8 +25,9 @@ finished (with its wall time, and ``prepare``'s pair counts); the metrics endpoi
   the ETA then counts only what is known and is shown as a lower bound (``≥ 1m20s``). Stages that turn out to be
   cached take no time, so the estimate errs high there too.
 
-On a terminal the display is a tqdm bar per stage (finished ones stay on screen); otherwise plain lines: one per
-sub-stage start and then at most one every ``LINE_INTERVAL`` seconds, plus each event.
+On a terminal the display is a tqdm bar per stage (finished ones stay on screen); otherwise plain lines: each
+event, and the progress when a sub-stage starts and ends, at every tenth of it, and every ``LINE_INTERVAL``
+seconds in between.
 """
 
 from __future__ import annotations
@@ -348,8 +349,8 @@ class BarDisplay:
 
 
 class LineDisplay:
-    """Plain lines, for logs and pipes: each event, each sub-stage's start and end, and the progress at most
-    every ``interval`` seconds in between."""
+    """Plain lines, for logs and pipes: each event, each sub-stage's start and end, and in between a line when a
+    tenth of the sub-stage went by or ``interval`` seconds passed since the last one (and the step moved)."""
 
     def __init__(self, echo: Callable[[str], None], interval: float = LINE_INTERVAL) -> None:
         self.echo, self.interval = echo, interval
@@ -364,9 +365,13 @@ class LineDisplay:
         if view.stage is None or view.total is None or view.status not in (JobStatus.RUNNING, JobStatus.CANCELLING):
             return
         key = (view.label, view.step, view.total)
-        changed = view.label != self._label
-        finished = view.step == view.total and key != self._shown
-        if key == self._shown or not (changed or finished or elapsed - self._at >= self.interval):
+        if key == self._shown:
+            return
+        changed = view.label != self._label or self._shown is None
+        finished = view.step == view.total
+        last_step = self._shown[1] if self._shown is not None and not changed else None
+        tenth = last_step is None or (view.step or 0) - (last_step or 0) >= view.total / 10
+        if not (changed or finished or tenth or elapsed - self._at >= self.interval):
             return
         self._shown, self._label, self._at = key, view.label, elapsed
         summary = view.summary()
@@ -416,8 +421,12 @@ def follow(client: FollowClient, job_id: str, display: Display, *, poll_seconds:
                     display.event(event, clock() - started)
                 has_more = bool(page.get("has_more")) and bool(page["data"])
             current = client.job(job_id)
-            running = (current.get("stage"), (current.get("progress") or {}).get("detail"))
-            if running[0] in TRAINING and (running != metrics_of or clock() - metrics_at >= METRICS_INTERVAL):
+            progress = current.get("progress") or {}
+            running = (current.get("stage"), progress.get("detail"))
+            # The metrics again when the training sub-stage changes, on every poll until it has a loss (its first
+            # steps: a short series), then every METRICS_INTERVAL seconds.
+            if running[0] in TRAINING and (running != metrics_of or tracker.loss is None
+                                           or clock() - metrics_at >= METRICS_INTERVAL):
                 tracker.metrics(client.metrics(job_id), *running)
                 metrics_at, metrics_of = clock(), running
             elif running[0] not in TRAINING:

@@ -146,3 +146,12 @@ def test_labels_and_durations():
     assert substage_label("weights", "negative:rejected") == "weights π− rejected"
     assert substage_label("distill", None) == "distill"
     assert [format_seconds(s) for s in (4.4, 184, 7500)] == ["4s", "3m04s", "2h05m"]
+
+
+def test_lines_come_at_each_tenth_not_at_every_poll():
+    lines: list[str] = []
+    display = LineDisplay(lines.append, interval=1e9)
+    tracker = JobTracker(SPEC)
+    for step in (0, 5, 10, 11, 12, 25, 100, 100):
+        display.update(tracker.view(job("distill", None, step, 100, 1.0)), 0.0)
+    assert [line.split("distill: ", 1)[1].split()[0] for line in lines] == ["0/100", "10/100", "25/100", "100/100"]
