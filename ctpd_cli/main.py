@@ -216,7 +216,11 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     if _keys_are_remote(args):
         from ctpd_cli.remote import cmd_keys_remote
 
-        return cmd_keys_remote(args)
+        try:
+            return cmd_keys_remote(args)
+        except ValueError as error:  # no key to reach the service with: the other path may be what was meant
+            raise ValueError(f"{error}; or add --database to work in the service database (CTPD_DATABASE_URL)"
+                             ) from error
     from app.db import auth as key_rows
     from app.db.engine import Database
 

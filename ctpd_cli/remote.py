@@ -60,11 +60,12 @@ def remote_command(handler: Callable[[argparse.Namespace, Any], int]) -> Handler
 
 
 def _hint(error: Any, args: argparse.Namespace) -> str:
+    database = "; on the service's machine, --database works in its database instead" if args.command == "keys" else ""
     if error.status == 401:
         where = connection(args)
-        return f" (the key came from {where.key_source}; pass --key or set CTPD_API_KEY)"
+        return f" (the key came from {where.key_source}; pass --key or set CTPD_API_KEY{database})"
     if error.status == 403 and error.code == "admin_required":
-        return " (this command needs an admin key)"
+        return f" (this command needs an admin key{database})"
     return ""
 
 
