@@ -11,7 +11,8 @@ each job is one MLflow run in its experiment (``tracking.mlflow.experiment``, el
   ``contrastive:positive/loss``, ``evaluate/preference_accuracy``...), at the same step. Non-finite values are
   skipped, as in SQL.
 * **tags**: ``ctpd.job_id``, ``ctpd.tenant``, ``ctpd.method``, ``ctpd.attempt`` (rewritten by each attempt),
-  ``mlflow.runName`` (the job's name, else its id), and at the end ``ctpd.status``.
+  ``mlflow.runName`` (the job's name, else its id), ``mlflow.user`` (the tenant), ``mlflow.source.name``
+  (``ctpd``), and at the end ``ctpd.status`` (``succeeded``, ``failed``, ``cancelled``).
 * **artifact**: the exported model folder as ``model/``, once the job succeeded.
 * **status**: FINISHED (succeeded), FAILED, KILLED (cancelled); a hand-back, or an attempt that lost its
   lease or its database, leaves the run RUNNING for the attempt that resumes the job.
@@ -349,7 +350,9 @@ class MlflowObserver:
         identity = self.identity
         found = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_JOB_ID}` = '{identity.job_id}'",
                                    max_results=10, order_by=["attributes.start_time ASC"])
-        tags = {TAG_JOB_ID: identity.job_id, TAG_TENANT: identity.tenant, TAG_METHOD: identity.method}
+        tags = {TAG_JOB_ID: identity.job_id, TAG_TENANT: identity.tenant, TAG_METHOD: identity.method,
+                # MLflow's own columns: "User" shows the tenant, "Source" the service (not the worker's script).
+                "mlflow.user": identity.tenant, "mlflow.source.name": "ctpd", "mlflow.source.type": "JOB"}
         if found:
             run = found[0]
             if len(found) > 1:

@@ -83,6 +83,7 @@ def test_a_job_is_one_mlflow_run_with_its_spec_metrics_model_and_tags(
     assert experiment.artifact_location == (tmp_path / "mlflow" / LOCAL_ARTIFACT_FOLDER).as_uri()
     assert not (tmp_path / "mlruns").exists()
     assert run.info.status == "FINISHED"
+    assert run.info.user_id == "acme"  # MLflow's "User" column: the tenant
     assert run.data.tags["ctpd.job_id"] == job.id
     assert {key: run.data.tags[key] for key in ("ctpd.tenant", "ctpd.attempt", "ctpd.method", "ctpd.status",
                                                 "mlflow.runName")} == {
