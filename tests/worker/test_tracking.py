@@ -177,6 +177,55 @@ def test_a_retried_job_resumes_its_run_and_logs_each_step_once(
     assert warnings == []
 
 
+
+def test_a_handed_back_job_leaves_its_run_running_and_the_next_attempt_finishes_it(
+    db, settings, store, tmp_path, tiny_student_folder, tiny_teacher_folder, tiny_dataset_path
+):
+    """Through the worker's task body in two processes: a real SIGTERM hands attempt 1 back mid-distill (its
+    run stays RUNNING), its newest checkpoint is then lost (as if it had died before writing it), and attempt
+    2, in this process, resumes the same run: each step once, FINISHED, attempt 2."""
+    import os
+    import signal
+
+    from tests.worker.test_handback import RUNNER, _wait
+
+    spec = tiny_spec(tiny_student_folder, tiny_teacher_folder, tiny_dataset_path, weights={"source": "uniform"},
+                     training={"max_steps": 8, "checkpoint_every": 2})
+    job_id = new_job(db, spec.model_dump(mode="json"))
+    log_path = tmp_path / "job.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "CTPD_FAILPOINTS": "step:distill:3=sleep:3@1", "CTPD_MLFLOW_TRACKING_URI": store}  # the deployment's
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-c", RUNNER, str(settings.home), settings.database_url, job_id],
+                                   cwd=Path(__file__).resolve().parents[2], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: "failpoint step:distill:3 reached" in log_path.read_text(), 120, "distill step 3",
+              log_path.read_text)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "OUTCOME handed_back" in log_path.read_text(), log_path.read_text()
+    client, _, run = only_run(store, "ctpd")
+    assert (run.info.status, run.data.tags["ctpd.attempt"]) == ("RUNNING", "1")
+    assert steps_of(client, run.info.run_id, "distill/loss") == [1, 2, 3]
+
+    shutil.rmtree(settings.artifact_root / "jobs" / job_id / "distill" / "step-00000003")
+    tracked_settings = settings.model_copy(update={"mlflow_tracking_uri": store})
+    assert execute_job(db, tracked_settings, job_id, "w-next:2", device="cpu").status == "succeeded"
+    client, _, again = only_run(store, "ctpd")
+    assert again.info.run_id == run.info.run_id
+    assert (again.info.status, again.data.tags["ctpd.attempt"], again.data.tags["ctpd.status"]) == (
+        "FINISHED", "2", "succeeded")
+    for name in TRAINING_KEYS:
+        assert steps_of(client, run.info.run_id, f"distill/{name}") == list(range(1, 9)), name
+    in_sql = sorted(step for stage, step, _ in job_log.metric_series(db, job_id)["loss"] if stage == "distill")
+    assert sorted(set(in_sql)) == list(range(1, 9))  # the run mirrors the steps SQL has
+    assert client.list_artifacts(run.info.run_id, "model")
+
+
 def test_replayed_steps_the_run_lacks_are_logged_and_those_it_has_are_not(store):
     """An attempt that died before it sent its last steps: its successor's replay (the checkpoint's history)
     fills them in; what the run already has is not sent again, whatever the replay says."""
