@@ -57,7 +57,11 @@ def export_files(folder: Path) -> list[tuple[str, Path, int]]:
             path = Path(root) / name
             if name.startswith(".") or path.is_symlink() or not path.is_file():
                 continue
-            files.append((path.relative_to(folder).as_posix(), path, path.stat().st_size))
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:  # a checkpoint pruned while it was listed
+                continue
+            files.append((path.relative_to(folder).as_posix(), path, size))
     return sorted(files)
 
 
@@ -211,9 +215,10 @@ def tar_layout(folder: Path, root_name: str) -> Layout:
 
 
 def requested_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """The one byte range (first, last; inclusive) a Range header asks of ``size`` bytes, or None to send the
-    whole body (no header, a malformed one, several ranges, or one that covers everything). Raises the 416
-    when the range is syntactically fine but starts past the end (or asks for the last 0 bytes)."""
+    """The one byte range (first, last; inclusive) a Range header asks of ``size`` bytes, clamped to the end, or
+    None to send the whole body with 200 (no header, a malformed one, several ranges). A range that covers
+    everything (``bytes=0-``, how download managers probe for resume support) is still a 206. Raises the 416 when
+    the range is syntactically fine but starts past the end (or asks for the last 0 bytes)."""
     if header is None:
         return None
     match = _RANGE.match(header)
@@ -234,7 +239,7 @@ def requested_range(header: str | None, size: int) -> tuple[int, int] | None:
             return None  # an invalid range-spec: ignored like a malformed header
         if start >= size:
             raise _unsatisfiable(header, size)
-    return (start, end) if (start, end) != (0, size - 1) else None
+    return start, end
 
 
 def _unsatisfiable(header: str, size: int) -> ApiError:

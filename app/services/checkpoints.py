@@ -25,6 +25,7 @@ from app.db.engine import Database
 from app.queue import TaskQueue
 from ctpd_core.checkpoint_layout import (
     LISTED_STAGES,
+    STATE_FILE,
     StoredCheckpoint,
     checkpoint_id,
     find_checkpoint,
@@ -92,7 +93,7 @@ def _read_log(db: Database, job_id: str) -> _Log:
 def _view(stored: StoredCheckpoint, log: _Log, metrics: dict[str, float]) -> CheckpointView:
     saved_at = log.saved_at.get(stored.id)
     if saved_at is None:  # on disk without its event (an attempt whose writes were lost): the folder's time
-        saved_at = datetime.fromtimestamp((stored.folder / "state.json").stat().st_mtime, tz=UTC)
+        saved_at = datetime.fromtimestamp((stored.folder / STATE_FILE).stat().st_mtime, tz=UTC)
     if stored.model_ready():
         return CheckpointView(stored, saved_at, metrics, "ready", model_bytes=folder_bytes(stored.model_folder))
     last = log.last_model_event.get(stored.id)
@@ -111,7 +112,11 @@ def list_checkpoints(db: Database, artifact_root: Path, job: orm.Job) -> list[Ch
     for stage in LISTED_STAGES:
         stored = stored_checkpoints(run_dir, stage)
         metrics = job_log.metrics_at_steps(db, job.id, stage, [checkpoint.step for checkpoint in stored])
-        views += [_view(checkpoint, log, metrics[checkpoint.step]) for checkpoint in stored]
+        for checkpoint in stored:
+            try:
+                views.append(_view(checkpoint, log, metrics[checkpoint.step]))
+            except FileNotFoundError:  # pruned by the training loop while it was being listed
+                continue
     return views
 
 
@@ -142,8 +147,9 @@ def request_model(db: Database, queue: TaskQueue, artifact_root: Path, job: orm.
     if view.model_status == "ready":
         return view, False
     data = {"checkpoint": view.id, "stage": view.stored.stage, "step": view.stored.step}
-    job_log.add_event(db, job.id, EventType.CHECKPOINT_MODEL_REQUESTED,
-                      f"checkpoint {view.id}: a model folder was asked for", stage=view.stored.stage, data=data)
+    if view.model_status != "pending":  # asked again while pending: enqueued again, logged once
+        job_log.add_event(db, job.id, EventType.CHECKPOINT_MODEL_REQUESTED,
+                          f"checkpoint {view.id}: a model folder was asked for", stage=view.stored.stage, data=data)
     try:
         queue.enqueue_checkpoint_model(job.id, view.id)
     except Exception as error:  # the broker: the request stays recorded, the caller retries

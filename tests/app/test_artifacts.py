@@ -79,6 +79,8 @@ def test_a_file_download_resumes_to_identical_bytes(alice, exported):
     assert alice.get(url, headers={"Range": "bytes=10-19"}).content == whole.content[10:20]
     assert alice.get(url, headers={"Range": "bytes=-5"}).content == whole.content[-5:]
     assert alice.get(url, headers={"Range": f"bytes=10-{10 * BIG}"}).content == whole.content[10:]  # clamped
+    probe = alice.get(url, headers={"Range": "bytes=0-"})  # how download managers ask whether ranges work
+    assert probe.status_code == 206 and probe.headers["content-range"] == f"bytes 0-{BIG - 1}/{BIG}"
     unsatisfiable = alice.get(url, headers={"Range": f"bytes={BIG}-"})
     assert unsatisfiable.status_code == 416
     assert unsatisfiable.headers["content-range"] == f"bytes */{BIG}"
@@ -95,6 +97,7 @@ def test_a_file_download_resumes_to_identical_bytes(alice, exported):
     assert nested.status_code == 200 and nested.json() == {"r": 4}
     empty = alice.get(f"/v1/jobs/{job_id}/model/files/empty.txt")
     assert empty.status_code == 200 and empty.content == b""
+    assert alice.get(f"/v1/jobs/{job_id}/model/files/empty.txt", headers={"Range": "bytes=0-"}).status_code == 416
 
 
 def test_the_archive_is_a_tar_that_resumes_from_any_offset(alice, exported, tmp_path):
@@ -197,8 +200,8 @@ def test_the_tar_layout_matches_tarfile_member_by_member(tmp_path):
 
 
 @pytest.mark.parametrize(("header", "expected"), [
-    (None, None), ("bytes=0-", None), ("bytes=0-99", None), ("bytes=5-", (5, 99)), ("bytes=5-9", (5, 9)),
-    ("bytes=-10", (90, 99)), ("bytes=-1000", None), ("bytes=90-1000", (90, 99)), ("Bytes = 1 - 2", (1, 2)),
+    (None, None), ("bytes=0-", (0, 99)), ("bytes=0-99", (0, 99)), ("bytes=5-", (5, 99)), ("bytes=5-9", (5, 9)),
+    ("bytes=-10", (90, 99)), ("bytes=-1000", (0, 99)), ("bytes=90-1000", (90, 99)), ("Bytes = 1 - 2", (1, 2)),
     ("bytes=1-2,4-5", None), ("bytes=x-", None), ("bytes=-", None), ("bytes=7-3", None),
 ])
 def test_requested_range(header, expected):

@@ -85,13 +85,16 @@ def test_checkpoints_are_listed_made_into_models_and_downloaded(alice, bob, db, 
     assert asked.status_code == 202 and asked.json()["model"]["status"] == "pending"
     assert queue.checkpoint_models == [(job_id, wanted)]
     assert alice.get(f"/v1/jobs/{job_id}/checkpoints/{wanted}").json()["model"]["status"] == "pending"
+    impatient = alice.post(f"/v1/jobs/{job_id}/checkpoints/{wanted}/model")  # a lost message must not strand it
+    assert impatient.status_code == 202 and queue.checkpoint_models == [(job_id, wanted)] * 2
     assert build_checkpoint_model(db, settings, job_id, wanted) == "ready"
+    assert build_checkpoint_model(db, settings, job_id, wanted) == "ready"  # the second delivery finds it built
     ready = alice.get(f"/v1/jobs/{job_id}/checkpoints/{wanted}").json()["model"]
     assert ready["status"] == "ready" and ready["size_bytes"] > 0
     files = {item["path"]: item for item in ready["files"]}
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(files)
     again = alice.post(f"/v1/jobs/{job_id}/checkpoints/{wanted}/model")
-    assert again.status_code == 200 and queue.checkpoint_models == [(job_id, wanted)]
+    assert again.status_code == 200 and queue.checkpoint_models == [(job_id, wanted)] * 2
     types = [event["type"] for event in alice.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["data"]]
     assert types.count("checkpoint_model_requested") == 1 and types.count("checkpoint_model_ready") == 1
 
