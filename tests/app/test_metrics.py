@@ -5,8 +5,9 @@
   tokens, heartbeat ages, lease expiries, webhook deliveries), the cache and a database that is down.
 * ``uvicorn --workers 2`` sharing ``PROMETHEUS_MULTIPROC_DIR``: requests answered by both processes, one scrape
   sees their sum; a stopped process leaves no in-flight gauge behind.
-* A real job end to end (PostgreSQL, Redis, ``ctpd serve``, ``ctpd worker``, JSON logs): the scrape shows what
-  the job implies, and every line of the worker's log is JSON carrying the job's fields while it runs.
+* A real job end to end (PostgreSQL, Redis, ``ctpd serve`` with its webhook dispatcher, ``ctpd worker``, JSON
+  logs, a real webhook receiver): the scrape shows what the job implies, its ``job.succeeded`` delivery
+  included, and every line of the worker's log is JSON carrying the job's fields while it runs.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from tests.live_service import (
     worker_process,
     worker_ready,
 )
+from tests.webhook_receiver import WebhookReceiver
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -349,13 +351,14 @@ def finished_job(tmp_path_factory, tiny_dataset_path, tiny_student_folder, tiny_
     home = tmp_path_factory.mktemp("metrics-e2e")
     env = service_env(home, single_thread=True, database_url=f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
                       broker_url=REDIS_URL, lease_seconds="20", allow_server_paths="true", log_format="json",
-                      webhook_dispatcher="false")
+                      webhook_allow_private_targets="true", webhook_dispatch_interval_seconds="0.2")
     run_cli(["db", "upgrade"], env)
     key = run_cli(["keys", "create", "--tenant", TENANT, "--name", "test"], env).strip().splitlines()[-1]
     port = free_port()
     api = Proc("api", [sys.executable, "-m", "ctpd_cli.main", "serve", "--port", str(port)], env, home / "api.log")
     worker = worker_process("metrics", env, home / "worker.log")
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    receiver = WebhookReceiver().__enter__()
 
     def logs() -> str:
         return f"{api.tail(30)}\n{worker.tail(80)}"
@@ -364,6 +367,9 @@ def finished_job(tmp_path_factory, tiny_dataset_path, tiny_student_folder, tiny_
         wait_until(lambda: api_ready(http) or not api.alive(), 60, "the API's /readyz", logs)
         wait_until(lambda: worker_ready(worker), 120, "the worker", logs)
         assert api.alive() and worker.alive(), logs()
+        hook = http.post("/v1/webhooks", json={"url": receiver.url, "event_types": ["job.succeeded"]})
+        assert hook.status_code == 201, hook.text
+        receiver.secret = hook.json()["secret"]
         dataset_id = upload_dataset(http, tiny_dataset_path)
         submitted = http.post("/v1/jobs", json=tiny_job(tiny_student_folder, tiny_teacher_folder, dataset_id),
                               headers={"X-Request-ID": "submit-metrics-e2e"})
@@ -371,13 +377,20 @@ def finished_job(tmp_path_factory, tiny_dataset_path, tiny_student_folder, tiny_
         assert submitted.headers["x-request-id"] == "submit-metrics-e2e"
         job = wait_for_job(http, submitted.json()["id"], lambda job: job["status"] in TERMINAL, "finished", logs)
         assert job["status"] == "succeeded", logs()
-        metrics_text = http.get("/metrics").text
+        receiver.wait_for(lambda r: len(r.delivered()) == 1, 60, "the job.succeeded delivery")
+
+        def scrape_after_the_delivery() -> str | None:  # the SQL figures are cached for a few seconds
+            text = http.get("/metrics").text
+            return text if value(parse(text)[1], "ctpd_webhook_deliveries_total", outcome="delivered") else None
+
+        metrics_text = wait_until(scrape_after_the_delivery, 30, "the delivery in /metrics", logs)
         worker.stop()  # its part is over; its log is then complete, the shutdown's lines included
         yield {"job": job, "metrics": metrics_text, "http": http, "api": api, "worker": worker, "logs": logs}
     finally:
         http.close()
         worker.stop()
         api.stop()
+        receiver.__exit__(None, None, None)
         with psycopg.connect(PG_ADMIN, autocommit=True) as connection:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -419,7 +432,8 @@ def test_a_real_job_shows_in_the_scrape(finished_job):
     assert series(samples, "ctpd_job_tokens_per_second") == []
     assert value(samples, "ctpd_lease_expiries_total", outcome="requeued") == 0
     assert value(samples, "ctpd_lease_expiries_total", outcome="failed") == 0
-    assert "ctpd_webhook_deliveries" in families
+    assert value(samples, "ctpd_webhook_deliveries_total", outcome="delivered") == 1  # job.succeeded, once
+    assert value(samples, "ctpd_webhook_deliveries_total", outcome="failed") == 0
 
 
 def _json_lines(path: Path) -> list[dict]:
