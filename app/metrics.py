@@ -85,6 +85,8 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: access line at DEBUG when OK
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STATE_CACHE_SECONDS = 5.0
+# Most answers take milliseconds; an upload or a model download streams for minutes.
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
 # Stage wall times run from milliseconds (a cached stage) to many hours (a long distill).
 STAGE_BUCKETS = (0.1, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
                  86400.0)
@@ -126,7 +128,7 @@ def request_metrics() -> RequestMetrics:
                          ["method", "route", "status"]),
         latency=Histogram("ctpd_http_request_duration_seconds",
                           "Time from a request's arrival to its last response byte, by method and route template.",
-                          ["method", "route"]),
+                          ["method", "route"], buckets=REQUEST_BUCKETS),
         in_flight=Gauge("ctpd_http_requests_in_flight", "Requests being answered now.", ["method"],
                         multiprocess_mode="livesum"),
     )
@@ -140,6 +142,8 @@ def route_label(scope: Scope) -> str:
 
 
 def request_id_of(scope: Scope) -> str:
+    """The request's ``X-Request-ID`` if it is a valid one (a proxy's or the client's, so one id follows the
+    request across services), else a new one."""
     for name, value in scope.get("headers") or ():
         if name == b"x-request-id":
             text = value.decode("latin-1")
@@ -202,7 +206,6 @@ class RequestTelemetry:
 class RunningJob:
     job_id: str
     worker_id: str | None
-    stage: str | None
     lease_expires_at: datetime | None
 
 
@@ -266,7 +269,7 @@ class StateCollector(Collector):
                 .group_by(MetricPoint.stage, MetricPoint.name)
             ).all()
             running = [RunningJob(*row) for row in session.execute(
-                select(Job.id, Job.worker_id, Job.stage, Job.lease_expires_at)
+                select(Job.id, Job.worker_id, Job.lease_expires_at)
                 .where(Job.status.in_(HELD_STATUSES)).order_by(Job.id)
             ).all()]
             live_rates = {job.job_id: session.execute(
