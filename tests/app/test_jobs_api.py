@@ -244,10 +244,11 @@ def test_progress_metrics_artifacts_and_download(alice, db, settings):
     assert body["model"]["download_url"] == f"/v1/jobs/{job_id}/artifacts/model.tar.gz"
 
     artifacts = alice.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+    files = f"/v1/jobs/{job_id}/model/files"
     assert artifacts == [
-        {"path": "adapter/adapter_config.json", "size_bytes": 2},
-        {"path": "config.json", "size_bytes": 23},
-        {"path": "model.safetensors", "size_bytes": 1500},
+        {"path": "adapter/adapter_config.json", "size_bytes": 2, "download_url": f"{files}/adapter/adapter_config.json"},
+        {"path": "config.json", "size_bytes": 23, "download_url": f"{files}/config.json"},
+        {"path": "model.safetensors", "size_bytes": 1500, "download_url": f"{files}/model.safetensors"},
     ]
 
     download = alice.get(f"/v1/jobs/{job_id}/artifacts/model.tar.gz")
