@@ -223,14 +223,19 @@ class MlflowSpec(_Strict):
     def _uri(self) -> MlflowSpec:
         if self.uri is None:
             return self
-        parsed = urlsplit(self.uri)
+        try:
+            parsed = urlsplit(self.uri)
+            has_credentials = parsed.password is not None or "@" in parsed.netloc
+        except ValueError as error:  # e.g. an unclosed [IPv6 address]
+            raise SpecError(f"tracking.mlflow.uri {self.uri[:80]!r} is not a URI ({error}); name an MLflow server "
+                            "(https://host[:port])", "uri") from None
         if not _URI_SCHEME.match(parsed.scheme or "") or len(parsed.scheme) < 2:  # "C:/..." is a path, not a URI
             raise SpecError(
                 f"tracking.mlflow.uri {self.uri[:80]!r} is not a URI; name an MLflow server (https://host[:port]) "
                 "or a local store such as sqlite:////abs/path/mlflow.db (a bare folder is MLflow's retired file "
                 "store)", "uri",
             )
-        if parsed.password is not None or "@" in parsed.netloc:
+        if has_credentials:
             raise SpecError(
                 "tracking.mlflow.uri must not carry credentials (the spec is stored and shown with the job); drop "
                 "the user:password@ part and give the workers MLFLOW_TRACKING_TOKEN (or MLFLOW_TRACKING_USERNAME "
