@@ -279,9 +279,18 @@ def test_uvicorn_workers_share_one_multiprocess_folder(tmp_path: Path):
     env = service_env(home, broker_url="memory://", webhook_dispatcher="false")
     env["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc)
     run_cli(["db", "upgrade"], env)
+    # uvicorn run directly logs through its --log-config: ctpd_core.logs' handler by dictConfig (the README's).
+    log_config = tmp_path / "logging.json"
+    log_config.write_text(json.dumps({
+        "version": 1, "disable_existing_loggers": False,
+        "handlers": {"ctpd": {"()": "ctpd_core.logs.log_handler", "log_format": "json"}},
+        "loggers": {"uvicorn": {"handlers": [], "propagate": True}},
+        "root": {"handlers": ["ctpd"], "level": "INFO"},
+    }))
     port = free_port()
     api = Proc("uvicorn x2", [sys.executable, "-m", "uvicorn", "--factory", "app.main:app_from_env", "--port",
-                              str(port), "--workers", "2", "--log-level", "warning"], env, tmp_path / "api.log")
+                              str(port), "--workers", "2", "--log-config", str(log_config), "--no-access-log"],
+               env, tmp_path / "api.log")
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base, timeout=30) as http:
@@ -314,13 +323,20 @@ def test_uvicorn_workers_share_one_multiprocess_folder(tmp_path: Path):
         assert len([c for c in counts.values() if c > 0]) == 2, f"one process answered everything: {counts}"
 
         with httpx.Client(base_url=base, timeout=30) as http:
+            refused = [http.get("/v1/models", headers={"X-Request-ID": f"mp-{n}"}) for n in range(4)]
             _, samples = parse(http.get("/metrics").text)
+        assert [response.status_code for response in refused] == [401] * 4
         assert value(samples, "ctpd_http_requests_total", method="GET", route="/healthz", status="200") == sent
         assert value(samples, "ctpd_http_requests_total", method="GET", route="/readyz", status="200") >= 1
         assert value(samples, "ctpd_state_up") == 1  # the SQL figures beside the summed request figures
         assert sum(counts.values()) == sent
     finally:
         api.stop()
+    lines = [json.loads(line) for line in api.log().splitlines() if line.strip()]  # every line is JSON
+    access = {line["request_id"]: line for line in lines if line["logger"] == "app.access"}
+    assert {f"mp-{n}" for n in range(4)} <= set(access)
+    assert {(access[f"mp-{n}"]["route"], access[f"mp-{n}"]["status"]) for n in range(4)} == {("/v1/models", 401)}
+    assert len({line["pid"] for line in lines if line["logger"] == "uvicorn.error"}) >= 3  # supervisor + 2 workers
     # Both processes stopped through their lifespan and marked themselves dead: their in-flight gauges left the sum.
     assert not list(multiproc.glob("gauge_livesum_*.db")), sorted(p.name for p in multiproc.iterdir())
     assert len(list(multiproc.glob("counter_*.db"))) == 2  # the counters stay: they only ever go up
