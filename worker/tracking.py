@@ -32,13 +32,19 @@ stage end and checkpoint. A store that cannot be reached or refuses a write is r
 failure (per outage) becomes a ``tracking_warning`` event on the job and a log line, and the job goes on. The
 buffer is bounded (the oldest points go first, and the warning at the end says how many). Warnings are handed
 to the ``warn`` callback on the job's own thread (the attempt's SQL writer is not thread-safe), at the next
-report or at :meth:`MlflowObserver.finish`, which waits at most ``finish_seconds`` for the last sends and the
-model upload, so a dead server delays a job's end by a bounded time.
+report or at :meth:`MlflowObserver.finish`. The job's end (before its outcome is recorded, so a job seen
+ended has its run ended) waits at most ``FINISH_SECONDS`` for the last sends and the model upload, and
+``UNHEALTHY_FINISH_SECONDS`` when the run never opened or the store is failing; the client itself gives up
+after ``MLFLOW_CLIENT_ENV``'s retries and timeout (MLflow's defaults spend minutes per call), unless the
+operator set those variables.
 
 Artifacts of a local store (``sqlite:///path/mlflow.db``) go to ``path/mlflow-artifacts/``, set as the
 experiment's artifact location when this module creates the experiment, so nothing lands in the worker's
-working directory as ``./mlruns``. An MLflow server decides its own artifact location. MLflow 3's file store
-(``file:``) is retired: MLflow refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true`` is set on the workers.
+working directory as ``./mlruns``. An MLflow server decides its own artifact location; for a tenant's own
+server (one the deployment does not trust: app/policy.py) the model is written only through the server's
+proxied store (``mlflow-artifacts:``), never to a ``file:`` or bucket location the server names, which the worker
+would write with its own disk or credentials. MLflow 3's file store (``file:``) is retired: MLflow refuses it
+unless ``MLFLOW_ALLOW_FILE_STORE=true`` is set on the workers.
 """
 
 from __future__ import annotations
