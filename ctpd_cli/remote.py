@@ -129,7 +129,8 @@ def follow_job(args: argparse.Namespace, client: Any, job: Mapping[str, Any]) ->
         model = final.get("model")
         if model:
             print(f"model: {model['id']} (use it as {{\"model\": \"{model['id']}\"}} in another job)")
-            print(f"download: ctpd jobs download {job_id}  ({client.url}{model['download_url']})")
+            print(f"download: ctpd jobs download {job_id}  "
+                  f"({client.url}{model.get('archive_url') or model['download_url']})")
         return 0
     return 1
 
