@@ -34,7 +34,10 @@ logger = logging.getLogger(__name__)
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # config.json's spelling of each (transformers writes and reads ``dtype``; before 4.56 ``torch_dtype``).
 CONFIG_DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-TAGS = ("ctpd", "distillation", "preference-distillation", "cross-tokenizer")
+# Every card: ctpd and the method. A ctpd student was distilled from a teacher across tokenizers; the dpo and
+# tisdpo baselines trained the student alone.
+DISTILLATION_TAGS = ("distillation", "preference-distillation", "cross-tokenizer")
+BASELINE_TAGS = ("preference-optimization",)
 _HUB_CACHE_FOLDER = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/[^/]+/?$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
@@ -163,7 +166,9 @@ def model_card(facts: CardFacts, dtype: str) -> str:
     data = ModelCardData(
         model_name=facts.title, base_model=facts.base_model, license=facts.license,
         datasets=list(facts.datasets) or None, library_name="transformers", pipeline_tag="text-generation",
-        tags=[*TAGS, facts.method], eval_results=eval_results or None,
+        tags=list(dict.fromkeys(["ctpd", facts.method,
+                                 *(DISTILLATION_TAGS if facts.method == "ctpd" else BASELINE_TAGS)])),
+        eval_results=eval_results or None,
     )
     about = f"`{facts.base_model}`" if facts.base_model else "a local model"
     teacher = f" teacher `{facts.teacher}`" if facts.teacher else " a teacher"

@@ -105,6 +105,13 @@ def test_the_card_is_read_back_by_huggingface_hub_with_a_model_index(student, tm
     assert "bfloat16 safetensors" in card.text
 
 
+def test_a_baseline_is_tagged_with_its_method_not_as_a_distillation(student, tmp_path):
+    card = ModelCard.load(_export(student, tmp_path / "dpo", "fp32", card=_card(method="dpo", teacher=None))
+                          / "README.md")
+    assert card.data.tags == ["ctpd", "dpo", "preference-optimization"]
+    assert "teacher" not in card.text
+
+
 def test_a_checkpoint_card_says_its_step_and_has_no_eval_results(student, tmp_path):
     facts = _card(held_out={}, checkpoint_step=40, training_metrics={"loss": 0.5}, datasets=())
     card = ModelCard.load(_export(student, tmp_path / "ckpt", "fp32", card=facts) / "README.md")
