@@ -296,6 +296,9 @@ def test_embedded_ctpd_up_runs_a_job_and_stops_cleanly(tmp_path, tiny_student_fo
         assert key.startswith("ctpd_") and stat.S_IMODE(key_file.stat().st_mode) == 0o600
         assert key in up.log()  # printed once, on first start
         assert (home / "ctpd.db").exists() and (home / "broker.db").exists()
+        # The client commands find the service and its key in the home alone (ctpd_cli.client.resolve_connection).
+        assert (home / "url").read_text().strip() == f"http://127.0.0.1:{port}"
+        assert "id  status" in run_cli(["jobs", "list"], service_env(home))
 
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
                           timeout=30) as client:
@@ -309,6 +312,7 @@ def test_embedded_ctpd_up_runs_a_job_and_stops_cleanly(tmp_path, tiny_student_fo
         up.popen.send_signal(signal.SIGTERM)
         assert up.popen.wait(timeout=45) == 0, logs()
         assert "ctpd up: stopped" in up.log()
+        assert not (home / "url").exists()  # no service there any more
         assert not reachable(port)
         wait_until(lambda: not _processes_with_env("CTPD_HOME", str(home)), 10, "the API and worker to exit",
                    lambda: f"left: {_processes_with_env('CTPD_HOME', str(home))}\n{logs()}")
