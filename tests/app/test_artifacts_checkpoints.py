@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from app.db import events as job_log
 from app.db import jobs as job_rows
 from ctpd_core.checkpoint_layout import TRAINABLE_FILE, run_folder
+from ctpd_core.observe import NullObserver
 from tests.worker.test_recipe import tiny_spec
 from worker.checkpoint_models import build_checkpoint_model
 from worker.recipe import RunContext, run_spec
@@ -138,3 +139,59 @@ def test_a_queue_outage_is_a_503_and_recorded(alice, queue, trained_job):
     assert response.status_code == 503 and response.headers["retry-after"]
     model = alice.get(f"/v1/jobs/{trained_job}/checkpoints/distill-00000003").json()["model"]
     assert model["status"] == "failed" and "ask again" in model["error"]
+
+
+def test_a_stopped_jobs_resume_point_is_listed_and_made_a_model_without_losing_its_resume_state(
+        alice, db, settings, tiny_student_folder, tiny_teacher_folder, tiny_dataset_path):
+    """A job cancelled mid-distill keeps its live checkpoints (resume points, optimizer state included): listed,
+    made into a model inside the checkpoint folder, and still resumable afterwards."""
+    spec = tiny_spec(tiny_student_folder, tiny_teacher_folder, tiny_dataset_path, weights={"source": "uniform"},
+                     training={"max_steps": 50, "checkpoint_every": 1})
+    job, _ = job_rows.create_job(db, tenant="acme", spec=spec.model_dump(mode="json"), name="stopped", metadata={},
+                                 idempotency_key=None, request_hash="h", max_attempts=3)
+    assert job_rows.claim_job(db, job.id, "test-worker:1", lease_seconds=60) is not None
+    run_dir = run_folder(settings.artifact_root, job.id)
+
+    class StopAfterStepTwo:
+        def should_stop(self) -> bool:
+            return (run_dir / "distill" / "step-00000002").is_dir()
+
+    observer = DbObserver(db, job.id, attempt=1)
+    context = RunContext(artifact_root=settings.artifact_root, run_dir=run_dir, model_cache=settings.model_cache,
+                         device=torch.device("cpu"), observer=observer, stop_signal=StopAfterStepTwo(),
+                         inference_batch_size=4, generation=1)
+    assert run_spec(spec, context).status == "stopped" and observer.close(deadline_seconds=10)
+    assert job_rows.finish_job(db, job.id, "test-worker:1", "cancelled", attempt=1) == "cancelled"
+
+    listed = alice.get(f"/v1/jobs/{job.id}/checkpoints").json()["data"]
+    assert [c["id"] for c in listed] == ["distill-00000001", "distill-00000002"]
+    live = run_dir / "distill" / "step-00000002"
+    assert listed[1]["size_bytes"] == sum(path.stat().st_size for path in live.iterdir())  # optimizer state too
+    assert alice.post(f"/v1/jobs/{job.id}/checkpoints/distill-00000002/model").status_code == 202
+    assert build_checkpoint_model(db, settings, job.id, "distill-00000002") == "ready"
+    model = alice.get(f"/v1/jobs/{job.id}/checkpoints/distill-00000002").json()["model"]
+    assert model["status"] == "ready" and (live / "model" / "config.json").is_file()
+    assert listed[1]["size_bytes"] == alice.get(f"/v1/jobs/{job.id}/checkpoints/distill-00000002").json()["size_bytes"]
+    trained = load_file(str(live / TRAINABLE_FILE))
+    loaded = dict(AutoModelForCausalLM.from_pretrained(str(live / "model"), dtype=torch.float32).named_parameters())
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in trained.items())  # export auto: fp32 base
+
+    # The checkpoint still resumes: a rerun of the job continues after step 2 (fit replays steps 1-2's metrics),
+    # the model folder beside its files.
+    class Replays(NullObserver):
+        def __init__(self) -> None:
+            self.replayed: list[tuple[str, list[int]]] = []
+
+        def replay_metrics(self, stage, history) -> None:
+            self.replayed.append((stage, [step for step, _ in history]))
+
+    class StopAfterStepThree:
+        def should_stop(self) -> bool:
+            return (run_dir / "distill" / "step-00000003").is_dir()
+
+    replays = Replays()
+    resumed = RunContext(artifact_root=settings.artifact_root, run_dir=run_dir, model_cache=settings.model_cache,
+                         device=torch.device("cpu"), observer=replays, stop_signal=StopAfterStepThree(),
+                         inference_batch_size=4)
+    assert run_spec(spec, resumed).status == "stopped"
+    assert replays.replayed == [("distill", [1, 2])]
