@@ -89,5 +89,8 @@ def test_stage_keys_and_metrics_are_pinned(tiny_student_folder, pinned_teacher_f
         print("EXPECTED_METRICS =", json.dumps(metrics, indent=4, sort_keys=True))
     assert RECIPE_VERSION == 1
     assert keys == EXPECTED_KEYS
-    assert losses == pytest.approx(EXPECTED_DISTILL_LOSSES, rel=1e-6, abs=1e-7)
-    assert metrics == pytest.approx(EXPECTED_METRICS, rel=1e-6, abs=1e-7)
+    # float32 CPU kernels reduce in an order that depends on the machine's vector width: the same code gave a
+    # step-3 loss of 0.35366079 on one x86-64 machine and 0.35365987 on an AMD EPYC (relative 2.6e-6). 2e-5 is
+    # still far below any change of the computation (a changed loss term or order of updates moves these at 1e-3).
+    assert losses == pytest.approx(EXPECTED_DISTILL_LOSSES, rel=2e-5, abs=1e-6)
+    assert metrics == pytest.approx(EXPECTED_METRICS, rel=2e-5, abs=1e-6)
