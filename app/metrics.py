@@ -23,6 +23,8 @@ in the response's ``X-Request-ID`` header, stamps it on every log line the reque
 logger (so it can be silenced on its own).
 
 ``metrics_token`` (``CTPD_METRICS_TOKEN``): when set, ``/metrics`` asks for ``Authorization: Bearer <token>``.
+Open, the scrape shows anyone who reaches it every running job's id and its worker's host name, and deployment-wide
+counts (no tenant names, specs, datasets or metrics of a single finished job).
 """
 
 from __future__ import annotations
@@ -84,7 +86,9 @@ UNMATCHED_ROUTE = "unmatched"  # every path no route matches: one label, however
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: access line at DEBUG when OK
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-STATE_CACHE_SECONDS = 5.0
+# How long the figures read from SQL are reused: one typical scrape interval (Prometheus's default is 15 s), so
+# each API process queries the database about once per scrape period however many scrapers or replicas ask.
+STATE_CACHE_SECONDS = 15.0
 # Most answers take milliseconds; an upload or a model download streams for minutes.
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
 # Stage wall times run from milliseconds (a cached stage) to many hours (a long distill).

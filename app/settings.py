@@ -97,8 +97,10 @@ class Settings(BaseSettings):
     # ---------------------------------------------------------------------------------- metrics and logs
     metrics_token: str = Field(
         default="",
-        description="When set, GET /metrics asks for `Authorization: Bearer <token>`; empty: open (an internal "
-        "scrape network). The figures carry no tenant's data beyond counts.",
+        description="When set, GET /metrics asks for `Authorization: Bearer <token>`; empty: open to anyone who "
+        "reaches the API. Open, the scrape shows deployment-wide counts and, for each running job, its job id and "
+        "its worker's host name (the per-job heartbeat and tokens/s series); set a token unless only the "
+        "platform's scrape network can reach the API.",
     )
     log_format: str = Field(
         default="auto", pattern="^(auto|json|text)$",

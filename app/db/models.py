@@ -90,6 +90,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("tenant", "idempotency_key"),
         Index("ix_jobs_tenant_created_at_id", "tenant", "created_at", "id"),
+        Index("ix_jobs_status", "status"),  # /metrics: jobs by status, the queue, the running jobs (0005)
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)  # job_<uuid4 hex>
@@ -127,6 +128,8 @@ class Job(Base):
 
 class JobEvent(Base):
     __tablename__ = "job_events"
+    # /metrics: the stage_finished and job_restarted events of the whole deployment (0005)
+    __table_args__ = (Index("ix_job_events_type", "type"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)  # the feed's cursor
     job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
@@ -141,7 +144,10 @@ class JobEvent(Base):
 
 class MetricPoint(Base):
     __tablename__ = "metric_points"
-    __table_args__ = (Index("ix_metric_points_job_id_name_step", "job_id", "name", "step"),)
+    __table_args__ = (
+        Index("ix_metric_points_job_id_name_step", "job_id", "name", "step"),
+        Index("ix_metric_points_name_stage", "name", "stage"),  # /metrics: the training figures by stage (0005)
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"))

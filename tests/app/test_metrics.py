@@ -33,7 +33,7 @@ from app.db import events as event_rows
 from app.db import jobs as job_rows
 from app.db.engine import Database
 from app.db.models import Job, utcnow
-from app.metrics import STAGE_BUCKETS, StateCollector
+from app.metrics import STAGE_BUCKETS, STATE_CACHE_SECONDS, StateCollector
 from ctpd_core.vocab import EventType
 from tests.live_service import (
     TERMINAL,
@@ -259,6 +259,20 @@ def test_the_figures_are_cached_and_a_database_outage_is_a_gauge(db, settings):
         unreachable.dispose()
     assert value(samples, "ctpd_state_up") == 0
     assert set(families) == {"ctpd_state_up"}  # no stale or made-up figures
+
+
+def test_by_default_the_figures_are_read_once_per_scrape_interval(db, settings):
+    """Every uncached scrape runs the deployment's queries; by default one API process runs them at most once per
+    15 s, a typical scrape interval, whatever the number of scrapers."""
+    now = [100.0]
+    collector = StateCollector(db, lease_seconds=settings.lease_seconds, clock=lambda: now[0])
+    assert collector.cache_seconds == STATE_CACHE_SECONDS == 15.0
+    assert value(scrape_collector(collector)[1], "ctpd_jobs", status="queued") == 0
+    _job(db)
+    now[0] += 14.9
+    assert value(scrape_collector(collector)[1], "ctpd_jobs", status="queued") == 0
+    now[0] += 0.1
+    assert value(scrape_collector(collector)[1], "ctpd_jobs", status="queued") == 1
 
 
 def test_a_bad_multiprocess_folder_fails_the_start(settings, queue, monkeypatch, tmp_path):

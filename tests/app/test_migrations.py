@@ -98,3 +98,20 @@ def test_upgrade_runs_from_any_working_directory(tmp_path: Path, monkeypatch):
     database.upgrade()
     assert "jobs" in inspect(database.engine).get_table_names()
     database.dispose()
+
+
+SCRAPE_INDEXES = {"jobs": "ix_jobs_status", "job_events": "ix_job_events_type",
+                  "metric_points": "ix_metric_points_name_stage"}
+
+
+def test_0005_adds_the_indexes_the_metrics_scrape_reads_by(empty_database: Database):
+    """An uncached /metrics scrape filters jobs by status, events by type and metric points by name: 0005 indexes
+    them (without it, every scrape scans the three tables whole)."""
+    def indexes() -> dict[str, set[str]]:
+        found = inspect(empty_database.engine)
+        return {table: {index["name"] for index in found.get_indexes(table)} for table in SCRAPE_INDEXES}
+
+    empty_database.upgrade("0004_webhooks")
+    assert all(name not in indexes()[table] for table, name in SCRAPE_INDEXES.items())
+    empty_database.upgrade("0005_scrape_indexes")
+    assert all(name in indexes()[table] for table, name in SCRAPE_INDEXES.items())
