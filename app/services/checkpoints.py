@@ -9,19 +9,25 @@ A checkpoint holds only the trainable tensors, and the API has no torch, so maki
 tensors + tokenizer + card, in the export dtype) is a task for a worker on the ``default`` queue
 (``ctpd.materialize_checkpoint``, ``worker.checkpoint_models``). Its state is what its events say (requested,
 ready, failed: the last one wins) and whether its ``model/`` folder is on disk (ready whatever the events say).
+
+Each task loads the student's whole base on the CPU, and the ``default`` queue is the reaper's too, so a request
+is enqueued once: asking again while it is pending enqueues nothing, unless the pending request is older than
+:data:`MODEL_REQUEST_RESEND_SECONDS` (its message may have been lost; it is recorded and sent again). The worker
+builds one checkpoint's model at a time (a lock beside the checkpoint), so a re-sent duplicate does no work twice.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
 from app.db import events as job_log
 from app.db import models as orm
 from app.db.engine import Database
+from app.db.models import utcnow
 from app.queue import TaskQueue
 from ctpd_core.checkpoint_layout import (
     LISTED_STAGES,
@@ -39,6 +45,9 @@ from ctpd_core.vocab import EventType
 logger = logging.getLogger(__name__)
 
 ModelStatus = Literal["absent", "pending", "ready", "failed"]
+# A pending build request older than this is enqueued again (its message may have been lost, or its worker died
+# mid-build); younger, asking again enqueues nothing. Far longer than a build (a base loaded on the CPU: minutes).
+MODEL_REQUEST_RESEND_SECONDS = 15 * 60.0
 _MODEL_EVENTS = (EventType.CHECKPOINT_MODEL_REQUESTED, EventType.CHECKPOINT_MODEL_READY,
                  EventType.CHECKPOINT_MODEL_FAILED)
 
@@ -63,6 +72,7 @@ class CheckpointView:
     model_status: ModelStatus
     model_error: str | None = None
     model_bytes: int | None = None
+    requested_at: datetime | None = None  # pending: when the pending request was recorded
 
     @property
     def id(self) -> str:
@@ -101,7 +111,7 @@ def _view(stored: StoredCheckpoint, log: _Log, metrics: dict[str, float]) -> Che
         return CheckpointView(stored, saved_at, metrics, "absent")
     if last.type == EventType.CHECKPOINT_MODEL_FAILED:
         return CheckpointView(stored, saved_at, metrics, "failed", model_error=(last.data or {}).get("error"))
-    return CheckpointView(stored, saved_at, metrics, "pending")
+    return CheckpointView(stored, saved_at, metrics, "pending", requested_at=last.created_at)
 
 
 def list_checkpoints(db: Database, artifact_root: Path, job: orm.Job) -> list[CheckpointView]:
@@ -141,15 +151,25 @@ def get_checkpoint(db: Database, artifact_root: Path, job: orm.Job, checkpoint: 
 
 def request_model(db: Database, queue: TaskQueue, artifact_root: Path, job: orm.Job, checkpoint: str
                   ) -> tuple[CheckpointView, bool]:
-    """Ask a worker to make the checkpoint a model folder, unless it is one: ``(view, enqueued)``. Asking again
-    while one is pending enqueues again (a lost message must not leave it pending; the worker builds it once)."""
+    """Ask a worker to make the checkpoint a model folder, unless it is one: ``(view, pending)``, pending False
+    when the folder is ready (nothing asked). A request is recorded and enqueued when none is pending, or when the
+    pending one is older than :data:`MODEL_REQUEST_RESEND_SECONDS` (a lost message must not leave it pending for
+    good); asking again meanwhile enqueues nothing (each build loads a whole base model)."""
     view = get_checkpoint(db, artifact_root, job, checkpoint)
     if view.model_status == "ready":
         return view, False
+    now = utcnow()
+    if view.model_status == "pending" and view.requested_at is not None and (
+            now - view.requested_at < timedelta(seconds=MODEL_REQUEST_RESEND_SECONDS)):
+        return view, True  # asked again while a young request is pending: it is on its way
     data = {"checkpoint": view.id, "stage": view.stored.stage, "step": view.stored.step}
-    if view.model_status != "pending":  # asked again while pending: enqueued again, logged once
-        job_log.add_event(db, job.id, EventType.CHECKPOINT_MODEL_REQUESTED,
-                          f"checkpoint {view.id}: a model folder was asked for", stage=view.stored.stage, data=data)
+    if view.model_status == "pending":
+        message = (f"checkpoint {view.id}: asked again; the pending request got no answer in "
+                   f"{MODEL_REQUEST_RESEND_SECONDS / 60:.0f} min, so it is sent again")
+    else:
+        message = f"checkpoint {view.id}: a model folder was asked for"
+    # Recorded before it is sent: the event's time is what the next request measures the resend timeout from.
+    job_log.add_event(db, job.id, EventType.CHECKPOINT_MODEL_REQUESTED, message, stage=view.stored.stage, data=data)
     try:
         queue.enqueue_checkpoint_model(job.id, view.id)
     except Exception as error:  # the broker: the request stays recorded, the caller retries
@@ -158,4 +178,4 @@ def request_model(db: Database, queue: TaskQueue, artifact_root: Path, job: orm.
                           f"checkpoint {view.id}: the request could not be queued", level="warning",
                           stage=view.stored.stage, data={**data, "error": "the task queue was unreachable; ask again"})
         raise QueueUnavailable(f"the task queue is unreachable; POST again to build the model of {view.id}") from error
-    return CheckpointView(view.stored, view.saved_at, view.metrics, "pending"), True
+    return CheckpointView(view.stored, view.saved_at, view.metrics, "pending", requested_at=now), True

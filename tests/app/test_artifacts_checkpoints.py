@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import io
 import tarfile
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from sqlalchemy import update
 from transformers import AutoModelForCausalLM
 
 from app.db import events as job_log
 from app.db import jobs as job_rows
+from app.db.models import JobEvent
+from app.services import checkpoints as checkpoint_service
 from ctpd_core.checkpoint_layout import TRAINABLE_FILE, run_folder
 from ctpd_core.observe import NullObserver
+from ctpd_core.vocab import EventType
 from tests.worker.test_recipe import tiny_spec
+from worker import checkpoint_models
 from worker.checkpoint_models import build_checkpoint_model
 from worker.recipe import RunContext, run_spec
 from worker.sinks import DbObserver
@@ -86,8 +92,9 @@ def test_checkpoints_are_listed_made_into_models_and_downloaded(alice, bob, db, 
     assert asked.status_code == 202 and asked.json()["model"]["status"] == "pending"
     assert queue.checkpoint_models == [(job_id, wanted)]
     assert alice.get(f"/v1/jobs/{job_id}/checkpoints/{wanted}").json()["model"]["status"] == "pending"
-    impatient = alice.post(f"/v1/jobs/{job_id}/checkpoints/{wanted}/model")  # a lost message must not strand it
-    assert impatient.status_code == 202 and queue.checkpoint_models == [(job_id, wanted)] * 2
+    impatient = alice.post(f"/v1/jobs/{job_id}/checkpoints/{wanted}/model")  # pending: nothing more is queued
+    assert impatient.status_code == 202 and impatient.json()["model"]["status"] == "pending"
+    assert queue.checkpoint_models == [(job_id, wanted)]
     assert build_checkpoint_model(db, settings, job_id, wanted) == "ready"
     assert build_checkpoint_model(db, settings, job_id, wanted) == "ready"  # the second delivery finds it built
     ready = alice.get(f"/v1/jobs/{job_id}/checkpoints/{wanted}").json()["model"]
@@ -95,7 +102,7 @@ def test_checkpoints_are_listed_made_into_models_and_downloaded(alice, bob, db, 
     files = {item["path"]: item for item in ready["files"]}
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(files)
     again = alice.post(f"/v1/jobs/{job_id}/checkpoints/{wanted}/model")
-    assert again.status_code == 200 and queue.checkpoint_models == [(job_id, wanted)] * 2
+    assert again.status_code == 200 and queue.checkpoint_models == [(job_id, wanted)]
     types = [event["type"] for event in alice.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["data"]]
     assert types.count("checkpoint_model_requested") == 1 and types.count("checkpoint_model_ready") == 1
 
@@ -195,3 +202,44 @@ def test_a_stopped_jobs_resume_point_is_listed_and_made_a_model_without_losing_i
                          inference_batch_size=4)
     assert run_spec(spec, resumed).status == "stopped"
     assert replays.replayed == [("distill", [1, 2])]
+
+
+def test_asking_again_while_pending_queues_nothing_until_the_request_is_stale(alice, db, queue, trained_job):
+    """Each build loads the student's whole base on the CPU, on the queue the reaper shares: a loop of POSTs while
+    a build is pending queues one task; a request pending past the resend timeout (its message lost) is sent again."""
+    job_id, wanted = trained_job, "distill-00000003"
+    url = f"/v1/jobs/{job_id}/checkpoints/{wanted}/model"
+    for _ in range(20):
+        response = alice.post(url)
+        assert response.status_code == 202 and response.json()["model"]["status"] == "pending"
+    assert queue.checkpoint_models == [(job_id, wanted)]
+
+    # The request's message was lost: once the pending request is older than the timeout, asking sends it again
+    # (recorded, so the timeout starts over), and the next ask is quiet again.
+    stale = datetime.now(UTC) - timedelta(seconds=checkpoint_service.MODEL_REQUEST_RESEND_SECONDS + 60)
+    with db.write() as session:
+        session.execute(update(JobEvent).where(JobEvent.job_id == job_id,
+                                               JobEvent.type == EventType.CHECKPOINT_MODEL_REQUESTED)
+                        .values(created_at=stale))
+    assert alice.post(url).status_code == 202
+    assert queue.checkpoint_models == [(job_id, wanted)] * 2
+    assert alice.post(url).status_code == 202
+    assert queue.checkpoint_models == [(job_id, wanted)] * 2
+    types = [event["type"] for event in alice.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["data"]]
+    assert types.count("checkpoint_model_requested") == 2
+
+
+def test_two_deliveries_never_build_one_checkpoint_at_once(db, settings, trained_job, monkeypatch):
+    """A delivery that finds the checkpoint's build lock held leaves the build to its holder (no second base model
+    loaded); once the lock is free, a delivery builds it."""
+    job_id, wanted = trained_job, "distill-00000003"
+    folder = run_folder(settings.artifact_root, job_id) / "checkpoints" / wanted
+    with checkpoint_models.build_lock(folder) as held:  # another task is building it
+        assert held
+        monkeypatch.setattr("worker.recipe.materialize_checkpoint",
+                            lambda *args, **kwargs: pytest.fail("built while another build held the lock"))
+        assert build_checkpoint_model(db, settings, job_id, wanted) == "busy"
+        monkeypatch.undo()
+    assert not (folder / "model").exists()
+    assert build_checkpoint_model(db, settings, job_id, wanted) == "ready"
+    assert (folder / "model" / "config.json").is_file()
