@@ -182,17 +182,19 @@ def list_datasets(
     })},
 )
 def delete_dataset(dataset_id: str, principal: PrincipalDep, db: DbDep, settings: SettingsDep) -> Response:
-    if dataset_rows.get_dataset(db, dataset_id, principal.tenant) is None:
+    # The in-use check is inside the delete's transaction, after the row is locked (app/db/datasets.py): a job
+    # submitted while this request runs is seen as long as it was committed before the check.
+    try:
+        row = dataset_rows.delete_dataset(db, dataset_id, principal.tenant)
+    except dataset_rows.DatasetInUse as error:
+        raise ApiError(409, "dataset_in_use", f"dataset {dataset_id} is used by active job(s) "
+                       f"{', '.join(error.job_ids)}; cancel them or wait until they end, then delete it",
+                       "dataset_id") from None
+    if row is None:
         raise ApiError(404, "not_found", f"no dataset {dataset_id!r} for this API key", "dataset_id")
-    using = dataset_rows.active_jobs_using(db, dataset_id, principal.tenant)
-    if using:
-        raise ApiError(409, "dataset_in_use", f"dataset {dataset_id} is used by active job(s) {', '.join(using)}; "
-                       "cancel them or wait until they end, then delete it", "dataset_id")
-    row = dataset_rows.delete_dataset(db, dataset_id, principal.tenant)
-    if row is not None:
-        # Its own folder (datasets/<id>/, where the upload put it), and nothing outside the upload area.
-        folder = datasets_dir(settings) / dataset_id
-        if Path(row.path).parent == folder:
-            shutil.rmtree(folder, ignore_errors=True)
-        logger.info("dataset %s of tenant %s deleted", dataset_id, principal.tenant)
+    # Its own folder (datasets/<id>/, where the upload put it), and nothing outside the upload area.
+    folder = datasets_dir(settings) / dataset_id
+    if Path(row.path).parent == folder:
+        shutil.rmtree(folder, ignore_errors=True)
+    logger.info("dataset %s of tenant %s deleted", dataset_id, principal.tenant)
     return Response(status_code=204)

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 from sqlalchemy import and_, delete, or_, select
+from sqlalchemy.orm import Session
 
 from app.db.engine import Database
 from app.db.models import Dataset, Job, utcnow
@@ -70,14 +71,26 @@ def list_datasets(db: Database, tenant: str, *, limit: int, after: str | None = 
     return rows[:limit], len(rows) > limit
 
 
+class DatasetInUse(Exception):
+    """An active job names the dataset (the API's 409 ``dataset_in_use``)."""
+
+    def __init__(self, dataset_id: str, job_ids: list[str]) -> None:
+        self.dataset_id, self.job_ids = dataset_id, job_ids
+        super().__init__(f"dataset {dataset_id} is used by active job(s) {', '.join(job_ids)}")
+
+
 def active_jobs_using(db: Database, dataset_id: str, tenant: str) -> list[str]:
     """The tenant's queued, running or cancelling jobs whose spec names the dataset (as ``dataset.id`` or
     ``dataset.validation_id``): a worker will open its file. Read from the specs in Python: a tenant has few
     active jobs, and JSON paths differ between SQLite and PostgreSQL."""
     with db.read() as session:
-        rows = session.execute(
-            select(Job.id, Job.spec).where(Job.tenant == tenant, Job.status.in_(ACTIVE_STATUSES))
-        ).all()
+        return _active_jobs_using(session, dataset_id, tenant)
+
+
+def _active_jobs_using(session: Session, dataset_id: str, tenant: str) -> list[str]:
+    rows = session.execute(
+        select(Job.id, Job.spec).where(Job.tenant == tenant, Job.status.in_(ACTIVE_STATUSES))
+    ).all()
     using = []
     for job_id, spec in rows:
         dataset = (spec or {}).get("dataset") or {}
@@ -87,11 +100,23 @@ def active_jobs_using(db: Database, dataset_id: str, tenant: str) -> list[str]:
 
 
 def delete_dataset(db: Database, dataset_id: str, tenant: str) -> Dataset | None:
-    """Delete the row (the caller removes the file afterwards: a crash in between leaves a file without a row,
-    never a row without its file); the deleted row, or None when the tenant has no such dataset."""
+    """Delete the row unless an active job names it (:class:`DatasetInUse`, nothing deleted); the deleted row, or
+    None when the tenant has no such dataset. The caller removes the file afterwards: a crash in between leaves a
+    file without a row, never a row without its file.
+
+    The in-use check and the delete are one write transaction, the row locked first (``SELECT ... FOR UPDATE`` on
+    PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises writers), and the check reads after the lock (a new
+    snapshot per statement under READ COMMITTED): a job committed at any time before the check, however recently,
+    is seen, and two deletes of one dataset take turns. A submission that read the dataset before this commits
+    but inserts its job after it is not seen: job creation does not lock the dataset row (app/db/jobs.py)."""
     with db.write() as session:
-        row = session.scalars(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant == tenant)).one_or_none()
+        row = session.scalars(
+            select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant == tenant).with_for_update()
+        ).one_or_none()
         if row is None:
             return None
+        using = _active_jobs_using(session, dataset_id, tenant)
+        if using:
+            raise DatasetInUse(dataset_id, using)  # rolls the transaction back: nothing deleted
         session.execute(delete(Dataset).where(Dataset.id == dataset_id))
         return row

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from sqlalchemy import func, select
 
 from app.db import datasets as dataset_rows
@@ -128,3 +129,62 @@ def test_datasets_are_private_to_their_tenant(alice, bob):
     assert alice.get(f"/v1/datasets/{dataset_id}").status_code == 200
     response = bob.get(f"/v1/datasets/{dataset_id}")
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def _upload_with_file(alice, db) -> tuple[str, Path]:
+    dataset_id = alice.post("/v1/datasets", files={"file": ("p.jsonl", _jsonl(ROWS))}).json()["id"]
+    return dataset_id, Path(dataset_rows.get_dataset(db, dataset_id).path)
+
+
+def test_a_job_submitted_while_a_delete_runs_keeps_its_dataset(alice, db, monkeypatch):
+    """The race of a delete with a submission: the job is validated and created after the delete request looked at
+    the dataset and before its row goes. The in-use check inside the delete's transaction sees the job (409), and
+    the job keeps its dataset (a delete that missed it would leave a queued job failing on a missing file)."""
+    dataset_id, path = _upload_with_file(alice, db)
+    submitted: list[str] = []
+    real_delete = dataset_rows.delete_dataset
+
+    def delete_after_a_submission(*args, **kwargs):
+        job = alice.post("/v1/jobs", json={**SPEC, "dataset": {"id": dataset_id}})
+        assert job.status_code == 201, job.text  # validated: the dataset is still there
+        submitted.append(job.json()["id"])
+        return real_delete(*args, **kwargs)
+
+    monkeypatch.setattr(dataset_rows, "delete_dataset", delete_after_a_submission)
+    refused = alice.delete(f"/v1/datasets/{dataset_id}")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "dataset_in_use"
+    assert submitted and submitted[0] in refused.json()["error"]["message"]
+    assert dataset_rows.get_dataset(db, dataset_id) is not None and path.is_file()
+
+    monkeypatch.undo()
+    assert alice.post(f"/v1/jobs/{submitted[0]}/cancel").status_code in (200, 202)
+    # Cancelled while queued: no longer active, so the dataset can go (the row and its folder).
+    deleted = alice.delete(f"/v1/datasets/{dataset_id}")
+    assert deleted.status_code == 204 and dataset_rows.get_dataset(db, dataset_id) is None and not path.exists()
+    assert alice.delete(f"/v1/datasets/{dataset_id}").status_code == 404
+
+
+def test_a_job_committed_after_the_delete_locked_the_row_is_seen(alice, db, monkeypatch):
+    """PostgreSQL (READ COMMITTED): the delete locks the row, and its in-use check reads after the lock, so a job
+    another connection commits in between is seen. (SQLite: the delete's BEGIN IMMEDIATE keeps any other writer
+    out of that gap.)"""
+    if db.is_sqlite:
+        pytest.skip("SQLite serialises writers: no job can be committed inside the delete's transaction")
+    from app.db import jobs as job_rows
+
+    dataset_id, path = _upload_with_file(alice, db)
+    real_check = dataset_rows._active_jobs_using
+    created: list[str] = []
+
+    def a_job_commits_first(session, *args):
+        if not created:  # another connection, while this transaction holds the row's lock
+            job, _ = job_rows.create_job(db, tenant="acme", spec={**SPEC, "dataset": {"id": dataset_id}}, name=None,
+                                         metadata={}, idempotency_key=None, request_hash="h", max_attempts=3)
+            created.append(job.id)
+        return real_check(session, *args)
+
+    monkeypatch.setattr(dataset_rows, "_active_jobs_using", a_job_commits_first)
+    with pytest.raises(dataset_rows.DatasetInUse) as refused:
+        dataset_rows.delete_dataset(db, dataset_id, "acme")
+    assert refused.value.job_ids == created
+    assert dataset_rows.get_dataset(db, dataset_id) is not None and path.is_file()
