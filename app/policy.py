@@ -22,8 +22,10 @@ deployment allows it (``CTPD_ALLOW_REMOTE_CODE=true``) *and* the key is an admin
 ``tracking.mlflow.uri`` (the job mirrored into an MLflow run, worker/tracking.py) is, for the same keys, an
 ``http(s)`` MLflow server on a public address: a ``sqlite:``, ``file:`` or database URI would write to the
 worker's disk or a database it can reach, and a loopback or private address would make the workers call the
-service's own internals. The deployment's own ``CTPD_MLFLOW_TRACKING_URI`` is trusted (the spec leaves the URI
-unset to use it).
+service's own internals. Every address the host resolves to must be public (:func:`tracking_address_refused`,
+the webhooks' address guard); the API lets a name it cannot resolve pass, the worker (``require_resolved``)
+refuses it, and the worker's MLflow client checks the addresses again when it connects. The deployment's own
+``CTPD_MLFLOW_TRACKING_URI`` is trusted (the spec leaves the URI unset to use it).
 
 Torch-free and database-free: the callers pass what they know (``owns_job`` / ``owns_dataset`` lookups).
 """
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from app.webhooks.targets import why_not_public
 from ctpd_core.catalog import CATALOG
 from ctpd_core.spec import JobSpec
 
@@ -154,10 +157,12 @@ def reference_problems(
     owns_dataset: Callable[[str], bool],
     cwd: Path | None = None,
     where: str = "the server",
+    require_resolved: bool = False,
 ) -> list[tuple[str, str]]:
     """Every reference of ``spec`` that ``caller`` may not use, as ``(param, message)``; empty when all is well.
 
-    ``cwd`` is the directory relative references would be read from (the worker's own, on the worker)."""
+    ``cwd`` is the directory relative references would be read from (the worker's own, on the worker);
+    ``require_resolved``: a tracking host that resolves to nothing here is refused (the worker's check)."""
     cwd = cwd or Path.cwd()
     problems: list[tuple[str, str]] = []
     for param, value in model_references(spec).items():
@@ -193,23 +198,34 @@ def reference_problems(
             problem = None  # a hub id that is nothing on this disk: the loader fetches it from the hub
         if problem:
             problems.append((param, f"{param}: {problem}"))
-    return problems + tracking_problems(spec, caller, where=where)
+    return problems + tracking_problems(spec, caller, where=where, require_resolved=require_resolved)
 
 
 TRACKING_HINT = ("name an http(s) MLflow tracking server on a public address, or leave tracking.mlflow.uri unset to "
                  "use this deployment's (if it has one)")
 
 
+# Networks a tenant's tracking server may be on although they are not public: none. A test with a loopback
+# "tracking server" for an untrusted target adds 127.0.0.0/8 here (the API's check and the worker's at connect time).
+TRACKING_ALLOWED_NETWORKS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+def tracking_address_refused(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why a tenant's tracking server may not be at ``address`` ("loopback", "private", ...); None: it may."""
+    if any(address.version == network.version and address in network for network in TRACKING_ALLOWED_NETWORKS):
+        return None
+    return why_not_public(address)
+
+
 def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """The addresses ``host`` resolves to where the check runs; empty when it resolves to none here (the
-    workers check again where the connection is made)."""
+    """The addresses ``host`` resolves to where the check runs; empty when it resolves to none here."""
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
         pass
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
+    except (OSError, UnicodeError, ValueError):  # ValueError: a NUL in the name
         return []
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
@@ -225,8 +241,10 @@ def experiment_problems(spec: JobSpec, deployment_uri: str) -> list[tuple[str, s
              "or drop tracking.mlflow.experiment")]
 
 
-def tracking_problems(spec: JobSpec, caller: Caller, *, where: str = "the server") -> list[tuple[str, str]]:
-    """``tracking.mlflow.uri`` for a key that may not name the server's own stores (see the module docstring)."""
+def tracking_problems(spec: JobSpec, caller: Caller, *, where: str = "the server",
+                      require_resolved: bool = False) -> list[tuple[str, str]]:
+    """``tracking.mlflow.uri`` for a key that may not name the server's own stores (see the module docstring).
+    ``require_resolved``: a host that resolves to no address here is refused (the worker, which connects)."""
     uri = spec.tracking.mlflow.uri
     if uri is None or caller.is_admin or caller.allow_server_paths:
         return []
@@ -243,7 +261,11 @@ def tracking_problems(spec: JobSpec, caller: Caller, *, where: str = "the server
     if not host:
         return [(param, f"{param}: {uri[:80]!r} names no host; {TRACKING_HINT}")]
     local_name = host.lower() == "localhost" or host.lower().endswith(".localhost")
-    if local_name or any(not address.is_global for address in _addresses(host)):
+    addresses = _addresses(host)
+    if local_name or any(tracking_address_refused(address) for address in addresses):
         return [(param, f"{param}: {host!r} is a loopback, private or otherwise non-public address of {where}, "
                  f"which this service does not let your key call; {TRACKING_HINT}")]
+    if require_resolved and not addresses:
+        return [(param, f"{param}: {host!r} resolves to no address on {where}, so the job's run would have "
+                 f"nowhere to go; {TRACKING_HINT}")]
     return []

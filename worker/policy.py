@@ -7,8 +7,10 @@ way. The submitter's admin-ness travels on the job row (``submitted_by_admin``).
 
 ``tracking.mlflow.uri`` is among the references (``app.policy.tracking_problems``, through
 ``reference_problems``): a tenant's ``sqlite:``/``file:``/database URI is refused here too, and an http(s) host is
-resolved with the worker's own resolver, which is the one the MLflow client will use (a name the API could not
-resolve, or one that resolves differently on the workers' network, is judged here)."""
+resolved with the worker's own resolver, which is the one the MLflow client will use (a name that resolves
+differently on the workers' network is judged here, and one that resolves to nothing here is refused). The
+MLflow client checks the addresses once more when it connects (worker/tracking.py), so a name that resolves
+elsewhere by then (DNS rebinding) still reaches no internal address."""
 
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def enforce_job_policy(db: Database, spec: JobSpec, job: Job, settings: Settings
         spec, caller,
         owns_job=lambda job_id: _exported_folder(db, job.tenant, job_id) is not None,
         owns_dataset=lambda dataset_id: dataset_rows.get_dataset(db, dataset_id, job.tenant) is not None,
-        cwd=Path.cwd(), where="the worker",
+        cwd=Path.cwd(), where="the worker", require_resolved=True,
     )
     if problems:
         raise PolicyViolation(problems)

@@ -45,15 +45,32 @@ server (one the deployment does not trust: app/policy.py) the model is written o
 proxied store (``mlflow-artifacts:``), never to a ``file:`` or bucket location the server names, which the worker
 would write with its own disk or credentials. MLflow 3's file store (``file:``) is retired: MLflow refuses it
 unless ``MLFLOW_ALLOW_FILE_STORE=true`` is set on the workers.
+
+A tenant's own server gets nothing of the worker's (:func:`isolate_untrusted_client`, before the client
+connects). MLflow sends whatever credentials the process has to any host (``MLFLOW_TRACKING_TOKEN``,
+``..._USERNAME``/``..._PASSWORD``, ``~/.mlflow/credentials``, ``..._AUTH``, ``..._AWS_SIGV4``, a client
+certificate; requests adds a ``~/.netrc`` entry), so the job's process drops them first and checks that MLflow
+would send none (else the job is not tracked); only the deployment's own store (and the stores of trusted specs:
+an admin's, the embedded single-user service's, ``ctpd run``'s) is sent them. The client also follows no
+redirects there, uses no presigned multipart uploads (URLs the server names), and connects only to addresses
+resolved and checked at connect time (app/policy.py's :func:`~app.policy.tracking_address_refused`): a name that
+resolves to an internal address by then (DNS rebinding) is refused, not called. This is process-wide on purpose:
+a worker's job process runs that one job (``worker_max_tasks_per_child=1``). Through an HTTP(S) proxy from the
+environment the proxy resolves the name, so the connect-time check is the proxy's. Its errors reach the
+tenant's ``tracking_warning`` events as the error's type and HTTP status only: MLflow puts the server's
+response body in its exceptions, and the worker's log has them whole.
 """
 
 from __future__ import annotations
 
 import collections
+import ipaddress
 import json
 import logging
 import math
 import os
+import re
+import socket
 import sys
 import threading
 import time
@@ -92,12 +109,34 @@ RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 2.0, 60.0
 MAX_PENDING_POINTS = 200_000  # per attempt, while the store is away (~15 keys per step: >10k steps)
 MAX_WARNING_DETAIL = 300  # characters of an MLflow error in a job's event (its response body is not the tenant's)
 
+# What MLflow reads from the environment for any host (mlflow.utils.credentials.get_default_host_creds): the
+# deployment's, never a tenant's server's. A job tracked on a tenant's server runs without them.
+MLFLOW_WORKER_ONLY_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                          "MLFLOW_TRACKING_AUTH", "MLFLOW_TRACKING_AWS_SIGV4", "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+                          "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_INSECURE_TLS")
+UNTRUSTED_CLIENT_ENV = {
+    "MLFLOW_ALLOW_HTTP_REDIRECTS": "false",  # MLflow follows redirects by default, wherever they point
+    "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",  # uploads to presigned URLs the server names
+    "NETRC": os.path.join(os.devnull, "netrc"),  # requests' netrc lookup (a ``default`` entry fits any host): none
+}
+_NO_CREDENTIALS_FILE = os.path.join(os.devnull, "credentials")  # a path that never exists
+
 # MLflow's limits (mlflow.utils.validation), fixed here so the module imports MLflow only in its thread.
 MAX_PARAM_VALUE = 6000
 MAX_KEY = 250
 PARAMS_PER_BATCH = 100  # also the tag limit
 METRICS_PER_BATCH = 1000
 TRUNCATED = "...[truncated]"
+
+
+class TrackingProblem(ValueError):
+    """A problem this module words itself, never with the server's text: shown to the tenant as it is."""
+
+
+class AddressRefused(TrackingProblem, OSError):
+    """A connection to a tenant's tracking server that would reach a non-public address (an OSError, so urllib3
+    reports it as a failed connection)."""
+
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 _RUN_STATUS_OF_OUTCOME: dict[str, RunStatus] = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
@@ -288,6 +327,8 @@ class MlflowObserver:
                        type(error).__name__, error)
         if not self.target.from_spec:
             return f"{type(error).__name__} (the worker's log has the details)"
+        if not self.trusted_store:
+            return untrusted_detail(error)
         return f"{type(error).__name__}: {error}"[:MAX_WARNING_DETAIL]
 
     def _warning(self, message: str) -> None:
@@ -351,6 +392,8 @@ class MlflowObserver:
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 
+        if not self.trusted_store:  # before anything is sent: the worker's credentials stay with the worker
+            isolate_untrusted_client(self.target.uri)
         client = MlflowClient(tracking_uri=self.target.uri)
         experiment_id = self._experiment(client)
         identity = self.identity
@@ -405,8 +448,9 @@ class MlflowObserver:
                 if experiment is None:
                     raise
         if experiment.lifecycle_stage != "active":
-            raise ValueError(f"the MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
-                             f"--experiment-id {experiment.experiment_id}) or name another")
+            restore = "mlflow experiments restore" + (  # the id is the server's text: only a trusted one's is shown
+                f" --experiment-id {experiment.experiment_id}" if self.trusted_store else "")
+            raise TrackingProblem(f"the MLflow experiment {name!r} is deleted; restore it ({restore}) or name another")
         return experiment.experiment_id
 
     def _send(self) -> None:
@@ -449,7 +493,9 @@ class MlflowObserver:
         parsed = urlsplit(artifact_uri)
         if parsed.scheme == "mlflow-artifacts" and parsed.netloc in ("", urlsplit(self.target.uri).netloc):
             return None
-        return (f"the tracking server keeps this run's artifacts at {artifact_uri[:120]!r}, which the workers do not "
+        # The server's text, so only its scheme, and only when it looks like one.
+        scheme = parsed.scheme if re.fullmatch(r"[a-z][a-z0-9+.-]{0,30}", parsed.scheme) else "another"
+        return (f"the tracking server keeps this run's artifacts in a {scheme}: location, which the workers do not "
                 "write to for your key; serve artifacts through the tracking server (mlflow server "
                 "--serve-artifacts, an mlflow-artifacts: location)")
 
@@ -468,6 +514,125 @@ class MlflowObserver:
             client.set_tag(self.run_id, TAG_STATUS, outcome)
         if status is not None:
             client.set_terminated(self.run_id, status=status)
+
+
+def isolate_untrusted_client(uri: str) -> None:
+    """Ready this process's MLflow client for a tenant's server at ``uri`` (see the module docstring): the
+    worker's credentials dropped, no redirects or presigned uploads, connections to the host checked at connect
+    time. Raises :class:`TrackingProblem` when MLflow would still send a credential (then nothing is sent)."""
+    import requests.utils
+    from mlflow.utils import credentials
+
+    for name in MLFLOW_WORKER_ONLY_ENV:
+        os.environ.pop(name, None)
+    os.environ.update(UNTRUSTED_CLIENT_ENV)
+    credentials._get_credentials_path = lambda: _NO_CREDENTIALS_FILE  # MLflow reads ~/.mlflow/credentials through it
+    host = urlsplit(uri).hostname
+    if host:  # an http(s) server (the only kind app/policy.py lets a tenant name)
+        _guard_connections(host)
+    # The proof, the way MLflow itself gathers what it sends (a later MLflow that reads credentials elsewhere
+    # fails here, closed, instead of sending them).
+    creds = credentials.get_default_host_creds(uri)
+    kept = [field for field in ("username", "password", "token", "auth", "aws_sigv4", "client_cert_path")
+            if getattr(creds, field, None)]
+    if kept or requests.utils.get_netrc_auth(uri):
+        logger.error("MLflow would still send the worker's credentials (%s) to a tenant's server; not tracked",
+                     ", ".join(kept) or "netrc")
+        raise TrackingProblem("the worker could not drop its own MLflow credentials, so it does not call your "
+                              "server; tell an operator")
+
+
+_guarded_hosts: set[str] = set()  # the tenant's tracking host in this process (normalized: _host_key)
+_guard_lock = threading.Lock()
+_guard_installed = False
+
+
+def _host_key(host: str) -> str:
+    return host.strip("[]").rstrip(".").lower()
+
+
+def _guard_connections(host: str) -> None:
+    """From now on every connection this process opens to ``host`` through urllib3 (MLflow's requests, its
+    artifact uploads) goes to an address resolved and checked right then, never to a second lookup's answer."""
+    global _guard_installed
+    import urllib3.util.connection as connection
+
+    with _guard_lock:
+        _guarded_hosts.add(_host_key(host))
+        if _guard_installed:
+            return
+        unguarded = connection.create_connection
+
+        def create_connection(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+            name, port = address
+            if _host_key(str(name)) not in _guarded_hosts:
+                return unguarded(address, *args, **kwargs)
+            error: OSError | None = None
+            for checked in checked_addresses(str(name), port):
+                try:
+                    return unguarded((checked, port), *args, **kwargs)
+                except OSError as failed:  # the next address, as urllib3 itself would
+                    error = failed
+            assert error is not None
+            raise error
+
+        connection.create_connection = create_connection
+        _guard_installed = True
+
+
+def checked_addresses(host: str, port: int) -> list[str]:
+    """The addresses of a tenant's tracking host, each one allowed (app/policy.py), for a connection now;
+    :class:`AddressRefused` if any is not (or there is none)."""
+    from app.policy import tracking_address_refused
+
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not addresses:
+        raise AddressRefused(f"the tracking server's host {host!r} resolves to no address on the worker")
+    for address in addresses:
+        reason = tracking_address_refused(ipaddress.ip_address(address.split("%", 1)[0]))
+        if reason is not None:
+            logger.warning("refused a connection to the tracking host %r: it resolves to %s (%s)", host, address,
+                           reason)
+            raise AddressRefused(f"the tracking server's host {host!r} resolves to a non-public address ({reason}) "
+                                 "on the worker, which the workers do not call")
+    return addresses
+
+
+_STATUS_OF_MESSAGE = re.compile(r"API request to endpoint \S+ failed with error code (\d{3}) ")
+
+
+def untrusted_detail(error: BaseException) -> str:
+    """A tenant's server's error, for its job's event: this module's own words (:class:`TrackingProblem`), else
+    the error's type, the HTTP status and the type of the root cause; never the error's text (MLflow puts the
+    response body in it, and the worker's side of the connection)."""
+    chain: list[BaseException] = []
+    link: BaseException | None = error
+    while link is not None and link not in chain and len(chain) < 20:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    for link in chain:
+        if isinstance(link, TrackingProblem):
+            return str(link)[:MAX_WARNING_DETAIL]
+    status: int | None = None
+    for link in chain:
+        response = getattr(link, "response", None)
+        if isinstance(getattr(response, "status_code", None), int):
+            status = response.status_code  # type: ignore[union-attr]
+            break
+        matched = _STATUS_OF_MESSAGE.match(str(link))  # MLflow's own words, before the body
+        if matched:
+            status = int(matched.group(1))
+            break
+    if status is None and type(error).__name__ == "RestException":  # a JSON error: its code's HTTP status
+        try:
+            status = int(error.get_http_status_code())  # type: ignore[attr-defined]
+        except (TypeError, ValueError, AttributeError):
+            status = None
+    parts = [f"HTTP {status}"] if status is not None else []
+    if len(chain) > 1:
+        parts.append(type(chain[-1]).__name__)
+    return type(error).__name__ + (f" ({', '.join(parts)})" if parts else "")
 
 
 def start_job_tracking(

@@ -150,3 +150,49 @@ def test_a_database_blink_after_the_commit_still_answers_201(locked, db, dataset
     assert response.status_code == 201, response.text
     assert response.json()["status"] == "queued"
     assert job_rows.get_job(db, response.json()["id"]) is not None
+
+
+def _tracking_caller():
+    from pathlib import Path
+
+    from app.policy import Caller
+
+    return Caller(tenant="acme", is_admin=False, allow_server_paths=False, allow_remote_code=False,
+                  artifact_root=Path("/srv/ctpd/artifacts"))
+
+
+def _tracked(uri: str):
+    from ctpd_core.spec import JobSpec
+
+    return JobSpec.model_validate({**SPEC, "dataset": {"id": "ds_x"}, "tracking": {"mlflow": {"uri": uri}}})
+
+
+def test_the_policys_switch_lets_a_test_call_a_loopback_tracking_server_and_nothing_else(monkeypatch):
+    import ipaddress
+
+    import app.policy
+    from app.policy import tracking_address_refused, tracking_problems
+
+    loopback = ipaddress.ip_address("127.0.0.1")
+    assert tracking_address_refused(loopback) == "loopback"
+    monkeypatch.setattr(app.policy, "TRACKING_ALLOWED_NETWORKS", (ipaddress.ip_network("127.0.0.0/8"),))
+    assert tracking_address_refused(loopback) is None
+    assert tracking_address_refused(ipaddress.ip_address("10.0.0.5")) == "private"
+    assert tracking_problems(_tracked("http://127.0.0.1:5000"), _tracking_caller()) == []
+    assert tracking_problems(_tracked("http://localhost:5000"), _tracking_caller()) != []  # a name: still refused
+
+
+def test_a_tracking_host_that_resolves_to_nothing_is_refused_only_where_required(monkeypatch):
+    """The API lets it pass (its network is not the workers'); the worker, which would connect, refuses it."""
+    import socket
+
+    from app.policy import tracking_problems
+
+    def nothing(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", nothing)
+    spec = _tracked("https://mlflow.nowhere.test")
+    assert tracking_problems(spec, _tracking_caller()) == []
+    problems = tracking_problems(spec, _tracking_caller(), where="the worker", require_resolved=True)
+    assert len(problems) == 1 and "resolves to no address on the worker" in problems[0][1], problems

@@ -5,12 +5,15 @@ the job has in SQL (same keys, steps and values), the model folder as ``model/``
 ``mlflow`` CLI lists and describes it. A retried job (attempt 1 stopped mid-distill, its newest checkpoint gone
 as if it had died right after that step; attempt 2 resumes from the one before) stays one run with each step
 once. A store that cannot be opened costs the job a warning event, not its success. And the policy: a tenant
-of a multi-tenant deployment may name only an http(s) server on a public address.
+of a multi-tenant deployment may name only an http(s) server on a public address, which (loopback servers here)
+gets none of the worker's MLflow credentials, cannot redirect it or rebind its name to an internal address, and
+does not have its answers echoed in the job's events.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -39,6 +42,7 @@ from worker.tracking import (
     MlflowObserver,
     RunIdentity,
     flatten_params,
+    start_job_tracking,
     tracking_target,
 )
 
@@ -248,7 +252,7 @@ def test_replayed_steps_the_run_lacks_are_logged_and_those_it_has_are_not(store)
 
 
 
-def test_a_tenants_own_server_gets_the_model_only_through_its_proxied_store(store, tmp_path):
+def test_a_tenants_own_server_gets_the_model_only_through_its_proxied_store(store, tmp_path, job_process):
     """The server names where artifacts go; for a tenant's server (multi-tenant, no admin) a file: location,
     the worker's own disk, is refused with a warning, and the rest of the run is logged."""
     spec = JobSpec.model_validate({"student": {"model": "s"}, "teacher": {"model": "t"}, "dataset": {"id": "d"},
@@ -415,3 +419,219 @@ def test_the_api_answers_422_naming_the_field_and_the_fix(db, tmp_path):
         assert job_rows.list_jobs(db, "acme", limit=10)[0] == []  # nothing stored on error
     finally:
         app.state.db.dispose()
+
+
+# ------------------------------------------------------------------- a tenant's own server is not trusted
+#
+# Real loopback HTTP servers stand for a tenant's MLflow server; app.policy.TRACKING_ALLOWED_NETWORKS (the policy's
+# switch) lets the worker's connect-time check call 127.0.0.0/8 for these tests, and only where a test says so.
+
+TOKEN = "worker-token-8f3a"  # the operator's: for the deployment's store only
+SECRET = "internal-secret-5c1e"  # what an internal service would answer
+
+
+class FakeServer:
+    """A loopback HTTP server that records each request (method, path, Authorization) and answers with
+    ``respond(method, path) -> (status, headers, body)``."""
+
+    def __init__(self, respond) -> None:
+        import http.server
+        import threading
+
+        self.requests: list[tuple[str, str, str | None]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                server.requests.append((self.command, self.path, self.headers.get("Authorization")))
+                status, headers, body = respond(self.command, self.path)
+                self.send_response(status)
+                for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def mlflow_answers(method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    """Just enough of MLflow's REST API for one run: no experiment yet, no run with the job's tag."""
+    run = {"info": {"run_id": "r1", "run_uuid": "r1", "experiment_id": "1", "user_id": "acme", "status": "RUNNING",
+                    "start_time": 1, "artifact_uri": "mlflow-artifacts:/1/r1/artifacts", "lifecycle_stage": "active"},
+           "data": {}}
+    endpoint = path.split("?", 1)[0].removeprefix("/api/2.0/mlflow/")
+    if method == "PUT" and path.startswith("/api/2.0/mlflow-artifacts/artifacts/"):  # an artifact upload
+        return 200, {"Content-Type": "application/json"}, b"{}"
+    answers: dict[str, object] = {"experiments/create": {"experiment_id": "1"}, "runs/search": {"runs": []},
+                                  "runs/create": {"run": run}, "runs/get": {"run": run}, "runs/log-batch": {},
+                                  "runs/set-tag": {}, "runs/update": {"run_info": run["info"]}}
+    if endpoint not in answers:
+        return 404, {"Content-Type": "application/json"}, b'{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no"}'
+    return 200, {"Content-Type": "application/json"}, json.dumps(answers[endpoint]).encode()
+
+
+@pytest.fixture
+def job_process(monkeypatch):
+    """What isolating a tenant's client changes in a process (environment, MLflow's credentials file, urllib3's
+    connect), put back after the test: a worker's job process exits instead."""
+    import ipaddress
+
+    import urllib3.util.connection
+    from mlflow.utils import credentials
+
+    import app.policy
+    import worker.tracking
+
+    saved = dict(os.environ)
+    monkeypatch.setattr(credentials, "_get_credentials_path", credentials._get_credentials_path)
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", urllib3.util.connection.create_connection)
+    monkeypatch.setattr(worker.tracking, "_guarded_hosts", set())
+    monkeypatch.setattr(worker.tracking, "_guard_installed", False)
+    monkeypatch.setattr(app.policy, "TRACKING_ALLOWED_NETWORKS", (ipaddress.ip_network("127.0.0.0/8"),))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a refusal at once, not after MLflow's backoff
+    monkeypatch.delenv("MLFLOW_ALLOW_HTTP_REDIRECTS", raising=False)  # MLflow's default: follow them
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def tenant_spec(uri: str | None) -> JobSpec:
+    mlflow = {"uri": uri} if uri else {}
+    return JobSpec.model_validate({"student": {"model": "s"}, "teacher": {"model": "t"}, "dataset": {"id": "d"},
+                                   "tracking": {"mlflow": mlflow}})
+
+
+def track_one_job(spec: JobSpec, settings: Settings, job_id: str, export_dir: Path | None = None) -> list[str]:
+    """A job's tracking as the worker starts it (its trust decided by start_job_tracking); its warnings (the
+    job's ``tracking_warning`` events)."""
+    warnings: list[str] = []
+    tracker = start_job_tracking(spec, settings, RunIdentity(job_id, "acme", 1, None, "ctpd"), warn=warnings.append)
+    assert tracker is not None
+    tracker.metrics("distill", 1, {"loss": 0.7})
+    tracker.finish("succeeded", export_dir=export_dir)
+    return warnings
+
+
+def test_a_tenants_server_never_gets_the_workers_mlflow_credentials(job_process, tmp_path, monkeypatch):
+    """MLflow sends the process's credentials to any host: the token, ~/.mlflow/credentials (and requests a
+    ~/.netrc default entry). A tenant's server sees none of them; the deployment's store gets the token."""
+    home = tmp_path / "user-home"
+    (home / ".mlflow").mkdir(parents=True)
+    (home / ".mlflow" / "credentials").write_text("[mlflow]\nmlflow_tracking_username = operator\n"
+                                                  "mlflow_tracking_password = hunter2\n")
+    (home / ".netrc").write_text("default login operator password hunter2\n")
+    (home / ".netrc").chmod(0o600)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", TOKEN)
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / "config.json").write_text("{}")
+    tenants, deployments = FakeServer(mlflow_answers), FakeServer(mlflow_answers)
+    try:
+        multi_tenant = Settings(home=tmp_path / "home", lease_seconds=30, mlflow_tracking_uri=deployments.url)
+        assert track_one_job(tenant_spec(tenants.url), multi_tenant, "job_tenant", export_dir) == []
+        assert {path.split("?")[0] for _, path, _ in tenants.requests} >= {
+            "/api/2.0/mlflow/experiments/get-by-name", "/api/2.0/mlflow/runs/create", "/api/2.0/mlflow/runs/log-batch",
+            "/api/2.0/mlflow-artifacts/artifacts/1/r1/artifacts/model/config.json",
+            "/api/2.0/mlflow/runs/update"}  # the whole run went there, the model through the proxied store...
+        assert [auth for _, _, auth in tenants.requests if auth is not None] == []  # ... with no credential
+
+        # The deployment's own store, in a job process of its own (one job per process), is sent them.
+        os.environ["MLFLOW_TRACKING_TOKEN"] = TOKEN
+        (home / ".mlflow" / "credentials").unlink()
+        assert track_one_job(tenant_spec(None), multi_tenant, "job_deployment") == []
+        assert deployments.requests and {auth for _, _, auth in deployments.requests} == {f"Bearer {TOKEN}"}
+    finally:
+        tenants.close()
+        deployments.close()
+
+
+def test_a_tenants_server_cannot_redirect_the_worker(job_process, tmp_path):
+    """A 302 to another address (an internal service) is not followed: the second server is never hit, and the
+    tenant's warning says what happened in the error's type and status only."""
+    internal = FakeServer(lambda method, path: (200, {"Content-Type": "application/json"}, b"{}"))
+    redirecting = FakeServer(lambda method, path: (302, {"Location": f"{internal.url}{path}"}, b""))
+    try:
+        settings = Settings(home=tmp_path / "home", lease_seconds=30)  # multi-tenant defaults
+        warnings = track_one_job(tenant_spec(redirecting.url), settings, "job_redirect")
+        assert redirecting.requests and internal.requests == []
+        assert warnings and any("MlflowException (HTTP 302)" in warning for warning in warnings), warnings
+    finally:
+        internal.close()
+        redirecting.close()
+
+
+@pytest.mark.parametrize("status", [200, 403])
+def test_a_tenants_servers_answers_are_not_echoed_in_the_jobs_events(job_process, tmp_path, status):
+    """MLflow puts a non-JSON answer's body in its error (``Response body: '...'``): an internal page reached
+    through a tenant's URI must not come back to the tenant in a tracking_warning."""
+    body = f"<html>{SECRET}</html>".encode()
+    server = FakeServer(lambda method, path: (status, {"Content-Type": "text/html"}, body))
+    try:
+        settings = Settings(home=tmp_path / "home", lease_seconds=30)
+        warnings = track_one_job(tenant_spec(server.url), settings, "job_echo")
+        assert server.requests and warnings
+        assert all(SECRET not in warning for warning in warnings), warnings
+        assert any(warning.startswith(f"MLflow tracking ({server.url}): MlflowException") for warning in warnings)
+    finally:
+        server.close()
+
+
+def test_the_worker_checks_the_tenants_host_again_when_it_connects(job_process, tmp_path, monkeypatch):
+    """DNS rebinding: the name resolves to a public address for the policy and to 127.0.0.1 when MLflow
+    connects; the connection is refused there and the server (an internal service) is never called."""
+    import socket
+
+    import app.policy
+
+    server = FakeServer(mlflow_answers)
+    port = int(server.url.rsplit(":", 1)[1])
+    real_getaddrinfo = socket.getaddrinfo
+    answers = iter(["8.8.8.8"])  # the policy's lookup; every later one: loopback
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host != "mlflow.rebind.test":
+            return real_getaddrinfo(host, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers, "127.0.0.1"), port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(app.policy, "TRACKING_ALLOWED_NETWORKS", ())  # loopback is loopback again
+    try:
+        spec = tenant_spec(f"http://mlflow.rebind.test:{port}")
+        assert tracking_refusals(spec, locked()) == []  # public, for the policy
+        warnings = track_one_job(spec, Settings(home=tmp_path / "home", lease_seconds=30), "job_rebind")
+        assert server.requests == []
+        assert warnings and "'mlflow.rebind.test' resolves to a non-public address (loopback)" in warnings[0], warnings
+    finally:
+        server.close()
+
+
+def test_the_worker_refuses_a_tracking_host_it_cannot_resolve(db, tmp_path, monkeypatch):
+    """The API lets a name it cannot resolve pass (its network is not the workers'); the worker, which would
+    connect, refuses it: the job fails with policy_violation before anything runs."""
+    import socket
+
+    def getaddrinfo(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    spec = tracked("https://mlflow.nowhere.test")
+    assert tracking_refusals(spec, locked()) == []  # the API's check
+    settings = Settings(home=tmp_path / "home", lease_seconds=30)
+    row = job_rows.get_job(db, new_job(db, spec.model_dump(mode="json")))
+    with pytest.raises(ValueError, match="resolves to no address on the worker"):
+        enforce_job_policy(db, spec, row, settings)
