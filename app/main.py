@@ -8,9 +8,11 @@ at creation (the engine connects on first use). Logging is configured only by th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI
 
 from app.api import api_keys, checkpoints, datasets, health, jobs, models, webhooks
@@ -23,6 +25,8 @@ from app.settings import Settings, get_settings
 from app.storage_gc import remove_orphaned_uploads
 from app.webhooks.dispatcher import DispatcherThread
 from ctpd_core import logs
+
+logger = logging.getLogger(__name__)
 
 API_VERSION = "0.1.0"
 
@@ -52,12 +56,15 @@ def create_app(settings: Settings, queue: TaskQueue | None = None) -> FastAPI:
         # The webhook outbox's sender (several API processes share the work through row leases).
         dispatcher = DispatcherThread(database, settings).start() if settings.webhook_dispatcher else None
         yield
-        if dispatcher is not None:
-            dispatcher.stop()
+        # The dispatcher's join blocks (up to its timeout): off the event loop, which still serves the others.
+        stopped = dispatcher is None or await anyio.to_thread.run_sync(dispatcher.stop)
         close = getattr(task_queue, "close", None)
         if callable(close):
             close()
-        database.dispose()
+        if stopped:
+            database.dispose()
+        else:  # its sends still use the pool; the process exit ends both
+            logger.warning("webhook dispatcher still running at shutdown: the database pool is left open for it")
         process_exiting()  # multiprocess metrics: this process's in-flight gauge leaves the sum
 
     # One schema per model for requests and responses: the JobSpec a client sends is the type it reads back in

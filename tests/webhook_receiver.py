@@ -14,6 +14,7 @@ A request that fails verification is answered 400 and recorded with ``verified=F
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -141,3 +142,73 @@ def serving_receiver(**options: Any) -> Iterator[WebhookReceiver]:
     """For a pytest fixture: ``yield from serving_receiver(fail_first=2)``."""
     with WebhookReceiver(**options) as receiver:
         yield receiver
+
+
+class TricklingReceiver:
+    """A receiver that reads each request and then answers it a byte every ``interval`` seconds (a status line,
+    then an endless header), for at most ``for_seconds``: every read of the sender gets its byte well within any
+    per-read timeout, so only a deadline for the whole attempt ends it. ``hang_ups`` lists, per request, how many
+    seconds after the request the sender hung up (None while it is still listening)."""
+
+    def __init__(self, *, interval: float = 0.2, for_seconds: float = 20.0) -> None:
+        self.interval, self.for_seconds = interval, for_seconds
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self.hang_ups: list[float | None] = []
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}/hooks/slow"
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            thread = threading.Thread(target=self._trickle, args=(connection,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _trickle(self, connection: socket.socket) -> None:
+        with connection:
+            connection.settimeout(5)
+            request = b""
+            try:
+                while b"\r\n\r\n" not in request:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        return
+                    request += chunk
+            except OSError:
+                return
+            with self._lock:
+                index = len(self.hang_ups)
+                self.hang_ups.append(None)
+            started = time.monotonic()
+            answer = b"HTTP/1.1 204 No Content\r\nx-trickle: "
+            sent = 0
+            while not self._stopping.is_set() and time.monotonic() - started < self.for_seconds:
+                try:
+                    connection.sendall(answer[sent:sent + 1] if sent < len(answer) else b"a")
+                except OSError:  # the sender hung up
+                    with self._lock:
+                        self.hang_ups[index] = time.monotonic() - started
+                    return
+                sent += 1
+                self._stopping.wait(self.interval)
+
+    def __enter__(self) -> TricklingReceiver:
+        thread = threading.Thread(target=self._serve, name="trickling-receiver", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._listener.close()

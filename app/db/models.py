@@ -220,6 +220,8 @@ class WebhookMessage(Base):
     attempts: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     retry_from: Mapped[datetime] = mapped_column(UTCDateTime())  # the retry window starts here (a redelivery: now)
+    # The attempts made before the retry window started (a redelivery): the backoff counts the attempts since.
+    attempts_before_window: Mapped[int] = mapped_column(Integer, server_default=text("0"), default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # null: nothing due
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)  # the dispatcher sending it
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -243,3 +245,13 @@ class WebhookDelivery(Base):
     outcome: Mapped[str] = mapped_column(String(32))  # delivered | failed | gave_up | endpoint_disabled
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class WebhookDeliveryTotal(Base):
+    """Attempts by outcome of the endpoints deleted since (their log rows went with them): with the live log's
+    counts, the ``ctpd_webhook_deliveries_total`` counter, which never goes down."""
+
+    __tablename__ = "webhook_delivery_totals"
+
+    outcome: Mapped[str] = mapped_column(String(32), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)

@@ -7,7 +7,8 @@ runs inside the flush that inserts an event and, for the events a webhook announ
 ``webhook_messages`` row per enabled endpoint of the job's tenant that subscribes to its type, on the same
 connection: the message commits with the transition or not at all. Whichever path writes the event (the API's
 create and cancel, a worker's claim, finish and hand-back, the reaper), no code of its own has to remember it.
-A unique (endpoint, event) pair means no event is announced twice; a dispatcher that dies after the commit
+A unique (endpoint, event) pair means no event is announced twice (and ``job.evaluated`` goes to an endpoint
+once per job, however many attempts re-run the evaluate stage); a dispatcher that dies after the commit
 leaves a pending row that the next one sends.
 
 **The body is frozen** when the message is written (JSON text), and the row's id is the ``webhook-id``, so every
@@ -26,7 +27,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,7 +36,15 @@ from sqlalchemy import Connection, and_, event, exists, func, insert, or_, selec
 from sqlalchemy.orm import Mapper
 
 from app.db.engine import Database, escape_nul, updated_rows
-from app.db.models import Job, JobEvent, Webhook, WebhookDelivery, WebhookMessage, utcnow
+from app.db.models import (
+    Job,
+    JobEvent,
+    Webhook,
+    WebhookDelivery,
+    WebhookDeliveryTotal,
+    WebhookMessage,
+    utcnow,
+)
 from app.webhooks.signing import new_secret
 from ctpd_core.vocab import EventType, JobStatus, Stage, WebhookEventType
 
@@ -96,11 +105,22 @@ def list_webhooks(db: Database, tenant: str) -> list[Webhook]:
 
 
 def delete_webhook(db: Database, webhook_id: str, tenant: str) -> bool:
-    """Delete the endpoint with its messages and log (cascade); False if there is no such endpoint."""
+    """Delete the endpoint with its messages and log (cascade); False if there is no such endpoint. Its attempts
+    by outcome are added to ``webhook_delivery_totals`` in the same transaction, so the metrics counter that
+    :func:`delivery_outcome_counts` feeds never goes down."""
     with db.write() as session:
-        row = session.scalars(select(Webhook).where(Webhook.id == webhook_id, Webhook.tenant == tenant)).one_or_none()
+        row = session.scalars(select(Webhook).where(Webhook.id == webhook_id, Webhook.tenant == tenant)
+                              .with_for_update()).one_or_none()
         if row is None:
             return False
+        counted = session.execute(select(WebhookDelivery.outcome, func.count())
+                                  .where(WebhookDelivery.webhook_id == webhook_id)
+                                  .group_by(WebhookDelivery.outcome)).all()
+        for outcome, count in counted:
+            # The migration wrote one row per outcome: an atomic increment, no upsert race between deletes.
+            if not updated_rows(session, update(WebhookDeliveryTotal).where(WebhookDeliveryTotal.outcome == outcome)
+                                .values(count=WebhookDeliveryTotal.count + count)):
+                session.add(WebhookDeliveryTotal(outcome=outcome, count=count))
         session.delete(row)
     return True
 
@@ -220,6 +240,13 @@ def _announce(_mapper: Mapper[Any], connection: Connection, job_event: JobEvent)
         select(Webhook.id, Webhook.event_types).where(Webhook.tenant == job.tenant, Webhook.enabled.is_(True))
     ).all()
     subscribed = [webhook_id for webhook_id, event_types in endpoints if kind in (event_types or ())]
+    if subscribed and kind == WebhookEventType.JOB_EVALUATED:
+        # Once per job and endpoint: an attempt that re-runs the evaluate stage (a hand-back during export, its
+        # result cached) writes its stage_finished again, which is not news.
+        told = set(connection.scalars(select(WebhookMessage.webhook_id).where(
+            WebhookMessage.job_id == job_event.job_id, WebhookMessage.event_type == str(kind),
+            WebhookMessage.webhook_id.in_(subscribed))))
+        subscribed = [webhook_id for webhook_id in subscribed if webhook_id not in told]
     if not subscribed:
         return
     body = encode_body(message_body(kind, job_event, job))
@@ -250,6 +277,12 @@ class Claimed:
     attempt: int  # this attempt's number (1, 2, ...)
     retry_from: datetime
     event_type: str
+    attempts_before_window: int = 0  # attempts made before the retry window started (a redelivery)
+
+    @property
+    def window_attempt(self) -> int:
+        """This attempt's number within its retry window (what the backoff counts: a redelivery starts at 1)."""
+        return self.attempt - self.attempts_before_window
 
 
 def _due(now: datetime) -> Any:
@@ -261,11 +294,24 @@ def _due(now: datetime) -> Any:
 
 def due_messages(db: Database, *, now: datetime, limit: int) -> list[str]:
     """The ids of up to ``limit`` due messages, oldest due first (candidates: :func:`claim` decides)."""
+    return [message_id for message_id, _ in due_candidates(db, now=now, limit=limit)]
+
+
+def due_candidates(db: Database, *, now: datetime, limit: int, skip_messages: Collection[str] = (),
+                   skip_webhooks: Collection[str] = ()) -> list[tuple[str, str]]:
+    """(message id, endpoint id) of up to ``limit`` due messages, oldest due first, leaving out the messages and
+    endpoints named (the dispatcher's own in-flight sends and its busy endpoints, so that a slow endpoint's backlog
+    does not fill the page)."""
+    query = select(WebhookMessage.id, WebhookMessage.webhook_id).where(_due(now))
+    if skip_messages:
+        query = query.where(WebhookMessage.id.not_in(list(skip_messages)))
+    if skip_webhooks:
+        query = query.where(WebhookMessage.webhook_id.not_in(list(skip_webhooks)))
     with db.read() as session:
-        return list(session.scalars(
-            select(WebhookMessage.id).where(_due(now))
-            .order_by(WebhookMessage.next_attempt_at, WebhookMessage.created_at, WebhookMessage.event_id)
-            .limit(limit)))
+        rows = session.execute(
+            query.order_by(WebhookMessage.next_attempt_at, WebhookMessage.created_at, WebhookMessage.event_id)
+            .limit(limit)).all()
+    return [(message_id, webhook_id) for message_id, webhook_id in rows]
 
 
 def claim(db: Database, message_id: str, owner: str, *, now: datetime, lease_seconds: float) -> Claimed | None:
@@ -283,7 +329,7 @@ def claim(db: Database, message_id: str, owner: str, *, now: datetime, lease_sec
             .execution_options(populate_existing=True)
         ).one()
         return Claimed(message.id, message.webhook_id, url, secret, message.body, message.attempts,
-                       message.retry_from, message.event_type)
+                       message.retry_from, message.event_type, message.attempts_before_window)
 
 
 def claim_due(db: Database, owner: str, *, now: datetime, lease_seconds: float, limit: int) -> list[Claimed]:
@@ -306,22 +352,32 @@ def record_attempt(db: Database, claimed: Claimed, owner: str, result: AttemptRe
     """The attempt's log row and the message's next state: delivered; pending again at ``next_attempt_at``; or
     given up (``next_attempt_at`` None after a failure). A failure lengthens the endpoint's run of failures and a
     run of ``disable_after`` disables it; a delivery ends the run. Returns the outcome, or None when this
-    dispatcher no longer holds the message (its lease ran out and another took it: nothing is written)."""
+    dispatcher no longer holds the message (its lease ran out and another took it: nothing is written).
+
+    A redelivery asked for while this attempt was in flight (:func:`redeliver`) is queued behind it: the attempt
+    is logged and counted, its lease released, and the message keeps the redelivery's state (pending, due now,
+    its new window) instead of this attempt's."""
     if result.delivered:
         outcome, values = "delivered", dict(status=DELIVERED, delivered_at=now, next_attempt_at=None)
     elif next_attempt_at is not None:
         outcome, values = "failed", dict(status=PENDING, next_attempt_at=next_attempt_at)
     else:
         outcome, values = "gave_up", dict(status=GAVE_UP, next_attempt_at=None)
+    fence = (WebhookMessage.id == claimed.message_id, WebhookMessage.lease_owner == owner,
+             WebhookMessage.attempts == claimed.attempt)
     with db.write() as session:
         held = updated_rows(session, update(WebhookMessage).where(
-            WebhookMessage.id == claimed.message_id, WebhookMessage.lease_owner == owner,
-            WebhookMessage.attempts == claimed.attempt,
+            *fence, WebhookMessage.attempts_before_window == claimed.attempts_before_window,
         ).values(lease_owner=None, lease_expires_at=None, **values))
         if not held:
-            logger.warning("webhook message %s: attempt %d finished after its lease was taken over; not recorded",
-                           claimed.message_id, claimed.attempt)
-            return None
+            # Redelivered meanwhile: release the lease, keep the redelivery's state.
+            if not updated_rows(session, update(WebhookMessage).where(*fence)
+                                .values(lease_owner=None, lease_expires_at=None)):
+                logger.warning("webhook message %s: attempt %d finished after its lease was taken over; not "
+                               "recorded", claimed.message_id, claimed.attempt)
+                return None
+            if outcome == "gave_up":
+                outcome = "failed"  # the redelivery tries it again
         session.add(WebhookDelivery(
             webhook_id=claimed.webhook_id, message_id=claimed.message_id, attempt=claimed.attempt, attempted_at=now,
             status_code=result.status_code, latency_ms=result.latency_ms, outcome=outcome,
@@ -374,13 +430,17 @@ def list_deliveries(db: Database, webhook_id: str, *, after: int | None = None, 
 
 
 def redeliver(db: Database, webhook_id: str, message_id: str) -> bool:
-    """Send the message again, now, with its id and body (its retry window starts again); False if the endpoint
-    has no such message."""
+    """Send the message again, now, with its id and body; False if the endpoint has no such message. Its retry
+    window starts again, and so does its backoff (``attempts_before_window``: the attempts made so far). A message
+    in flight (leased) keeps its lease: the redelivery is queued behind the attempt, which
+    :func:`record_attempt` finds (the window's base moved) and leaves in place, so it goes out once that attempt
+    ends."""
     now = utcnow()
     with db.write() as session:
         return bool(updated_rows(session, update(WebhookMessage).where(
             WebhookMessage.id == message_id, WebhookMessage.webhook_id == webhook_id
-        ).values(status=PENDING, next_attempt_at=now, retry_from=now, delivered_at=None)))
+        ).values(status=PENDING, next_attempt_at=now, retry_from=now, delivered_at=None,
+                 attempts_before_window=WebhookMessage.attempts)))
 
 
 def list_messages(db: Database, webhook_id: str) -> list[WebhookMessage]:
@@ -391,8 +451,10 @@ def list_messages(db: Database, webhook_id: str) -> list[WebhookMessage]:
 
 
 def delivery_outcome_counts(db: Database) -> dict[str, int]:
-    """Attempts by outcome, every outcome present (for the metrics endpoint: counters that only go up)."""
+    """Attempts by outcome, every outcome present (for the metrics endpoint: counters that only go up): the live
+    log's and the deleted endpoints' (``webhook_delivery_totals``, added to by :func:`delete_webhook`)."""
     with db.read() as session:
         counted = dict(session.execute(
             select(WebhookDelivery.outcome, func.count()).group_by(WebhookDelivery.outcome)).all())
-    return {outcome: int(counted.get(outcome, 0)) for outcome in OUTCOMES}
+        deleted = dict(session.execute(select(WebhookDeliveryTotal.outcome, WebhookDeliveryTotal.count)).all())
+    return {outcome: int(counted.get(outcome, 0)) + int(deleted.get(outcome, 0)) for outcome in OUTCOMES}

@@ -7,10 +7,13 @@ time; the receiver is a real HTTP server and every request it gets is checked by
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,13 +21,16 @@ from typing import Any
 import httpx
 import pytest
 import standardwebhooks
+from fastapi.testclient import TestClient
+from sqlalchemy import update
 
+from app import main as app_main
 from app.db import events as job_log
 from app.db import jobs as job_rows
 from app.db import webhooks as webhook_rows
 from app.db.engine import Database
 from app.db.events import EventWrite, StaleAttempt
-from app.db.models import utcnow
+from app.db.models import WebhookDeliveryTotal, utcnow
 from app.main import create_app
 from app.settings import Settings
 from app.webhooks import signing
@@ -32,7 +38,7 @@ from app.webhooks.dispatcher import Backoff, Dispatcher
 from app.webhooks.targets import TargetRefused, check_url, pinned_request
 from tests.app.conftest import REPO_ROOT, SPEC, _client_for
 from tests.live_service import serving, wait_until
-from tests.webhook_receiver import WebhookReceiver
+from tests.webhook_receiver import TricklingReceiver, WebhookReceiver
 
 ALL_TYPES = ["job.queued", "job.running", "job.succeeded", "job.failed", "job.cancelled", "job.checkpoint",
              "job.evaluated"]
@@ -502,9 +508,11 @@ def test_concurrent_dispatchers_never_send_one_message_twice(db: Database, alice
     barrier = threading.Barrier(3)
     senders = [Dispatcher(db, settings, concurrency=2) for _ in range(3)]
 
-    def run(sender: Dispatcher) -> None:
+    def run(sender: Dispatcher) -> None:  # passes until nothing is due (each hands its sends to its pool)
         barrier.wait()
-        sender.run_once()
+        for _ in range(20):
+            sender.run_once()
+            sender.wait_idle(30)
 
     threads = [threading.Thread(target=run, args=(sender,)) for sender in senders]
     for thread in threads:
@@ -591,6 +599,7 @@ def test_a_delivery_to_an_address_the_guard_now_refuses_is_a_failed_attempt(db: 
     new_job(db)
     strict = Dispatcher(db, settings.model_copy(update={"webhook_allow_private_targets": False}), clock=clock)
     strict.run_once()
+    assert strict.wait_idle(30)
     strict.close()
     assert receiver.received() == []
     (entry,) = alice.get(f"/v1/webhooks/{webhook_id}/deliveries").json()["data"]
@@ -622,3 +631,197 @@ def test_the_api_process_runs_the_dispatcher(settings: Settings, queue, db: Data
     assert [request.type for request in receiver.delivered()] == ["job.queued", "job.cancelled"]
     assert receiver.unverified() == []
     app.state.db.dispose()
+
+
+# ------------------------------------------------------------------------- slow receivers, redelivery, counts
+
+
+def _log(alice, webhook_id: str) -> list[dict[str, Any]]:
+    return alice.get(f"/v1/webhooks/{webhook_id}/deliveries", params={"limit": 100}).json()["data"]
+
+
+def test_a_trickling_receiver_is_cut_off_at_the_deadline_while_other_endpoints_are_delivered(
+        db: Database, alice, settings: Settings, clock, receiver):
+    """The receiver answers a byte every 0.2 s (every per-read timeout passes): the attempt still ends at the
+    2 s deadline as a failure, the pass does not wait for it, and the other endpoint's messages go out meanwhile."""
+    deadline = 2.0
+    with TricklingReceiver(interval=0.2, for_seconds=20) as slow:
+        slow_id = alice.post("/v1/webhooks", json={"url": slow.url, "event_types": ["job.queued"]}).json()["id"]
+        fast_id = subscribe(alice, receiver, event_types=["job.queued"])["id"]
+        sender = Dispatcher(db, settings.model_copy(update={"webhook_timeout_seconds": deadline}), clock=clock,
+                            concurrency=4, per_endpoint=1)
+        try:
+            new_job(db)  # a message to each endpoint
+            began = time.monotonic()
+            assert sender.run_once() == 2
+            assert time.monotonic() - began < 1.0  # the pass hands its sends over and returns
+            receiver.wait_for(lambda r: len(r.delivered()) == 1, 1.5, "the fast endpoint's delivery")
+            wait_until(lambda: slow.hang_ups, 5, "the slow endpoint's request")
+            # The slow send is still trickling; a new job's messages: the slow endpoint is at its bound, so only
+            # the fast endpoint's is handed over, and delivered while the slow one is still in flight.
+            new_job(db)
+            assert sender.run_once() == 1
+            receiver.wait_for(lambda r: len(r.delivered()) == 2, 1.5, "the second delivery beside the slow send")
+            assert slow.hang_ups == [None] and time.monotonic() - began < deadline
+            assert sender.wait_idle(deadline + 3)
+            elapsed = time.monotonic() - began
+        finally:
+            sender.close()
+        assert elapsed < deadline + 3
+        # The connection was closed at the deadline (the receiver notices at its next byte or the one after).
+        wait_until(lambda: slow.hang_ups[0] is not None, 3, "the sender to hang up")
+        assert slow.hang_ups[0] < deadline + 1
+    (entry,) = _log(alice, slow_id)
+    assert entry["outcome"] == "failed" and entry["status_code"] is None and entry["next_attempt_at"]
+    assert entry["error"].startswith("deadline exceeded") and deadline * 1000 * 0.9 <= entry["latency_ms"] < 5000
+    (message, _second) = webhook_rows.list_messages(db, slow_id)
+    assert message.status == "pending" and message.lease_owner is None  # retried later, by any dispatcher
+    assert [entry["outcome"] for entry in _log(alice, fast_id)] == ["delivered", "delivered"]
+
+
+def test_an_inline_pass_ends_a_trickling_attempt_at_its_deadline(db: Database, alice, settings: Settings, clock):
+    with TricklingReceiver(interval=0.2, for_seconds=20) as slow:
+        slow_id = alice.post("/v1/webhooks", json={"url": slow.url, "event_types": ["job.queued"]}).json()["id"]
+        sender = Dispatcher(db, settings.model_copy(update={"webhook_timeout_seconds": 1.5}), clock=clock,
+                            concurrency=1)
+        new_job(db)
+        began = time.monotonic()
+        assert sender.run_once() == 1
+        assert time.monotonic() - began < 1.5 + 2
+        sender.close()
+    (entry,) = _log(alice, slow_id)
+    assert entry["outcome"] == "failed" and entry["error"].startswith("deadline exceeded")
+
+
+def test_a_redelivery_asked_for_during_an_attempt_goes_out_after_it(db: Database, alice, dispatcher, clock, receiver):
+    """The attempt in flight fails and records a retry hours away; the redelivery asked for meanwhile is kept
+    (pending, due now) and sent by the next pass. A delivered attempt does not swallow one either."""
+    webhook_id = subscribe(alice, receiver, event_types=["job.queued"])["id"]
+    new_job(db)
+    (claimed,) = webhook_rows.claim_due(db, dispatcher.owner, now=clock(), lease_seconds=60, limit=10)
+    response = alice.post(f"/v1/webhooks/{webhook_id}/deliveries/{claimed.message_id}/redeliver")
+    assert response.status_code == 202, response.text
+    failed = webhook_rows.AttemptResult(False, 503, 5.0, "HTTP 503")
+    assert webhook_rows.record_attempt(db, claimed, dispatcher.owner, failed, now=clock(),
+                                       next_attempt_at=clock() + timedelta(hours=4), disable_after=50) == "failed"
+    (message,) = webhook_rows.list_messages(db, webhook_id)
+    assert message.status == "pending" and message.lease_owner is None and message.next_attempt_at <= clock()
+    assert dispatcher.run_once() == 1
+    (delivered,) = receiver.delivered()
+    assert delivered.message_id == claimed.message_id
+    assert [(entry["attempt"], entry["outcome"]) for entry in _log(alice, webhook_id)] == [(2, "delivered"),
+                                                                                          (1, "failed")]
+    assert webhook_rows.redeliver(db, webhook_id, claimed.message_id)
+    (claimed,) = webhook_rows.claim_due(db, dispatcher.owner, now=clock(), lease_seconds=60, limit=10)
+    assert webhook_rows.redeliver(db, webhook_id, claimed.message_id)
+    ok = webhook_rows.AttemptResult(True, 204, 5.0, None)
+    assert webhook_rows.record_attempt(db, claimed, dispatcher.owner, ok, now=clock(), next_attempt_at=None,
+                                       disable_after=50) == "delivered"
+    (message,) = webhook_rows.list_messages(db, webhook_id)
+    assert message.status == "pending" and message.next_attempt_at is not None and message.lease_owner is None
+
+
+def test_after_a_redelivery_the_backoff_starts_again(db: Database, alice, settings: Settings, clock):
+    sender = Dispatcher(db, settings, clock=clock, backoff=Backoff(base_seconds=30, cap_seconds=4 * 3600),
+                        concurrency=1)
+    with WebhookReceiver(fail_all=True) as receiver:
+        webhook_id = subscribe(alice, receiver, event_types=["job.queued"])["id"]
+        new_job(db)
+        for _ in range(8):
+            assert sender.run_once() == 1
+            (message,) = webhook_rows.list_messages(db, webhook_id)
+            clock.jump_to(message.next_attempt_at)
+        assert (message.next_attempt_at - message.created_at).total_seconds() > 3600  # well into the backoff
+        response = alice.post(f"/v1/webhooks/{webhook_id}/deliveries/{message.id}/redeliver")
+        assert response.status_code == 202
+        assert sender.run_once() == 1
+        sender.close()
+        (message,) = webhook_rows.list_messages(db, webhook_id)
+        assert message.attempts == 9 and message.attempts_before_window == 8
+        assert 15 - 1 <= (message.next_attempt_at - clock()).total_seconds() <= 30  # a new window's first retry
+
+
+def test_job_evaluated_is_announced_once_per_job_and_endpoint(db: Database, alice, receiver):
+    """A hand-back during export re-runs the evaluate stage (its result cached): its second stage_finished is not
+    announced again."""
+    webhook_id = subscribe(alice, receiver)["id"]
+    evaluated_only = subscribe(alice, receiver, event_types=["job.evaluated"])["id"]
+    job_id = new_job(db)
+    evaluate = EventWrite("stage_finished", "evaluate finished", stage="evaluate",
+                          data={"seconds": 1.0, "cached": False, "summary": {"pair_accuracy": 0.75}})
+    job_rows.claim_job(db, job_id, "w1", lease_seconds=60)
+    job_log.record_attempt_writes(db, job_id, 1, [evaluate])
+    assert job_rows.release_job(db, job_id, "w1", 1, "SIGTERM") == "queued"
+    job_rows.claim_job(db, job_id, "w2", lease_seconds=60)
+    job_log.record_attempt_writes(db, job_id, 2, [EventWrite(
+        "stage_finished", "evaluate finished", stage="evaluate",
+        data={"seconds": 0.0, "cached": True, "summary": {"pair_accuracy": 0.75}})])
+    kinds = [kind for kind, _ in announced(db, webhook_id, job_id)]
+    assert kinds == ["job.queued", "job.running", "job.evaluated", "job.queued", "job.running"]
+    assert [kind for kind, _ in announced(db, evaluated_only, job_id)] == ["job.evaluated"]
+    other = new_job(db)  # another job's evaluation is its own news
+    job_rows.claim_job(db, other, "w1", lease_seconds=60)
+    job_log.record_attempt_writes(db, other, 1, [evaluate])
+    assert [kind for kind, _ in announced(db, evaluated_only, other)] == ["job.evaluated"]
+
+
+@pytest.fixture
+def zeroed_totals(db: Database) -> Iterator[None]:
+    """The deleted endpoints' counts back to 0 afterwards (the PostgreSQL test database is truncated per test,
+    but not this table: other tests read the counter too)."""
+    yield
+    with db.write() as session:
+        session.execute(update(WebhookDeliveryTotal).values(count=0))
+
+
+@pytest.mark.usefixtures("zeroed_totals")
+def test_the_delivery_counter_never_goes_down_when_a_webhook_is_deleted(db: Database, alice, dispatcher, clock):
+    with WebhookReceiver(fail_first=2) as receiver, WebhookReceiver() as other:
+        doomed = subscribe(alice, receiver, event_types=["job.queued"])["id"]
+        kept = subscribe(alice, other, event_types=["job.queued"])["id"]
+        new_job(db)
+        drain(dispatcher, clock, rounds=5)
+        before = webhook_rows.delivery_outcome_counts(db)
+        assert before == {"delivered": 2, "failed": 2, "gave_up": 0, "endpoint_disabled": 0}  # the doomed one's 3
+        assert alice.delete(f"/v1/webhooks/{doomed}").status_code == 204
+        assert webhook_rows.list_deliveries(db, doomed)[0] == []  # its log went with it
+        assert webhook_rows.delivery_outcome_counts(db) == before
+        new_job(db)
+        drain(dispatcher, clock, rounds=3)
+        assert webhook_rows.delivery_outcome_counts(db) == {**before, "delivered": 3}
+        assert alice.delete(f"/v1/webhooks/{kept}").status_code == 204
+        assert webhook_rows.delivery_outcome_counts(db) == {**before, "delivered": 3}
+    scraped = [line for line in alice.get("/metrics").text.splitlines()
+               if line.startswith("ctpd_webhook_deliveries_total{") and 'outcome="delivered"' in line]
+    assert [float(line.rsplit(" ", 1)[1]) for line in scraped] == [3.0]
+
+
+def test_the_lifespan_stops_the_dispatcher_off_the_event_loop_and_keeps_the_pool_for_a_live_one(
+        settings: Settings, queue, monkeypatch, caplog):
+    seen: dict[str, bool] = {}
+
+    class StuckDispatcher:
+        """A dispatcher thread that outlives its join (a send still running)."""
+
+        def __init__(self, *_args: Any) -> None:
+            pass
+
+        def start(self) -> StuckDispatcher:
+            return self
+
+        def stop(self) -> bool:
+            try:
+                asyncio.get_running_loop()
+                seen["on_the_event_loop"] = True
+            except RuntimeError:
+                seen["on_the_event_loop"] = False
+            return False
+
+    monkeypatch.setattr(app_main, "DispatcherThread", StuckDispatcher)
+    app = create_app(settings.model_copy(update={"webhook_dispatcher": True}), queue=queue)
+    disposed: list[bool] = []
+    monkeypatch.setattr(app.state.db, "dispose", lambda: disposed.append(True))
+    with caplog.at_level(logging.WARNING, logger="app.main"), TestClient(app):
+        pass
+    assert seen == {"on_the_event_loop": False} and disposed == []
+    assert "still running" in caplog.text

@@ -1,5 +1,6 @@
 """Webhooks: the tenants' endpoints (``webhooks``), the outbox (``webhook_messages``: one row per announced
-event and endpoint, written in the event's own transaction) and the attempt log (``webhook_deliveries``).
+event and endpoint, written in the event's own transaction), the attempt log (``webhook_deliveries``) and the
+deleted endpoints' attempt counts (``webhook_delivery_totals``).
 
 Revision ID: 0004_webhooks
 Revises: 0003_progress_detail
@@ -55,6 +56,7 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("created_at", _utc(), nullable=False),
         sa.Column("retry_from", _utc(), nullable=False),
+        sa.Column("attempts_before_window", sa.Integer(), nullable=False, server_default=sa.text("0")),
         sa.Column("next_attempt_at", _utc(), nullable=True),
         sa.Column("lease_owner", sa.String(200), nullable=True),
         sa.Column("lease_expires_at", _utc(), nullable=True),
@@ -89,9 +91,19 @@ def upgrade() -> None:
     )
     op.create_index("ix_webhook_deliveries_message_id", "webhook_deliveries", ["message_id"])
     op.create_index("ix_webhook_deliveries_webhook_id_id", "webhook_deliveries", ["webhook_id", "id"])
+    # The deleted endpoints' attempts by outcome (the metrics counter never goes down), one row per outcome.
+    totals = op.create_table(
+        "webhook_delivery_totals",
+        sa.Column("outcome", sa.String(32), nullable=False),
+        sa.Column("count", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("outcome", name="pk_webhook_delivery_totals"),
+    )
+    op.bulk_insert(totals, [{"outcome": outcome, "count": 0}
+                            for outcome in ("delivered", "failed", "gave_up", "endpoint_disabled")])
 
 
 def downgrade() -> None:
+    op.drop_table("webhook_delivery_totals")
     op.drop_table("webhook_deliveries")
     op.drop_table("webhook_messages")
     op.drop_table("webhooks")
