@@ -90,9 +90,12 @@ class KillCase:
 
 KILL_CASES = {
     "prepare": KillCase("step:prepare:40", fresh_rows=40),  # its last progress report, before it is published
-    "reference": KillCase("step:reference:16", fresh_rows=41),  # half of the training split done
+    # A log-prob pass reports its chosen and rejected halves as sub-stages: killed with the chosen half done and
+    # half of the rejected one (16 of the training split's pairs).
+    "reference": KillCase("step:reference:rejected:16", fresh_rows=41),
     "contrastive": KillCase("step:contrastive:negative:1"),  # pi+ published in the cache, pi- one step in
-    "weights": KillCase("step:weights:16", overrides={"weights": {"upper": 1.25}}),  # its own weights: not cached
+    # π+ scored, π− half-way through its chosen pass; its own weights (upper 1.25): not cached
+    "weights": KillCase("step:weights:negative:chosen:16", overrides={"weights": {"upper": 1.25}}),
     # After step 3, with the last checkpoint at step 2: attempt 2 resumes from 2 and records step 3 again
     # (a repeated step keeps its last value).
     "distill": KillCase("step:distill:3", resumed_from=CHECKPOINT_EVERY),
