@@ -211,8 +211,8 @@ class MlflowSpec(_Strict):
         default=None, min_length=1, max_length=2048,
         description="An MLflow tracking URI: an MLflow server (`https://mlflow.example.com`), or, where the "
         "deployment allows server paths, a local store (`sqlite:////data/mlflow.db`). No credentials in it: the "
-        "spec is stored and shown with the job (give them to the workers as MLFLOW_TRACKING_TOKEN, or "
-        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD).",
+        "spec is stored and shown with the job. The workers' own MLflow credentials (MLFLOW_TRACKING_TOKEN, ...) "
+        "go only to the deployment's tracking server and to admin keys' specs; a tenant's server gets none.",
     )
     experiment: Text | None = Field(
         default=None, min_length=1, max_length=256,
@@ -238,8 +238,8 @@ class MlflowSpec(_Strict):
         if has_credentials:
             raise SpecError(
                 "tracking.mlflow.uri must not carry credentials (the spec is stored and shown with the job); drop "
-                "the user:password@ part and give the workers MLFLOW_TRACKING_TOKEN (or MLFLOW_TRACKING_USERNAME "
-                "and MLFLOW_TRACKING_PASSWORD)", "uri",
+                "the user:password@ part (the operator gives the workers MLFLOW_TRACKING_TOKEN for the deployment's "
+                "own server, CTPD_MLFLOW_TRACKING_URI; a tenant's server is sent no credentials)", "uri",
             )
         return self
 

@@ -226,8 +226,9 @@ def list_webhook_deliveries(
 @router.post(
     "/{webhook_id}/deliveries/{message_id}/redeliver", operation_id="redeliver_webhook_message", status_code=202,
     response_model=Redelivery, summary="Send a message again",
-    description="The message goes out again now, with the same `webhook-id` and body (a fresh timestamp and "
-                "signature), and is retried as a new one would be.",
+    description="The message goes out again, with the same `webhook-id` and body (a fresh timestamp and "
+                "signature), and is retried as a new one would be: now, or, while an attempt of it is in flight, "
+                "as soon as that attempt ends.",
     responses={**error_responses((404, 409), {
         404: "No such webhook, or no such message of it (`not_found`).",
         409: "The webhook is disabled (`webhook_disabled`): enable it first with PATCH {\"enabled\": true}.",

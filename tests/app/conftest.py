@@ -27,7 +27,8 @@ from app.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 POSTGRES_ADMIN_URL = os.environ.get("CTPD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-TABLES = ("metric_points", "job_events", "jobs", "datasets", "api_keys", "webhooks")  # webhooks: with their outbox and log
+# webhooks: with their outbox and log; webhook_delivery_totals: the deleted endpoints' counts behind /metrics
+TABLES = ("metric_points", "job_events", "jobs", "datasets", "api_keys", "webhooks", "webhook_delivery_totals")
 
 # A valid spec whose files lie outside the artifact root (so no upload is needed).
 SPEC = {
