@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,11 +32,18 @@ def _flush_tree(folder: Path) -> None:
     publishes data and directory entries that are on disk (a power loss after the rename must not leave a
     complete-looking folder of empty files, nor a ``model/`` subfolder whose entries were never written)."""
     folders = []
+    file_mode = 0o666 & _default_folder_mode()
     for path in folder.rglob("*"):
         if path.is_symlink():
             continue
         if path.is_file():
             with path.open("rb") as handle:
+                # A library that writes through a temporary file (transformers' safetensors shards) leaves it
+                # 0600: widened to what the umask gives any new file, so an API process of another user that
+                # shares the artifact volume can serve the export.
+                mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+                if mode | file_mode != mode:
+                    os.chmod(path, mode | file_mode)
                 os.fsync(handle.fileno())
         elif path.is_dir():
             folders.append(path)

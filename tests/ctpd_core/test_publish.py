@@ -62,6 +62,27 @@ def test_a_published_folder_gets_the_umask_mode_not_mkdtemps_0700(tmp_path, held
     assert target.stat().st_mode & 0o777 == 0o755
 
 
+def test_a_file_written_0600_through_a_temporary_file_is_published_with_the_umask_mode(tmp_path):
+    """transformers writes safetensors shards through a temporary file (0600): published, they are readable by
+    the API process of another service account, as every other file of the export is; wider modes stay."""
+    import os
+
+    def write(staging):
+        (staging / "model.safetensors").write_bytes(b"w")
+        os.chmod(staging / "model.safetensors", 0o600)
+        (staging / "run.sh").write_text("#!/bin/sh\n")
+        os.chmod(staging / "run.sh", 0o755)
+
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "export"
+        publish_folder(target, write, staging_prefix=".export-")
+    finally:
+        os.umask(old)
+    assert (target / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (target / "run.sh").stat().st_mode & 0o777 == 0o755
+
+
 def test_every_file_and_every_nested_folder_is_flushed_before_the_rename(tmp_path, monkeypatch):
     import os
 
