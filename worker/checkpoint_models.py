@@ -109,11 +109,14 @@ def _build(db: Database, settings: Settings, job: Job, stored: StoredCheckpoint,
                    grace_seconds=STAGING_GRACE_SECONDS)
     started = time.monotonic()
     try:
-        from ctpd_core.spec import JobSpec
+        from ctpd_core.spec import JobSpec, TrackingSpec
         from worker.policy import enforce_job_policy
         from worker.recipe import materialize_checkpoint
 
-        spec = enforce_job_policy(db, JobSpec.model_validate(job.spec), job, settings)
+        # The build opens the job's models and files but tracks nothing: its tracking server (which need not
+        # resolve from this worker now) is no part of the check.
+        spec = JobSpec.model_validate(job.spec).model_copy(update={"tracking": TrackingSpec()})
+        spec = enforce_job_policy(db, spec, job, settings)
         folder = materialize_checkpoint(spec, stored, model_cache=settings.model_cache)
     except (PolicyViolation, ModelLoadError, ValueError, OSError) as error:
         # OSError: the checkpoint was pruned while its tensors were read, or the disk is full
