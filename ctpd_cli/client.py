@@ -325,6 +325,16 @@ class Client:
     def artifacts(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}/artifacts")
 
+    def checkpoints(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{job_id}/checkpoints")
+
+    def checkpoint(self, job_id: str, checkpoint_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{job_id}/checkpoints/{checkpoint_id}")
+
+    def build_checkpoint_model(self, job_id: str, checkpoint_id: str) -> dict[str, Any]:
+        # Repeatable: asking again while a build is pending enqueues nothing (app/services/checkpoints.py).
+        return self.request("POST", f"/v1/jobs/{job_id}/checkpoints/{checkpoint_id}/model", idempotent=True)
+
     # --------------------------------------------------------------------------------------- datasets
 
     def upload_dataset(self, path: Path, filename: str | None = None) -> dict[str, Any]:

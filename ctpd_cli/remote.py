@@ -14,6 +14,7 @@ import argparse
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -347,7 +348,12 @@ def cmd_jobs_download(args: argparse.Namespace, client: Any) -> int:
     from urllib.parse import quote
 
     job_id = args.job_id
-    if args.file:
+    if args.checkpoint and args.file:
+        raise ValueError("--checkpoint and --file: pick one (a checkpoint's model comes as one archive)")
+    if args.checkpoint:
+        path, name = _checkpoint_archive(client, job_id, args.checkpoint, wait_seconds=args.wait)
+        target = _download_target(args.output, name)
+    elif args.file:
         relative = args.file.strip("/")
         if not relative or ".." in relative.split("/"):
             raise ValueError(f"--file {args.file!r}: name a file of the exported folder, e.g. config.json "
@@ -371,6 +377,48 @@ def cmd_jobs_download(args: argparse.Namespace, client: Any) -> int:
         close()
     print(f"downloaded {written} ({written.stat().st_size} bytes)")
     return 0
+
+
+def _checkpoint_archive(client: Any, job_id: str, checkpoint_id: str, *, wait_seconds: float,
+                        poll_seconds: float = 2.0) -> tuple[str, str]:
+    """The tar of a checkpoint's model folder: asked for if it has none (a worker builds it on the default
+    queue), then waited for up to ``wait_seconds``. Returns (its URL, a file name)."""
+    checkpoint = client.checkpoint(job_id, checkpoint_id)
+    if checkpoint["model"]["status"] != "ready":
+        checkpoint = client.build_checkpoint_model(job_id, checkpoint_id)
+        print(f"checkpoint {checkpoint_id}: a worker is making it a model folder (waiting up to {wait_seconds:.0f} s)",
+              file=sys.stderr)
+    deadline = time.monotonic() + wait_seconds
+    while checkpoint["model"]["status"] != "ready":
+        if checkpoint["model"]["status"] == "failed":
+            raise ValueError(f"checkpoint {checkpoint_id} of job {job_id} could not be made a model folder: "
+                             f"{checkpoint['model'].get('error')}; fix that, then run the command again")
+        if time.monotonic() > deadline:
+            raise ValueError(f"checkpoint {checkpoint_id} of job {job_id} is still being built after {wait_seconds:.0f} s "
+                             "(a busy worker on the default queue?); run the command again later, or pass --wait")
+        time.sleep(poll_seconds)
+        checkpoint = client.checkpoint(job_id, checkpoint_id)
+    return checkpoint["model"]["archive_url"], f"{job_id}-{checkpoint_id}.tar"
+
+
+@remote_command
+def cmd_jobs_checkpoints(args: argparse.Namespace, client: Any) -> int:
+    listing = client.checkpoints(args.job_id)
+    if args.json:
+        print_json(listing)
+        return 0
+    rows = [(c["id"], c["step"], c["size_bytes"], _metric(c["metrics"], "loss"),
+             _metric(c["metrics"], "reward_accuracy"), c["model"]["status"], when(c["created_at"]))
+            for c in listing["data"]]
+    print(table(("id", "step", "bytes", "loss", "reward acc.", "model", "saved (UTC)"), rows))
+    if rows:
+        print(f"\nas a model folder: ctpd jobs download {args.job_id} --checkpoint {rows[-1][0]}")
+    return 0
+
+
+def _metric(metrics: Mapping[str, Any], name: str) -> str | None:
+    value = metrics.get(name)
+    return None if value is None else f"{value:.4g}"
 
 
 # ----------------------------------------------------------------------------------------------- datasets
@@ -568,11 +616,20 @@ def add_commands(commands: Any) -> None:
     download.add_argument("-o", "--output", metavar="DIR|FILE",
                           help="where to write it (default: <job>-model.tar, or the file's name, here)")
     download.add_argument("--file", metavar="PATH", help="one file of the exported folder, e.g. config.json")
+    download.add_argument("--checkpoint", metavar="ID",
+                          help="a checkpoint's model folder instead (from `ctpd jobs checkpoints`); built first if "
+                          "it has none")
+    download.add_argument("--wait", type=float, default=900.0, metavar="SECONDS",
+                          help="with --checkpoint: how long to wait for the build (default 900)")
     download.set_defaults(handler=cmd_jobs_download)
 
-    for parser in (listing, get, cancel, events, follow, download):
+    checkpoints = jobs_commands.add_parser("checkpoints", help="a job's checkpoints: step, size, loss, model status")
+    checkpoints.add_argument("job_id")
+    checkpoints.set_defaults(handler=cmd_jobs_checkpoints)
+
+    for parser in (listing, get, cancel, events, follow, download, checkpoints):
         add_connection_flags(parser)
-    for parser in (listing, get, cancel, events):
+    for parser in (listing, get, cancel, events, checkpoints):
         add_json_flag(parser)
 
     datasets = commands.add_parser("datasets", help="uploaded datasets on a running service")

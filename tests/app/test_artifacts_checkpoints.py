@@ -6,6 +6,7 @@ gets 404 everywhere, and a build that cannot work is shown failed with its reaso
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from datetime import UTC, datetime, timedelta
 
@@ -243,3 +244,48 @@ def test_two_deliveries_never_build_one_checkpoint_at_once(db, settings, trained
     assert not (folder / "model").exists()
     assert build_checkpoint_model(db, settings, job_id, wanted) == "ready"
     assert (folder / "model" / "config.json").is_file()
+
+
+def test_the_cli_lists_the_checkpoints_and_downloads_one_as_a_model(app, alice, db, settings, queue, trained_job,
+                                                                     tmp_path, capsys):
+    """`ctpd jobs checkpoints` over HTTP, then `ctpd jobs download --checkpoint`: it asks for the model, waits while
+    the default queue's worker (its task body, here in a thread) builds it, and downloads the tar."""
+    import threading
+    import time
+
+    from ctpd_cli.main import main
+    from tests.live_service import serving
+
+    job_id, wanted = trained_job, "distill-00000003"
+    stop = threading.Event()
+
+    def default_queue_worker() -> None:
+        built: set[tuple[str, str]] = set()
+        while not stop.is_set():
+            for request in list(queue.checkpoint_models):
+                if request not in built:
+                    built.add(request)
+                    build_checkpoint_model(db, settings, *request)
+            time.sleep(0.05)
+
+    with serving(app) as url:
+        flags = ["--url", url, "--key", alice.api_key]  # type: ignore[attr-defined]
+        assert main(["jobs", "checkpoints", job_id, *flags]) == 0
+        listing = capsys.readouterr().out
+        assert "distill-00000003" in listing and "distill-00000004" in listing and "absent" in listing
+        worker = threading.Thread(target=default_queue_worker, daemon=True)
+        worker.start()
+        try:
+            target = tmp_path / "checkpoint.tar"
+            assert main(["jobs", "download", job_id, "--checkpoint", wanted, "-o", str(target), *flags]) == 0
+        finally:
+            stop.set()
+            worker.join(timeout=30)
+        assert "downloaded" in capsys.readouterr().out
+        assert main(["jobs", "checkpoints", job_id, "--json", *flags]) == 0
+        statuses = {c["id"]: c["model"]["status"] for c in json.loads(capsys.readouterr().out)["data"]}
+    assert statuses == {"distill-00000003": "ready", "distill-00000004": "absent"}
+    assert queue.checkpoint_models == [(job_id, wanted)]  # asked once, though the CLI polled
+    with tarfile.open(target) as archive:
+        names = archive.getnames()
+    assert f"{job_id}-{wanted}/config.json" in names and f"{job_id}-{wanted}/model.safetensors" in names
