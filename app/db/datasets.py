@@ -108,7 +108,8 @@ def delete_dataset(db: Database, dataset_id: str, tenant: str) -> Dataset | None
     PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises writers), and the check reads after the lock (a new
     snapshot per statement under READ COMMITTED): a job committed at any time before the check, however recently,
     is seen, and two deletes of one dataset take turns. A submission that read the dataset before this commits
-    but inserts its job after it is not seen: job creation does not lock the dataset row (app/db/jobs.py)."""
+    but inserts its job after it finds the row gone: job creation re-reads the datasets it names under a share
+    lock in its insert's transaction (``app.db.jobs.create_job``, ``DatasetsGone``: the API's 422)."""
     with db.write() as session:
         row = session.scalars(
             select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant == tenant).with_for_update()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,18 @@ from sqlalchemy.exc import IntegrityError
 
 from app.db.engine import Database, escape_nul, updated_rows
 from app.db.events import new_event
-from app.db.models import Job, UTCDateTime, utcnow
+from app.db.models import Dataset, Job, UTCDateTime, utcnow
 from ctpd_core.vocab import HELD_STATUSES, EventLevel, EventType, JobStatus
 
 logger = logging.getLogger(__name__)
+
+
+class DatasetsGone(Exception):
+    """Uploads the job names were deleted between the submission's check and its insert (nothing stored)."""
+
+    def __init__(self, dataset_ids: Sequence[str]) -> None:
+        self.dataset_ids = list(dataset_ids)
+        super().__init__(f"datasets {', '.join(self.dataset_ids)} were deleted while the job was submitted")
 
 
 class IdempotencyConflict(Exception):
@@ -65,10 +73,16 @@ def create_job(
     request_hash: str,
     max_attempts: int,
     submitted_by_admin: bool = False,
+    dataset_ids: Sequence[str] = (),
 ) -> tuple[Job, bool]:
     """A new ``queued`` job, or ``(existing, False)`` when the same key came with the same request hash.
 
-    Raises :class:`IdempotencyConflict` when the key was used with another request hash.
+    Raises :class:`IdempotencyConflict` when the key was used with another request hash, and
+    :class:`DatasetsGone` when one of ``dataset_ids`` (the tenant's uploads the spec names) no longer exists.
+    Those rows are read with a share lock in the insert's own transaction (``FOR SHARE`` on PostgreSQL; SQLite
+    serialises writers): a concurrent ``datasets.delete_dataset``, which locks the row ``FOR UPDATE`` and looks for
+    active jobs after it, either waits for this job and sees it (its 409), or deletes first and this finds the
+    row gone. No job is ever queued on a dataset that is being deleted.
     """
     for _ in range(3):
         if idempotency_key is not None:
@@ -86,6 +100,14 @@ def create_job(
         )
         try:
             with db.write() as session:
+                if dataset_ids:
+                    found = session.scalars(
+                        select(Dataset.id).where(Dataset.id.in_(list(dataset_ids)), Dataset.tenant == tenant)
+                        .with_for_update(read=True)
+                    ).all()
+                    gone = sorted(set(dataset_ids) - set(found))
+                    if gone:
+                        raise DatasetsGone(gone)  # rolls the transaction back: nothing stored
                 session.add(job)
                 session.flush()  # the job row first: the event's foreign key needs it (PostgreSQL)
                 session.add(new_event(job.id, EventType.JOB_CREATED, "job created",

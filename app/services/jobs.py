@@ -140,11 +140,21 @@ def submit_job(
     problems = metadata_problems(spec.metadata) + reference_problems(db, spec, principal, settings)
     if problems:
         raise InvalidSubmission(problems)
-    job, created = job_rows.create_job(
-        db, tenant=principal.tenant, spec=spec.model_dump(mode="json"), name=spec.name, metadata=spec.metadata,
-        idempotency_key=idempotency_key, request_hash=request_hash, max_attempts=settings.max_attempts,
-        submitted_by_admin=principal.is_admin,
-    )
+    uploads = {param: dataset_id for param, dataset_id in (("dataset.id", spec.dataset.id),
+                                                           ("dataset.validation_id", spec.dataset.validation_id))
+               if dataset_id is not None}
+    try:
+        job, created = job_rows.create_job(
+            db, tenant=principal.tenant, spec=spec.model_dump(mode="json"), name=spec.name, metadata=spec.metadata,
+            idempotency_key=idempotency_key, request_hash=request_hash, max_attempts=settings.max_attempts,
+            submitted_by_admin=principal.is_admin, dataset_ids=sorted(set(uploads.values())),
+        )
+    except job_rows.DatasetsGone as gone:  # deleted between the check above and the insert
+        raise InvalidSubmission([
+            (param, f"{param}: dataset {dataset_id!r} was deleted while this job was submitted; upload the file "
+                    "again with POST /v1/datasets and use the id it returns")
+            for param, dataset_id in uploads.items() if dataset_id in gone.dataset_ids
+        ]) from None
     if not created:
         return SubmitResult(job, False, job_log.job_transitions(db, [job.id])[job.id])
     # The row is committed: from here on the submission has succeeded. Ring the doorbell: a failure loses

@@ -164,6 +164,28 @@ def test_a_job_submitted_while_a_delete_runs_keeps_its_dataset(alice, db, monkey
     assert alice.delete(f"/v1/datasets/{dataset_id}").status_code == 404
 
 
+def test_a_dataset_deleted_after_the_submissions_check_is_a_422_and_no_job(alice, db, monkeypatch):
+    """The other order of the race: the submission checked the dataset, then the delete committed, then the job's
+    insert ran. The insert re-reads the dataset under a share lock in its own transaction, finds it gone, and
+    stores nothing (a queued job on a deleted dataset would only fail on the worker)."""
+    from app.db import jobs as job_rows
+
+    dataset_id, path = _upload_with_file(alice, db)
+    real_create = job_rows.create_job
+
+    def delete_then_create(*args, **kwargs):
+        assert kwargs["dataset_ids"] == [dataset_id]
+        assert dataset_rows.delete_dataset(db, dataset_id, "acme") is not None  # committed before the insert
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(job_rows, "create_job", delete_then_create)
+    refused = alice.post("/v1/jobs", json={**SPEC, "dataset": {"id": dataset_id}})
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "dataset.id" and "was deleted while this job was submitted" in error["message"]
+    assert job_rows.list_jobs(db, "acme", limit=10)[0] == []
+
+
 def test_a_job_committed_after_the_delete_locked_the_row_is_seen(alice, db, monkeypatch):
     """PostgreSQL (READ COMMITTED): the delete locks the row, and its in-use check reads after the lock, so a job
     another connection commits in between is seen. (SQLite: the delete's BEGIN IMMEDIATE keeps any other writer
