@@ -25,7 +25,7 @@ from app.api.schemas import Dataset, dataset_object
 from app.db import datasets as dataset_rows
 from app.db import models as orm
 from app.db.auth import Principal
-from app.db.engine import Database
+from app.db.engine import Database, InvalidCursor
 from app.settings import Settings
 from app.storage_gc import datasets_dir
 from app.upload_stream import FORMATS, ReceivedDataset, receive_dataset
@@ -162,7 +162,7 @@ def list_datasets(
 ) -> DatasetList:
     try:
         rows, has_more = dataset_rows.list_datasets(db, principal.tenant, limit=limit, after=after)
-    except dataset_rows.InvalidCursor as error:
+    except InvalidCursor as error:
         raise ApiError(422, "invalid_request", str(error), "after") from None
     return DatasetList(data=[dataset_object(row) for row in rows], has_more=has_more)
 

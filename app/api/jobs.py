@@ -37,7 +37,7 @@ from app.db import events as job_log
 from app.db import jobs as job_rows
 from app.db import models as orm
 from app.db.auth import Principal
-from app.db.engine import Database
+from app.db.engine import Database, InvalidCursor
 from app.services import jobs as job_service
 from ctpd_core.spec import JobSpec
 from ctpd_core.vocab import JobStatus
@@ -197,7 +197,7 @@ def list_jobs(
         metadata[match.group(1)] = value
     try:
         rows, has_more = job_rows.list_jobs(db, principal.tenant, limit=limit, after=after, status=status, metadata=metadata)
-    except job_rows.InvalidCursor as error:
+    except InvalidCursor as error:
         raise ApiError(422, "invalid_request", str(error), "after") from None
     transitions = job_log.job_transitions(db, [row.id for row in rows])
     return JobList(data=[job_object(row, transitions[row.id]) for row in rows], has_more=has_more)

@@ -6,10 +6,10 @@ import logging
 import uuid
 from pathlib import Path
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from app.db.engine import Database
+from app.db.engine import Database, newest_first_page
 from app.db.models import Dataset, Job, utcnow
 from ctpd_core.vocab import ACTIVE_STATUSES
 
@@ -50,25 +50,11 @@ def get_dataset(db: Database, dataset_id: str, tenant: str | None = None) -> Dat
         return session.scalars(query).one_or_none()
 
 
-class InvalidCursor(ValueError):
-    """``after`` names no dataset of the tenant."""
-
-
 def list_datasets(db: Database, tenant: str, *, limit: int, after: str | None = None) -> tuple[list[Dataset], bool]:
     """The tenant's datasets, newest first; ``after`` is the id of the last dataset of the previous page."""
     with db.read() as session:
         query = select(Dataset).where(Dataset.tenant == tenant)
-        if after is not None:
-            cursor = session.execute(
-                select(Dataset.created_at, Dataset.id).where(Dataset.tenant == tenant, Dataset.id == after)
-            ).one_or_none()
-            if cursor is None:
-                raise InvalidCursor(f"after={after!r} is not one of your datasets; pass the id of the last dataset "
-                                    "of a page")
-            query = query.where(or_(Dataset.created_at < cursor.created_at,
-                                    and_(Dataset.created_at == cursor.created_at, Dataset.id < cursor.id)))
-        rows = list(session.scalars(query.order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+        return newest_first_page(session, query, Dataset, tenant, limit=limit, after=after, noun="dataset")
 
 
 class DatasetInUse(Exception):

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, text
+from sqlalchemy import CursorResult, Engine, Executable, Select, and_, create_engine, event, or_, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
@@ -137,3 +137,24 @@ def updated_rows(session: Session, statement: Executable) -> int:
     """Run an UPDATE in ``session`` and return how many rows it changed: a compare-and-set's answer.
     ``Session.execute`` is typed as returning a plain ``Result``; for an UPDATE it is a ``CursorResult``."""
     return cast("CursorResult[Any]", session.execute(statement)).rowcount
+
+
+class InvalidCursor(ValueError):
+    """``after`` names no row of this listing."""
+
+
+def newest_first_page(session: Session, query: Select[Any], model: Any, tenant: str, *, limit: int,
+                      after: str | None, noun: str) -> tuple[list[Any], bool]:
+    """One page of ``query`` (rows of ``model``, already narrowed to ``tenant``) newest first by (created_at, id):
+    the rows after the tenant's row ``after`` (the last id of the previous page), and whether more follow.
+    Raises :class:`InvalidCursor` when ``after`` is not one of the tenant's ``noun``s."""
+    if after is not None:
+        cursor = session.execute(
+            select(model.created_at, model.id).where(model.tenant == tenant, model.id == after)
+        ).one_or_none()
+        if cursor is None:
+            raise InvalidCursor(f"after={after!r} is not one of your {noun}s; pass the id of the last {noun} of a page")
+        query = query.where(or_(model.created_at < cursor.created_at,
+                                and_(model.created_at == cursor.created_at, model.id < cursor.id)))
+    rows = list(session.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit

@@ -20,10 +20,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, exists, func, literal, or_, select, update
+from sqlalchemy import and_, exists, func, literal, select, update
 from sqlalchemy.exc import IntegrityError
 
-from app.db.engine import Database, escape_nul, updated_rows
+from app.db.engine import Database, escape_nul, newest_first_page, updated_rows
 from app.db.events import new_event
 from app.db.models import Dataset, Job, UTCDateTime, utcnow
 from ctpd_core.vocab import HELD_STATUSES, EventLevel, EventType, JobStatus
@@ -53,10 +53,6 @@ class JobNotCancellable(Exception):
     def __init__(self, job_id: str, status: str) -> None:
         self.job_id, self.status = job_id, status
         super().__init__(f"job {job_id} already {status}; only queued or running jobs can be cancelled")
-
-
-class InvalidCursor(ValueError):
-    """``after`` names no row of this listing."""
 
 
 # ---------------------------------------------------------------------------------- create, read, list
@@ -146,20 +142,11 @@ def list_jobs(
     """The tenant's jobs, newest first; ``after`` is the id of the last job of the previous page."""
     with db.read() as session:
         query = select(Job).where(Job.tenant == tenant)
-        if after is not None:
-            cursor = session.execute(
-                select(Job.created_at, Job.id).where(Job.tenant == tenant, Job.id == after)
-            ).one_or_none()
-            if cursor is None:
-                raise InvalidCursor(f"after={after!r} is not one of your jobs; pass the id of the last job of a page")
-            query = query.where(or_(Job.created_at < cursor.created_at,
-                                    and_(Job.created_at == cursor.created_at, Job.id < cursor.id)))
         if status is not None:
             query = query.where(Job.status == status)
         for key, value in (metadata or {}).items():
             query = query.where(_metadata_matches(db, key, value))
-        rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+        return newest_first_page(session, query, Job, tenant, limit=limit, after=after, noun="job")
 
 
 def _metadata_matches(db: Database, key: str, value: str) -> Any:
