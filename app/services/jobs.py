@@ -98,12 +98,18 @@ def metadata_problems(metadata: dict[str, str]) -> Problems:
     return problems
 
 
+def _named_uploads(spec: JobSpec) -> dict[str, str]:
+    """The uploads the spec names, by the field that names them (``dataset.id``, ``dataset.validation_id``)."""
+    named = {"dataset.id": spec.dataset.id, "dataset.validation_id": spec.dataset.validation_id}
+    return {param: dataset_id for param, dataset_id in named.items() if dataset_id is not None}
+
+
 def dataset_problems(db: Database, spec: JobSpec, tenant: str) -> list[tuple[str, str]]:
     """``dataset.id`` and ``dataset.validation_id`` must each name one of the tenant's own uploads (the API
     checks this at submission, the worker again before it opens anything)."""
     problems: list[tuple[str, str]] = []
-    for param, dataset_id in (("dataset.id", spec.dataset.id), ("dataset.validation_id", spec.dataset.validation_id)):
-        if dataset_id is not None and dataset_rows.get_dataset(db, dataset_id, tenant) is None:
+    for param, dataset_id in _named_uploads(spec).items():
+        if dataset_rows.get_dataset(db, dataset_id, tenant) is None:
             problems.append((param, f"{param}: no dataset {dataset_id!r} for this API key; upload the file with "
                              "POST /v1/datasets and use the id it returns"))
     return problems
@@ -140,9 +146,7 @@ def submit_job(
     problems = metadata_problems(spec.metadata) + reference_problems(db, spec, principal, settings)
     if problems:
         raise InvalidSubmission(problems)
-    uploads = {param: dataset_id for param, dataset_id in (("dataset.id", spec.dataset.id),
-                                                           ("dataset.validation_id", spec.dataset.validation_id))
-               if dataset_id is not None}
+    uploads = _named_uploads(spec)
     try:
         job, created = job_rows.create_job(
             db, tenant=principal.tenant, spec=spec.model_dump(mode="json"), name=spec.name, metadata=spec.metadata,
