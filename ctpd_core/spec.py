@@ -20,6 +20,11 @@ Method = Literal["ctpd", "dpo", "tisdpo"]
 WeightSource = Literal["teacher_contrastive", "student_contrastive", "uniform", "random"]
 Precision = Literal["auto", "fp32", "bf16"]
 LrSchedule = Literal["cosine", "linear", "constant"]
+# How a training stage spreads over ``devices`` GPUs (ctpd_core.distributed): ddp replicates the model on every
+# rank (it must fit one GPU with its optimizer state); fsdp shards parameters, gradients and optimizer state
+# (torch.distributed.fsdp.fully_shard); auto lets the memory planner (ctpd_core.memory_plan) choose.
+Strategy = Literal["auto", "ddp", "fsdp"]
+Priority = Literal["high", "normal", "low"]
 
 # Every number is finite (``allow_inf_nan=False`` below) and bounded: an unbounded value such as
 # training.max_steps 2**31 or 1e30 would otherwise be accepted and fail later (an integer column overflows, an ETA
@@ -39,6 +44,7 @@ MAX_LORA_RANK = 4_096
 MAX_LORA_ALPHA = 65_536.0
 MAX_GRAD_NORM = 1_000_000.0
 MAX_WEIGHT_DECAY = 10.0
+MAX_DEVICES = 64  # GPUs of one training stage (torchrun on one worker host)
 
 # Text without NUL characters: PostgreSQL cannot store them, and file APIs refuse them ("embedded null byte"), so
 # a NUL in a name, path or label would otherwise fail deep in the service instead of as a 422 on the field.
@@ -152,6 +158,20 @@ class ContrastiveSpec(_Strict):
     learning_rate: float = Field(default=2e-6, gt=0, le=MAX_LEARNING_RATE, description="Paper: 2e-6 for both π+ and π−.")
     epochs: float = Field(default=1.0, gt=0, le=MAX_EPOCHS)
     max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Cap on optimizer steps per contrastive model.")
+    devices: int = Field(
+        default=1, ge=1, le=MAX_DEVICES,
+        description="GPUs this stage trains on (torch.distributed, one rank per GPU on one worker host). Above 1, "
+        "the global batch_size is split over the ranks, so it must be a multiple of devices * micro_batch_size.",
+    )
+    strategy: Strategy = Field(
+        default="auto",
+        description="ddp (a full replica per GPU), fsdp (parameters, gradients and optimizer state sharded), or "
+        "auto: ddp when the student fits one GPU with its optimizer state, else fsdp (ctpd_core.memory_plan).",
+    )
+    activation_checkpointing: bool | None = Field(
+        default=None, description="Recompute activations in the backward pass (less memory, ~30 % more compute); "
+        "default: on with fsdp, off otherwise.",
+    )
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> ContrastiveSpec:
@@ -263,6 +283,20 @@ class TrainingSpec(_Strict):
     precision: Precision = Field(default="auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seeds data order, sampling and initialisation.")
     checkpoint_every: int = Field(default=100, ge=1, le=MAX_STEPS, description="Save a resumable checkpoint every N steps.")
+    devices: int = Field(
+        default=1, ge=1, le=MAX_DEVICES,
+        description="GPUs this stage trains on (torch.distributed, one rank per GPU on one worker host). Above 1, "
+        "the global batch_size is split over the ranks, so it must be a multiple of devices * micro_batch_size.",
+    )
+    strategy: Strategy = Field(
+        default="auto",
+        description="ddp (a full replica per GPU), fsdp (parameters, gradients and optimizer state sharded), or "
+        "auto: ddp when the student fits one GPU with its optimizer state, else fsdp (ctpd_core.memory_plan).",
+    )
+    activation_checkpointing: bool | None = Field(
+        default=None, description="Recompute activations in the backward pass (less memory, ~30 % more compute); "
+        "default: on with fsdp, off otherwise.",
+    )
 
     @model_validator(mode="after")
     def _batches(self) -> TrainingSpec:
@@ -270,6 +304,14 @@ class TrainingSpec(_Strict):
             raise SpecError(
                 f"training.batch_size ({self.batch_size}) must be a multiple of training.micro_batch_size "
                 f"({self.micro_batch_size})", "batch_size",
+            )
+        per_step = self.devices * self.micro_batch_size
+        if self.devices > 1 and self.batch_size % per_step:
+            raise SpecError(
+                f"training.batch_size ({self.batch_size}) must be a multiple of training.devices * "
+                f"training.micro_batch_size ({self.devices} * {self.micro_batch_size} = {per_step}): each of the "
+                f"{self.devices} ranks takes an equal share of every batch; use batch_size "
+                f"{per_step * max(1, round(self.batch_size / per_step))}", "batch_size",
             )
         return self
 
@@ -324,6 +366,11 @@ class JobSpec(_Strict):
     )
     evaluation: EvaluationSpec = EvaluationSpec()
     export: ExportSpec = ExportSpec()
+    priority: Priority = Field(
+        default="normal",
+        description="Claim order among queued jobs that can run: high before normal before low, oldest first "
+        "within a priority (per-tenant limits still apply).",
+    )
     name: Text | None = Field(default=None, max_length=200, description="A label for people.")
     metadata: dict[Text, Text] = Field(
         default_factory=dict, json_schema_extra=_text_map_schema, description="Free-form key/value labels (filterable)."
@@ -351,6 +398,13 @@ class JobSpec(_Strict):
                 f"{self.weights.source} has none to average; use teacher_contrastive or student_contrastive, or "
                 "drop weights.average", "weights", "average",
             )
+        per_step = self.contrastive.devices * self.training.micro_batch_size
+        if self.trains_contrastive and self.contrastive.devices > 1 and self.training.batch_size % per_step:
+            raise SpecError(
+                f"training.batch_size ({self.training.batch_size}) must be a multiple of contrastive.devices * "
+                f"training.micro_batch_size ({per_step}): π+ and π− train with the job's batch, split over "
+                f"{self.contrastive.devices} ranks", "contrastive", "devices",
+            )
         if self.method == "dpo" and self.weights.source != "uniform":
             raise SpecError("method dpo uses no weights; use tisdpo for weighted DPO, or drop weights.source",
                             "weights", "source")
@@ -359,6 +413,16 @@ class JobSpec(_Strict):
     @property
     def needs_contrastive(self) -> bool:
         return self.weights.source in ("teacher_contrastive", "student_contrastive")
+
+    @property
+    def trains_contrastive(self) -> bool:
+        """Whether the job trains π+ / π− itself (they are needed and not given as ready models)."""
+        return self.needs_contrastive and self.contrastive.positive is None
+
+    @property
+    def gpus_required(self) -> int:
+        """The GPUs one worker host must have to run this job: its widest training stage."""
+        return max(self.training.devices, self.contrastive.devices if self.trains_contrastive else 1)
 
 
 def read_spec_data(path: str | Path) -> dict[str, Any]:
