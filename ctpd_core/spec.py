@@ -160,8 +160,9 @@ class ContrastiveSpec(_Strict):
     max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Cap on optimizer steps per contrastive model.")
     devices: int = Field(
         default=1, ge=1, le=MAX_DEVICES,
-        description="GPUs this stage trains on (torch.distributed, one rank per GPU on one worker host). Above 1, "
-        "the global batch_size is split over the ranks, so it must be a multiple of devices * micro_batch_size.",
+        description="GPUs this stage needs (torch.distributed, one rank per GPU on one worker host). The job runs "
+        "on the largest of training.devices and contrastive.devices, and every training stage trains on all of "
+        "them: the global batch_size is split over the ranks, so it must be a multiple of ranks * micro_batch_size.",
     )
     strategy: Strategy = Field(
         default="auto",
@@ -285,8 +286,9 @@ class TrainingSpec(_Strict):
     checkpoint_every: int = Field(default=100, ge=1, le=MAX_STEPS, description="Save a resumable checkpoint every N steps.")
     devices: int = Field(
         default=1, ge=1, le=MAX_DEVICES,
-        description="GPUs this stage trains on (torch.distributed, one rank per GPU on one worker host). Above 1, "
-        "the global batch_size is split over the ranks, so it must be a multiple of devices * micro_batch_size.",
+        description="GPUs this stage needs (torch.distributed, one rank per GPU on one worker host). The job runs "
+        "on the largest of training.devices and contrastive.devices, and every training stage trains on all of "
+        "them: the global batch_size is split over the ranks, so it must be a multiple of ranks * micro_batch_size.",
     )
     strategy: Strategy = Field(
         default="auto",
@@ -398,12 +400,13 @@ class JobSpec(_Strict):
                 f"{self.weights.source} has none to average; use teacher_contrastive or student_contrastive, or "
                 "drop weights.average", "weights", "average",
             )
-        per_step = self.contrastive.devices * self.training.micro_batch_size
-        if self.trains_contrastive and self.contrastive.devices > 1 and self.training.batch_size % per_step:
+        # One job runs on one set of ranks: every training stage trains on all gpus_required of them.
+        per_step = self.gpus_required * self.training.micro_batch_size
+        if self.gpus_required > self.training.devices and self.training.batch_size % per_step:
             raise SpecError(
                 f"training.batch_size ({self.training.batch_size}) must be a multiple of contrastive.devices * "
-                f"training.micro_batch_size ({per_step}): π+ and π− train with the job's batch, split over "
-                f"{self.contrastive.devices} ranks", "contrastive", "devices",
+                f"training.micro_batch_size ({per_step}): the job runs on {self.gpus_required} ranks and every "
+                "training stage splits its batch over all of them", "contrastive", "devices",
             )
         if self.method == "dpo" and self.weights.source != "uniform":
             raise SpecError("method dpo uses no weights; use tisdpo for weighted DPO, or drop weights.source",
