@@ -107,6 +107,22 @@ class Settings(BaseSettings):
         description="json: one JSON object per line (job id, attempt, stage, tenant, request id); text: for a "
         "person at a terminal; auto: text when stderr is a terminal, json otherwise.",
     )
+    # ----------------------------------------------------------------------------------------- scheduling
+    tenant_max_running: int = Field(
+        default=4, ge=1, le=10_000,
+        description="Jobs one tenant may have running (or cancelling) at once, across every worker; enforced at "
+        "claim time in SQL. An admin overrides it per tenant (PUT /v1/tenants/{tenant}/limits).",
+    )
+    tenant_max_queued: int = Field(
+        default=100, ge=1, le=1_000_000,
+        description="Queued jobs one tenant may have waiting; POST /v1/jobs beyond it is a 429 (queue_full) and "
+        "stores nothing. An admin overrides it per tenant.",
+    )
+    worker_gpus: int | None = Field(
+        default=None, ge=0, le=1024,
+        description="The GPUs this worker advertises (CTPD_WORKER_GPUS); default: CUDA_VISIBLE_DEVICES, else "
+        "nvidia-smi, else 0 (a CPU host, which still runs 1-device jobs on CPU).",
+    )
     # ---------------------------------------------------------------------------------- experiment tracking
     mlflow_tracking_uri: str = Field(
         default="",
@@ -114,6 +130,19 @@ class Settings(BaseSettings):
         "names its own (tracking.mlflow.uri). Empty: only jobs whose spec asks are tracked.",
     )
     mlflow_experiment: str = Field(default="ctpd", description="The MLflow experiment of jobs that name none.")
+    # ---------------------------------------------------------------------------------- shared storage
+    storage_url: str = Field(
+        default="",
+        description="Where workers on several machines share the stage cache, uploaded datasets and exported "
+        "models, and where the API serves downloads from: s3://bucket/prefix (an S3-compatible bucket) or "
+        "file:///folder (a shared mount). Empty (or the artifact root itself): the artifact root alone, one "
+        "machine. Checked when every process starts (app/storage/).",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, repr=False,
+        description="JSON options of the storage's fsspec filesystem; for s3: endpoint_url, key, secret, "
+        "client_kwargs ({\"region_name\": ...}), config_kwargs. Holds credentials: never logged or shown.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -8,6 +8,11 @@ published atomically (:func:`ctpd_core.publish.publish_folder`), so a crash or a
 The temporary folder, ``root/<stage>/.<key>.held-<random>``, is held by its builder
 (:mod:`ctpd_core.held_paths`) until it is published, so :meth:`StageCache.remove_orphaned_staging` can remove
 the ones a killed builder left behind (a SIGKILL runs no cleanup) without touching a build in progress.
+
+Workers on several machines share the cache through a ``mirror`` (:class:`FolderMirror`: a bucket, implemented
+outside the core, which stays on local paths): a folder missing here is fetched from it before it is computed, and
+one published here is pushed to it. The mirror is a cache too: a failed fetch computes locally, a failed push
+leaves the output local only (both logged); the next run that finds it locally pushes it again.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ctpd_core.held_paths import remove_orphans
 from ctpd_core.publish import publish_folder
@@ -42,22 +47,44 @@ def content_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+class FolderMirror(Protocol):
+    """A second home for complete folders, shared by processes that do not share this disk (a bucket). Paths in
+    it are relative posix paths; a folder in it is complete only once all of it was pushed."""
+
+    def fetch(self, relative: str, into: Path) -> bool:
+        """Copy the complete folder ``relative`` into the existing, empty folder ``into``; False when the mirror
+        has no complete copy. Raises OSError when the mirror cannot be read."""
+        ...
+
+    def push(self, folder: Path, relative: str, *, replace: bool = False) -> None:
+        """Make ``relative`` a complete copy of ``folder``. A complete copy already there is kept unless
+        ``replace``. Raises OSError when the mirror cannot be written."""
+        ...
+
+
 class StageCache:
     """``root/<stage>/<key>/`` folders, each built once (see the module docstring)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, mirror: FolderMirror | None = None) -> None:
         self.root = Path(root)
+        self.mirror = mirror
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key[:24]
 
+    def relative(self, stage: str, key: str) -> str:
+        """The folder's path in the mirror: the same as under ``root``."""
+        return f"{stage}/{key[:24]}"
+
     def is_complete(self, stage: str, key: str) -> bool:
-        return (self.path(stage, key) / MARKER).exists()
+        """Whether the output is here, fetching it from the mirror first when it is only there."""
+        return (self.path(stage, key) / MARKER).exists() or self._fetch(stage, key)
 
     def build(self, stage: str, key: str, parts: Mapping[str, Any], write: Callable[[Path], object]) -> Path:
         """Run ``write(folder)`` into a fresh temporary folder and publish it as the output for ``key``."""
         target = self.path(stage, key)
         if self.is_complete(stage, key):
+            self._push(stage, key)  # a no-op when the mirror has it; heals a push that failed before
             return target
 
         def write_with_marker(staging: Path) -> None:
@@ -67,7 +94,40 @@ class StageCache:
         # An existing complete folder means another run finished first (keep it); an incomplete one is a crash's.
         publish_folder(target, write_with_marker, staging_prefix=f".{target.name}.held-", held=True,
                        keep_existing=lambda existing: (existing / MARKER).exists())
+        self._push(stage, key)
         return target
+
+    def _fetch(self, stage: str, key: str) -> bool:
+        """Publish the mirror's copy here (staged and renamed like a build); False when it has none."""
+        if self.mirror is None:
+            return False
+        mirror, relative, target = self.mirror, self.relative(stage, key), self.path(stage, key)
+        fetched = False
+
+        def copy(staging: Path) -> None:
+            nonlocal fetched
+            fetched = mirror.fetch(relative, staging) and (staging / MARKER).exists()
+
+        try:
+            published = publish_folder(target, copy, staging_prefix=f".{target.name}.held-", held=True,
+                                       may_publish=lambda: fetched,
+                                       keep_existing=lambda existing: (existing / MARKER).exists())
+        except OSError as error:
+            logger.warning("stage cache: could not fetch %s from the shared storage (%s); computing it here",
+                           relative, error)
+            return False
+        if published:
+            logger.info("stage cache: %s fetched from the shared storage", relative)
+        return published
+
+    def _push(self, stage: str, key: str) -> None:
+        if self.mirror is None:
+            return
+        try:
+            self.mirror.push(self.path(stage, key), self.relative(stage, key))
+        except OSError as error:
+            logger.warning("stage cache: could not push %s to the shared storage (%s); other machines will "
+                           "compute it again until a run here pushes it", self.relative(stage, key), error)
 
     def remove_orphaned_staging(self, *, grace_seconds: float = UNHELD_STAGING_GRACE_SECONDS) -> list[Path]:
         """Remove the staging folders no live builder holds (and unheld ones unchanged for ``grace_seconds``);

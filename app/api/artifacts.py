@@ -21,6 +21,12 @@ Symlinks are left out everywhere: a download holds only what the export wrote, a
 folder (:func:`folder_file`). Files are read as they stream; if one changed since the layout was computed (the
 folder was replaced), the stream is cut short rather than mixing two versions, and the client's retry gets the
 new ETag.
+
+A folder is on this disk (a ``Path``: the fast path, one machine or a shared volume) or only in the shared storage
+(a :class:`StoredFolder`, ``app.storage``: workers on other machines pushed it, marker last). :func:`open_folder`
+picks. A stored folder's manifest keeps every file's size and mtime, so its listing, its tars (both) and its
+files are byte for byte what the same folder on disk gives; only the ETag differs (it names the stored objects'
+versions, so a folder pushed again gets a new one).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from app.api.errors import ApiError
+from app.storage import FolderManifest, ObjectInfo, Storage
 
 CHUNK = 1 << 20
 GZIP_LEVEL = 1  # safetensors barely compress; level 1 keeps the stream fast
@@ -47,10 +54,48 @@ TAR_LAYOUT_VERSION = 1  # in the ETag: a change of how the tar is laid out must 
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 
 
-def export_files(folder: Path) -> list[tuple[str, Path, int]]:
-    """``(relative posix path, absolute path, size)`` of every regular file under ``folder``, sorted. Hidden
-    entries (a staging folder being written next to a materialised model) and symlinks are left out."""
-    files = []
+@dataclass(frozen=True)
+class StoredFolder:
+    """A complete folder in the shared storage: its manifest (the marker) and its objects' versions, read once
+    when a response is laid out."""
+
+    storage: Storage
+    key: str
+    manifest: FolderManifest
+    objects: dict[str, ObjectInfo]
+
+    def visible_files(self) -> list[str]:
+        """The files a download shows: as :func:`export_files` on disk, hidden names and folders left out."""
+        return sorted(name for name in self.manifest.files
+                      if not any(part.startswith(".") for part in name.split("/")))
+
+    def folder_mtime(self, relative: str) -> float:
+        return self.manifest.folders.get(relative, self.manifest.folders.get("", 0)) / 1e9
+
+
+Folder = Path | StoredFolder
+
+
+def open_folder(local: Path, storage: Storage | None, key: str) -> Folder | None:
+    """The folder on this disk when it is here (fast path), else its complete copy in ``storage`` under ``key``,
+    else None. A folder in the storage without its marker (a push in progress) is None."""
+    if local.is_dir():
+        return local
+    if storage is None:
+        return None
+    manifest = storage.folder_manifest(key)
+    if manifest is None:
+        return None
+    return StoredFolder(storage, key, manifest, storage.list(key))
+
+
+def export_files(folder: Folder) -> list[tuple[str, Path | str, int]]:
+    """``(relative posix path, absolute path or storage key, size)`` of every regular file under ``folder``,
+    sorted. Hidden entries (a staging folder being written next to a materialised model) and symlinks are left
+    out."""
+    if isinstance(folder, StoredFolder):
+        return [(name, f"{folder.key}/{name}", folder.manifest.files[name].size) for name in folder.visible_files()]
+    files: list[tuple[str, Path | str, int]] = []
     for root, dirs, names in os.walk(folder, followlinks=False):
         dirs[:] = sorted(name for name in dirs if not name.startswith("."))
         for name in names:
@@ -65,8 +110,11 @@ def export_files(folder: Path) -> list[tuple[str, Path, int]]:
     return sorted(files)
 
 
-def tar_gz_stream(folder: Path, root_name: str) -> Iterator[bytes]:
+def tar_gz_stream(folder: Folder, root_name: str) -> Iterator[bytes]:
     """The folder as ``root_name/...`` in a gzip-compressed tar, in chunks."""
+    if isinstance(folder, StoredFolder):
+        yield from _stored_tar_gz_stream(folder, root_name)
+        return
     compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: the gzip container
     seen_dirs: set[str] = set()
 
@@ -82,6 +130,7 @@ def tar_gz_stream(folder: Path, root_name: str) -> Iterator[bytes]:
 
     yield from emit(directory(root_name, folder.stat().st_mtime))
     for relative, path, _size in export_files(folder):
+        assert isinstance(path, Path)  # a folder on disk lists paths
         parts = relative.split("/")[:-1]
         for depth in range(1, len(parts) + 1):
             sub = "/".join(parts[:depth])
@@ -107,6 +156,45 @@ def tar_gz_stream(folder: Path, root_name: str) -> Iterator[bytes]:
         yield tail
 
 
+def _stored_tar_gz_stream(folder: StoredFolder, root_name: str) -> Iterator[bytes]:
+    """:func:`tar_gz_stream` of a stored folder: the same headers (sizes and mtimes from its manifest), the
+    files' bytes read from the storage as the client reads."""
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+
+    def emit(data: bytes) -> Iterator[bytes]:
+        out = compressor.compress(data)
+        if out:
+            yield out
+
+    def directory(name: str, mtime: float) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(mtime)
+        return info.tobuf(format=tarfile.PAX_FORMAT)
+
+    seen_dirs: set[str] = set()
+    yield from emit(directory(root_name, folder.folder_mtime("")))
+    for relative in folder.visible_files():
+        parts = relative.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            sub = "/".join(parts[:depth])
+            if sub not in seen_dirs:
+                seen_dirs.add(sub)
+                yield from emit(directory(f"{root_name}/{sub}", folder.folder_mtime(sub)))
+        part = _stored_part(folder, relative)
+        info = tarfile.TarInfo(f"{root_name}/{relative}")
+        info.size, info.mode, info.mtime = part.size, 0o644, part.mtime_ns // 1_000_000_000
+        yield from emit(info.tobuf(format=tarfile.PAX_FORMAT))
+        for chunk in part.storage.read(part.key, 0, part.size, expect=part.expect):
+            yield from emit(chunk)
+        padding = (-part.size) % tarfile.BLOCKSIZE
+        if padding:
+            yield from emit(b"\0" * padding)
+    yield from emit(b"\0" * (2 * tarfile.BLOCKSIZE))
+    tail = compressor.flush()
+    if tail:
+        yield tail
+
+
 # ------------------------------------------------------------------------------- byte sources with offsets
 
 
@@ -119,12 +207,33 @@ class FilePart:
     mtime_ns: int
     inode: int
 
+    @property
+    def identity(self) -> str:
+        return f"{self.size}\0{self.mtime_ns}\0{self.inode}"
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """An object's bytes inside a download: its size, the mtime its manifest recorded, and the version it had
+    when the layout was computed (a rewritten object cuts the stream, as a replaced file does)."""
+
+    storage: Storage
+    key: str
+    size: int
+    mtime_ns: int
+    expect: ObjectInfo
+
+    @property
+    def identity(self) -> str:
+        return f"{self.size}\0{self.mtime_ns}\0{self.expect.version}"
+
 
 @dataclass(frozen=True)
 class Layout:
-    """A download as consecutive parts (literal bytes or a file), with its total size and validators."""
+    """A download as consecutive parts (literal bytes, a file or a stored object), with its total size and
+    validators."""
 
-    parts: tuple[bytes | FilePart, ...]
+    parts: tuple[bytes | FilePart | StoredPart, ...]
     size: int
     etag: str  # strong: equal ETags mean equal bytes
     mtime: float  # Last-Modified: the newest file's
@@ -138,11 +247,20 @@ class Layout:
             if lo < hi:
                 if isinstance(part, bytes):
                     yield part[lo - offset:hi - offset]
+                elif isinstance(part, StoredPart):
+                    yield from part.storage.read(part.key, lo - offset, hi - offset, expect=part.expect)
                 else:
                     yield from _read_file(part, lo - offset, hi - offset)
             offset += length
             if offset > end:
                 return
+
+
+def _stored_part(folder: StoredFolder, relative: str) -> StoredPart:
+    entry = folder.manifest.files[relative]
+    # An object the listing lacks is read as its manifest says, and fails there: the stream is cut short.
+    expect = folder.objects.get(relative, ObjectInfo(size=entry.size, version=""))
+    return StoredPart(folder.storage, f"{folder.key}/{relative}", entry.size, entry.mtime_ns, expect)
 
 
 def _file_part(path: Path) -> FilePart:
@@ -167,10 +285,10 @@ def _read_file(part: FilePart, start: int, stop: int) -> Iterator[bytes]:
             yield chunk
 
 
-def _etag(kind: str, parts: list[tuple[str, FilePart]]) -> str:
+def _etag(kind: str, parts: list[tuple[str, FilePart]] | list[tuple[str, StoredPart]]) -> str:
     digest = hashlib.sha256(f"{kind}:{TAR_LAYOUT_VERSION}".encode())
     for name, part in parts:
-        digest.update(f"\0{name}\0{part.size}\0{part.mtime_ns}\0{part.inode}".encode())
+        digest.update(f"\0{name}\0{part.identity}".encode())
     return f'"{digest.hexdigest()[:32]}"'
 
 
@@ -179,12 +297,24 @@ def file_layout(path: Path) -> Layout:
     return Layout(parts=(part,), size=part.size, etag=_etag("file", [(path.name, part)]), mtime=part.mtime_ns / 1e9)
 
 
-def tar_layout(folder: Path, root_name: str) -> Layout:
+def _stored_file_layout(folder: StoredFolder, relative: str) -> Layout:
+    part = _stored_part(folder, relative)
+    name = relative.rsplit("/", 1)[-1]
+    return Layout(parts=(part,), size=part.size, etag=_etag("stored-file", [(name, part)]), mtime=part.mtime_ns / 1e9)
+
+
+def tar_layout(folder: Folder, root_name: str) -> Layout:
     """The folder as an uncompressed tar of ``root_name/<relative path>``, laid out without reading a file.
     Directory entries carry the newest file's mtime, so the layout depends on the file list alone."""
-    files = [(relative, _file_part(path)) for relative, path, _ in export_files(folder)]
+    files: list[tuple[str, FilePart]] | list[tuple[str, StoredPart]]
+    if isinstance(folder, StoredFolder):
+        files = [(relative, _stored_part(folder, relative)) for relative in folder.visible_files()]
+        kind = f"stored-tar:{root_name}"
+    else:
+        files = [(relative, _file_part(Path(path))) for relative, path, _ in export_files(folder)]
+        kind = f"tar:{root_name}"
     newest = max((part.mtime_ns for _, part in files), default=0)
-    parts: list[bytes | FilePart] = []
+    parts: list[bytes | FilePart | StoredPart] = []
 
     def header(name: str, *, size: int = 0, mtime_ns: int, directory: bool = False) -> bytes:
         info = tarfile.TarInfo(name)
@@ -208,7 +338,7 @@ def tar_layout(folder: Path, root_name: str) -> Layout:
             parts.append(b"\0" * (-part.size % tarfile.BLOCKSIZE))
     parts.append(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
     size = sum(len(part) if isinstance(part, bytes) else part.size for part in parts)
-    return Layout(parts=tuple(parts), size=size, etag=_etag(f"tar:{root_name}", files), mtime=newest / 1e9)
+    return Layout(parts=tuple(parts), size=size, etag=_etag(kind, files), mtime=newest / 1e9)
 
 
 # ------------------------------------------------------------------------------------------ Range
@@ -285,14 +415,20 @@ def ranged_response(request: Request, layout: Layout, *, media_type: str, filena
 # ------------------------------------------------------------------------------------------ one file
 
 
+def _safe_relative(relative: str) -> bool:
+    """No ``..``, ``.`` or empty segments, no hidden names, no backslashes."""
+    parts = relative.split("/")
+    return bool(relative) and not any(part in ("", ".", "..") or part.startswith(".") or "\\" in part
+                                      for part in parts)
+
+
 def folder_file(folder: Path, relative: str) -> Path | None:
     """The regular file ``relative`` names inside ``folder``, or None: no ``..``, ``.`` or empty segments, no
     hidden names, no symlink on the way (so nothing resolves outside the folder), nothing but a regular file."""
-    parts = relative.split("/")
-    if not relative or any(part in ("", ".", "..") or part.startswith(".") or "\\" in part for part in parts):
+    if not _safe_relative(relative):
         return None
     path = folder
-    for part in parts:
+    for part in relative.split("/"):
         path = path / part
         try:
             mode = path.lstat().st_mode
@@ -322,9 +458,15 @@ def download_responses(media_type: str, what: str) -> dict[int | str, dict[str, 
     }
 
 
-def file_download(request: Request, folder: Path, path: str) -> StreamingResponse:
+def file_download(request: Request, folder: Folder, path: str) -> StreamingResponse:
     """One file of ``folder`` by its relative path (404 for anything that is not a file inside it)."""
+    missing = ApiError(404, "not_found", f"no file {path!r} in this model folder; its listing names the files", "path")
+    if isinstance(folder, StoredFolder):
+        if not _safe_relative(path) or path not in folder.manifest.files:
+            raise missing
+        return ranged_response(request, _stored_file_layout(folder, path), media_type="application/octet-stream",
+                               filename=path.rsplit("/", 1)[-1])
     found = folder_file(folder, path)
     if found is None:
-        raise ApiError(404, "not_found", f"no file {path!r} in this model folder; its listing names the files", "path")
+        raise missing
     return ranged_response(request, file_layout(found), media_type="application/octet-stream", filename=found.name)
