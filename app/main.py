@@ -22,6 +22,7 @@ from app.db.engine import Database
 from app.metrics import install_metrics, process_exiting
 from app.queue import CeleryTaskQueue, TaskQueue
 from app.settings import Settings, get_settings
+from app.storage import configured_storage
 from app.storage_gc import remove_orphaned_uploads
 from app.webhooks.dispatcher import DispatcherThread
 from ctpd_core import logs
@@ -46,6 +47,7 @@ distilled student.
 
 
 def create_app(settings: Settings, queue: TaskQueue | None = None) -> FastAPI:
+    storage = configured_storage(settings)  # probed now: a bad CTPD_STORAGE_URL stops the start-up, named
     database = Database(settings.database_url)
     task_queue: TaskQueue = queue if queue is not None else CeleryTaskQueue(settings.broker_url)
 
@@ -74,6 +76,7 @@ def create_app(settings: Settings, queue: TaskQueue | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.db = database
     app.state.queue = task_queue
+    app.state.storage = storage  # None: the artifact root alone
     install_error_handlers(app)
     install_metrics(app, database, settings)  # request ids, access lines, request metrics; GET /metrics
     # The routers that take ids, cursors and filters.

@@ -16,6 +16,7 @@ from app.db.auth import Principal, authenticate
 from app.db.engine import Database
 from app.queue import TaskQueue
 from app.settings import Settings
+from app.storage import Storage
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -37,9 +38,15 @@ def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def get_storage(request: Request) -> Storage | None:
+    """The shared storage (a bucket), or None when everything is under the artifact root."""
+    return getattr(request.app.state, "storage", None)
+
+
 DbDep = Annotated[Database, Depends(get_db)]
 QueueDep = Annotated[TaskQueue, Depends(get_queue)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+StorageDep = Annotated[Storage | None, Depends(get_storage)]
 
 
 def refuse_nul_characters(request: Request) -> None:
