@@ -3,7 +3,8 @@ and serves them from these folders, the worker writes them (``ctpd_core.checkpoi
 
 * **While a stage trains**, a checkpoint is ``<run_dir>/<stage>/step-NNNNNNNN/`` (``ctpd_core.checkpoint``):
   ``trainable.safetensors`` (the ``requires_grad`` parameters), ``state.json``, ``metrics.json`` and the
-  resume-only optimizer, scheduler and RNG files. ``fit`` keeps the newest ``keep_checkpoints`` of them.
+  resume-only optimizer, scheduler and RNG files. A checkpoint of a multi-rank run holds ``trainable.dcp/`` and
+  ``optimizer.dcp/`` (``torch.distributed.checkpoint`` folders) in place of the weights and optimizer files. ``fit`` keeps the newest ``keep_checkpoints`` of them.
 * **Once the student is exported**, the recipe keeps the distill checkpoints that are still on disk as
   ``<run_dir>/checkpoints/<id>/`` without their resume-only files (AdamW's moments alone are twice the weights),
   so any of them can still be turned into a model after the job, at about the weights' size each. A checkpoint
@@ -34,6 +35,12 @@ RNG_FILE = "rng.pt"
 STATE_FILE = "state.json"
 HISTORY_FILE = "metrics.json"  # the last steps' metrics up to the checkpoint, for replay on resume
 RESUME_ONLY_FILES = (OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE)
+# A checkpoint written by several ranks (torch.distributed.checkpoint) holds the trainable tensors and the optimizer
+# state as two DCP folders (one file per rank and a ``.metadata``) in place of the two files above.
+DCP_TRAINABLE_DIR = "trainable.dcp"
+DCP_OPTIMIZER_DIR = "optimizer.dcp"
+DCP_METADATA_FILE = ".metadata"
+RESUME_ONLY_DIRS = (DCP_OPTIMIZER_DIR,)
 
 KEPT_DIR = "checkpoints"  # under a run folder: the checkpoints kept after the export
 MODEL_DIR = "model"  # under a checkpoint folder: its materialised model
@@ -60,11 +67,15 @@ def parse_checkpoint_id(value: str) -> tuple[str, int] | None:
     return match.group("stage"), int(match.group("step"))
 
 
+def has_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds a checkpoint's trainable tensors, in either format (one file, or a DCP folder)."""
+    return (folder / TRAINABLE_FILE).is_file() or (folder / DCP_TRAINABLE_DIR / DCP_METADATA_FILE).is_file()
+
+
 def _is_complete(folder: Path) -> bool:
     """A published checkpoint: a real folder (no symlink) with its weights and state (staging folders are named
     otherwise, and a checkpoint is renamed into place whole)."""
-    return (folder.is_dir() and not folder.is_symlink() and (folder / TRAINABLE_FILE).is_file()
-            and (folder / STATE_FILE).is_file())
+    return folder.is_dir() and not folder.is_symlink() and has_weights(folder) and (folder / STATE_FILE).is_file()
 
 
 @dataclass(frozen=True)
@@ -161,6 +172,8 @@ def keep_checkpoints(run_dir: Path, stage: str) -> list[Path]:
             os.replace(path, target)
             for name in RESUME_ONLY_FILES:
                 (target / name).unlink(missing_ok=True)
+            for name in RESUME_ONLY_DIRS:
+                shutil.rmtree(target / name, ignore_errors=True)
             kept.append(target)
     shutil.rmtree(live_dir, ignore_errors=True)
     return kept

@@ -63,9 +63,29 @@ The contract, in the order a step runs:
   just before each checkpoint is renamed into place; False discards it (the caller lost the right to
   write) and fit stops at once with ``Stopped``.
 
-fit is single-process: data-parallel training would shard each batch by rank and reduce the metrics.
+* **Data parallel** (``dist``, a :class:`~ctpd_core.distributed.DistContext` of more than one rank; every rank
+  calls fit with the same arguments). The model is wrapped by :func:`~ctpd_core.distributed.prepare_model`
+  (``strategy`` ``"ddp"`` or ``"fsdp"``, ``activation_checkpointing``) on ``dist.device`` (``device`` is
+  ignored). Each step's *global* batch is the single-process one (same order from (seed, epoch)); rank ``r``
+  takes its contiguous share (:func:`~ctpd_core.distributed.shard_bounds`), so ``batch_size`` must be a
+  multiple of ``world_size * micro_batch_size`` and the shares are equal. Each micro-batch loss is scaled by
+  ``len(micro) / len(share)``: DDP and FSDP *average* gradients over ranks, so the reduced gradient is that of
+  the global batch mean and the trajectory equals the single-process one within float tolerance. Gradients
+  are reduced once per step (``no_sync()`` / ``set_requires_gradient_sync(False)`` for all micro-batches but
+  the last). A dataset smaller than one batch is split into ``num_items // world_size`` items per rank (the
+  remaining ``num_items % world_size`` items are left out of the step, as ``drop_last`` leaves the tail of an
+  epoch out; a set smaller than the world is refused). ``loss`` and the ``loss_fn`` stats are averaged over
+  ranks, ``tokens`` summed, ``grad_norm`` is the norm of the full gradient; only rank 0 reports to the
+  observer; every rank polls ``stop`` and the ranks stop at the same step if any of them says so.
+  Checkpoints are ``torch.distributed.checkpoint`` folders (:mod:`ctpd_core.checkpoint`) that resume on any
+  world size, a single process included; a single-process checkpoint resumes on several ranks. With ``fsdp``
+  the model's parameters are left sharded (DTensors) on return: read full weights from
+  ``FitResult.checkpoint`` with :func:`~ctpd_core.checkpoint.read_trainable_tensors`. ``dist=None`` or a world of
+  one is the single-process loop and format, unchanged.
+
 A fresh run seeds torch, python ``random`` and numpy with ``config.seed`` (method §6: all three are seeded at
-the start of training); a resumed run restores their saved states instead.
+the start of training; every rank the same); a resumed run restores their saved states instead (rank 0's, on
+every rank).
 """
 
 from __future__ import annotations
@@ -75,7 +95,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +112,18 @@ from ctpd_core.checkpoint import (
     prune_checkpoints,
     remove_staging_folders,
     save_checkpoint,
+    save_distributed_checkpoint,
     seed_everything,
+)
+from ctpd_core.distributed import (
+    DistContext,
+    DistStrategy,
+    apply_block_checkpointing,
+    is_distributed,
+    prepare_model,
+    set_gradient_sync,
+    shard_bounds,
+    unwrapped_name,
 )
 from ctpd_core.inference import autocast_factory
 from ctpd_core.observe import NeverStop, NullObserver, Observer, Progress, Stopped, StopToken
@@ -206,17 +238,35 @@ class FitResult:
 class StepPlan:
     """The step arithmetic of a run, for fit and for callers that report totals before training starts."""
 
-    batch_size: int  # items per step: config.batch_size, or the whole dataset if it is smaller
+    batch_size: int  # items per step (all ranks): config.batch_size, or the dataset if it is smaller (see fit)
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
 
 
-def plan_steps(config: FitConfig, num_items: int) -> StepPlan:
-    """How many optimizer steps ``fit`` will take over ``num_items`` items with ``config``."""
+def plan_steps(config: FitConfig, num_items: int, world_size: int = 1) -> StepPlan:
+    """How many optimizer steps ``fit`` will take over ``num_items`` items with ``config`` on ``world_size``
+    ranks (the global batch is split over them; see fit)."""
     if not _is_int(num_items) or num_items < 1:
         raise ValueError(f"the training set is empty (num_items={num_items!r}); give fit at least one item.")
+    if not _is_int(world_size) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}.")
     batch_size = min(config.batch_size, num_items)
+    if world_size > 1:
+        per_step = world_size * config.micro_batch_size
+        if config.batch_size % per_step:
+            raise ValueError(
+                f"batch_size {config.batch_size} is not a multiple of world_size * micro_batch_size "
+                f"({world_size} * {config.micro_batch_size} = {per_step}): every rank takes an equal share of "
+                f"each batch; use batch_size {per_step * max(1, round(config.batch_size / per_step))}."
+            )
+        if num_items < world_size:
+            raise ValueError(
+                f"{num_items} training items cannot be shared by {world_size} ranks (each needs at least one per "
+                "step); train on fewer devices or give more items."
+            )
+        # A dataset smaller than one batch: equal shares, so the last num_items % world_size items sit out.
+        batch_size -= batch_size % world_size
     steps_per_epoch = num_items // batch_size  # drop_last
     if config.max_steps is not None:
         total_steps = config.max_steps
@@ -269,6 +319,9 @@ def fit(
     device: torch.device | str = "cpu",
     checkpoint_guard: Callable[[], bool] | None = None,
     generation: int | None = None,
+    dist: DistContext | None = None,
+    strategy: DistStrategy = "ddp",
+    activation_checkpointing: bool = False,
 ) -> FitResult:
     """Train the ``requires_grad`` parameters of ``model`` on ``train_items`` by minimising ``loss_fn``.
 
@@ -276,20 +329,34 @@ def fit(
     full contract). fit moves the model to ``device``; ``loss_fn`` moves its items there. On return the model
     holds the trained weights, back in the train/eval mode it came in. ``stage`` names the loop in every
     report (``distill``, ``contrastive:positive``); a stop raises :class:`~ctpd_core.observe.Stopped`.
+    With ``dist`` of several ranks every rank calls fit alike (data parallel; see the module docstring).
     """
     observer, stop = observer or NullObserver(), stop or NeverStop()
     if not isinstance(config, FitConfig):
         raise ValueError(f"config must be a FitConfig, got {type(config).__name__}.")
     if len(train_items) == 0:
         raise ValueError("train_items is empty; give fit at least one encoded example.")
-    plan = plan_steps(config, len(train_items))
-    device = torch.device(device)
+    distributed = dist is not None and is_distributed(dist)
+    world_size = dist.world_size if dist is not None and distributed else 1
+    plan = plan_steps(config, len(train_items), world_size)
+    device = dist.device if dist is not None and distributed else torch.device(device)
     autocast = autocast_factory(config.precision, device)
     checkpoint_dir = Path(checkpoint_dir)
+    if dist is not None and distributed and not dist.is_main:
+        observer = NullObserver()  # rank 0 alone reports; every rank still polls the stop token
 
     model.to(device)
-    trainable = _trainable_parameters(model)
+    _trainable_parameters(model)  # checked before wrapping, so the errors name the caller's parameters
     _warn_on_active_dropout(model)
+    train_model = model
+    if dist is not None and distributed:
+        train_model = prepare_model(model, ctx=dist, strategy=strategy, precision=config.precision,
+                                    activation_checkpointing=activation_checkpointing)
+    elif activation_checkpointing:
+        apply_block_checkpointing(model)
+    # By the unwrapped model's names (what both checkpoint formats store), in the optimizer's parameter order.
+    trainable = {unwrapped_name(name, train_model): parameter
+                 for name, parameter in _trainable_parameters(train_model).items()}
     # Built before any resume so the state dicts load into the same structure that wrote them.
     optimizer = torch.optim.AdamW(
         trainable.values(), lr=config.learning_rate, weight_decay=config.weight_decay
@@ -298,15 +365,25 @@ def fit(
         optimizer, schedule=config.lr_schedule, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps
     )
 
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    remove_staging_folders(checkpoint_dir)
-    checkpoint = latest_checkpoint(checkpoint_dir)
+    checkpoint: Path | None = None
+    if dist is None or not distributed:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        remove_staging_folders(checkpoint_dir)
+        checkpoint = latest_checkpoint(checkpoint_dir)
+    else:  # rank 0 sweeps and picks the resume point, so no rank sees a different folder
+        if dist.is_main:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            remove_staging_folders(checkpoint_dir)
+            checkpoint = latest_checkpoint(checkpoint_dir)
+        picked = dist.broadcast_object(None if checkpoint is None else str(checkpoint))
+        checkpoint = None if picked is None else Path(picked)
     if checkpoint is None:
         seed_everything(config.seed)
         start_step, resumed_from, last_metrics = 0, None, {}
         history: list[tuple[int, dict[str, float]]] = []
     else:
-        state = load_checkpoint(checkpoint, _config_dict(config), len(train_items), trainable, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, _config_dict(config), len(train_items), trainable, optimizer, scheduler,
+                                model=train_model, distributed=distributed)
         start_step = resumed_from = state["step"]
         last_metrics = dict(state.get("last_metrics", {}))
         history = load_history(checkpoint)
@@ -334,12 +411,17 @@ def fit(
             "last_metrics": last_metrics,
             "attempt": generation,
         }
-        path = save_checkpoint(checkpoint_dir, state, trainable, optimizer, scheduler, guard=checkpoint_guard,
-                               history=history)
+        if dist is not None and distributed:
+            path = save_distributed_checkpoint(checkpoint_dir, state, train_model, list(trainable), optimizer,
+                                               scheduler, dist, guard=checkpoint_guard, history=history)
+        else:
+            path = save_checkpoint(checkpoint_dir, state, trainable, optimizer, scheduler, guard=checkpoint_guard,
+                                   history=history)
         if path is None:
             refused = True
             return None
-        prune_checkpoints(checkpoint_dir, config.keep_checkpoints)
+        if dist is None or dist.is_main:
+            prune_checkpoints(checkpoint_dir, config.keep_checkpoints)
         observer.checkpoint(stage, step, path)
         return path
 
@@ -351,7 +433,7 @@ def fit(
     observer.progress(Progress(stage, start_step, plan.total_steps, None))
 
     was_training = model.training
-    model.train()
+    train_model.train()
     step = start_step
     epoch_seen, order = -1, []
     loop_start = time.perf_counter()
@@ -364,26 +446,36 @@ def fit(
                 order = torch.randperm(len(train_items), generator=generator).tolist()
                 epoch_seen = epoch
             batch = order[position * plan.batch_size : (position + 1) * plan.batch_size]
+            if dist is not None and distributed:  # this rank's share of the global batch
+                share_range = shard_bounds(len(batch), dist.rank, dist.world_size)
+                batch = batch[share_range.start : share_range.stop]
 
             # ---- one optimizer step: accumulate the batch-mean gradient over micro-batches
             optimizer.zero_grad(set_to_none=True)
             loss_sum: torch.Tensor | float = 0.0
             stat_sums: dict[str, torch.Tensor | float] = {}
             tokens: torch.Tensor | float | None = None
-            for start in range(0, len(batch), config.micro_batch_size):
+            starts = range(0, len(batch), config.micro_batch_size)
+            for start in starts:
                 micro_items = [train_items[index] for index in batch[start : start + config.micro_batch_size]]
-                share = len(micro_items) / len(batch)  # micro-batch mean → batch mean
-                with autocast():
-                    loss, stats = loss_fn(model, micro_items)
-                _check_loss(loss, step)
-                (loss * share).backward()
+                # micro-batch mean → batch mean (this rank's share; DDP/FSDP average the shares' gradients)
+                share = len(micro_items) / len(batch)
+                with _gradient_sync(train_model, enabled=not distributed or start == starts[-1]):
+                    with autocast():
+                        loss, stats = loss_fn(train_model, micro_items)
+                    _check_loss(loss, step)
+                    (loss * share).backward()
                 loss_sum = loss_sum + loss.detach().float() * share
                 for name, value in stats.items():
                     if name == "tokens":
                         tokens = _as_scalar(value) + (0.0 if tokens is None else tokens)
                     else:
                         stat_sums[name] = stat_sums.get(name, 0.0) + _as_scalar(value) * share
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
+            if dist is not None and distributed:
+                loss_sum, stat_sums, tokens = _reduce_step_metrics(dist, loss_sum, stat_sums, tokens)
+                grad_norm = _clip_full_gradient(list(trainable.values()), config.max_grad_norm)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
             learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses
             optimizer.step()
             scheduler.step()
@@ -415,7 +507,11 @@ def fit(
             seconds_per_step = (time.perf_counter() - loop_start) / (step - start_step)
             observer.progress(Progress(stage, step, plan.total_steps, seconds_per_step * (plan.total_steps - step)))
             # The last step too: a stop that arrives during it must not let the run end as if it had finished.
-            if refused or stop.should_stop():
+            # Every rank asks its token and they agree (a refusal is rank 0's, already broadcast by the save).
+            wants_stop = refused or stop.should_stop()
+            if dist is not None and distributed:
+                wants_stop = dist.any_true(wants_stop)
+            if wants_stop:
                 if saved_step != step and not refused:
                     saved = save(step)
                     checkpoint = saved if saved is not None else checkpoint
@@ -424,7 +520,7 @@ def fit(
                 )
                 raise Stopped(stage, step, checkpoint)
     finally:
-        model.train(was_training)
+        train_model.train(was_training)
 
     return FitResult(
         steps=step,
@@ -476,6 +572,50 @@ def _warn_on_active_dropout(model: torch.nn.Module) -> None:
             len(active),
             ", ".join(active[:5]),
         )
+
+
+@contextmanager
+def _gradient_sync(model: torch.nn.Module, *, enabled: bool) -> Iterator[None]:
+    """Around one micro-batch's forward and backward: whether its backward reduces gradients over ranks. DDP
+    has ``no_sync()``; FSDP2 a flag set before the forward. A plain module always "syncs" (nothing to do)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        with nullcontext() if enabled else model.no_sync():
+            yield
+        return
+    set_gradient_sync(model, enabled)
+    yield
+
+
+def _reduce_step_metrics(
+    dist: DistContext,
+    loss_sum: torch.Tensor | float,
+    stat_sums: dict[str, torch.Tensor | float],
+    tokens: torch.Tensor | float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | float], torch.Tensor | None]:
+    """One all-reduce for the step's figures: loss and stats averaged over ranks (equal shares, so the mean of
+    the ranks' means is the global batch mean), tokens summed. Every rank's loss_fn reports the same stats."""
+    names = sorted(stat_sums)
+    values = [loss_sum, *(stat_sums[name] for name in names), 0.0 if tokens is None else tokens]
+    stacked = torch.stack([torch.as_tensor(value, dtype=torch.float32, device=dist.device).reshape(())
+                           for value in values])
+    reduced = dist.all_reduce_mean(stacked)
+    reduced_stats: dict[str, torch.Tensor | float] = {name: reduced[1 + index] for index, name in enumerate(names)}
+    return reduced[0], reduced_stats, None if tokens is None else reduced[-1] * dist.world_size
+
+
+def _clip_full_gradient(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` for sharded gradients: the norm of the *full* gradient (FSDP2's is a DTensor, made a
+    plain tensor by ``full_tensor()``, which reduces over the shards), then every shard scaled by it."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    total_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(total_norm, DTensor):
+        total_norm = total_norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+    return total_norm
 
 
 def _check_loss(loss: object, step: int) -> None:
