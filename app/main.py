@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from fastapi import Depends, FastAPI
 
-from app.api import api_keys, checkpoints, datasets, health, jobs, models, webhooks
+from app.api import api_keys, checkpoints, datasets, health, jobs, models, tenants, webhooks
 from app.api.deps import refuse_nul_characters
 from app.api.errors import install_error_handlers
 from app.db.engine import Database
@@ -80,7 +80,8 @@ def create_app(settings: Settings, queue: TaskQueue | None = None) -> FastAPI:
     install_error_handlers(app)
     install_metrics(app, database, settings)  # request ids, access lines, request metrics; GET /metrics
     # The routers that take ids, cursors and filters.
-    for router in (jobs.router, checkpoints.router, datasets.router, api_keys.router, webhooks.router):
+    for router in (jobs.router, checkpoints.router, datasets.router, api_keys.router, webhooks.router,
+                   tenants.router):
         app.include_router(router, dependencies=[Depends(refuse_nul_characters)])
     for router in (models.router, health.router):
         app.include_router(router)

@@ -33,7 +33,15 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, current_app
-from celery.signals import celeryd_after_setup, celeryd_init, setup_logging, task_postrun, task_prerun
+from celery.signals import (
+    celeryd_after_setup,
+    celeryd_init,
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_ready,
+    worker_shutdown,
+)
 from kombu import Exchange, Queue
 
 from ctpd_core import logs
@@ -137,6 +145,9 @@ def create_celery(settings: Settings | None = None) -> Celery:
         from app.settings import get_settings
 
         settings = get_settings()
+    from app.storage import configured_storage
+
+    configured_storage(settings)  # probed now: a bad CTPD_STORAGE_URL stops the worker at start-up, named
     celery = Celery("ctpd", include=["worker.tasks"])
     celery.conf.update(celery_conf(settings))
     celery.ctpd_settings = settings  # the tasks read their settings from the app that runs them
@@ -209,6 +220,37 @@ def _open_job_log(sender: Any = None, args: Any = None, kwargs: Any = None, **_:
 def _close_job_log(sender: Any = None, **_: Any) -> None:
     if getattr(sender, "name", None) == TaskName.RUN_JOB and _job_log_previous:
         logs.close_job_context(_job_log_previous.pop())
+
+
+# ------------------------------------------------------------------------------------ the workers table
+
+
+_registration: list[Any] = []  # this process's worker/capacity.WorkerRegistration, while it runs
+
+
+@worker_ready.connect
+def _advertise_capacity(sender: Any = None, **_: Any) -> None:
+    """A worker that consumes ``train`` advertises its GPUs in the ``workers`` table (worker/capacity.py), under
+    its Celery node name, until it stops: the queue view reads it to say why a job waits. The claim itself uses
+    the worker's own capacity, so a worker whose row could not be written still claims what it can run."""
+    app = getattr(sender, "app", None) or current_app
+    try:
+        queues = set(app.amqp.queues.consume_from)
+    except AttributeError:
+        return
+    if QueueName.TRAIN not in queues or _registration:
+        return
+    from worker.capacity import WorkerRegistration
+
+    settings = getattr(app, "ctpd_settings", None) or _current_settings()
+    node = getattr(sender, "hostname", None) or "worker"
+    _registration.append(WorkerRegistration(settings, node).start())
+
+
+@worker_shutdown.connect
+def _withdraw_capacity(**_: Any) -> None:
+    while _registration:
+        _registration.pop().stop()
 
 
 _app: Celery | None = None

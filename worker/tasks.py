@@ -42,10 +42,12 @@ from app.db import jobs as job_rows
 from app.db.engine import Database, is_unavailable
 from app.db.models import utcnow
 from app.policy import PolicyViolation
+from app.storage import Storage, StorageMirror, configured_storage, fetch_upload
 from ctpd_core import logs
 from ctpd_core.catalog import ModelLoadError
 from ctpd_core.data import DatasetError
 from ctpd_core.vocab import JobStatus, QueueName, TaskName
+from worker.capacity import Capacity, worker_capacity
 from worker.orphan_sweep import sweep_orphans
 from worker.sinks import AttemptLease, AttemptWriter, DbObserver, DbStopSignal, Heartbeat
 
@@ -119,14 +121,17 @@ def _message_of(error: BaseException, kind: str) -> str:
     return message if len(message) <= MAX_ERROR_MESSAGE else message[: MAX_ERROR_MESSAGE - 3] + "..."
 
 
-def dataset_resolver(db: Database, tenant: str):
-    """``dataset.id`` -> the uploaded file, for the job's own tenant only."""
+def dataset_resolver(db: Database, tenant: str, storage: Storage | None = None, artifact_root: Path | None = None):
+    """``dataset.id`` -> the uploaded file, for the job's own tenant only (from the shared storage, when another
+    machine's API received it, into ``artifact_root``)."""
 
     def resolve(dataset_id: str) -> Path:
         row = dataset_rows.get_dataset(db, dataset_id, tenant)
         if row is None:
             raise DatasetError(f"dataset {dataset_id!r} does not exist for tenant {tenant!r}; upload it with POST /v1/datasets")
         path = Path(row.path)
+        if not path.is_file() and storage is not None and artifact_root is not None:
+            path = fetch_upload(storage, artifact_root, row.id, row.filename, row.sha256) or path
         if not path.is_file():
             raise DatasetError(f"the file of dataset {dataset_id!r} is missing from the artifact store ({path}); upload it again")
         return path
@@ -203,12 +208,15 @@ def _retrying(what: str, write: Any, deadline_seconds: float) -> Any:
 
 def execute_job(
     db: Database, settings: Settings, job_id: str, worker_id: str, *, device: Any = None,
-    requeue: Callable[[str], None] | None = None,
+    requeue: Callable[[str], None] | None = None, capacity: Capacity | None = None,
 ) -> JobOutcome:
     """The body of ``ctpd.run_job``, callable without Celery (``device``: "cpu", "cuda:0"...; default cuda if any).
 
-    ``requeue(job_id)`` rings the doorbell again after a hand-back, so another worker resumes the job at once
-    instead of after ``requeue_after_seconds`` (the reaper's net still catches a lost message)."""
+    ``job_id`` is the doorbell's hint: the worker claims the best queued job it may run (priority, age, the
+    tenants' limits, its ``capacity``: default what worker/capacity.py detects), which may be another one, or
+    nothing (``skipped``). ``requeue(job_id)`` rings a doorbell: again after a hand-back, so another worker
+    resumes the job at once, and after a job ended when queued work can start (the reaper's net still catches a
+    lost message)."""
     if _DRAINING.is_set():
         logger.info("job %s: this worker is shutting down; passing the job on unclaimed", job_id)
         if requeue is not None:
@@ -218,12 +226,19 @@ def execute_job(
                 logger.warning("job %s: not enqueued again (%s); the reaper will", job_id, error)
         return JobOutcome(job_id, "passed_on")
     asked_at = time.monotonic()  # the lease runs from (at the latest) here, by this process's own clock
-    row = job_rows.claim_job(db, job_id, worker_id, settings.lease_seconds)
+    capacity = capacity or worker_capacity(settings.worker_gpus)
+    row = job_rows.claim_next_job(db, worker_id, settings.lease_seconds, devices=capacity.devices,
+                                  default_max_running=settings.tenant_max_running, hint=job_id)
     if row is None:
         current = job_rows.get_job(db, job_id)
-        logger.info("job %s: not claimed (status %s): a duplicate delivery or a cancelled job; nothing to do",
-                    job_id, current.status if current else "missing")
+        logger.info("doorbell of job %s (now %s): no queued job this worker may run (limits, GPUs, or a duplicate "
+                    "delivery); nothing to do", job_id, current.status if current else "missing")
         return JobOutcome(job_id, "skipped")
+    if row.id != job_id:
+        logger.info("doorbell of job %s: claimed job %s, the best this worker may run", job_id, row.id)
+        job_id = row.id
+        if logs.current_job() is not None:  # the task's log context named the doorbell's job
+            logs.open_job_context(job_id)
     attempt = row.attempt
     logs.update_job_context(attempt=attempt, tenant=row.tenant)  # every log line from here on names them
     logger.info("job %s: attempt %d of %d on %s", job_id, attempt, row.max_attempts, worker_id)
@@ -262,13 +277,15 @@ def execute_job(
                     spec, settings, RunIdentity(job_id, row.tenant, attempt, row.name, spec.method),
                     warn=warning_events(writer), still_current=lambda: not lease.is_lost(),
                     submitted_by_admin=bool(row.submitted_by_admin))
+                storage = configured_storage(settings, check=False)  # probed when the worker started
                 context = RunContext(
                     artifact_root=settings.artifact_root,
                     run_dir=settings.artifact_root / "jobs" / job_id,
                     model_cache=settings.model_cache,
                     observer=observer if tracker is None else FanOut(observer, tracker),
                     stop_signal=stop_signal,
-                    dataset_resolver=dataset_resolver(db, row.tenant),
+                    dataset_resolver=dataset_resolver(db, row.tenant, storage, settings.artifact_root),
+                    mirror=StorageMirror(storage) if storage is not None else None,
                     publish_guard=lease.holds,
                     generation=attempt,
                     device=torch.device(device) if device is not None else default_device(),
@@ -290,10 +307,26 @@ def execute_job(
                 tracker.finish(job_outcome(status, stop_signal.reason), export_dir=export_dir)
             # Buffered writes go out before the outcome (in order), waiting out a short database outage.
             flushed = observer.close(deadline_seconds=settings.lease_seconds)
-            return _record_outcome(db, settings, job_id, worker_id, attempt, lease, stop_signal, flushed,
-                                   status, error_code, error_kind, error_message, export_dir, release)
+            outcome = _record_outcome(db, settings, job_id, worker_id, attempt, lease, stop_signal, flushed,
+                                      status, error_code, error_kind, error_message, export_dir, release)
     finally:
         heartbeat.stop()
+    if outcome.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED) and requeue is not None:
+        _ring_for_waiting_work(db, settings, requeue)
+    return outcome
+
+
+def _ring_for_waiting_work(db: Database, settings: Settings, requeue: Callable[[str], None]) -> None:
+    """A job ended, so a worker (this one) and its tenant's slot are free: ring one doorbell if a queued job may
+    start now. Doorbells that found nothing earlier (a tenant at its limit) were dropped; this is what starts the
+    next job then. A failure loses nothing: the reaper enqueues unclaimed jobs after requeue_after_seconds."""
+    try:
+        waiting = job_rows.next_eligible_job(db, settings.tenant_max_running)
+        if waiting is not None:
+            requeue(waiting)
+            logger.info("rang the doorbell of job %s, which may start now", waiting)
+    except Exception as error:
+        logger.warning("could not ring the doorbell for queued work (%s); the reaper will", error)
 
 
 def _record_outcome(db: Database, settings: Settings, job_id: str, worker_id: str, attempt: int,

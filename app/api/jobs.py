@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.api.artifacts import (
     download_responses,
@@ -39,6 +40,7 @@ from app.db import models as orm
 from app.db.auth import Principal
 from app.db.engine import Database, InvalidCursor
 from app.services import jobs as job_service
+from app.settings import Settings
 from ctpd_core.spec import JobSpec
 from ctpd_core.vocab import JobStatus
 
@@ -75,8 +77,18 @@ def _job_for(db: Database, job_id: str, principal: Principal) -> orm.Job:
     return job
 
 
-def _view(db: Database, job: orm.Job) -> Job:
-    return job_object(job, job_log.job_transitions(db, [job.id])[job.id])
+def _place_or_none(db: Database, settings: Settings, job: orm.Job) -> job_rows.QueuePlace | None:
+    """The queue place of a job just created; a database gone after the commit costs the place, not the job."""
+    try:
+        return job_rows.queue_places(db, [job], settings.tenant_max_running).get(job.id)
+    except SQLAlchemyError:
+        logger.warning("job %s created; its queue position could not be read", job.id, exc_info=True)
+        return None
+
+
+def _view(db: Database, settings: Settings, job: orm.Job) -> Job:
+    places = job_rows.queue_places(db, [job], settings.tenant_max_running)
+    return job_object(job, job_log.job_transitions(db, [job.id])[job.id], places.get(job.id))
 
 
 # ------------------------------------------------------------------------------------------- endpoints
@@ -100,9 +112,11 @@ def _view(db: Database, job: orm.Job) -> Job:
         200: {"model": Job, "description": "Replay of an earlier request with the same Idempotency-Key and body.",
               "headers": {"Idempotent-Replayed": {"description": "`true`: the job an earlier request created.",
                                                   "schema": {"type": "string", "enum": ["true"]}, "required": True}}},
-        **error_responses((403, 409, 422), {
+        **error_responses((403, 409, 422, 429), {
             403: "`trust_remote_code` without the deployment's and an admin's permission (`remote_code_forbidden`).",
             409: "The Idempotency-Key was used with a different body (`idempotency_conflict`).",
+            429: "The tenant has `max_queued` queued jobs already (`queue_full`); nothing is stored. Wait for some "
+                 "to start, cancel queued ones, or have an admin raise the limit (`PUT /v1/tenants/{tenant}/limits`).",
             422: "Invalid spec (`invalid_request`): `error.param` names the field, `error.errors` lists every problem "
                  "with its fix; nothing is stored.",
         }),
@@ -131,6 +145,8 @@ def create_job(
                        errors=[{"param": param, "message": message} for param, message in problems]) from None
     except job_service.InvalidSubmission as error:
         raise invalid_request(error.problems) from None
+    except job_service.QueueFull as full:
+        raise ApiError(429, "queue_full", str(full), None) from None
     except job_service.IdempotencyConflict as conflict:
         raise ApiError(409, "idempotency_conflict",
                        f"{conflict}; use a new Idempotency-Key for a different request", "Idempotency-Key") from None
@@ -138,7 +154,7 @@ def create_job(
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
     # A created job answers 201 even when the broker or the database failed after its commit (submit_job).
-    return job_object(submitted.job, submitted.transitions)
+    return job_object(submitted.job, submitted.transitions, _place_or_none(db, settings, submitted.job))
 
 
 @router.get(
@@ -169,6 +185,7 @@ def list_jobs(
     request: Request,
     principal: PrincipalDep,
     db: DbDep,
+    settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
     # min_length=1 rather than reading '' as "from the start": a client whose cursor went missing would
     # otherwise restart at the newest job and page forever; refused, the bug shows (and the schema says so).
@@ -200,12 +217,18 @@ def list_jobs(
     except InvalidCursor as error:
         raise ApiError(422, "invalid_request", str(error), "after") from None
     transitions = job_log.job_transitions(db, [row.id for row in rows])
-    return JobList(data=[job_object(row, transitions[row.id]) for row in rows], has_more=has_more)
+    places = job_rows.queue_places(db, rows, settings.tenant_max_running)
+    return JobList(data=[job_object(row, transitions[row.id], places.get(row.id)) for row in rows], has_more=has_more)
 
 
-@router.get("/{job_id}", operation_id="get_job", response_model=Job, summary="Get a job", responses=_ERRORS)
-def get_job(job_id: str, principal: PrincipalDep, db: DbDep) -> Job:
-    return _view(db, _job_for(db, job_id, principal))
+@router.get(
+    "/{job_id}", operation_id="get_job", response_model=Job, summary="Get a job", responses=_ERRORS,
+    description="A queued job's `queue` says where it stands (its `position` in claim order among every queued "
+    "job) and why it waits (`reason`: tenant_limit, no_worker_with_gpus, behind_higher_priority, behind_older, "
+    "waiting_for_worker; `detail` for a person).",
+)
+def get_job(job_id: str, principal: PrincipalDep, db: DbDep, settings: SettingsDep) -> Job:
+    return _view(db, settings, _job_for(db, job_id, principal))
 
 
 @router.post(
@@ -220,14 +243,14 @@ def get_job(job_id: str, principal: PrincipalDep, db: DbDep) -> Job:
     ),
     responses={**_ERRORS, **error_responses((409,), {409: "The job already succeeded or failed (`job_not_cancellable`)."})},
 )
-def cancel_job(job_id: str, principal: PrincipalDep, db: DbDep) -> Job:
+def cancel_job(job_id: str, principal: PrincipalDep, db: DbDep, settings: SettingsDep) -> Job:
     try:
         job = job_service.cancel_job(db, principal, job_id)
     except job_service.JobNotCancellable as error:
         raise ApiError(409, "job_not_cancellable", str(error), "job_id") from None
     except job_service.NoSuchJob as error:
         raise ApiError(404, "not_found", str(error), "job_id") from None
-    return _view(db, job)
+    return _view(db, settings, job)
 
 
 @router.get(

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from app.db import models as orm  # the SQL rows; the names without a prefix here are the API's schemas
+from app.db.jobs import QueuePlace
 from app.policy import JOB_MODEL_PREFIX
 from ctpd_core.spec import JobSpec
 from ctpd_core.vocab import EventLevel, EventType, JobStatus
@@ -84,6 +85,19 @@ class ExportedModel(BaseModel):
     artifacts_url: str = Field(description="The folder's files, each with its own (resumable) download URL.")
 
 
+class QueuePosition(BaseModel):
+    """Where a queued job stands and why it waits (docs/service-contract.md, "Scheduling")."""
+
+    position: int = Field(description="1-based, among every queued job in claim order (priority, then oldest first).")
+    reason: Literal["tenant_limit", "no_worker_with_gpus", "behind_higher_priority", "behind_older",
+                    "waiting_for_worker"] = Field(
+        description="tenant_limit: the tenant runs its max_running jobs; no_worker_with_gpus: no live worker has "
+        "the GPUs the job needs; behind_higher_priority / behind_older: other queued jobs go first; "
+        "waiting_for_worker: no live worker, or the job is next and every worker is busy."
+    )
+    detail: str = Field(description="The reason for a person, with the figures (\"tenant acme runs 2 of its 2 jobs\").")
+
+
 class Job(BaseModel):
     id: str
     object: Literal["job"] = "job"
@@ -102,6 +116,9 @@ class Job(BaseModel):
     transitions: list[Transition] = Field(description="Every status change, oldest first.")
     spec: JobSpec = Field(description="The resolved JobSpec: the request with every default filled in.")
     model: ExportedModel | None = Field(description="The exported student, once the job succeeded.")
+    queue: QueuePosition | None = Field(
+        default=None, description="While the job is queued: its place in the queue and why it waits; else null."
+    )
 
 
 class JobList(BaseModel):
@@ -250,7 +267,7 @@ class CheckpointList(BaseModel):
 # --------------------------------------------------------------------------------------------- builders
 
 
-def job_object(row: orm.Job, transitions: list[tuple[str, datetime]]) -> Job:
+def job_object(row: orm.Job, transitions: list[tuple[str, datetime]], place: QueuePlace | None = None) -> Job:
     error = None
     if row.error_code or row.error_message:
         error = JobError(code=row.error_code, message=row.error_message, kind=row.error_kind)  # type: ignore[arg-type]
@@ -273,6 +290,8 @@ def job_object(row: orm.Job, transitions: list[tuple[str, datetime]]) -> Job:
         # Stored resolved, so validating it again changes nothing; a row the current JobSpec cannot read would be
         # refused by the worker too (a spec change that breaks stored jobs needs a migration, not a lenient type).
         spec=JobSpec.model_validate(row.spec), model=model,
+        queue=QueuePosition(position=place.position, reason=place.reason, detail=place.detail)  # type: ignore[arg-type]
+        if place is not None and row.status == JobStatus.QUEUED else None,
     )
 
 
@@ -288,3 +307,19 @@ def dataset_object(row: orm.Dataset) -> Dataset:
         id=row.id, filename=row.filename, format=row.format, num_rows=row.num_rows,  # type: ignore[arg-type]
         sha256=row.sha256, size_bytes=row.size_bytes, created_at=row.created_at,
     )
+
+
+# ------------------------------------------------------------------------------- tenants (app/api/tenants.py)
+
+
+class TenantLimits(BaseModel):
+    """A tenant's scheduling limits: the effective values, the admin's overrides, and the tenant's jobs now."""
+
+    object: Literal["tenant.limits"] = "tenant.limits"
+    tenant: str
+    max_running: int = Field(description="Jobs the tenant may have running at once (enforced at claim time).")
+    max_queued: int = Field(description="Queued jobs the tenant may have; a submission beyond it is a 429.")
+    max_running_override: int | None = Field(description="The admin's override; null: the deployment's default.")
+    max_queued_override: int | None = Field(description="The admin's override; null: the deployment's default.")
+    running: int = Field(description="The tenant's jobs running (or cancelling) now.")
+    queued: int = Field(description="The tenant's jobs queued now.")

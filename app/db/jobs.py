@@ -16,19 +16,34 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, exists, func, literal, select, update
+from sqlalchemy import and_, exists, func, literal, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
+from app.db import tenants as tenant_rows
+from app.db import workers as worker_rows
 from app.db.engine import Database, escape_nul, newest_first_page, updated_rows
 from app.db.events import new_event
-from app.db.models import Dataset, Job, UTCDateTime, utcnow
+from app.db.models import PRIORITY_NAMES, Dataset, Job, UTCDateTime, utcnow
+from app.db.workers import LiveWorkers
 from ctpd_core.vocab import HELD_STATUSES, EventLevel, EventType, JobStatus
 
 logger = logging.getLogger(__name__)
+
+# PostgreSQL advisory locks, held to the end of their transaction (pg_advisory_xact_lock). SQLite needs none: every
+# write transaction there is BEGIN IMMEDIATE, one writer at a time.
+# One claim at a time per database: the claim counts a tenant's running jobs and then adds one, so two concurrent
+# claims must not both count before either commits. A claim is one short transaction per job start: serialising
+# them costs nothing next to the jobs themselves.
+_CLAIM_LOCK_ID = 7_453_002
+# One submission at a time per tenant (key: this class and hashtext(tenant)): the same count-then-insert for
+# max_queued, without making one tenant's submissions wait for another's.
+_SUBMIT_LOCK_CLASS = 7_453
 
 
 class DatasetsGone(Exception):
@@ -37,6 +52,17 @@ class DatasetsGone(Exception):
     def __init__(self, dataset_ids: Sequence[str]) -> None:
         self.dataset_ids = list(dataset_ids)
         super().__init__(f"datasets {', '.join(self.dataset_ids)} were deleted while the job was submitted")
+
+
+class QueueFull(Exception):
+    """The tenant already has ``max_queued`` queued jobs (the API's 429; nothing stored)."""
+
+    def __init__(self, tenant: str, queued: int, max_queued: int) -> None:
+        self.tenant, self.queued, self.max_queued = tenant, queued, max_queued
+        super().__init__(
+            f"tenant {tenant} has {queued} queued jobs, its limit (max_queued {max_queued}); wait for some to start, "
+            f"cancel queued ones (POST /v1/jobs/{{id}}/cancel), or ask an admin to raise it "
+            f"(PUT /v1/tenants/{tenant}/limits)")
 
 
 class IdempotencyConflict(Exception):
@@ -70,11 +96,17 @@ def create_job(
     max_attempts: int,
     submitted_by_admin: bool = False,
     dataset_ids: Sequence[str] = (),
+    priority: int = 1,
+    gpus_required: int = 1,
+    default_max_queued: int | None = None,
 ) -> tuple[Job, bool]:
     """A new ``queued`` job, or ``(existing, False)`` when the same key came with the same request hash.
 
     Raises :class:`IdempotencyConflict` when the key was used with another request hash, and
     :class:`DatasetsGone` when one of ``dataset_ids`` (the tenant's uploads the spec names) no longer exists.
+    With ``default_max_queued`` (the settings' default; a tenant's override wins), :class:`QueueFull` when the
+    tenant already has that many queued jobs: counted in the insert's transaction after a per-tenant lock
+    (PostgreSQL advisory lock; SQLite serialises writers), so concurrent submissions never overshoot it.
     Those rows are read with a share lock in the insert's own transaction (``FOR SHARE`` on PostgreSQL; SQLite
     serialises writers): a concurrent ``datasets.delete_dataset``, which locks the row ``FOR UPDATE`` and looks for
     active jobs after it, either waits for this job and sees it (its 409), or deletes first and this finds the
@@ -92,10 +124,12 @@ def create_job(
             id=f"job_{uuid.uuid4().hex}", tenant=tenant, status=JobStatus.QUEUED, attempt=0,
             max_attempts=max_attempts, spec=spec, name=name, job_metadata=dict(metadata),
             idempotency_key=idempotency_key, request_hash=request_hash, created_at=now, updated_at=now, handoffs=0,
-            submitted_by_admin=submitted_by_admin,
+            submitted_by_admin=submitted_by_admin, priority=priority, gpus_required=gpus_required,
         )
         try:
             with db.write() as session:
+                if default_max_queued is not None:
+                    _check_queue_room(db, session, tenant, default_max_queued)
                 if dataset_ids:
                     found = session.scalars(
                         select(Dataset.id).where(Dataset.id.in_(list(dataset_ids)), Dataset.tenant == tenant)
@@ -114,6 +148,16 @@ def create_job(
             continue  # a concurrent request with the same key won the insert: read it back
         return job, True
     raise RuntimeError(f"could not create or read back the job for Idempotency-Key {idempotency_key!r}")
+
+
+def _check_queue_room(db: Database, session: Session, tenant: str, default_max_queued: int) -> None:
+    if not db.is_sqlite:
+        session.execute(text("SELECT pg_advisory_xact_lock(:lock_class, hashtext(:tenant))"),
+                        {"lock_class": _SUBMIT_LOCK_CLASS, "tenant": tenant})
+    max_queued = tenant_rows.effective_limits(session, [tenant], 1, default_max_queued)[tenant].max_queued
+    queued = session.scalar(select(func.count()).where(Job.tenant == tenant, Job.status == JobStatus.QUEUED)) or 0
+    if queued >= max_queued:
+        raise QueueFull(tenant, int(queued), max_queued)  # rolls the transaction back: nothing stored
 
 
 def _job_by_idempotency_key(db: Database, tenant: str, key: str) -> Job | None:
@@ -174,6 +218,64 @@ def has_export(db: Database, job_id: str, tenant: str) -> bool:
         )) is not None
 
 
+# ------------------------------------------------------------------------------------------- the queue
+
+
+@dataclass(frozen=True)
+class QueuePlace:
+    """Where a queued job stands: its 1-based ``position`` in claim order among every queued job, and why it waits.
+
+    ``reason``: waiting_for_worker (no live worker, or it is next and every worker is busy), no_worker_with_gpus,
+    tenant_limit, behind_higher_priority or behind_older; ``detail`` says it for a person."""
+
+    position: int
+    reason: str
+    detail: str
+
+
+def queue_places(db: Database, jobs: Sequence[Job], default_max_running: int) -> dict[str, QueuePlace]:
+    """The :class:`QueuePlace` of each queued job of ``jobs`` (others are left out), read in one transaction."""
+    queued = [job for job in jobs if job.status == JobStatus.QUEUED]
+    if not queued:
+        return {}
+    live = worker_rows.live_workers(db)
+    with db.read() as session:
+        counts = tenant_rows.job_counts(session)
+        limits = tenant_rows.effective_limits(session, {job.tenant for job in queued}, default_max_running, 1)
+        return {job.id: _place(session, job, live, counts.get(job.tenant, (0, 0))[0], limits[job.tenant].max_running)
+                for job in queued}
+
+
+def _place(session: Session, job: Job, live: LiveWorkers, running: int, max_running: int) -> QueuePlace:
+    def queued_count(*conditions: Any) -> int:
+        return int(session.scalar(select(func.count()).where(Job.status == JobStatus.QUEUED, *conditions)) or 0)
+
+    higher = queued_count(Job.priority < job.priority)
+    older = queued_count(Job.priority == job.priority, or_(
+        Job.created_at < job.created_at, and_(Job.created_at == job.created_at, Job.id < job.id)))
+    position = higher + older + 1
+    gpus = job.gpus_required or 1
+    if live.count == 0:
+        return QueuePlace(position, "waiting_for_worker",
+                          "no worker is running; start one (ctpd worker --queues train) and it claims the job")
+    if gpus > live.max_devices:
+        return QueuePlace(position, "no_worker_with_gpus",
+                          f"the job needs {gpus} GPUs on one worker and the largest live worker has "
+                          f"{live.max_gpus}; start a worker on a host with {gpus} GPUs, or lower training.devices")
+    if running >= max_running:
+        return QueuePlace(position, "tenant_limit",
+                          f"tenant {job.tenant} runs {running} of its {max_running} jobs (max_running); the job "
+                          "starts when one of them ends")
+    if higher:
+        return QueuePlace(position, "behind_higher_priority",
+                          f"{higher} queued job(s) of higher priority than {PRIORITY_NAMES.get(job.priority, 'its')} "
+                          "go first")
+    if older:
+        return QueuePlace(position, "behind_older", f"{older} older queued job(s) of the same priority go first")
+    return QueuePlace(position, "waiting_for_worker",
+                      f"next to run; waiting for one of the {live.count} live worker(s) to be free")
+
+
 # ------------------------------------------------------------------------------------------------ cancel
 
 
@@ -231,24 +333,73 @@ def is_cancel_requested(db: Database, job_id: str) -> bool:
 
 
 def claim_job(db: Database, job_id: str, worker_id: str, lease_seconds: float) -> Job | None:
-    """queued -> running by compare-and-set: attempt += 1, started_at (first start), lease. None if not queued."""
-    now = utcnow()
+    """queued -> running by compare-and-set: attempt += 1, started_at (first start), lease. None if not queued.
+
+    This job and no other, whatever the limits: the workers claim with :func:`claim_next_job`."""
     with db.write() as session:
-        claimed = updated_rows(session,
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-            .values(status=JobStatus.RUNNING, attempt=Job.attempt + 1, worker_id=worker_id,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now,
-                    started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())))  # started_at: the first start
-        )
-        if not claimed:
-            return None
-        job = session.scalars(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).one()
-        session.add(new_event(job_id, EventType.JOB_STARTED,
-                              f"attempt {job.attempt} of {job.max_attempts} started on {worker_id}", now=now,
-                              data={"status": JobStatus.RUNNING, "attempt": job.attempt, "worker_id": worker_id},
-                              attempt=job.attempt))
-        session.flush()
-        return job
+        return _claim(session, job_id, worker_id, lease_seconds)
+
+
+def claim_next_job(db: Database, worker_id: str, lease_seconds: float, *, devices: int, default_max_running: int,
+                   hint: str | None = None) -> Job | None:
+    """Claim the best queued job this worker may run, or None when there is none (the doorbell does nothing).
+
+    Best: highest priority, then oldest (``created_at``, then id), among the jobs whose tenant runs fewer than its
+    ``max_running`` and that need at most ``devices`` GPUs. ``hint`` (the doorbell's job id) only names the
+    delivery in the log: the order is SQL's, so a doorbell never lets a job jump the queue or past a limit.
+    On PostgreSQL the count and the claim run under one transaction-scoped advisory lock, so concurrent claims
+    on many workers never exceed a limit; SQLite's BEGIN IMMEDIATE serialises them the same way."""
+    with db.write() as session:
+        if not db.is_sqlite:
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CLAIM_LOCK_ID})
+        for _ in range(5):  # a job cancelled between the choice and the update: choose again
+            job_id = best_eligible_job(session, default_max_running, devices=devices)
+            if job_id is None:
+                return None
+            job = _claim(session, job_id, worker_id, lease_seconds,
+                         note=None if hint in (None, job_id) else f" (for the doorbell of {hint})")
+            if job is not None:
+                return job
+        return None
+
+
+def best_eligible_job(session: Session, default_max_running: int, *, devices: int | None = None) -> str | None:
+    """The id of the queued job a worker with ``devices`` GPUs (None: any) would claim now, or None."""
+    running = {tenant: count for tenant, (count, _) in tenant_rows.job_counts(session).items() if count}
+    limits = tenant_rows.effective_limits(session, running, default_max_running, 1)
+    full = sorted(tenant for tenant, count in running.items() if count >= limits[tenant].max_running)
+    query = select(Job.id).where(Job.status == JobStatus.QUEUED)
+    if devices is not None:
+        query = query.where(Job.gpus_required <= devices)
+    if full:
+        query = query.where(Job.tenant.not_in(full))
+    return session.scalar(query.order_by(Job.priority, Job.created_at, Job.id).limit(1))
+
+
+def next_eligible_job(db: Database, default_max_running: int) -> str | None:
+    """The job a doorbell should name now (a job just ended, a slot is free), or None when nothing can start."""
+    with db.read() as session:
+        return best_eligible_job(session, default_max_running)
+
+
+def _claim(session: Session, job_id: str, worker_id: str, lease_seconds: float, note: str | None = None) -> Job | None:
+    """The compare-and-set of a claim and its job_started event, in the caller's transaction."""
+    now = utcnow()
+    claimed = updated_rows(session,
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.RUNNING, attempt=Job.attempt + 1, worker_id=worker_id,
+                lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now,
+                started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())))  # started_at: the first start
+    )
+    if not claimed:
+        return None
+    job = session.scalars(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).one()
+    session.add(new_event(job_id, EventType.JOB_STARTED,
+                          f"attempt {job.attempt} of {job.max_attempts} started on {worker_id}{note or ''}", now=now,
+                          data={"status": JobStatus.RUNNING, "attempt": job.attempt, "worker_id": worker_id},
+                          attempt=job.attempt))
+    session.flush()
+    return job
 
 
 def heartbeat(db: Database, job_id: str, worker_id: str, lease_seconds: float, attempt: int | None = None) -> bool:

@@ -33,6 +33,10 @@ from ctpd_core.vocab import ACTIVE_STATUSES, TERMINAL_STATUSES, JobStatus  # noq
 
 JOB_STATUSES: tuple[JobStatus, ...] = tuple(JobStatus)
 
+# jobs.priority: the spec's priority as the rank the claim orders by (ascending).
+PRIORITY_RANKS: dict[str, int] = {"high": 0, "normal": 1, "low": 2}
+PRIORITY_NAMES: dict[int, str] = {rank: name for name, rank in PRIORITY_RANKS.items()}
+
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -91,6 +95,8 @@ class Job(Base):
         UniqueConstraint("tenant", "idempotency_key"),
         Index("ix_jobs_tenant_created_at_id", "tenant", "created_at", "id"),
         Index("ix_jobs_status", "status"),  # /metrics: jobs by status, the queue, the running jobs (0005)
+        # The claim (app/db/jobs.claim_next_job) and the queue position: queued jobs in claim order (0006).
+        Index("ix_jobs_status_priority_created_at", "status", "priority", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)  # job_<uuid4 hex>
@@ -124,6 +130,10 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     export_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Claim order: the spec's priority as a rank (PRIORITY_RANKS: 0 high, 1 normal, 2 low; lower claims first),
+    # and the GPUs one worker must have (JobSpec.gpus_required). Columns, not spec lookups, so the claim is indexed.
+    priority: Mapped[int] = mapped_column(Integer, server_default=text("1"), default=1)
+    gpus_required: Mapped[int] = mapped_column(Integer, server_default=text("1"), default=1)
 
 
 class JobEvent(Base):
@@ -255,3 +265,32 @@ class WebhookDeliveryTotal(Base):
 
     outcome: Mapped[str] = mapped_column(String(32), primary_key=True)
     count: Mapped[int] = mapped_column(BigInteger)
+
+
+# ------------------------------------------------------------------------------------------- scheduling
+# app/db/workers.py (who can run what), app/db/tenants.py (per-tenant limits), app/db/jobs.claim_next_job (0006).
+
+
+class Worker(Base):
+    """A live Celery worker that consumes ``train``: what it can run. Upserted at start, refreshed while it runs,
+    deleted at a clean shutdown; a killed one's row goes stale (``last_seen_at``) and stops counting."""
+
+    __tablename__ = "workers"
+
+    worker_id: Mapped[str] = mapped_column(String(200), primary_key=True)  # the Celery node name (train1@host)
+    hostname: Mapped[str] = mapped_column(String(255))
+    gpus: Mapped[int] = mapped_column(Integer)  # 0: a CPU host (it still runs 1-device jobs, on CPU)
+    gpu_memory_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)  # per GPU (the smallest); null: none
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class TenantLimits(Base):
+    """An admin's override of one tenant's limits (PUT /v1/tenants/{tenant}/limits); null: the settings' default."""
+
+    __tablename__ = "tenant_limits"
+
+    tenant: Mapped[str] = mapped_column(String(200), primary_key=True)
+    max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_queued: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

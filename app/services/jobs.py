@@ -22,8 +22,8 @@ from app.db import events as job_log
 from app.db import jobs as job_rows
 from app.db.auth import Principal
 from app.db.engine import Database
-from app.db.jobs import IdempotencyConflict, JobNotCancellable
-from app.db.models import Job
+from app.db.jobs import IdempotencyConflict, JobNotCancellable, QueueFull
+from app.db.models import PRIORITY_RANKS, Job
 from app.policy import Caller
 from app.queue import TaskQueue
 from app.settings import Settings
@@ -41,6 +41,7 @@ __all__ = [
     "InvalidSubmission",
     "JobNotCancellable",
     "NoSuchJob",
+    "QueueFull",
     "RemoteCodeForbidden",
     "SubmitResult",
     "cancel_job",
@@ -138,8 +139,9 @@ def submit_job(
     request_hash: str,
     idempotency_key: str | None = None,
 ) -> SubmitResult:
-    """Check, create and enqueue a job. Raises :class:`RemoteCodeForbidden`, :class:`InvalidSubmission` or
-    :class:`IdempotencyConflict` (nothing stored); ``request_hash`` identifies the request body for replays."""
+    """Check, create and enqueue a job. Raises :class:`RemoteCodeForbidden`, :class:`InvalidSubmission`,
+    :class:`IdempotencyConflict` or :class:`QueueFull` (the tenant's ``max_queued``; nothing stored either way);
+    ``request_hash`` identifies the request body for replays."""
     remote_code = policy.remote_code_problems(spec, caller_of(principal, settings))
     if remote_code:
         raise RemoteCodeForbidden(remote_code)
@@ -152,6 +154,8 @@ def submit_job(
             db, tenant=principal.tenant, spec=spec.model_dump(mode="json"), name=spec.name, metadata=spec.metadata,
             idempotency_key=idempotency_key, request_hash=request_hash, max_attempts=settings.max_attempts,
             submitted_by_admin=principal.is_admin, dataset_ids=sorted(set(uploads.values())),
+            priority=PRIORITY_RANKS[spec.priority], gpus_required=spec.gpus_required,
+            default_max_queued=settings.tenant_max_queued,
         )
     except job_rows.DatasetsGone as gone:  # deleted between the check above and the insert
         raise InvalidSubmission([

@@ -39,6 +39,8 @@ OPERATION_IDS = {
     ("delete", "/v1/webhooks/{webhook_id}"): "delete_webhook",
     ("get", "/v1/webhooks/{webhook_id}/deliveries"): "list_webhook_deliveries",
     ("post", "/v1/webhooks/{webhook_id}/deliveries/{message_id}/redeliver"): "redeliver_webhook_message",
+    ("get", "/v1/tenants/{tenant}/limits"): "get_tenant_limits",
+    ("put", "/v1/tenants/{tenant}/limits"): "set_tenant_limits",
     ("get", "/healthz"): "healthz",
     ("get", "/readyz"): "readyz",
 }
