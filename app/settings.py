@@ -123,6 +123,13 @@ class Settings(BaseSettings):
         description="The GPUs this worker advertises (CTPD_WORKER_GPUS); default: CUDA_VISIBLE_DEVICES, else "
         "nvidia-smi, else 0 (a CPU host, which still runs 1-device jobs on CPU).",
     )
+    # ---------------------------------------------------------------------------------- preflight
+    gpu_memory_gb: float = Field(
+        default=80.0, ge=0, le=100_000,
+        description="One GPU's memory in GiB (nvidia-smi's memory.total / 1024; an 80 GB A100 or H100 is 80), for "
+        "the memory plan at submission (app/preflight.py) when no live worker with the job's GPUs has advertised "
+        "its own. 0: a CPU-only deployment, where no job is refused for GPU memory.",
+    )
     # ---------------------------------------------------------------------------------- experiment tracking
     mlflow_tracking_uri: str = Field(
         default="",
