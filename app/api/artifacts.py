@@ -32,6 +32,7 @@ versions, so a folder pushed again gets a new one).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import stat
@@ -45,8 +46,10 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from app.api.errors import ApiError
-from app.storage import FolderManifest, ObjectInfo, Storage
+from app.api.errors import RETRY_AFTER_SECONDS, ApiError
+from app.storage import FolderManifest, ObjectInfo, Storage, StorageError
+
+logger = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 GZIP_LEVEL = 1  # safetensors barely compress; level 1 keeps the stream fast
@@ -78,15 +81,26 @@ Folder = Path | StoredFolder
 
 def open_folder(local: Path, storage: Storage | None, key: str) -> Folder | None:
     """The folder on this disk when it is here (fast path), else its complete copy in ``storage`` under ``key``,
-    else None. A folder in the storage without its marker (a push in progress) is None."""
+    else None. A folder in the storage without its marker (a push in progress) is None. An unreachable storage
+    is the API's 503 (:func:`storage_unavailable`)."""
     if local.is_dir():
         return local
     if storage is None:
         return None
-    manifest = storage.folder_manifest(key)
-    if manifest is None:
-        return None
-    return StoredFolder(storage, key, manifest, storage.list(key))
+    try:
+        manifest = storage.folder_manifest(key)
+        if manifest is None:
+            return None
+        return StoredFolder(storage, key, manifest, storage.list(key))
+    except StorageError as error:
+        raise storage_unavailable(error) from None
+
+
+def storage_unavailable(error: StorageError) -> ApiError:
+    """The 503 of a request the shared storage could not serve; what failed goes to the log, not the client."""
+    logger.warning("shared storage unavailable: %s", error)
+    return ApiError(503, "service_unavailable", "the service's shared storage is unavailable right now; retry in "
+                    f"{RETRY_AFTER_SECONDS} s", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def export_files(folder: Folder) -> list[tuple[str, Path | str, int]]:

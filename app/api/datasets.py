@@ -5,6 +5,11 @@ An upload is received as a stream (``app.upload_stream``): the file goes to a he
 row validator the worker's loader uses (``ctpd_core.data``). Only a complete, valid file is renamed to
 ``datasets/<id>/<filename>`` and recorded. An invalid or oversized upload leaves nothing behind: it ends with
 a 413 as soon as it passes the limit, and a 422 lists its bad rows.
+
+With a shared storage (CTPD_STORAGE_URL, ``app.storage``) the valid file is put there, under the same key
+(``datasets/<id>/<filename>``), before the row is recorded, and the local copy is removed: the bucket is the
+upload's home, and a worker on any machine fetches it from there (``app.storage.fetch_upload``). A delete removes
+it from the storage too.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import DbDep, PrincipalDep, SettingsDep
+from app.api.artifacts import storage_unavailable
+from app.api.deps import DbDep, PrincipalDep, SettingsDep, StorageDep
 from app.api.errors import ApiError, error_responses
 from app.api.schemas import Dataset, dataset_object
 from app.db import datasets as dataset_rows
@@ -27,6 +33,7 @@ from app.db import models as orm
 from app.db.auth import Principal
 from app.db.engine import Database, InvalidCursor
 from app.settings import Settings
+from app.storage import Storage, StorageError, store_upload
 from app.storage_gc import datasets_dir
 from app.upload_stream import FORMATS, ReceivedDataset, receive_dataset
 
@@ -72,22 +79,48 @@ def _safe_filename(name: str, suffix: str) -> str:
     return base[-200:]
 
 
-def _publish(received: ReceivedDataset, principal: Principal, db: Database, settings: Settings) -> orm.Dataset:
-    """Move a received, valid file to ``datasets/<id>/`` and record it; on any failure, nothing stays."""
+def _publish(received: ReceivedDataset, principal: Principal, db: Database, settings: Settings,
+             storage: Storage | None) -> orm.Dataset:
+    """Move a received, valid file to ``datasets/<id>/`` (and into the shared storage) and record it; on any
+    failure, nothing stays."""
     dataset_id = dataset_rows.new_dataset_id()
     final_dir = datasets_dir(settings) / dataset_id
     final_dir.mkdir()
+    stored = False
     try:
         final = final_dir / _safe_filename(received.filename, received.suffix)
         received.publish(final)
-        return dataset_rows.create_dataset(
+        if storage is not None:
+            try:
+                store_upload(storage, final, dataset_id)
+            except StorageError as error:
+                raise storage_unavailable(error) from None
+            stored = True
+        row = dataset_rows.create_dataset(
             db, tenant=principal.tenant, filename=final.name, format=FORMATS[received.suffix],
             num_rows=received.num_rows, sha256=received.sha256, size_bytes=received.size_bytes, path=str(final),
             dataset_id=dataset_id,
         )
     except BaseException:
         shutil.rmtree(final_dir, ignore_errors=True)
+        if stored:
+            _remove_stored(storage, dataset_id)
         raise
+    if storage is not None:  # the storage holds it now; this API process's disk need not
+        shutil.rmtree(final_dir, ignore_errors=True)
+    return row
+
+
+def _remove_stored(storage: Storage | None, dataset_id: str) -> None:
+    """Remove ``datasets/<id>/`` from the storage; a failure leaves an object without a row (logged), never the
+    reverse."""
+    if storage is None:
+        return
+    try:
+        storage.delete(f"datasets/{dataset_id}")
+    except StorageError as error:
+        logger.warning("dataset %s: could not remove it from the shared storage (%s); remove datasets/%s/ there "
+                       "by hand", dataset_id, error, dataset_id)
 
 
 @router.post(
@@ -111,10 +144,11 @@ def _publish(received: ReceivedDataset, principal: Principal, db: Database, sett
     }),
     openapi_extra=_UPLOAD_BODY,
 )
-async def upload_dataset(request: Request, principal: PrincipalDep, db: DbDep, settings: SettingsDep) -> Dataset:
+async def upload_dataset(request: Request, principal: PrincipalDep, db: DbDep, settings: SettingsDep,
+                         storage: StorageDep) -> Dataset:
     received = await receive_dataset(request, settings)
     try:
-        row = await run_in_threadpool(_publish, received, principal, db, settings)
+        row = await run_in_threadpool(_publish, received, principal, db, settings, storage)
     finally:
         received.discard()  # the temporary file, unless it was published; and its hold
     return dataset_object(row)
@@ -181,7 +215,8 @@ def list_datasets(
         409: "An active job uses it (`dataset_in_use`).",
     })},
 )
-def delete_dataset(dataset_id: str, principal: PrincipalDep, db: DbDep, settings: SettingsDep) -> Response:
+def delete_dataset(dataset_id: str, principal: PrincipalDep, db: DbDep, settings: SettingsDep,
+                   storage: StorageDep) -> Response:
     # The in-use check is inside the delete's transaction, after the row is locked (app/db/datasets.py): a job
     # submitted while this request runs is seen as long as it was committed before the check.
     try:
@@ -196,5 +231,6 @@ def delete_dataset(dataset_id: str, principal: PrincipalDep, db: DbDep, settings
     folder = datasets_dir(settings) / dataset_id
     if Path(row.path).parent == folder:
         shutil.rmtree(folder, ignore_errors=True)
+    _remove_stored(storage, dataset_id)  # datasets/<id>/ in the storage is this upload's alone
     logger.info("dataset %s of tenant %s deleted", dataset_id, principal.tenant)
     return Response(status_code=204)

@@ -38,6 +38,9 @@ def configured_storage(settings: Settings, *, check: bool = True) -> Storage | N
     if check:
         try:
             storage.check()
+        except TypeError as error:  # s3fs passes unknown options on to its session when it first connects
+            raise StorageConfigError(f"CTPD_STORAGE_URL={url}: CTPD_STORAGE_OPTIONS has an option the storage does "
+                                     f"not take ({error}); fix CTPD_STORAGE_OPTIONS, {_UNSET}") from None
         except StorageError as error:
             raise StorageConfigError(f"CTPD_STORAGE_URL={url}: the storage cannot be used: {error}. Check the "
                                      "bucket exists and CTPD_STORAGE_OPTIONS (endpoint_url, key, secret), "

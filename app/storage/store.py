@@ -172,13 +172,16 @@ class Storage:
     def check(self) -> None:
         """Write, read and delete a probe object: the storage exists, is reachable and accepts these credentials."""
         probe = f".ctpd-probe-{uuid.uuid4().hex}"
-        with self._errors_named("write, read and delete a probe object"):
-            if self.local:
-                self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.pipe_file(self.path(probe), b"ok")
-            if self.fs.cat_file(self.path(probe)) != b"ok":
-                raise StorageError(f"storage {self.url}: a probe object read back different bytes")
-            self.fs.rm_file(self.path(probe))
+        try:
+            with self._errors_named("write, read and delete a probe object"):
+                if self.local:
+                    self.fs.makedirs(self.root, exist_ok=True)
+                self.fs.pipe_file(self.path(probe), b"ok")
+                if self.fs.cat_file(self.path(probe)) != b"ok":
+                    raise StorageError(f"storage {self.url}: a probe object read back different bytes")
+                self.fs.rm_file(self.path(probe))
+        except FileNotFoundError as error:  # s3fs's answer to a bucket that does not exist
+            raise StorageError(f"storage {self.url}: the bucket does not exist ({error}); create it first") from None
 
     # --------------------------------------------------------------------------------------------- files
 
