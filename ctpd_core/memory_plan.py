@@ -685,8 +685,8 @@ def plan_job(spec: JobSpec, shapes: Shapes, *, gpu_memory_bytes: int | None, gpu
 
 
 def _unknown_reason(roles: Sequence[str], spec: JobSpec) -> str:
-    return (f"the size of the {' and '.join(roles)} is unknown to the planner (a hub id it has no table entry for: "
-            "the service cannot reach the Hugging Face Hub); it is not refused")
+    return (f"the size of the {' and '.join(roles)} is unknown to the planner: not a catalog model, a readable model "
+            "folder or a hub id in its table (the service cannot reach the Hugging Face Hub); not refused")
 
 
 def _training_stage(spec: JobSpec, stage: TrainingStage, label: str, model: ModelShape | None,
