@@ -27,7 +27,9 @@ import json
 import logging
 import random
 import shutil
-from collections.abc import Callable, Collection, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -383,10 +385,11 @@ def _load_through_state_dict_helpers(
     if is_distributed_checkpoint(checkpoint):
         _check_shapes(checkpoint, _dcp_shapes(checkpoint / DCP_TRAINABLE_DIR), trainable)
         weights = _trainable_state_dict(model, list(trainable))
-        dcp.load(weights, checkpoint_id=checkpoint / DCP_TRAINABLE_DIR)
-        set_model_state_dict(model, weights, options=StateDictOptions(strict=False))
-        optimizer_state = get_optimizer_state_dict(model, optimizer)
-        dcp.load(optimizer_state, checkpoint_id=checkpoint / DCP_OPTIMIZER_DIR)
+        with _single_process_dcp():  # only silences the warning of a load without a process group
+            dcp.load(weights, checkpoint_id=checkpoint / DCP_TRAINABLE_DIR)
+            set_model_state_dict(model, weights, options=StateDictOptions(strict=False))
+            optimizer_state = get_optimizer_state_dict(model, optimizer)
+            dcp.load(optimizer_state, checkpoint_id=checkpoint / DCP_OPTIMIZER_DIR)
         set_optimizer_state_dict(model, optimizer, optimizer_state)
         return
     full = StateDictOptions(full_state_dict=True, strict=False)
@@ -422,5 +425,15 @@ def read_trainable_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
         for name, item in metadata.state_dict_metadata.items()
         if isinstance(item, TensorStorageMetadata)
     }
-    dcp.load(tensors, checkpoint_id=folder, no_dist=True)
+    with _single_process_dcp():
+        dcp.load(tensors, checkpoint_id=folder, no_dist=True)
     return tensors
+
+
+@contextmanager
+def _single_process_dcp() -> Iterator[None]:
+    """DCP warns that it "assumes the intent is to load in a single process" when no process group is up: here
+    that is the intent (a multi-rank checkpoint read by one process), so the warning is noise in the job's log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled", category=UserWarning)
+        yield

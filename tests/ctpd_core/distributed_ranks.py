@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ctpd_core.distributed import DistContext, init_from_env
+from ctpd_core.distributed import DistContext, DistStrategy, init_from_env
 from ctpd_core.observe import Stopped
 from ctpd_core.train import FitConfig, fit
 from tests.ctpd_core.test_train import RecordingSink, build_model, config, make_items, nll_loss
@@ -64,12 +64,12 @@ def record(out: Path, name: str, ctx: DistContext, sink: RecordingSink, ended: d
         (out / f"{name}.json").write_text(json.dumps(payload), encoding="utf-8")
 
 
-def train(out: Path, name: str, ctx: DistContext, strategy: str, stop: Any = None,
+def train(out: Path, name: str, ctx: DistContext, strategy: DistStrategy, stop: Any = None,
           activation_checkpointing: bool = False) -> None:
     sink = RecordingSink()
     try:
         result = fit(build_model(), make_items(NUM_ITEMS), nll_loss, run_config(), out / name, stage="distill",
-                     observer=sink, stop=stop, dist=ctx, strategy=strategy,  # type: ignore[arg-type]
+                     observer=sink, stop=stop, dist=ctx, strategy=strategy,
                      activation_checkpointing=activation_checkpointing)
         ended: dict[str, Any] = {"ended": "finished", "steps": result.steps, "resumed_from": result.resumed_from,
                                  "checkpoint": str(result.checkpoint)}
