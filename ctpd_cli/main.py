@@ -145,6 +145,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.status == "succeeded" else 1
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """The memory plan of a spec (ctpd_core.memory_plan): per stage, per GPU, against one GPU's memory. Exit 1
+    when a stage does not fit (the service would refuse the job), 0 otherwise."""
+    from app.preflight import model_shapes
+    from ctpd_core.memory_plan import GiB, plan_job
+    from ctpd_core.spec import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    gb = args.gpu_memory_gb if args.gpu_memory_gb is not None else float(os.environ.get("CTPD_GPU_MEMORY_GB") or 80)
+    source = "--gpu-memory-gb" if args.gpu_memory_gb is not None else f"CTPD_GPU_MEMORY_GB={gb:g}"
+    plan = plan_job(spec, model_shapes(spec), gpu_memory_bytes=int(gb * GiB) if gb > 0 else None,
+                    gpu_source=source if gb > 0 else "a CPU run: no GPU budget")
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.to_text())
+    return 0 if plan.fits else 1
+
+
 def _result_table(result) -> str:
     lines = ["", "evaluation (held-out pairs)", "-" * 44]
     for name, value in result.metrics.items():
@@ -342,6 +358,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a spec field, e.g. --set method=dpo --set training.max_steps=4 (repeatable)",
     )
     run.set_defaults(handler=_cmd_run)
+
+    plan = commands.add_parser(
+        "plan", help="will a job fit its GPUs? the memory plan of a spec, stage by stage",
+        description="Estimates each GPU stage's peak memory per GPU (weights, gradients, AdamW state, activations, "
+        "log-prob chunks, frozen models) and the strategy auto picks; for a stage that does not fit, the fixes "
+        "that do. The service runs the same plan at submission. Exit status 1 when a stage does not fit.",
+    )
+    plan.add_argument("spec", help="a job spec, YAML or JSON")
+    plan.add_argument("--gpu-memory-gb", type=float, metavar="GIB",
+                      help="one GPU's memory in GiB (nvidia-smi's memory.total / 1024; default $CTPD_GPU_MEMORY_GB, "
+                      "else 80; 0: a CPU run, nothing to check against)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field")
+    plan.set_defaults(handler=_cmd_plan)
 
     models = commands.add_parser("models", help="the catalog of packaged models")
     models_commands = models.add_subparsers(dest="models_command", required=True)

@@ -19,7 +19,7 @@ below say where each comes from, and :data:`HEADROOM` leaves room for the CUDA c
 fragmentation. A model whose size is unknown (a hub id not in :data:`KNOWN_HUB_MODELS`: the service cannot reach
 the Hub) is "not checked": the planner never refuses what it cannot size.
 
-``auto`` strategy (:func:`choose_strategy`, also what the worker calls with the loaded model's shape): on one GPU
+``auto`` strategy (:func:`resolve_strategy`; the worker calls :func:`choose_strategy` with the loaded model): on one GPU
 it is ``ddp``, meaning a plain single process (one rank has nothing to shard); on several, ``ddp`` when a full
 replica with its optimizer state and activations fits one GPU, else ``fsdp``. Activation checkpointing, unless the
 spec sets it, is on with fsdp and off otherwise (ctpd_core/spec.py).
@@ -285,7 +285,7 @@ def known_shape(reference: str) -> ModelShape | None:
     name = by_lower.get(reference.lower())
     if name is None:
         return None
-    return shape_from_config(KNOWN_HUB_MODELS[name], source=f"the planner's table of hub ids ({name})")
+    return shape_from_config(KNOWN_HUB_MODELS[name], source="the planner's table of hub ids")
 
 
 # ------------------------------------------------------------------------------------------ the estimate
@@ -409,18 +409,46 @@ def training_load(spec: JobSpec, stage: TrainingStage, *, on_gpu: bool = True) -
     )
 
 
-def choose_strategy(spec: JobSpec, stage: TrainingStage, model: ModelShape, *, gpu_memory_bytes: int | None,
-                    headroom: float = HEADROOM) -> Literal["ddp", "fsdp"]:
-    """The strategy the worker runs ``stage`` with: the spec's, or for ``auto`` the planner's choice for this
-    model (build ``model`` from the loaded one: ``shape_from_config(model.config.to_dict(),
-    params=sum(p.numel() for p in model.parameters()))``) on GPUs of ``gpu_memory_bytes`` each
-    (``torch.cuda.get_device_properties(0).total_memory``; None on CPU: ddp). Every training stage runs on all
-    ``spec.gpus_required`` ranks."""
+def stage_strategy(spec: JobSpec, stage: TrainingStage, model: ModelShape, *, gpu_memory_bytes: int | None,
+                   headroom: float = HEADROOM) -> Literal["ddp", "fsdp"]:
+    """The strategy ``stage`` of ``spec`` runs with: the spec's, or for ``auto`` the plan's choice for ``model`` on
+    GPUs of ``gpu_memory_bytes`` each (None, on CPU: ddp). Every training stage runs on all ``spec.gpus_required``
+    ranks. The API's plan (:func:`plan_job`) decides with this same function."""
     section = spec.training if stage == "distill" else spec.contrastive
     resident = [("base", model)] if stage == "contrastive" else []
     return resolve_strategy(model, training_load(spec, stage), world_size=spec.gpus_required,
                             requested=section.strategy, activation_checkpointing=section.activation_checkpointing,
                             gpu_memory_bytes=gpu_memory_bytes, headroom=headroom, resident_frozen=resident)
+
+
+def choose_strategy(*, total_parameters: int, trainable_parameters: int, gpu_memory_bytes: int | None, devices: int,
+                    config: Mapping[str, Any] | None = None, spec: JobSpec | None = None,
+                    stage: TrainingStage = "distill", headroom: float = HEADROOM) -> Literal["ddp", "fsdp"]:
+    """``auto`` resolved by the worker from the loaded model: ``ddp`` on one rank or on CPU (``gpu_memory_bytes``
+    None), ``fsdp`` when a full replica does not fit one GPU.
+
+    With the model's ``config`` (``model.config.to_dict()``) and the job's ``spec``, the replica's estimate is the
+    API's plan (activations and log-prob chunks included: :func:`stage_strategy`), so the worker picks what the
+    plan said. With the counts alone it is the states only: trainable parameters at 16 bytes, frozen ones (a LoRA
+    student's base) at 4, and the bf16 copies at 2 per parameter, which can pick ddp where activations would not
+    fit."""
+    if devices <= 1 or gpu_memory_bytes is None:
+        return "ddp"
+    if config is not None and spec is not None:
+        try:
+            shape = shape_from_config(config, params=total_parameters, source="the loaded model")
+        except ShapeUnknown:
+            shape = None
+        if shape is not None:
+            section = spec.training if stage == "distill" else spec.contrastive
+            resident = [("base", shape)] if stage == "contrastive" else []
+            return resolve_strategy(shape, training_load(spec, stage), world_size=devices, requested="auto",
+                                    activation_checkpointing=section.activation_checkpointing,
+                                    gpu_memory_bytes=gpu_memory_bytes, headroom=headroom, resident_frozen=resident)
+    frozen = total_parameters - trainable_parameters
+    replica = (trainable_parameters * (STATE_BYTES_PER_TRAINABLE_PARAM + DDP_BUCKET_BYTES)
+               + frozen * FROZEN_WEIGHT_BYTES + total_parameters * BF16_COPY_BYTES)
+    return "ddp" if replica <= _usable(gpu_memory_bytes, headroom) else "fsdp"
 
 
 # ------------------------------------------------------------------------------------------ the plan

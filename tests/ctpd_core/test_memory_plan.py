@@ -16,6 +16,7 @@ from ctpd_core.memory_plan import (
     plan_job,
     shape_from_config,
     shape_from_folder,
+    stage_strategy,
 )
 from ctpd_core.spec import JobSpec
 
@@ -172,14 +173,22 @@ def test_auto_is_ddp_when_a_replica_fits_and_fsdp_when_not():
     assert _stage(_plan(small), "distill").strategy == "ddp"
     big = _stage(_plan(_spec(training__devices=2)), "distill")
     assert big.strategy == "fsdp" and big.activation_checkpointing is True
-    # What the worker calls with the loaded model's shape; one rank is a single process.
+    # What the worker calls with the loaded model (its counts, config and the spec); one rank is a single process.
     shape = known_shape("meta-llama/Llama-3.1-8B")
     assert shape is not None
-    assert choose_strategy(_spec(training__devices=4), "distill", shape, gpu_memory_bytes=GPU_80) == "fsdp"
-    assert choose_strategy(_spec(training__devices=4), "distill", shape, gpu_memory_bytes=300 * GiB) == "ddp"
-    assert choose_strategy(_spec(), "distill", shape, gpu_memory_bytes=GPU_80) == "ddp"
-    assert choose_strategy(_spec(training__devices=4, training__strategy="ddp"), "distill", shape,
-                           gpu_memory_bytes=GPU_80) == "ddp"  # an explicit choice is kept
+    config = memory_plan.KNOWN_HUB_MODELS["meta-llama/Llama-3.1-8B"]
+    counts = {"total_parameters": shape.params, "trainable_parameters": shape.params}
+    spec = _spec(training__devices=4)
+    assert choose_strategy(**counts, gpu_memory_bytes=GPU_80, devices=4, config=config, spec=spec) == "fsdp"
+    assert choose_strategy(**counts, gpu_memory_bytes=300 * GiB, devices=4, config=config, spec=spec) == "ddp"
+    assert choose_strategy(**counts, gpu_memory_bytes=GPU_80, devices=1) == "ddp"
+    assert choose_strategy(**counts, gpu_memory_bytes=None, devices=4) == "ddp"  # CPU ranks (gloo)
+    assert choose_strategy(**counts, gpu_memory_bytes=GPU_80, devices=4) == "fsdp"  # the counts alone
+    # The plan and the worker agree: the plan's choice is stage_strategy's, which choose_strategy reproduces.
+    for gpu in (GPU_80, 141 * GiB, 300 * GiB):
+        planned = _stage(_plan(spec, gpu), "distill").strategy
+        assert stage_strategy(spec, "distill", shape, gpu_memory_bytes=gpu) == planned
+        assert choose_strategy(**counts, gpu_memory_bytes=gpu, devices=4, config=config, spec=spec) == planned
 
 
 def test_fsdp_shards_the_states_and_checkpointing_shrinks_activations():
