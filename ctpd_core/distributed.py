@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -182,6 +182,26 @@ def gather_shards(local_rows: Sequence[Any], ctx: DistContext | None) -> list[An
 # ------------------------------------------------------------------------------------------------ wrapping
 
 
+class TrainingStep(torch.nn.Module):
+    """A model and its loss as one module, whose ``forward(items)`` is ``loss_fn(model, items)``: what fit wraps
+    with DDP / FSDP2.
+
+    Wrapping the *loss* rather than the model is what lets a ``loss_fn`` use the model as a plain Hugging Face
+    model (``model_label_logprobs`` runs ``get_decoder()`` and applies ``get_output_embeddings().weight`` itself,
+    never ``model(...)``): DDP prepares its gradient reduction in its ``forward``, and FSDP2 gathers the root's
+    parameters (embeddings, head, final norm) in its root ``forward``, so both must see the whole loss computation
+    as one forward call. Inside it the loss sees the unwrapped model, with FSDP2's blocks gathering their own
+    parameters when they run."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Sequence[Any]], Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, items: Sequence[Any]) -> Any:
+        return self.loss_fn(self.model, items)
+
+
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of ``model``, the units FSDP shards and activation checkpointing recomputes.
 
@@ -212,9 +232,11 @@ def prepare_model(
     activation_checkpointing: bool,
 ) -> torch.nn.Module:
     """``model`` ready for data-parallel training on ``ctx``'s rank: moved to its device, blocks wrapped for
-    activation checkpointing if asked, then DDP or FSDP2. Returns the module to train (DDP: a wrapper; FSDP2:
-    ``model`` itself, sharded in place). Parameter names as the state-dict helpers see them
-    (``torch.distributed.checkpoint.state_dict``) stay the unwrapped model's."""
+    activation checkpointing if asked, then DDP or FSDP2. Returns the module to call (DDP: a wrapper; FSDP2:
+    ``model`` itself, sharded in place). ``fit`` passes a :class:`TrainingStep` (the model and its loss), so the
+    loss may use the model's parts directly; a caller that only ever calls ``model(...)`` may pass the model.
+    Parameter names as the state-dict helpers see them (``torch.distributed.checkpoint.state_dict``) stay the
+    unwrapped model's."""
     if strategy not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(_STRATEGIES)}, got {strategy!r} "
                          "('auto' is resolved by the memory planner before fit).")

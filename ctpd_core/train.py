@@ -98,6 +98,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,7 @@ from ctpd_core.checkpoint import (
 from ctpd_core.distributed import (
     DistContext,
     DistStrategy,
+    TrainingStep,
     apply_block_checkpointing,
     is_distributed,
     prepare_model,
@@ -348,15 +350,18 @@ def fit(
     model.to(device)
     _trainable_parameters(model)  # checked before wrapping, so the errors name the caller's parameters
     _warn_on_active_dropout(model)
-    train_model = model
+    # What a micro-batch calls: the loss on the model, as one module that DDP / FSDP2 wrap (so loss_fn may use
+    # the model's parts, not only its forward; see TrainingStep). Single-process, loss_fn(model, ...) directly.
+    step_module: Callable[[Sequence[Any]], tuple[torch.Tensor, Mapping[str, torch.Tensor | float]]]
     if dist is not None and distributed:
-        train_model = prepare_model(model, ctx=dist, strategy=strategy, precision=config.precision,
-                                    activation_checkpointing=activation_checkpointing)
-    elif activation_checkpointing:
-        apply_block_checkpointing(model)
+        step_module = prepare_model(TrainingStep(model, loss_fn), ctx=dist, strategy=strategy,
+                                    precision=config.precision, activation_checkpointing=activation_checkpointing)
+    else:
+        if activation_checkpointing:
+            apply_block_checkpointing(model)
+        step_module = partial(loss_fn, model)
     # By the unwrapped model's names (what both checkpoint formats store), in the optimizer's parameter order.
-    trainable = {unwrapped_name(name, train_model): parameter
-                 for name, parameter in _trainable_parameters(train_model).items()}
+    trainable = {unwrapped_name(name, model): parameter for name, parameter in _trainable_parameters(model).items()}
     # Built before any resume so the state dicts load into the same structure that wrote them.
     optimizer = torch.optim.AdamW(
         trainable.values(), lr=config.learning_rate, weight_decay=config.weight_decay
@@ -383,7 +388,7 @@ def fit(
         history: list[tuple[int, dict[str, float]]] = []
     else:
         state = load_checkpoint(checkpoint, _config_dict(config), len(train_items), trainable, optimizer, scheduler,
-                                model=train_model, distributed=distributed)
+                                model=model, distributed=distributed)
         start_step = resumed_from = state["step"]
         last_metrics = dict(state.get("last_metrics", {}))
         history = load_history(checkpoint)
@@ -412,7 +417,7 @@ def fit(
             "attempt": generation,
         }
         if dist is not None and distributed:
-            path = save_distributed_checkpoint(checkpoint_dir, state, train_model, list(trainable), optimizer,
+            path = save_distributed_checkpoint(checkpoint_dir, state, model, list(trainable), optimizer,
                                                scheduler, dist, guard=checkpoint_guard, history=history)
         else:
             path = save_checkpoint(checkpoint_dir, state, trainable, optimizer, scheduler, guard=checkpoint_guard,
@@ -433,7 +438,7 @@ def fit(
     observer.progress(Progress(stage, start_step, plan.total_steps, None))
 
     was_training = model.training
-    train_model.train()
+    model.train()
     step = start_step
     epoch_seen, order = -1, []
     loop_start = time.perf_counter()
@@ -460,9 +465,9 @@ def fit(
                 micro_items = [train_items[index] for index in batch[start : start + config.micro_batch_size]]
                 # micro-batch mean → batch mean (this rank's share; DDP/FSDP average the shares' gradients)
                 share = len(micro_items) / len(batch)
-                with _gradient_sync(train_model, enabled=not distributed or start == starts[-1]):
+                with _gradient_sync(step_module, enabled=not distributed or start == starts[-1]):
                     with autocast():
-                        loss, stats = loss_fn(train_model, micro_items)
+                        loss, stats = step_module(micro_items)
                     _check_loss(loss, step)
                     (loss * share).backward()
                 loss_sum = loss_sum + loss.detach().float() * share
@@ -520,7 +525,7 @@ def fit(
                 )
                 raise Stopped(stage, step, checkpoint)
     finally:
-        train_model.train(was_training)
+        model.train(was_training)
 
     return FitResult(
         steps=step,
@@ -575,7 +580,7 @@ def _warn_on_active_dropout(model: torch.nn.Module) -> None:
 
 
 @contextmanager
-def _gradient_sync(model: torch.nn.Module, *, enabled: bool) -> Iterator[None]:
+def _gradient_sync(model: object, *, enabled: bool) -> Iterator[None]:
     """Around one micro-batch's forward and backward: whether its backward reduces gradients over ranks. DDP
     has ``no_sync()``; FSDP2 a flag set before the forward. A plain module always "syncs" (nothing to do)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -584,7 +589,8 @@ def _gradient_sync(model: torch.nn.Module, *, enabled: bool) -> Iterator[None]:
         with nullcontext() if enabled else model.no_sync():
             yield
         return
-    set_gradient_sync(model, enabled)
+    if isinstance(model, torch.nn.Module):
+        set_gradient_sync(model, enabled)
     yield
 
 

@@ -25,13 +25,29 @@ from typing import Any
 import torch
 
 from ctpd_core.distributed import DistContext, DistStrategy, init_from_env
+from ctpd_core.logprobs import IGNORE_INDEX, model_label_logprobs
 from ctpd_core.observe import Stopped
 from ctpd_core.train import FitConfig, fit
-from tests.ctpd_core.test_train import RecordingSink, build_model, config, make_items, nll_loss
+from tests.ctpd_core.test_train import SEQ, RecordingSink, build_model, config, make_items
 
 NUM_ITEMS = 8
 STOP_AT_STEP = 3  # (not a checkpoint_every step: the stop writes its own) the step rank 1's stop token asks to stop after (rank 0's never asks)
 KILL_AT_STEP = 2  # the step in whose forward rank 1 kills itself
+
+
+def head_nll_loss(
+    model: torch.nn.Module, items: Sequence[Mapping[str, Any]]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Mean next-token NLL the way the recipe's losses compute log-probs: the backbone and the head weight
+    applied by hand (``model_label_logprobs``), never ``model(...)``: under DDP and FSDP2 that only trains right
+    because fit wraps the whole loss as one forward (``TrainingStep``)."""
+    device = next(model.parameters()).device
+    input_ids = torch.stack([item["input_ids"] for item in items]).to(device)  # [B, T]
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]  # already shifted: position t predicts token t + 1
+    logps = model_label_logprobs(model, input_ids, torch.ones_like(input_ids), labels)  # [B, T]
+    loss = -logps.sum() / (input_ids.shape[0] * (SEQ - 1))
+    return loss, {"tokens": input_ids.shape[0] * (SEQ - 1), "nll": loss.detach()}
 
 
 def run_config() -> FitConfig:
@@ -68,7 +84,7 @@ def train(out: Path, name: str, ctx: DistContext, strategy: DistStrategy, stop: 
           activation_checkpointing: bool = False) -> None:
     sink = RecordingSink()
     try:
-        result = fit(build_model(), make_items(NUM_ITEMS), nll_loss, run_config(), out / name, stage="distill",
+        result = fit(build_model(), make_items(NUM_ITEMS), head_nll_loss, run_config(), out / name, stage="distill",
                      observer=sink, stop=stop, dist=ctx, strategy=strategy,
                      activation_checkpointing=activation_checkpointing)
         ended: dict[str, Any] = {"ended": "finished", "steps": result.steps, "resumed_from": result.resumed_from,
@@ -101,7 +117,7 @@ def kill(out: Path, ctx: DistContext) -> None:
         step_calls["count"] += 1  # 2 micro-batches per step
         if ctx.rank == 1 and step_calls["count"] > 2 * (KILL_AT_STEP - 1):
             os.kill(os.getpid(), signal.SIGKILL)  # mid-step: rank 0 is, or soon will be, inside a collective
-        return nll_loss(model, items)
+        return head_nll_loss(model, items)
 
     fit(build_model(), make_items(NUM_ITEMS), dying_loss, run_config(), out / "killed", stage="distill",
         dist=ctx, strategy="ddp")

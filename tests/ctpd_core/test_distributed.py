@@ -22,8 +22,8 @@ from ctpd_core.checkpoint import read_trainable_tensors
 from ctpd_core.checkpoint_layout import DCP_OPTIMIZER_DIR, DCP_TRAINABLE_DIR, stored_checkpoints
 from ctpd_core.distributed import DistContext, gather_shards, shard_bounds, shard_range
 from ctpd_core.train import fit, plan_steps
-from tests.ctpd_core.distributed_ranks import NUM_ITEMS, STOP_AT_STEP, run_config
-from tests.ctpd_core.test_train import RecordingSink, build_model, config, make_items, nll_loss
+from tests.ctpd_core.distributed_ranks import NUM_ITEMS, STOP_AT_STEP, head_nll_loss, run_config
+from tests.ctpd_core.test_train import RecordingSink, build_model, config, make_items
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT = 240  # seconds: a safety net against a hang only (the suite takes ~20 s on 2 idle cores)
@@ -47,7 +47,7 @@ def launch(scenario: str, out: Path, timeout: float) -> subprocess.CompletedProc
 
 def single_process_run(checkpoint_dir: Path) -> tuple[RecordingSink, Path]:
     sink = RecordingSink()
-    result = fit(build_model(), make_items(NUM_ITEMS), nll_loss, run_config(), checkpoint_dir, stage="distill",
+    result = fit(build_model(), make_items(NUM_ITEMS), head_nll_loss, run_config(), checkpoint_dir, stage="distill",
                  observer=sink)
     assert result.checkpoint is not None
     return sink, result.checkpoint
@@ -135,7 +135,7 @@ def test_a_two_rank_checkpoint_resumes_on_two_ranks(runs: dict[str, Any]) -> Non
 
 def test_a_two_rank_checkpoint_resumes_in_one_process(runs: dict[str, Any]) -> None:
     sink = RecordingSink()
-    result = fit(build_model(), make_items(NUM_ITEMS), nll_loss, run_config(), runs["out"] / "resume_on_1",
+    result = fit(build_model(), make_items(NUM_ITEMS), head_nll_loss, run_config(), runs["out"] / "resume_on_1",
                  stage="distill", observer=sink)
     assert result.resumed_from == STOP_AT_STEP
     assert_same_steps(sink.seen, runs["reference"], list(range(STOP_AT_STEP + 1, TOTAL_STEPS + 1)))
