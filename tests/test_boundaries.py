@@ -48,7 +48,7 @@ SERVICE = {"fastapi", "celery", "sqlalchemy", "redis", "kombu", "uvicorn", "star
 
 
 TORCH_FREE_CORE = {"ctpd_core.spec", "ctpd_core.vocab", "ctpd_core.data", "ctpd_core.catalog", "ctpd_core.held_paths",
-                   "ctpd_core.checkpoint_layout", "ctpd_core.logs"}
+                   "ctpd_core.checkpoint_layout", "ctpd_core.logs", "ctpd_core.memory_plan"}
 
 
 @pytest.mark.parametrize("module", [*sorted(TORCH_FREE_CORE), *_modules_of("app")])
