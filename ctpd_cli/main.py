@@ -292,7 +292,8 @@ WORKER_QUEUES = tuple(QueueName)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    """A Celery worker: one per GPU (``CUDA_VISIBLE_DEVICES=i``), concurrency 1, a fresh child per job."""
+    """A Celery worker: concurrency 1, a fresh child per job, on the GPUs ``CUDA_VISIBLE_DEVICES`` lists (one per
+    GPU host or per range of its GPUs: a multi-GPU job runs one torch.distributed rank on each; docs/deploy.md)."""
     from worker.celery_app import create_celery
 
     queues = [name.strip() for name in args.queues.split(",") if name.strip()]
@@ -302,9 +303,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     settings = _service_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     devices = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if devices and "," in devices and QueueName.TRAIN in queues:
-        logger.warning("CUDA_VISIBLE_DEVICES=%s lists several GPUs; a worker trains on the first one only: "
-                       "start one `ctpd worker` per GPU, each with CUDA_VISIBLE_DEVICES=<index>", devices)
     tag = f"gpu{devices.replace(',', '-')}" if devices else "worker"
     argv = [
         "worker",
@@ -411,9 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser(
         "worker",
-        help="a Celery worker: run one per GPU with CUDA_VISIBLE_DEVICES=<index>",
-        description="A Celery worker with concurrency 1 and a fresh process per job. Start one per GPU, each "
-        "with CUDA_VISIBLE_DEVICES=<index>, on --queues train; run exactly one worker with --beat (the reaper's "
+        help="a Celery worker: one per GPU host (or per range of its GPUs) with CUDA_VISIBLE_DEVICES",
+        description="A Celery worker with concurrency 1 and a fresh process per job, on --queues train. It owns "
+        "the GPUs CUDA_VISIBLE_DEVICES lists (e.g. 0-3 as 0,1,2,3) and runs one job at a time on them: a job with "
+        "training.devices N > 1 runs N torch.distributed ranks, one per GPU (docs/deploy.md). Run exactly one "
+        "worker with --beat (the reaper's "
         "clock), e.g. a CPU worker on --queues default.",
     )
     worker.add_argument("--queues", default=",".join(WORKER_QUEUES), help="comma-separated: train, default (default both)")
