@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from app.storage.store import Storage, StorageError
+from app.storage_gc import new_incoming_file
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +55,15 @@ def fetch_upload(storage: Storage, artifact_root: Path, dataset_id: str, filenam
     local = Path(artifact_root) / key
     if local.is_file() and _sha256(local) == sha256:
         return local
+    # Received through a held file in datasets/, as the API receives an upload: a worker killed mid-download leaves
+    # one that the orphan sweep (app.storage_gc) removes.
+    staging, hold = new_incoming_file(Path(artifact_root) / "datasets")
     try:
-        storage.get_file(key, local)
+        storage.get_file(key, local, staging=staging)
     except FileNotFoundError:
         return None
+    finally:
+        hold.close()
     if _sha256(local) != sha256:
         local.unlink(missing_ok=True)
         raise StorageError(f"storage {storage.url}: {key} does not have the sha256 recorded at upload ({sha256}); "

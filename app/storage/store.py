@@ -201,10 +201,11 @@ class Storage:
             else:
                 self.fs.put_file(str(local), target)
 
-    def get_file(self, key: str, local: Path) -> None:
-        """Download one object to ``local`` (a temporary sibling renamed into place). FileNotFoundError if absent."""
+    def get_file(self, key: str, local: Path, *, staging: Path | None = None) -> None:
+        """Download one object to ``local``, through ``staging`` (default: a temporary sibling) renamed into place,
+        so ``local`` is whole or absent. FileNotFoundError if there is no such object."""
         local.parent.mkdir(parents=True, exist_ok=True)
-        staging = local.with_name(f".{local.name}.part-{uuid.uuid4().hex[:8]}")
+        staging = staging or local.with_name(f".{local.name}.part-{uuid.uuid4().hex[:8]}")
         try:
             with self._errors_named(f"download {key}"):
                 self.fs.get_file(self.path(key), str(staging))
