@@ -14,14 +14,16 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.api.artifacts import (
+    Folder,
     download_responses,
     export_files,
     file_download,
+    open_folder,
     ranged_response,
     tar_gz_stream,
     tar_layout,
 )
-from app.api.deps import DbDep, PrincipalDep, QueueDep, SettingsDep
+from app.api.deps import DbDep, PrincipalDep, QueueDep, SettingsDep, StorageDep
 from app.api.errors import ApiError, error_responses, invalid_request
 from app.api.schemas import (
     Artifact,
@@ -41,6 +43,7 @@ from app.db.auth import Principal
 from app.db.engine import Database, InvalidCursor
 from app.services import jobs as job_service
 from app.settings import Settings
+from app.storage import Storage, export_key
 from ctpd_core.spec import JobSpec
 from ctpd_core.vocab import JobStatus
 
@@ -305,23 +308,23 @@ def get_job_metrics(job_id: str, principal: PrincipalDep, db: DbDep) -> JobMetri
     )
 
 
-def _downloadable_export(db: Database, job_id: str, principal: Principal) -> Path:
+def _downloadable_export(db: Database, job_id: str, principal: Principal, storage: Storage | None) -> Folder:
     """The export folder of the caller's succeeded job; 404 / 409 otherwise."""
     job = _job_for(db, job_id, principal)
     if job.status != JobStatus.SUCCEEDED:
         raise ApiError(409, "job_not_succeeded",
                        f"job {job_id} is {job.status}; the model can be downloaded once it has succeeded", "job_id")
-    folder = _export_folder(job)
+    folder = _export_folder(job, storage)
     if folder is None:
         raise ApiError(409, "artifacts_unavailable", f"the export folder of job {job_id} is no longer on disk", "job_id")
     return folder
 
 
-def _export_folder(job: orm.Job) -> Path | None:
+def _export_folder(job: orm.Job, storage: Storage | None) -> Folder | None:
+    """On this disk when it is here; else (workers on other machines) from the shared storage (app/storage)."""
     if job.status != JobStatus.SUCCEEDED or not job.export_dir:
         return None
-    folder = Path(job.export_dir)
-    return folder if folder.is_dir() else None
+    return open_folder(Path(job.export_dir), storage, export_key(job.id))
 
 
 @router.get(
@@ -332,8 +335,8 @@ def _export_folder(job: orm.Job) -> Path | None:
     description="The files of the exported model folder with their sizes; empty until the job succeeded.",
     responses=_ERRORS,
 )
-def list_job_artifacts(job_id: str, principal: PrincipalDep, db: DbDep) -> ArtifactList:
-    folder = _export_folder(_job_for(db, job_id, principal))
+def list_job_artifacts(job_id: str, principal: PrincipalDep, db: DbDep, storage: StorageDep) -> ArtifactList:
+    folder = _export_folder(_job_for(db, job_id, principal), storage)
     files = export_files(folder) if folder is not None else []
     return ArtifactList(data=[Artifact(path=relative, size_bytes=size, download_url=f"/v1/jobs/{job_id}/model/files/{relative}")
                               for relative, _, size in files])
@@ -353,8 +356,8 @@ def list_job_artifacts(job_id: str, principal: PrincipalDep, db: DbDep) -> Artif
                                         "(`artifacts_unavailable`)."}),
     },
 )
-def download_job_model(job_id: str, principal: PrincipalDep, db: DbDep) -> StreamingResponse:
-    folder = _downloadable_export(db, job_id, principal)
+def download_job_model(job_id: str, principal: PrincipalDep, db: DbDep, storage: StorageDep) -> StreamingResponse:
+    folder = _downloadable_export(db, job_id, principal, storage)
     return StreamingResponse(
         tar_gz_stream(folder, job_id), media_type="application/gzip",
         headers={"Content-Disposition": f'attachment; filename="{job_id}-model.tar.gz"'},
@@ -380,8 +383,9 @@ _EXPORT_ERRORS = error_responses((409, 416), {
     response_class=StreamingResponse,
     responses={**download_responses("application/x-tar", "The tar"), **_ERRORS, **_EXPORT_ERRORS},
 )
-def download_job_model_tar(request: Request, job_id: str, principal: PrincipalDep, db: DbDep) -> StreamingResponse:
-    folder = _downloadable_export(db, job_id, principal)
+def download_job_model_tar(request: Request, job_id: str, principal: PrincipalDep, db: DbDep,
+                           storage: StorageDep) -> StreamingResponse:
+    folder = _downloadable_export(db, job_id, principal, storage)
     return ranged_response(request, tar_layout(folder, job_id), media_type="application/x-tar",
                            filename=f"{job_id}-model.tar")
 
@@ -397,5 +401,5 @@ def download_job_model_tar(request: Request, job_id: str, principal: PrincipalDe
                **_EXPORT_ERRORS},
 )
 def download_job_model_file(request: Request, job_id: str, path: str, principal: PrincipalDep,
-                            db: DbDep) -> StreamingResponse:
-    return file_download(request, _downloadable_export(db, job_id, principal), path)
+                            db: DbDep, storage: StorageDep) -> StreamingResponse:
+    return file_download(request, _downloadable_export(db, job_id, principal, storage), path)
