@@ -6,6 +6,8 @@ An upload is received into ``<artifact root>/datasets/.incoming-<random>.held``,
 API start-up (``app.main``), at worker start-up and in every reaper pass (``worker.orphan_sweep``): it removes
 the files no live process holds. ``.incoming-*`` files without the ``.held`` suffix were written by a
 version that took no lock; they are removed only once unchanged for ``upload_orphan_grace_seconds``.
+A worker that downloads an upload from the shared storage (``app.storage.fetch_upload``) receives it through
+the same held files, so one killed mid-download is swept the same way.
 """
 
 from __future__ import annotations
