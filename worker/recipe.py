@@ -25,6 +25,7 @@ import json
 import logging
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ctpd_core.artifacts import StageCache, content_key
+from ctpd_core.artifacts import FolderMirror, StageCache, content_key
 from ctpd_core.checkpoint_layout import (
     MODEL_STAGING_PREFIX,
     TRAINABLE_FILE,
@@ -107,6 +108,12 @@ class RunContext:
     # checkpoint, and a checkpoint of a newer generation is never replaced.
     publish_guard: Callable[[], bool] | None = None
     generation: int | None = None
+    # A rank of a multi-GPU job (worker.rank_main): a ctpd_core.distributed.DistContext. The stages then shard
+    # their frozen passes over the ranks, train with torch.distributed, and leave evaluation and export to rank 0.
+    dist: Any = None
+    # The shared storage (app/storage: a bucket) when workers are many: the stage cache fetches a missing stage from
+    # it before computing one and pushes what it publishes, and the export is pushed there for the API to serve.
+    mirror: FolderMirror | None = None
 
 
 @dataclass
@@ -148,6 +155,12 @@ class ModelPool:
         """Drop the frozen models (the teacher, π±), so training has their memory."""
         self._frozen.clear()
 
+    def load_on_cpu(self, ref: ModelRef) -> Any:
+        """A fresh copy of ``ref``'s model on the CPU, to put a sharded model's gathered weights in."""
+        model, _ = load_causal_lm(ref.model, cache_dir=self.model_cache, trust_remote_code=ref.trust_remote_code,
+                                  revision=ref.revision)
+        return model
+
     def fingerprint(self, ref: ModelRef) -> str:
         return model_fingerprint(ref.model, cache_dir=self.model_cache, revision=ref.revision, memo_file=self.memo_file)
 
@@ -165,7 +178,8 @@ class StageRunner:
 
     def __init__(self, context: RunContext, precision: str) -> None:
         self.context = context
-        self.cache = StageCache(context.artifact_root)
+        self.dist = context.dist
+        self.cache = StageCache(context.artifact_root, mirror=context.mirror)
         self.observer = context.observer
         self.stop: StopToken = context.stop_signal or NeverStop()
         # What every cached inference or training output depends on besides its inputs.
@@ -193,6 +207,118 @@ class StageRunner:
         """fit()'s reporting, stop token and fencing."""
         return {"observer": self.observer, "stop": self.stop, "checkpoint_guard": self.context.publish_guard,
                 "generation": self.context.generation}
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 of a multi-GPU job, or the only process of a one-device job: the one that writes results."""
+        return self.dist is None or self.dist.is_main
+
+    def is_complete(self, stage: str, key: str) -> bool:
+        """Whether the cache holds ``stage``/``key``; the ranks take rank 0's answer, so that they all compute
+        (and meet in the same collectives) or all load."""
+        complete = self.cache.is_complete(stage, key)
+        return complete if self.dist is None else bool(self.dist.broadcast_object(complete))
+
+    def build(self, stage: str, key: str, parts: Mapping[str, Any], write: Callable[[Path], object], *,
+              collective: bool) -> Path:
+        """The cached folder of ``stage``/``key``, built by ``write`` when missing.
+
+        One process: :meth:`StageCache.build`. Ranks: a ``collective`` write (sharded inference, distributed
+        training) runs on every rank, each into a folder of its own, and rank 0's is published (a write only
+        writes files on rank 0, see ``is_main``); any other write runs on rank 0 alone while the others wait."""
+        if self.dist is None:
+            return self.cache.build(stage, key, parts, write)
+        if not self.is_complete(stage, key):
+            if collective:
+                scratch = self.context.run_dir / "ranks" / f"rank-{self.dist.rank}"
+                scratch.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=scratch) as folder:
+                    write(Path(folder))
+                    if self.is_main:
+                        self.cache.build(stage, key, parts, lambda out: _move_contents(Path(folder), out))
+            elif self.is_main:
+                self.cache.build(stage, key, parts, write)
+            self.dist.barrier()  # rank 0 has published: every rank reads the same folder
+        return self.cache.path(stage, key)
+
+    def frozen_logprobs(self, model: Any, records: Any, side: Side, pad_id: int, *, batch_size: int, precision: str,
+                        stage: str) -> TokenLogprobs:
+        """A frozen model's per-token log-probs of ``records``; on ranks, each computes a contiguous shard and the
+        shards are gathered back in order (every rank gets the whole)."""
+        shard = records if self.dist is None else records[_shard(len(records), self.dist)]
+        values = token_logprobs(model, shard, side, pad_id, batch_size=batch_size, device=self.context.device,
+                                precision=precision, stage=stage, observer=self.observer, stop=self.stop)
+        if self.dist is None:
+            return values
+        from ctpd_core.distributed import gather_shards
+
+        return TokenLogprobs(chosen=gather_shards(values.chosen, self.dist),
+                             rejected=gather_shards(values.rejected, self.dist))
+
+    def fit_layout(self, strategy: str, activation_checkpointing: bool | None, model: nn.Module) -> dict[str, Any]:
+        """fit()'s distributed arguments for a training stage of a multi-GPU job (none on one device)."""
+        if self.dist is None:
+            return {}
+        # Every training stage trains on all of the job's ranks (the widest stage's devices, JobSpec.gpus_required).
+        chosen = resolve_strategy(strategy, model, self.context.device, self.dist.world_size)
+        return {"dist": self.dist, "strategy": chosen,
+                "activation_checkpointing": chosen == "fsdp" if activation_checkpointing is None
+                else activation_checkpointing}
+
+
+def _shard(count: int, dist: Any) -> slice:
+    from ctpd_core.distributed import shard_range
+
+    indices = shard_range(count, dist)
+    return slice(indices.start, indices.stop)
+
+
+def _move_contents(source: Path, target: Path) -> None:
+    for path in source.iterdir():
+        shutil.move(str(path), str(target / path.name))
+
+
+def resolve_strategy(strategy: str, model: nn.Module, device: torch.device, devices: int) -> str:
+    """ddp or fsdp: as asked, or for ``auto`` the memory planner's choice (a full replica per GPU when the model,
+    its gradients and AdamW state fit one GPU, else sharded)."""
+    if strategy != "auto":
+        return strategy
+    from ctpd_core import memory_plan
+
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    total = sum(parameter.numel() for parameter in model.parameters())
+    gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    return memory_plan.choose_strategy(total_parameters=total, trainable_parameters=trainable,
+                                       gpu_memory_bytes=gpu_bytes, devices=devices)
+
+
+def full_state(model: Any, dist: Any) -> dict[str, Any] | None:
+    """The trained model's full state dict on CPU, on rank 0 (every rank must call: with FSDP it gathers the
+    shards); the model's own on one process."""
+    if dist is None:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if dist.is_main else None
+
+
+def trained_model(model: Any, runner: StageRunner, fresh_on_cpu: Callable[[], Any]) -> Any:
+    """The model fit trained, whole, where results are written: itself on one process and under DDP (every rank
+    holds a full replica), and under FSDP a fresh CPU copy with the gathered weights, on rank 0. None on the
+    other ranks (which must still call: the gather is collective)."""
+    if runner.dist is None:
+        return model
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(parameter, DTensor) for parameter in model.parameters()):  # a replica (DDP): whole already
+        return model if runner.is_main else None
+    state = full_state(model, runner.dist)
+    if state is None:
+        return None
+    whole = fresh_on_cpu()
+    whole.load_state_dict(state)
+    return whole.to(runner.context.device)
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -237,7 +363,7 @@ class Weights:
 
 @dataclass(frozen=True)
 class Distilled:
-    student: nn.Module  # trained, in eval mode
+    student: nn.Module | None  # trained, in eval mode; None on the ranks other than rank 0 (they are done)
     steps: int
 
 
@@ -374,8 +500,8 @@ def prepare_stage(spec: JobSpec, runner: StageRunner) -> Prepared:
                        observer=runner.observer, stop=runner.stop)
         save_prepared(out, data)
 
-    with runner.stage(Stage.PREPARE, runner.cache.is_complete(Stage.PREPARE, key)) as summary:
-        data = load_prepared(runner.cache.build(Stage.PREPARE, key, parts, write))
+    with runner.stage(Stage.PREPARE, runner.is_complete(Stage.PREPARE, key)) as summary:
+        data = load_prepared(runner.build(Stage.PREPARE, key, parts, write, collective=False))
         summary.update(data.stats)
     return Prepared(
         key=key, data=data, train_fingerprint=train_fingerprint, student_tokenizer=student_tokenizer,
@@ -405,17 +531,17 @@ def reference_stage(
         model, _ = models.frozen(ref)
         splits = {"train": prepared.data.train, "validation": prepared.data.validation}
         values = {
-            split: token_logprobs(
+            split: runner.frozen_logprobs(
                 model, splits[split], side, prepared.pad_ids[side], batch_size=runner.context.inference_batch_size,
-                device=runner.context.device, precision=spec.training.precision, stage=stage,
-                observer=runner.observer, stop=runner.stop,
+                precision=spec.training.precision, stage=stage,
             )
             for split in SPLITS
         }
-        save_token_values(out / "logprobs.safetensors", values)
+        if runner.is_main:
+            save_token_values(out / "logprobs.safetensors", values)
 
-    with runner.stage(stage, runner.cache.is_complete(Stage.REFERENCE, key)) as summary:
-        folder = runner.cache.build(Stage.REFERENCE, key, parts, write)
+    with runner.stage(stage, runner.is_complete(Stage.REFERENCE, key)) as summary:
+        folder = runner.build(Stage.REFERENCE, key, parts, write, collective=True)
         logprobs = load_token_values(folder / "logprobs.safetensors")
         summary["model"] = ref.model
         summary["side"] = side
@@ -470,7 +596,7 @@ def contrastive_stage(
         **runner.numerics,
     }
     keys = {direction: content_key({**common, "direction": direction}) for direction in DIRECTIONS}
-    cached = all(runner.cache.is_complete(Stage.CONTRASTIVE, key) for key in keys.values())
+    cached = all(runner.is_complete(Stage.CONTRASTIVE, key) for key in keys.values())
     items = build_items(prepared.data.train, base_reference.logprobs["train"])
     trained: dict[str, ModelRef] = {}
     with runner.stage(Stage.CONTRASTIVE, cached) as summary:
@@ -483,14 +609,18 @@ def contrastive_stage(
                 model, tokenizer = models.fresh(base_ref)
                 loss = make_distill_loss("dpo", contrastive.beta, policy_side=side, reference_side=side,
                                          pad_id=prepared.pad_ids[side], device=runner.context.device)
+                layout = runner.fit_layout(contrastive.strategy,
+                                           contrastive.activation_checkpointing, model)
                 result = fit(model, train_items, loss, config, checkpoints,
                              stage=fit_stage(Stage.CONTRASTIVE, direction), device=runner.context.device,
-                             **runner.fit_hooks())
-                model.save_pretrained(str(out / "model"), safe_serialization=True)
-                tokenizer.save_pretrained(str(out / "model"))
-                (out / "fit.json").write_text(json.dumps({"steps": result.steps, "last_metrics": result.last_metrics}))
+                             **runner.fit_hooks(), **layout)
+                trained = trained_model(model, runner, lambda: models.load_on_cpu(base_ref))
+                if trained is not None:  # rank 0 (or the only process) writes the model
+                    trained.save_pretrained(str(out / "model"), safe_serialization=True)
+                    tokenizer.save_pretrained(str(out / "model"))
+                    (out / "fit.json").write_text(json.dumps({"steps": result.steps, "last_metrics": result.last_metrics}))
 
-            folder = runner.cache.build(Stage.CONTRASTIVE, key, {**common, "direction": direction}, write)
+            folder = runner.build(Stage.CONTRASTIVE, key, {**common, "direction": direction}, write, collective=True)
             # The trained model is published in the cache: its resume checkpoints (weights plus optimizer
             # state, three times the model's size) are dead weight now.
             shutil.rmtree(checkpoints, ignore_errors=True)
@@ -539,20 +669,21 @@ def weights_stage(
         logps = {}
         for direction, ref in (("positive", contrastive.positive), ("negative", contrastive.negative)):
             model, _ = models.frozen(ref)
-            logps[direction] = token_logprobs(
+            logps[direction] = runner.frozen_logprobs(
                 model, prepared.data.train, side, prepared.pad_ids[side],
-                batch_size=runner.context.inference_batch_size, device=runner.context.device,
-                precision=spec.training.precision, stage=f"{Stage.WEIGHTS}:{direction}", observer=runner.observer,
-                stop=runner.stop,
+                batch_size=runner.context.inference_batch_size, precision=spec.training.precision,
+                stage=f"{Stage.WEIGHTS}:{direction}",
             )
+        if not runner.is_main:
+            return
         values = contrastive_weights(
             prepared.data.train, logps["positive"], logps["negative"], side, granularity,
             lower=weights_spec.lower, upper=weights_spec.upper, scale=weights_spec.scale,
         )
         save_token_values(out / "weights.safetensors", {"train": values})
 
-    with runner.stage(Stage.WEIGHTS, runner.cache.is_complete(Stage.WEIGHTS, key)) as summary:
-        folder = runner.cache.build(Stage.WEIGHTS, key, parts, write)
+    with runner.stage(Stage.WEIGHTS, runner.is_complete(Stage.WEIGHTS, key)) as summary:
+        folder = runner.build(Stage.WEIGHTS, key, parts, write, collective=True)
         values = load_token_values(folder / "weights.safetensors")["train"]
         if weights_spec.average:
             values = averaged_weights(values)
@@ -578,11 +709,15 @@ def distill_stage(
                                  pad_id=prepared.pad_ids["student"], device=runner.context.device)
         config = fit_config(spec, learning_rate=spec.training.learning_rate, epochs=spec.training.epochs,
                             max_steps=spec.training.max_steps)
+        training = spec.training
+        layout = runner.fit_layout(training.strategy, training.activation_checkpointing, student)
         result = fit(student, items, loss, config, runner.context.run_dir / Stage.DISTILL, stage=Stage.DISTILL,
-                     device=runner.context.device, **runner.fit_hooks())
+                     device=runner.context.device, **runner.fit_hooks(), **layout)
         summary.update({"steps": result.steps, "resumed_from": result.resumed_from, **result.last_metrics})
-    student.eval()
-    return Distilled(student=student, steps=result.steps)
+    trained = trained_model(student, runner, lambda: with_lora(spec, models.load_on_cpu(spec.student)))
+    if trained is not None:
+        trained.eval()
+    return Distilled(student=trained, steps=result.steps)
 
 
 def evaluate_stage(
@@ -590,6 +725,8 @@ def evaluate_stage(
     distilled: Distilled,
 ) -> Evaluation:
     """Held-out metrics of the trained student against the initial one (reported at the last training step)."""
+    if distilled.student is None:
+        raise RuntimeError("evaluate runs on rank 0 only: the other ranks end after distill")
     with runner.stage(Stage.EVALUATE, False) as summary:
         initial_student, _ = models.frozen(spec.student)
         validation = reference.logprobs["validation"]
@@ -673,6 +810,8 @@ def export_stage(
         if not publish_folder(export_dir, write, staging_prefix=f"{EXPORT_STAGING_PREFIX}{context.generation or 0}-",
                               may_publish=may_publish, held=True):
             raise Stopped(Stage.EXPORT)
+        if context.mirror is not None:  # replaces an earlier attempt's copy, as the publish did
+            context.mirror.push(export_dir, export_dir.relative_to(context.artifact_root).as_posix(), replace=True)
         summary["path"] = str(export_dir)
         summary["dtype"] = dtype
     # The exported folder is the run's result; the distill checkpoints only served resuming. Those fit left on disk
@@ -742,6 +881,8 @@ def run_spec(spec: JobSpec, context: RunContext) -> RunResult:
         weights = weights_stage(spec, runner, models, prepared, reference, contrastive)
         models.release()  # the teacher and π± are no longer needed: free their memory for training
         distilled = distill_stage(spec, runner, models, prepared, reference, weights)
+        if distilled.student is None:  # a rank other than 0: training is done, rank 0 evaluates and exports
+            return RunResult("succeeded", {}, None, runner.stage_seconds, runner.cached_stages)
         evaluation = evaluate_stage(spec, runner, models, prepared, reference, distilled)
         exported = export_stage(spec, runner, prepared, distilled, evaluation)
     except Stopped as stopped:
