@@ -39,7 +39,6 @@ from torch import nn
 from ctpd_core.artifacts import FolderMirror, StageCache, content_key
 from ctpd_core.checkpoint_layout import (
     MODEL_STAGING_PREFIX,
-    TRAINABLE_FILE,
     StoredCheckpoint,
     keep_checkpoints,
 )
@@ -830,16 +829,14 @@ def materialize_checkpoint(spec: JobSpec, checkpoint: StoredCheckpoint, *, model
     target = checkpoint.model_folder
     if checkpoint.model_ready():
         return target
-    from safetensors.torch import load_file
-
-    from ctpd_core.checkpoint import load_history
+    from ctpd_core.checkpoint import load_history, read_trainable_tensors
 
     device = device or torch.device("cpu")
     ref = spec.student
     base, tokenizer = load_causal_lm(ref.model, cache_dir=model_cache, trust_remote_code=ref.trust_remote_code,
                                      revision=ref.revision, role="student")
     student = with_lora(spec, base)
-    tensors = load_file(str(checkpoint.folder / TRAINABLE_FILE), device="cpu")
+    tensors = read_trainable_tensors(checkpoint.folder)  # one file, or a multi-rank run's DCP shards
     parameters = dict(student.named_parameters())
     unknown = sorted(set(tensors) - set(parameters))
     if unknown:

@@ -20,9 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ctpd_core.checkpoint_layout import stored_checkpoints
 from ctpd_core.vocab import Stage
 from tests.worker.test_recipe import RecordingObserver, context, tiny_spec
 from worker.launch import RankFailure, RanksLost, run_job_spec
+from worker.recipe import materialize_checkpoint
 from worker.tasks import child_pids
 
 ALL_STAGES = ["prepare", "reference", "contrastive", "weights", "distill", "evaluate", "export"]
@@ -86,6 +88,16 @@ def test_two_rank_job_reports_once_and_trains_like_one_process(folders, tmp_path
     assert trained.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(trained[name].float(), tensor.float(), rtol=1e-3, atol=1e-5, msg=name)
+
+    # The kept checkpoints are the ranks' DCP shards; the API can still make the last one into a model, and it
+    # holds the exported weights.
+    run_dir = tmp_path / "runs" / strategy
+    kept = stored_checkpoints(run_dir, Stage.DISTILL)
+    assert kept and kept[-1].step == 4
+    model_folder = materialize_checkpoint(two_rank_spec(folders, strategy=strategy), kept[-1],
+                                          model_cache=tmp_path / "catalog")
+    for name, tensor in exported_weights(model_folder).items():
+        torch.testing.assert_close(tensor.float(), trained[name].float(), msg=name)
 
 
 class StopAfter:
