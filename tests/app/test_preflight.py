@@ -97,3 +97,21 @@ def test_models_are_sized_from_folders_exported_jobs_and_tables(settings, db, ti
     spec = JobSpec.model_validate({**EIGHT_B, "student": {"model": f"job:{job.id}"}})
     assert not plan_for(spec, settings, db).fits
     assert preflight.model_shapes(spec, db)["student"] == exported
+
+
+def _submission_runs_preflight() -> bool:
+    from app.services import jobs as job_service
+
+    return hasattr(job_service, "preflight")  # `from app import preflight` in app/services/jobs.py
+
+
+@pytest.mark.skipif(not _submission_runs_preflight(), reason="POST /v1/jobs does not call app.preflight yet")
+def test_post_jobs_refuses_the_8b_full_fine_tune_with_a_422_and_stores_nothing(alice, db, queue):
+    response = alice.post("/v1/jobs", json=EIGHT_B)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and error["param"] == "training.devices"
+    assert "128.5 GB" in error["message"] and "lora.enabled true" in error["message"]
+    assert alice.get("/v1/jobs").json()["data"] == [] and queue.jobs == []
+    fixed = alice.post("/v1/jobs", json={**EIGHT_B, "training": {"devices": 2}})
+    assert fixed.status_code == 201, fixed.text
