@@ -6,7 +6,7 @@
   with single-process ones: DDP and FSDP2 trajectories, a stop that only rank 1's token asks for, and resumes
   on 2 ranks from a 2-rank checkpoint and from a single-process one (``OUT_DIR/single-step2``, prepared by the
   test). Rank 0 writes ``OUT_DIR/<run>.json`` (per-step metrics, how the run ended); the checkpoints stay in
-  ``OUT_DIR/<run>/``.
+  ``OUT_DIR/<run>/``, and a finished run's model, gathered whole after fit, in ``OUT_DIR/<run>.full.safetensors``.
 * ``kill``: a DDP run in which rank 1 SIGKILLs itself in the middle of step 2's forward (a failpoint of this
   module, not of ctpd_core); rank 0 writes ``OUT_DIR/finished`` if its fit ever returns (it must not).
 """
@@ -80,15 +80,27 @@ def record(out: Path, name: str, ctx: DistContext, sink: RecordingSink, ended: d
         (out / f"{name}.json").write_text(json.dumps(payload), encoding="utf-8")
 
 
+def write_full_state(model: torch.nn.Module, ctx: DistContext, path: Path) -> None:
+    """The trained model's full weights as the worker gathers them after fit (collective: all ranks call)."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ctx.is_main:
+        save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(path))
+
+
 def train(out: Path, name: str, ctx: DistContext, strategy: DistStrategy, stop: Any = None,
           activation_checkpointing: bool = False) -> None:
     sink = RecordingSink()
+    model = build_model()
     try:
-        result = fit(build_model(), make_items(NUM_ITEMS), head_nll_loss, run_config(), out / name, stage="distill",
+        result = fit(model, make_items(NUM_ITEMS), head_nll_loss, run_config(), out / name, stage="distill",
                      observer=sink, stop=stop, dist=ctx, strategy=strategy,
                      activation_checkpointing=activation_checkpointing)
         ended: dict[str, Any] = {"ended": "finished", "steps": result.steps, "resumed_from": result.resumed_from,
                                  "checkpoint": str(result.checkpoint)}
+        write_full_state(model, ctx, out / f"{name}.full.safetensors")
     except Stopped as stopped:
         ended = {"ended": "stopped", "steps": stopped.step, "checkpoint": str(stopped.checkpoint)}
     # Every rank says where it ended, so the test sees that they agree.

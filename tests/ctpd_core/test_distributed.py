@@ -95,6 +95,13 @@ def test_two_ranks_follow_the_single_process_trajectory(runs: dict[str, Any], ru
     # The loss moved (the comparison is not of two runs that did nothing).
     assert reference.seen[TOTAL_STEPS]["loss"] < reference.seen[1]["loss"]
     assert_same_weights(Path(run["checkpoint"]), runs["reference_checkpoint"])
+    # The model fit left behind (sharded in place under FSDP2) gathers whole under the plain model's names.
+    gathered = load_file(str(runs["out"] / f"{run_name}.full.safetensors"))
+    expected = build_model().state_dict()
+    assert set(gathered) == set(expected)
+    reference = load_file(str(runs["reference_checkpoint"] / "trainable.safetensors"))
+    for name, tensor in reference.items():
+        torch.testing.assert_close(gathered[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_two_rank_checkpoint_is_dcp_and_reads_by_the_unwrapped_names(runs: dict[str, Any]) -> None:
