@@ -167,3 +167,72 @@ def test_a_rank_error_fails_the_job_with_that_error(folders, tmp_path):
         run_job_spec(spec, context(tmp_path, "bad-data", RecordingObserver()))
     assert raised.value.kind == "user"
     assert "missing.jsonl" in str(raised.value)
+
+
+# ------------------------------------------------------------------------------ through the worker's task body
+
+
+@pytest.fixture
+def settings(tmp_path):
+    from app.settings import Settings
+
+    return Settings(home=tmp_path / "home", lease_seconds=30, allow_server_paths=True)
+
+
+def rank_pids(rank: int) -> list[int]:
+    """This test process's grandchildren (the job's ranks, under torch.distributed.run) of the given RANK."""
+    found = []
+    for launcher in child_pids(os.getpid()):
+        for pid in child_pids(launcher):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                found.append(pid)
+    return found
+
+
+def test_a_job_whose_rank_dies_is_retried_from_its_checkpoint(folders, tmp_path, settings, db):
+    from datetime import timedelta
+
+    from app.db import events as job_log
+    from app.db import jobs as job_rows
+    from app.db.models import utcnow
+    from worker.capacity import Capacity
+    from worker.tasks import JobOutcome, execute_job
+
+    spec = two_rank_spec(folders, max_steps=30, checkpoint_every=2)
+    job, _ = job_rows.create_job(db, tenant="acme", spec=spec.model_dump(mode="json"), name=None, metadata={},
+                                 idempotency_key=None, request_hash="h", max_attempts=3,
+                                 gpus_required=spec.gpus_required)
+    two_gpus = Capacity(gpus=2, gpu_memory_mb=None, source="test")  # two gloo ranks on this CPU
+    outcomes: list[JobOutcome] = []
+    attempt = threading.Thread(target=lambda: outcomes.append(
+        execute_job(db, settings, job.id, "w1", device="cpu", capacity=two_gpus)))
+    attempt.start()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and attempt.is_alive():
+        row = job_rows.get_job(db, job.id)
+        if row.stage == Stage.DISTILL and (row.progress_step or 0) >= 5 and rank_pids(1):
+            for pid in rank_pids(1):
+                os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    attempt.join(timeout=120)
+    assert not attempt.is_alive(), "the attempt hung after its rank died"
+    assert outcomes == [JobOutcome(job.id, "abandoned")]
+    row = job_rows.get_job(db, job.id)
+    assert row.status == "running" and row.attempt == 1  # nothing recorded: left to its lease
+
+    # The lease runs out (no heartbeat any more); the reaper puts the job back and the next attempt resumes.
+    assert job_rows.reap_stale_jobs(db, expired_before=utcnow() + timedelta(seconds=settings.lease_seconds + 1)) \
+        == [job.id]
+    retried = execute_job(db, settings, job.id, "w2", device="cpu", capacity=two_gpus)
+    assert retried.status == "succeeded"
+    rows, _ = job_log.list_events(db, job.id, limit=1000)
+    distill_ends = [event.data["summary"] for event in rows
+                    if event.type == "stage_finished" and event.stage == Stage.DISTILL]
+    assert len(distill_ends) == 1 and distill_ends[0]["steps"] == 30
+    assert distill_ends[0]["resumed_from"] >= 2  # from the first attempt's checkpoint, not from scratch
+    assert [event.type for event in rows].count("job_restarted") == 1
