@@ -12,16 +12,16 @@ case: a cached stage loads nothing):
   bf16 copies of the weights, activations, the log-prob chunks.
 * the frozen passes, each rank holding a whole model (they are sharded by data, never by model): **reference**
   (the teacher for ctpd, the initial student for the baselines), **weights** (π+ and π− with the base still
-  resident), **evaluate** (the trained student and the initial one).
+  resident), **evaluate** (on rank 0 alone: the whole trained student and the initial one).
 
 Every figure is an estimate of what autograd and the allocator hold at the peak, not a measurement; the constants
 below say where each comes from, and :data:`HEADROOM` leaves room for the CUDA context, NCCL buffers and
 fragmentation. A model whose size is unknown (a hub id not in :data:`KNOWN_HUB_MODELS`: the service cannot reach
 the Hub) is "not checked": the planner never refuses what it cannot size.
 
-``auto`` strategy (:func:`resolve_strategy`; the worker calls :func:`choose_strategy` with the loaded model): on one GPU
-it is ``ddp``, meaning a plain single process (one rank has nothing to shard); on several, ``ddp`` when a full
-replica with its optimizer state and activations fits one GPU, else ``fsdp``. Activation checkpointing, unless the
+``auto`` strategy (:func:`resolve_strategy`; the worker calls :func:`choose_strategy` with the loaded model): on
+one GPU it is ``ddp``, meaning a plain single process (one rank has nothing to shard); on several, ``ddp`` when a
+full replica with its optimizer state and activations fits one GPU, else ``fsdp``. Activation checkpointing, unless the
 spec sets it, is on with fsdp and off otherwise (ctpd_core/spec.py).
 """
 
@@ -650,8 +650,7 @@ def plan_job(spec: JobSpec, shapes: Shapes, *, gpu_memory_bytes: int | None, gpu
     student = shapes.get("student")
     student_label = _describe("student", spec.student.model, student)
     # The frozen reference: the teacher on its tokens for ctpd, the initial student for the baselines.
-    if spec.method == "ctpd":
-        assert spec.teacher is not None  # the spec's validator requires it
+    if spec.method == "ctpd" and spec.teacher is not None:  # the spec's validator requires the teacher for ctpd
         reference_role, reference_ref, reference = "teacher", spec.teacher.model, shapes.get("teacher")
     else:
         reference_role, reference_ref, reference = "student", spec.student.model, student
@@ -695,13 +694,11 @@ def plan_job(spec: JobSpec, shapes: Shapes, *, gpu_memory_bytes: int | None, gpu
                                    2 * INFERENCE_BATCH_PAIRS, "weights.source"))
 
     stages.append(_training_stage(spec, "distill", student_label, student, [], world, gpu_memory_bytes, headroom))
-    distill = stages[-1]
-    # Evaluation: the trained student (sharded if it trained under fsdp) and the initial student, frozen.
+    # Evaluation runs on rank 0 alone, with the whole trained student (gathered, under fsdp) and the initial one.
     if student is not None:
-        trained_per_param = FROZEN_WEIGHT_BYTES / (world if distill.strategy == "fsdp" else 1)
         evaluate = frozen_stage(
             "evaluate", "the trained and the initial " + student_label,
-            [("trained student", student, trained_per_param),
+            [("trained student", student, FROZEN_WEIGHT_BYTES),
              ("initial student", student, FROZEN_WEIGHT_BYTES)],
             2 * spec.evaluation.batch_size, "evaluation.batch_size",
         )
