@@ -27,19 +27,20 @@ def _spec(**training) -> JobSpec:
 
 @pytest.fixture
 def workers(db):
-    """Registers workers for one test and removes them after (the shared PostgreSQL keeps rows across tests)."""
-    registered: list[str] = []
+    """Registers workers for one test, on an empty workers table (the session's PostgreSQL database keeps rows
+    across tests unless they are removed), and removes them after."""
+    from app.db.models import Worker
+
+    with db.write() as session:
+        session.execute(delete(Worker))
 
     def register(worker_id: str, gpus: int, memory_gib: float | None, seen_ago: float = 0.0) -> None:
         workers_table.register_worker(db, worker_id, "host", gpus, None if memory_gib is None else int(memory_gib * 1024),
                                       now=utcnow() - timedelta(seconds=seen_ago))
-        registered.append(worker_id)
 
     yield register
-    from app.db.models import Worker
-
     with db.write() as session:
-        session.execute(delete(Worker).where(Worker.worker_id.in_(registered)))
+        session.execute(delete(Worker))
 
 
 def test_the_8b_full_fine_tune_on_the_default_80gb_gpu_is_a_422_with_the_numbers(settings):
