@@ -90,10 +90,21 @@ def write_full_state(model: torch.nn.Module, ctx: DistContext, path: Path) -> No
         save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(path))
 
 
+def build_lora_model() -> torch.nn.Module:
+    """The tiny Llama with LoRA adapters (non-zero B, so step 1 already depends on them): frozen base, trainable
+    adapters inside the same FSDP2 units."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build_model()
+    torch.manual_seed(0)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))
+
+
 def train(out: Path, name: str, ctx: DistContext, strategy: DistStrategy, stop: Any = None,
-          activation_checkpointing: bool = False) -> None:
+          activation_checkpointing: bool = False, lora: bool = False) -> None:
     sink = RecordingSink()
-    model = build_model()
+    model = build_lora_model() if lora else build_model()
     try:
         result = fit(model, make_items(NUM_ITEMS), head_nll_loss, run_config(), out / name, stage="distill",
                      observer=sink, stop=stop, dist=ctx, strategy=strategy,
@@ -112,6 +123,7 @@ def suite(out: Path, ctx: DistContext) -> None:
     train(out, "ddp", ctx, "ddp")
     train(out, "fsdp", ctx, "fsdp")
     train(out, "fsdp_checkpointed", ctx, "fsdp", activation_checkpointing=True)
+    train(out, "lora_fsdp_checkpointed", ctx, "fsdp", activation_checkpointing=True, lora=True)
     # Only rank 1 is asked to stop: both ranks must stop after the same step, with a checkpoint.
     train(out, "stopped", ctx, "fsdp", stop=StopAtStep(STOP_AT_STEP) if ctx.rank == 1 else NeverAsks())
     if ctx.is_main:  # copies of the 2-rank checkpoint: one resumed here on 2 ranks, one by the test on 1

@@ -22,7 +22,13 @@ from ctpd_core.checkpoint import read_trainable_tensors
 from ctpd_core.checkpoint_layout import DCP_OPTIMIZER_DIR, DCP_TRAINABLE_DIR, stored_checkpoints
 from ctpd_core.distributed import DistContext, gather_shards, shard_bounds, shard_range
 from ctpd_core.train import fit, plan_steps
-from tests.ctpd_core.distributed_ranks import NUM_ITEMS, STOP_AT_STEP, head_nll_loss, run_config
+from tests.ctpd_core.distributed_ranks import (
+    NUM_ITEMS,
+    STOP_AT_STEP,
+    build_lora_model,
+    head_nll_loss,
+    run_config,
+)
 from tests.ctpd_core.test_train import RecordingSink, build_model, config, make_items
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,10 +51,10 @@ def launch(scenario: str, out: Path, timeout: float) -> subprocess.CompletedProc
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def single_process_run(checkpoint_dir: Path) -> tuple[RecordingSink, Path]:
+def single_process_run(checkpoint_dir: Path, model: torch.nn.Module | None = None) -> tuple[RecordingSink, Path]:
     sink = RecordingSink()
-    result = fit(build_model(), make_items(NUM_ITEMS), head_nll_loss, run_config(), checkpoint_dir, stage="distill",
-                 observer=sink)
+    result = fit(model or build_model(), make_items(NUM_ITEMS), head_nll_loss, run_config(), checkpoint_dir,
+                 stage="distill", observer=sink)
     assert result.checkpoint is not None
     return sink, result.checkpoint
 
@@ -57,12 +63,14 @@ def single_process_run(checkpoint_dir: Path) -> tuple[RecordingSink, Path]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("ranks")
     reference, reference_checkpoint = single_process_run(out / "single")
+    lora_reference, lora_reference_checkpoint = single_process_run(out / "single_lora", build_lora_model())
     # A single-process (one-file) checkpoint of step 2 for the 2 ranks to resume.
     shutil.copytree(out / "single" / "step-00000002", out / "resumed_from_single" / "step-00000002")
     finished = launch("suite", out, LAUNCH_TIMEOUT)
     assert finished.returncode == 0, finished.stderr[-6000:]
     loaded = {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in out.glob("*.json")}
-    return {"out": out, "reference": reference, "reference_checkpoint": reference_checkpoint, **loaded}
+    return {"out": out, "reference": reference, "reference_checkpoint": reference_checkpoint,
+            "lora_reference": lora_reference, "lora_reference_checkpoint": lora_reference_checkpoint, **loaded}
 
 
 def metrics_by_step(run: dict[str, Any]) -> dict[int, dict[str, float]]:
@@ -102,6 +110,15 @@ def test_two_ranks_follow_the_single_process_trajectory(runs: dict[str, Any], ru
     reference = load_file(str(runs["reference_checkpoint"] / "trainable.safetensors"))
     for name, tensor in reference.items():
         torch.testing.assert_close(gathered[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lora_adapters_train_alike_under_fsdp2_with_activation_checkpointing(runs: dict[str, Any]) -> None:
+    run = runs["lora_fsdp_checkpointed"]
+    assert run["ended"] == "finished"
+    assert_same_steps(metrics_by_step(run), runs["lora_reference"], list(range(1, TOTAL_STEPS + 1)))
+    adapters = read_trainable_tensors(Path(run["checkpoint"]))
+    assert adapters and all("lora_" in name for name in adapters)  # the frozen base is not checkpointed
+    assert_same_weights(Path(run["checkpoint"]), runs["lora_reference_checkpoint"])
 
 
 def test_a_two_rank_checkpoint_is_dcp_and_reads_by_the_unwrapped_names(runs: dict[str, Any]) -> None:
