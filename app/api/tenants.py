@@ -2,8 +2,8 @@
 
 ``max_running`` (jobs running at once, enforced by the claim) and ``max_queued`` (queued jobs, enforced at
 submission: a 429) default to the deployment's settings (``CTPD_TENANT_MAX_RUNNING``, ``CTPD_TENANT_MAX_QUEUED``);
-a PUT overrides them for one tenant, and null puts a limit back to the default. A tenant need not exist yet: the
-limits apply to its first job.
+a PUT overrides them for one tenant, and null puts a limit back to the default. The tenant must have an API key
+(revoked ones count): a misspelt name is a 404, not a silent override for nobody.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.api_keys import AdminDep
 from app.api.deps import DbDep, SettingsDep
-from app.api.errors import error_responses
+from app.api.errors import ApiError, error_responses
 from app.api.schemas import TenantLimits
+from app.db import auth as key_rows
 from app.db import tenants as tenant_rows
 from app.db.auth import MAX_TENANT
 from app.db.engine import Database
@@ -26,7 +27,10 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(
     prefix="/v1/tenants", tags=["tenants"],
-    responses=error_responses((401, 403, 422, 503), {403: "The API key is not an admin's (`admin_required`)."}),
+    responses=error_responses((401, 403, 404, 422, 503), {
+        403: "The API key is not an admin's (`admin_required`).",
+        404: "No API key was ever created for this tenant (`not_found`).",
+    }),
 )
 
 TenantPath = Annotated[str, Path(min_length=1, max_length=MAX_TENANT, description="The tenant's name.")]
@@ -43,6 +47,14 @@ class TenantLimitsUpdate(BaseModel):
         ge=1, le=1_000_000, description="Queued jobs; null: the default (CTPD_TENANT_MAX_QUEUED).")
 
 
+def _known(db: Database, tenant: str) -> str:
+    if not key_rows.list_api_keys(db, tenant):
+        raise ApiError(404, "not_found", f"no tenant {tenant!r}: no API key was ever created for it; check the "
+                       f"name, or create its first key (POST /v1/api-keys, ctpd keys create --tenant {tenant})",
+                       "tenant")
+    return tenant
+
+
 def _view(db: Database, limits: tenant_rows.Limits) -> TenantLimits:
     with db.read() as session:
         running, queued = tenant_rows.job_counts(session, limits.tenant).get(limits.tenant, (0, 0))
@@ -54,7 +66,7 @@ def _view(db: Database, limits: tenant_rows.Limits) -> TenantLimits:
 @router.get("/{tenant}/limits", operation_id="get_tenant_limits", response_model=TenantLimits,
             summary="Get a tenant's limits")
 def get_tenant_limits(tenant: TenantPath, _admin: AdminDep, db: DbDep, settings: SettingsDep) -> TenantLimits:
-    limits = tenant_rows.get_limits(db, tenant, settings.tenant_max_running, settings.tenant_max_queued)
+    limits = tenant_rows.get_limits(db, _known(db, tenant), settings.tenant_max_running, settings.tenant_max_queued)
     return _view(db, limits)
 
 
@@ -66,8 +78,8 @@ def get_tenant_limits(tenant: TenantPath, _admin: AdminDep, db: DbDep, settings:
 )
 def set_tenant_limits(tenant: TenantPath, body: TenantLimitsUpdate, admin: AdminDep, db: DbDep,
                       settings: SettingsDep) -> TenantLimits:
-    limits = tenant_rows.set_limits(db, tenant, body.max_running, body.max_queued, settings.tenant_max_running,
-                                    settings.tenant_max_queued)
+    limits = tenant_rows.set_limits(db, _known(db, tenant), body.max_running, body.max_queued,
+                                    settings.tenant_max_running, settings.tenant_max_queued)
     logger.info("tenant %s limits set by %s: max_running %s, max_queued %s", tenant, admin.tenant,
                 limits.max_running, limits.max_queued)
     return _view(db, limits)

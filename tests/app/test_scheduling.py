@@ -11,6 +11,7 @@ from datetime import datetime
 import pytest
 from sqlalchemy import delete, func, select
 
+from app.db import auth as key_rows
 from app.db import jobs as job_rows
 from app.db import tenants as tenant_rows
 from app.db import workers as worker_rows
@@ -289,11 +290,15 @@ def test_a_stale_worker_does_not_count(db: Database):
 # -------------------------------------------------------------------------------------- the limits API
 
 
-def test_the_limits_api_is_for_admins_only(alice, admin, settings):
+def test_the_limits_api_is_for_admins_only(alice, admin, db: Database, settings):
     assert alice.get("/v1/tenants/acme/limits").status_code == 403
     refused = alice.put("/v1/tenants/acme/limits", json={"max_running": 50, "max_queued": None})
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "admin_required"
 
+    missing = admin.get("/v1/tenants/acmee/limits")
+    assert missing.status_code == 404 and "ctpd keys create --tenant acmee" in missing.json()["error"]["message"]
+    assert admin.put("/v1/tenants/acmee/limits", json={"max_running": 1, "max_queued": None}).status_code == 404
+    key_rows.create_api_key(db, "globex", "globex key")
     defaults = admin.get("/v1/tenants/globex/limits").json()
     assert defaults == {"object": "tenant.limits", "tenant": "globex", "max_running": settings.tenant_max_running,
                         "max_queued": settings.tenant_max_queued, "max_running_override": None,
