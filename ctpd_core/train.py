@@ -63,25 +63,28 @@ The contract, in the order a step runs:
   just before each checkpoint is renamed into place; False discards it (the caller lost the right to
   write) and fit stops at once with ``Stopped``.
 
-* **Data parallel** (``dist``, a :class:`~ctpd_core.distributed.DistContext` of more than one rank; every rank
-  calls fit with the same arguments). The model is wrapped by :func:`~ctpd_core.distributed.prepare_model`
-  (``strategy`` ``"ddp"`` or ``"fsdp"``, ``activation_checkpointing``) on ``dist.device`` (``device`` is
-  ignored). Each step's *global* batch is the single-process one (same order from (seed, epoch)); rank ``r``
-  takes its contiguous share (:func:`~ctpd_core.distributed.shard_bounds`), so ``batch_size`` must be a
-  multiple of ``world_size * micro_batch_size`` and the shares are equal. Each micro-batch loss is scaled by
-  ``len(micro) / len(share)``: DDP and FSDP *average* gradients over ranks, so the reduced gradient is that of
-  the global batch mean and the trajectory equals the single-process one within float tolerance. Gradients
-  are reduced once per step (``no_sync()`` / ``set_requires_gradient_sync(False)`` for all micro-batches but
-  the last). A dataset smaller than one batch is split into ``num_items // world_size`` items per rank (the
-  remaining ``num_items % world_size`` items are left out of the step, as ``drop_last`` leaves the tail of an
-  epoch out; a set smaller than the world is refused). ``loss`` and the ``loss_fn`` stats are averaged over
-  ranks, ``tokens`` summed, ``grad_norm`` is the norm of the full gradient; only rank 0 reports to the
-  observer; every rank polls ``stop`` and the ranks stop at the same step if any of them says so.
-  Checkpoints are ``torch.distributed.checkpoint`` folders (:mod:`ctpd_core.checkpoint`) that resume on any
-  world size, a single process included; a single-process checkpoint resumes on several ranks. With ``fsdp``
-  the model's parameters are left sharded (DTensors) on return: read full weights from
-  ``FitResult.checkpoint`` with :func:`~ctpd_core.checkpoint.read_trainable_tensors`. ``dist=None`` or a world of
-  one is the single-process loop and format, unchanged.
+* **Data parallel** (``dist``, a :class:`~ctpd_core.distributed.DistContext` of more than one rank; every
+  rank calls fit with the same arguments). The model and its loss are wrapped together
+  (:class:`~ctpd_core.distributed.TrainingStep`, so ``loss_fn`` gets the plain model and may use its parts)
+  by :func:`~ctpd_core.distributed.prepare_model` (``strategy`` ``"ddp"`` or ``"fsdp"``,
+  ``activation_checkpointing``) on ``dist.device`` (``device`` is ignored). Each step's *global* batch is the
+  single-process one (same order from (seed, epoch)); rank ``r`` takes its contiguous share
+  (:func:`~ctpd_core.distributed.shard_bounds`), so ``batch_size`` must be a multiple of
+  ``world_size * micro_batch_size`` and the shares are equal. Each micro-batch loss is scaled by
+  ``len(micro) / len(share)``: DDP and FSDP *average* gradients over ranks, so the reduced gradient is that
+  of the global batch mean and the trajectory equals the single-process one within float tolerance.
+  Gradients are reduced once per step (``no_sync()`` / ``set_requires_gradient_sync(False)`` for all
+  micro-batches but the last). A dataset smaller than one batch is split into ``num_items // world_size``
+  items per rank (the other ``num_items % world_size`` sit out, as ``drop_last`` leaves an epoch's tail out;
+  a set smaller than the world is refused). ``loss`` and the ``loss_fn`` stats are averaged over ranks,
+  ``tokens`` summed, ``grad_norm`` is the norm of the full gradient; only rank 0 reports to the observer;
+  every rank polls ``stop`` and all stop at the same step if any of them says so. Checkpoints are
+  ``torch.distributed.checkpoint`` folders (:mod:`ctpd_core.checkpoint`) that resume on any world size, one
+  process included; a single-process checkpoint resumes on several ranks. With ``fsdp`` the model's
+  parameters are left sharded (DTensors) on return: gather them with ``get_model_state_dict(model,
+  options=StateDictOptions(full_state_dict=True, cpu_offload=True))`` (collective: every rank calls it), or
+  read ``FitResult.checkpoint`` with :func:`~ctpd_core.checkpoint.read_trainable_tensors`. ``dist=None`` or a
+  world of one is the single-process loop and format, unchanged.
 
 A fresh run seeds torch, python ``random`` and numpy with ``config.seed`` (method §6: all three are seeded at
 the start of training; every rank the same); a resumed run restores their saved states instead (rank 0's, on
@@ -338,13 +341,14 @@ def fit(
         raise ValueError(f"config must be a FitConfig, got {type(config).__name__}.")
     if len(train_items) == 0:
         raise ValueError("train_items is empty; give fit at least one encoded example.")
-    distributed = dist is not None and is_distributed(dist)
-    world_size = dist.world_size if dist is not None and distributed else 1
-    plan = plan_steps(config, len(train_items), world_size)
-    device = dist.device if dist is not None and distributed else torch.device(device)
+    # The ranks of a data-parallel run; None (dist None or a world of one) is the single-process loop, unchanged.
+    ranks = dist if dist is not None and is_distributed(dist) else None
+    distributed = ranks is not None
+    plan = plan_steps(config, len(train_items), 1 if ranks is None else ranks.world_size)
+    device = torch.device(device) if ranks is None else ranks.device
     autocast = autocast_factory(config.precision, device)
     checkpoint_dir = Path(checkpoint_dir)
-    if dist is not None and distributed and not dist.is_main:
+    if ranks is not None and not ranks.is_main:
         observer = NullObserver()  # rank 0 alone reports; every rank still polls the stop token
 
     model.to(device)
@@ -353,8 +357,8 @@ def fit(
     # What a micro-batch calls: the loss on the model, as one module that DDP / FSDP2 wrap (so loss_fn may use
     # the model's parts, not only its forward; see TrainingStep). Single-process, loss_fn(model, ...) directly.
     step_module: Callable[[Sequence[Any]], tuple[torch.Tensor, Mapping[str, torch.Tensor | float]]]
-    if dist is not None and distributed:
-        step_module = prepare_model(TrainingStep(model, loss_fn), ctx=dist, strategy=strategy,
+    if ranks is not None:
+        step_module = prepare_model(TrainingStep(model, loss_fn), ctx=ranks, strategy=strategy,
                                     precision=config.precision, activation_checkpointing=activation_checkpointing)
     else:
         if activation_checkpointing:
@@ -371,16 +375,16 @@ def fit(
     )
 
     checkpoint: Path | None = None
-    if dist is None or not distributed:
+    if ranks is None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         remove_staging_folders(checkpoint_dir)
         checkpoint = latest_checkpoint(checkpoint_dir)
     else:  # rank 0 sweeps and picks the resume point, so no rank sees a different folder
-        if dist.is_main:
+        if ranks.is_main:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             remove_staging_folders(checkpoint_dir)
             checkpoint = latest_checkpoint(checkpoint_dir)
-        picked = dist.broadcast_object(None if checkpoint is None else str(checkpoint))
+        picked = ranks.broadcast_object(None if checkpoint is None else str(checkpoint))
         checkpoint = None if picked is None else Path(picked)
     if checkpoint is None:
         seed_everything(config.seed)
@@ -416,16 +420,16 @@ def fit(
             "last_metrics": last_metrics,
             "attempt": generation,
         }
-        if dist is not None and distributed:
+        if ranks is not None:
             path = save_distributed_checkpoint(checkpoint_dir, state, model, list(trainable), optimizer,
-                                               scheduler, dist, guard=checkpoint_guard, history=history)
+                                               scheduler, ranks, guard=checkpoint_guard, history=history)
         else:
             path = save_checkpoint(checkpoint_dir, state, trainable, optimizer, scheduler, guard=checkpoint_guard,
                                    history=history)
         if path is None:
             refused = True
             return None
-        if dist is None or dist.is_main:
+        if ranks is None or ranks.is_main:
             prune_checkpoints(checkpoint_dir, config.keep_checkpoints)
         observer.checkpoint(stage, step, path)
         return path
@@ -451,8 +455,8 @@ def fit(
                 order = torch.randperm(len(train_items), generator=generator).tolist()
                 epoch_seen = epoch
             batch = order[position * plan.batch_size : (position + 1) * plan.batch_size]
-            if dist is not None and distributed:  # this rank's share of the global batch
-                share_range = shard_bounds(len(batch), dist.rank, dist.world_size)
+            if ranks is not None:  # this rank's share of the global batch
+                share_range = shard_bounds(len(batch), ranks.rank, ranks.world_size)
                 batch = batch[share_range.start : share_range.stop]
 
             # ---- one optimizer step: accumulate the batch-mean gradient over micro-batches
@@ -476,8 +480,8 @@ def fit(
                         tokens = _as_scalar(value) + (0.0 if tokens is None else tokens)
                     else:
                         stat_sums[name] = stat_sums.get(name, 0.0) + _as_scalar(value) * share
-            if dist is not None and distributed:
-                loss_sum, stat_sums, tokens = _reduce_step_metrics(dist, loss_sum, stat_sums, tokens)
+            if ranks is not None:
+                loss_sum, stat_sums, tokens = _reduce_step_metrics(ranks, loss_sum, stat_sums, tokens)
                 grad_norm = _clip_full_gradient(list(trainable.values()), config.max_grad_norm)
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
@@ -514,8 +518,8 @@ def fit(
             # The last step too: a stop that arrives during it must not let the run end as if it had finished.
             # Every rank asks its token and they agree (a refusal is rank 0's, already broadcast by the save).
             wants_stop = refused or stop.should_stop()
-            if dist is not None and distributed:
-                wants_stop = dist.any_true(wants_stop)
+            if ranks is not None:
+                wants_stop = ranks.any_true(wants_stop)
             if wants_stop:
                 if saved_step != step and not refused:
                     saved = save(step)

@@ -31,7 +31,9 @@ from ctpd_core.train import FitConfig, fit
 from tests.ctpd_core.test_train import SEQ, RecordingSink, build_model, config, make_items
 
 NUM_ITEMS = 8
-STOP_AT_STEP = 3  # (not a checkpoint_every step: the stop writes its own) the step rank 1's stop token asks to stop after (rank 0's never asks)
+# The step after which rank 1's stop token asks to stop (rank 0's never asks); not a checkpoint_every step, so
+# the stop writes its own checkpoint.
+STOP_AT_STEP = 3
 KILL_AT_STEP = 2  # the step in whose forward rank 1 kills itself
 
 
