@@ -24,10 +24,16 @@ DEFAULT_RUNNING = 4
 
 @pytest.fixture(autouse=True)
 def _no_workers_or_limits(db: Database):
-    """The session's PostgreSQL database is truncated per test without these two tables (tests/app/conftest.py)."""
-    with db.write() as session:
-        session.execute(delete(Worker))
-        session.execute(delete(TenantLimits))
+    """The session's PostgreSQL database is truncated per test without these two tables (tests/app/conftest.py):
+    emptied before and after each test here, so no other test sees a worker or a limit of these."""
+    def empty() -> None:
+        with db.write() as session:
+            session.execute(delete(Worker))
+            session.execute(delete(TenantLimits))
+
+    empty()
+    yield
+    empty()
 
 
 def queue_job(db: Database, tenant: str = "acme", priority: str = "normal", gpus: int = 1,
