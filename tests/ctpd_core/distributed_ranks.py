@@ -104,13 +104,13 @@ def build_lora_model() -> torch.nn.Module:
 
 
 def train(out: Path, name: str, ctx: DistContext, strategy: DistStrategy, stop: Any = None,
-          activation_checkpointing: bool = False, lora: bool = False) -> None:
+          activation_checkpointing: bool = False, lora: bool = False, guard: Any = None) -> None:
     sink = RecordingSink()
     model = build_lora_model() if lora else build_model()
     try:
         result = fit(model, make_items(NUM_ITEMS), head_nll_loss, run_config(), out / name, stage="distill",
                      observer=sink, stop=stop, dist=ctx, strategy=strategy,
-                     activation_checkpointing=activation_checkpointing)
+                     activation_checkpointing=activation_checkpointing, checkpoint_guard=guard)
         ended: dict[str, Any] = {"ended": "finished", "steps": result.steps, "resumed_from": result.resumed_from,
                                  "checkpoint": str(result.checkpoint)}
         write_full_state(model, ctx, out / f"{name}.full.safetensors")
@@ -128,6 +128,8 @@ def suite(out: Path, ctx: DistContext) -> None:
     train(out, "lora_fsdp_checkpointed", ctx, "fsdp", activation_checkpointing=True, lora=True)
     # Only rank 1 is asked to stop: both ranks must stop after the same step, with a checkpoint.
     train(out, "stopped", ctx, "fsdp", stop=StopAtStep(STOP_AT_STEP) if ctx.rank == 1 else NeverAsks())
+    # This attempt lost the right to write: rank 0's guard (the only one asked) refuses the first checkpoint.
+    train(out, "refused", ctx, "ddp", guard=lambda: False)
     if ctx.is_main:  # copies of the 2-rank checkpoint: one resumed here on 2 ranks, one by the test on 1
         for copy in ("resumed_2_ranks", "resume_on_1"):
             shutil.copytree(out / "stopped", out / copy)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from ctpd_core.checkpoint import read_trainable_tensors
 from ctpd_core.checkpoint_layout import DCP_OPTIMIZER_DIR, DCP_TRAINABLE_DIR, stored_checkpoints
-from ctpd_core.distributed import DistContext, gather_shards, shard_bounds, shard_range
+from ctpd_core.distributed import DistContext, gather_shards, init_from_env, shard_bounds, shard_range
 from ctpd_core.train import fit, plan_steps
 from tests.ctpd_core.distributed_ranks import (
     NUM_ITEMS,
@@ -150,6 +150,13 @@ def test_a_stop_on_one_rank_stops_both_at_the_same_step_with_a_checkpoint(runs: 
     assert Path(run["checkpoint"]).name == f"step-{STOP_AT_STEP:08d}"
 
 
+def test_a_refused_checkpoint_stops_both_ranks_with_nothing_published(runs: dict[str, Any]) -> None:
+    run = runs["refused"]
+    assert run["ended"] == "stopped" and run["rank_steps"] == [2, 2]  # the first checkpoint step
+    assert run["checkpoint"] == "None" and run["checkpoints"] == []
+    assert not list((runs["out"] / "refused").iterdir())  # no checkpoint, no staging folder left
+
+
 def test_a_two_rank_checkpoint_resumes_on_two_ranks(runs: dict[str, Any]) -> None:
     run = runs["resumed_2_ranks"]
     assert run["ended"] == "finished" and run["resumed_from"] == STOP_AT_STEP
@@ -199,6 +206,18 @@ def test_without_a_context_a_pass_takes_every_item() -> None:
     assert shard_range(5, None) == range(5)
     single = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     assert gather_shards([1, 2], single) == [1, 2] and gather_shards([3], None) == [3]
+
+
+def test_outside_torchrun_the_context_is_a_world_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    ctx = init_from_env("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.is_main) == (0, 1, True)
+    assert not torch.distributed.is_initialized()  # no process group for one process
+    assert ctx.any_true(True) and not ctx.any_true(False) and ctx.gather_objects("x") == ["x"]
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError, match="missing WORLD_SIZE, LOCAL_RANK"):
+        init_from_env("cpu")
 
 
 def test_the_global_batch_must_split_evenly_over_the_ranks() -> None:
