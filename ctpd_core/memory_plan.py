@@ -441,10 +441,10 @@ def choose_strategy(*, total_parameters: int, trainable_parameters: int, gpu_mem
             shape = None
         if shape is not None:
             section = spec.training if stage == "distill" else spec.contrastive
-            resident = [("base", shape)] if stage == "contrastive" else []
+            # No frozen model stays resident while a stage trains (the recipe releases them first), as in plan_job.
             return resolve_strategy(shape, training_load(spec, stage), world_size=devices, requested="auto",
                                     activation_checkpointing=section.activation_checkpointing,
-                                    gpu_memory_bytes=gpu_memory_bytes, headroom=headroom, resident_frozen=resident)
+                                    gpu_memory_bytes=gpu_memory_bytes, headroom=headroom, resident_frozen=[])
     frozen = total_parameters - trainable_parameters
     replica = (trainable_parameters * (STATE_BYTES_PER_TRAINABLE_PARAM + DDP_BUCKET_BYTES)
                + frozen * FROZEN_WEIGHT_BYTES + total_parameters * BF16_COPY_BYTES)
@@ -681,16 +681,16 @@ def plan_job(spec: JobSpec, shapes: Shapes, *, gpu_memory_bytes: int | None, gpu
         base_ref = spec.teacher.model if base_role == "teacher" and spec.teacher else spec.student.model
         if spec.trains_contrastive:
             label = f"π+ / π− trained from the {_describe(base_role, base_ref, base)}"
-            stages.append(_training_stage(spec, "contrastive", label, base, [(base_role, base)] if base else [],
-                                          world, gpu_memory_bytes, headroom))
+            # The recipe releases the frozen models before π+ / π− train (their log-probs are computed by then).
+            stages.append(_training_stage(spec, "contrastive", label, base, [], world, gpu_memory_bytes, headroom))
             positive = negative = base
         else:
             positive, negative = shapes.get("contrastive.positive"), shapes.get("contrastive.negative")
-        # The weights pass: π+ and π− loaded beside the base the model pool still holds (released before distill).
-        resident: list[tuple[str, ModelShape | None, float]] = [
-            (f"{reference_role} (resident)", reference, FROZEN_WEIGHT_BYTES),
-            ("π+", positive, FROZEN_WEIGHT_BYTES), ("π−", negative, FROZEN_WEIGHT_BYTES)]
-        stages.append(frozen_stage("weights", "π+ and π− (frozen), " + reference_label, resident,
+        # The weights pass: the recipe loads π+, releases it, then loads π− (one frozen model at a time).
+        # An unknown one leaves the stage "not checked" (None), as an unknown size does everywhere.
+        larger = None if positive is None or negative is None else max(positive, negative, key=lambda shape: shape.params)
+        resident: list[tuple[str, ModelShape | None, float]] = [("π+ or π−, one at a time", larger, FROZEN_WEIGHT_BYTES)]
+        stages.append(frozen_stage("weights", "π+ then π− (frozen), " + reference_label, resident,
                                    2 * INFERENCE_BATCH_PAIRS, "weights.source"))
 
     stages.append(_training_stage(spec, "distill", student_label, student, [], world, gpu_memory_bytes, headroom))

@@ -254,15 +254,16 @@ class StageRunner:
         return TokenLogprobs(chosen=gather_shards(values.chosen, self.dist),
                              rejected=gather_shards(values.rejected, self.dist))
 
-    def fit_layout(self, strategy: str, activation_checkpointing: bool | None, model: nn.Module) -> dict[str, Any]:
+    def fit_layout(self, spec: JobSpec, stage: Literal["distill", "contrastive"], model: nn.Module) -> dict[str, Any]:
         """fit()'s distributed arguments for a training stage of a multi-GPU job (none on one device)."""
         if self.dist is None:
             return {}
+        section = spec.training if stage == "distill" else spec.contrastive
         # Every training stage trains on all of the job's ranks (the widest stage's devices, JobSpec.gpus_required).
-        chosen = resolve_strategy(strategy, model, self.context.device, self.dist.world_size)
+        chosen = resolve_strategy(spec, stage, model, self.context.device, self.dist.world_size)
+        checkpointing = section.activation_checkpointing
         return {"dist": self.dist, "strategy": chosen,
-                "activation_checkpointing": chosen == "fsdp" if activation_checkpointing is None
-                else activation_checkpointing}
+                "activation_checkpointing": chosen == "fsdp" if checkpointing is None else checkpointing}
 
 
 def _shard(count: int, dist: Any) -> slice:
@@ -277,9 +278,12 @@ def _move_contents(source: Path, target: Path) -> None:
         shutil.move(str(path), str(target / path.name))
 
 
-def resolve_strategy(strategy: str, model: nn.Module, device: torch.device, devices: int) -> str:
-    """ddp or fsdp: as asked, or for ``auto`` the memory planner's choice (a full replica per GPU when the model,
-    its gradients and AdamW state fit one GPU, else sharded)."""
+def resolve_strategy(spec: JobSpec, stage: Literal["distill", "contrastive"], model: nn.Module, device: torch.device,
+                     devices: int) -> str:
+    """ddp or fsdp: as the stage asks, or for ``auto`` the memory planner's choice from the loaded model (a full
+    replica per GPU when the model, its gradients, AdamW state and activations fit one GPU, else sharded): the
+    decision the API's plan announced at submission."""
+    strategy = (spec.training if stage == "distill" else spec.contrastive).strategy
     if strategy != "auto":
         return strategy
     from ctpd_core import memory_plan
@@ -287,8 +291,10 @@ def resolve_strategy(strategy: str, model: nn.Module, device: torch.device, devi
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     total = sum(parameter.numel() for parameter in model.parameters())
     gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    config = getattr(model, "config", None)
     return memory_plan.choose_strategy(total_parameters=total, trainable_parameters=trainable,
-                                       gpu_memory_bytes=gpu_bytes, devices=devices)
+                                       gpu_memory_bytes=gpu_bytes, devices=devices,
+                                       config=config.to_dict() if config is not None else None, spec=spec, stage=stage)
 
 
 def full_state(model: Any, dist: Any) -> dict[str, Any] | None:
@@ -598,6 +604,8 @@ def contrastive_stage(
     cached = all(runner.is_complete(Stage.CONTRASTIVE, key) for key in keys.values())
     items = build_items(prepared.data.train, base_reference.logprobs["train"])
     trained: dict[str, ModelRef] = {}
+    if not cached:  # the frozen models' log-probs are computed: π+ / π− training gets their memory
+        models.release()
     with runner.stage(Stage.CONTRASTIVE, cached) as summary:
         for direction, key in keys.items():
             direction_items = items if direction == "positive" else swap_pairs(items)
@@ -608,8 +616,7 @@ def contrastive_stage(
                 model, tokenizer = models.fresh(base_ref)
                 loss = make_distill_loss("dpo", contrastive.beta, policy_side=side, reference_side=side,
                                          pad_id=prepared.pad_ids[side], device=runner.context.device)
-                layout = runner.fit_layout(contrastive.strategy,
-                                           contrastive.activation_checkpointing, model)
+                layout = runner.fit_layout(spec, "contrastive", model)
                 result = fit(model, train_items, loss, config, checkpoints,
                              stage=fit_stage(Stage.CONTRASTIVE, direction), device=runner.context.device,
                              **runner.fit_hooks(), **layout)
@@ -667,12 +674,14 @@ def weights_stage(
     def write(out: Path) -> None:
         logps = {}
         for direction, ref in (("positive", contrastive.positive), ("negative", contrastive.negative)):
+            models.release()  # one frozen model on the GPU at a time: the teacher, then π+, then π−
             model, _ = models.frozen(ref)
             logps[direction] = runner.frozen_logprobs(
                 model, prepared.data.train, side, prepared.pad_ids[side],
                 batch_size=runner.context.inference_batch_size, precision=spec.training.precision,
                 stage=f"{Stage.WEIGHTS}:{direction}",
             )
+        models.release()
         if not runner.is_main:
             return
         values = contrastive_weights(
@@ -708,8 +717,7 @@ def distill_stage(
                                  pad_id=prepared.pad_ids["student"], device=runner.context.device)
         config = fit_config(spec, learning_rate=spec.training.learning_rate, epochs=spec.training.epochs,
                             max_steps=spec.training.max_steps)
-        training = spec.training
-        layout = runner.fit_layout(training.strategy, training.activation_checkpointing, student)
+        layout = runner.fit_layout(spec, "distill", student)
         result = fit(student, items, loss, config, runner.context.run_dir / Stage.DISTILL, stage=Stage.DISTILL,
                      device=runner.context.device, **runner.fit_hooks(), **layout)
         summary.update({"steps": result.steps, "resumed_from": result.resumed_from, **result.last_metrics})

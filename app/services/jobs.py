@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from app import policy
+from app import policy, preflight
 from app.db import datasets as dataset_rows
 from app.db import events as job_log
 from app.db import jobs as job_rows
@@ -148,6 +148,12 @@ def submit_job(
     problems = metadata_problems(spec.metadata) + reference_problems(db, spec, principal, settings)
     if problems:
         raise InvalidSubmission(problems)
+    # After the policy checks: the memory plan reads the model folders the spec names (app/preflight.py). A job
+    # that cannot fit the deployment's GPUs is refused with the numbers and the fix before anything is queued.
+    try:
+        preflight.check_job(spec, settings, db)
+    except preflight.PreflightRefused as refused:
+        raise InvalidSubmission(refused.problems) from None
     uploads = _named_uploads(spec)
     try:
         job, created = job_rows.create_job(

@@ -61,7 +61,10 @@ def test_out_of_range_numbers_are_a_422_with_the_range(alice, db, training, para
     assert _job_count(db) == 0
 
 
-def test_the_largest_allowed_numbers_are_stored(alice):
+def test_the_largest_allowed_numbers_are_stored(alice, settings):
+    # A CPU-only deployment (no GPU budget): the memory plan checks nothing, so only the spec's bounds speak here;
+    # on GPUs, 2 Mi tokens per sequence at micro-batch 65,536 is refused by the plan (tests/app/test_preflight.py).
+    settings.gpu_memory_gb = 0.0
     spec = {**SPEC, "beta": 1000.0, "training": {"max_steps": 10_000_000, "seed": 2**32 - 1, "batch_size": 65_536,
                                                  "micro_batch_size": 65_536, "checkpoint_every": 10_000_000},
             "sequence": {"max_prompt_tokens": 1_048_576, "max_response_tokens": 1_048_576},
