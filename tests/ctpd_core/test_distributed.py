@@ -19,7 +19,12 @@ import torch
 from safetensors.torch import load_file
 
 from ctpd_core.checkpoint import read_trainable_tensors
-from ctpd_core.checkpoint_layout import DCP_OPTIMIZER_DIR, DCP_TRAINABLE_DIR, stored_checkpoints
+from ctpd_core.checkpoint_layout import (
+    DCP_OPTIMIZER_DIR,
+    DCP_TRAINABLE_DIR,
+    keep_checkpoints,
+    stored_checkpoints,
+)
 from ctpd_core.distributed import DistContext, gather_shards, init_from_env, shard_bounds, shard_range
 from ctpd_core.train import fit, plan_steps
 from tests.ctpd_core.distributed_ranks import (
@@ -136,6 +141,17 @@ def test_a_two_rank_checkpoint_is_dcp_and_reads_by_the_unwrapped_names(runs: dic
     }
     # The API lists it like a single-process one (its weights are a folder, not a file).
     assert [checkpoint.step for checkpoint in stored_checkpoints(runs["out"], "fsdp")] == [2, 4]
+
+
+def test_a_kept_two_rank_checkpoint_drops_its_optimizer_shards_and_still_reads(runs: dict[str, Any],
+                                                                             tmp_path: Path) -> None:
+    shutil.copytree(runs["out"] / "fsdp", tmp_path / "distill")  # as a job's distill stage folder
+    kept = keep_checkpoints(tmp_path, "distill")
+    assert [path.name for path in kept] == ["distill-00000002", "distill-00000004"]
+    assert sorted(path.name for path in kept[-1].iterdir()) == sorted([DCP_TRAINABLE_DIR, "metrics.json",
+                                                                         "state.json"])
+    assert [checkpoint.id for checkpoint in stored_checkpoints(tmp_path, "distill")] == [path.name for path in kept]
+    assert_same_weights(kept[-1], runs["reference_checkpoint"])
 
 
 # ------------------------------------------------------------------------------------------------ stop, resume
