@@ -27,6 +27,13 @@ ALLOWED_UNREAD = {
     "tracking.mlflow.uri": "where the run is mirrored, not what it computes: read by worker/tracking.py, which "
     "the worker task and ctpd run put beside the recipe (tests/worker/test_tracking.py)",
     "tracking.mlflow.experiment": "as tracking.mlflow.uri",
+    "priority": "the claim order among queued jobs: read by the API and app/db/jobs.claim_next_job "
+    "(tests/app/test_scheduling.py), never by a running job",
+    # One-process runs (these specs) never read the rank layout: gpus_required picks the launch in worker/launch.py
+    # and the recipe reads the rest on ranks only (tests/worker/test_distributed_job.py, test_memory_plan.py).
+    **{f"{section}.{name}": "the rank layout of a multi-GPU job: read by worker/launch.run_job_spec "
+       "(JobSpec.gpus_required), StageRunner.fit_layout on ranks, the scheduler and the memory plan"
+       for section in ("training", "contrastive") for name in ("devices", "strategy", "activation_checkpointing")},
 }
 
 
