@@ -141,7 +141,27 @@ class SequenceSpec(_Strict):
     )
 
 
-class ContrastiveSpec(_Strict):
+class _RankLayout(_Strict):
+    """How a training stage spreads over GPUs: the same three fields on ``training`` and ``contrastive``."""
+
+    devices: int = Field(
+        default=1, ge=1, le=MAX_DEVICES,
+        description="GPUs this stage needs (torch.distributed, one rank per GPU on one worker host). The job runs "
+        "on the largest of training.devices and contrastive.devices, and every training stage trains on all of "
+        "them: the global batch_size is split over the ranks, so it must be a multiple of ranks * micro_batch_size.",
+    )
+    strategy: Strategy = Field(
+        default="auto",
+        description="ddp (a full replica per GPU), fsdp (parameters, gradients and optimizer state sharded), or "
+        "auto: ddp when the student fits one GPU with its optimizer state, else fsdp (ctpd_core.memory_plan).",
+    )
+    activation_checkpointing: bool | None = Field(
+        default=None, description="Recompute activations in the backward pass (less memory, ~30 % more compute); "
+        "default: on with fsdp, off otherwise.",
+    )
+
+
+class ContrastiveSpec(_RankLayout):
     """π+ and π− (method §2, stages 2a/2b): given as models, or trained by DPO and by DPO on swapped pairs,
     both initialised from (and referenced to) the teacher (or the student, for TIS-DPO weights)."""
 
@@ -158,21 +178,6 @@ class ContrastiveSpec(_Strict):
     learning_rate: float = Field(default=2e-6, gt=0, le=MAX_LEARNING_RATE, description="Paper: 2e-6 for both π+ and π−.")
     epochs: float = Field(default=1.0, gt=0, le=MAX_EPOCHS)
     max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Cap on optimizer steps per contrastive model.")
-    devices: int = Field(
-        default=1, ge=1, le=MAX_DEVICES,
-        description="GPUs this stage needs (torch.distributed, one rank per GPU on one worker host). The job runs "
-        "on the largest of training.devices and contrastive.devices, and every training stage trains on all of "
-        "them: the global batch_size is split over the ranks, so it must be a multiple of ranks * micro_batch_size.",
-    )
-    strategy: Strategy = Field(
-        default="auto",
-        description="ddp (a full replica per GPU), fsdp (parameters, gradients and optimizer state sharded), or "
-        "auto: ddp when the student fits one GPU with its optimizer state, else fsdp (ctpd_core.memory_plan).",
-    )
-    activation_checkpointing: bool | None = Field(
-        default=None, description="Recompute activations in the backward pass (less memory, ~30 % more compute); "
-        "default: on with fsdp, off otherwise.",
-    )
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> ContrastiveSpec:
@@ -271,7 +276,7 @@ class TrackingSpec(_Strict):
     mlflow: MlflowSpec = MlflowSpec()
 
 
-class TrainingSpec(_Strict):
+class TrainingSpec(_RankLayout):
     learning_rate: float = Field(default=1e-6, gt=0, le=MAX_LEARNING_RATE, description="Paper: 1e-6 for CTPD.")
     lr_schedule: LrSchedule = "cosine"
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Share of steps spent warming up (paper: 10 %).")
@@ -284,21 +289,6 @@ class TrainingSpec(_Strict):
     precision: Precision = Field(default="auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seeds data order, sampling and initialisation.")
     checkpoint_every: int = Field(default=100, ge=1, le=MAX_STEPS, description="Save a resumable checkpoint every N steps.")
-    devices: int = Field(
-        default=1, ge=1, le=MAX_DEVICES,
-        description="GPUs this stage needs (torch.distributed, one rank per GPU on one worker host). The job runs "
-        "on the largest of training.devices and contrastive.devices, and every training stage trains on all of "
-        "them: the global batch_size is split over the ranks, so it must be a multiple of ranks * micro_batch_size.",
-    )
-    strategy: Strategy = Field(
-        default="auto",
-        description="ddp (a full replica per GPU), fsdp (parameters, gradients and optimizer state sharded), or "
-        "auto: ddp when the student fits one GPU with its optimizer state, else fsdp (ctpd_core.memory_plan).",
-    )
-    activation_checkpointing: bool | None = Field(
-        default=None, description="Recompute activations in the backward pass (less memory, ~30 % more compute); "
-        "default: on with fsdp, off otherwise.",
-    )
 
     @model_validator(mode="after")
     def _batches(self) -> TrainingSpec:
