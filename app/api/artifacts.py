@@ -38,7 +38,7 @@ import re
 import stat
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
@@ -124,25 +124,33 @@ def export_files(folder: Folder) -> list[tuple[str, Path | str, int]]:
     return sorted(files)
 
 
-def tar_gz_stream(folder: Folder, root_name: str) -> Iterator[bytes]:
-    """The folder as ``root_name/...`` in a gzip-compressed tar, in chunks."""
-    if isinstance(folder, StoredFolder):
-        yield from _stored_tar_gz_stream(folder, root_name)
-        return
-    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: the gzip container
-    seen_dirs: set[str] = set()
+def _gzip_emitter(compressor: zlib._Compress) -> Callable[[bytes], Iterator[bytes]]:
+    """``emit(data)``: what ``compressor`` gives back for ``data`` (nothing until it has a block), as chunks."""
 
     def emit(data: bytes) -> Iterator[bytes]:
         out = compressor.compress(data)
         if out:
             yield out
 
-    def directory(name: str, mtime: float) -> bytes:
-        info = tarfile.TarInfo(name)
-        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(mtime)
-        return info.tobuf(format=tarfile.PAX_FORMAT)
+    return emit
 
-    yield from emit(directory(root_name, folder.stat().st_mtime))
+
+def _directory_header(name: str, mtime: float) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(mtime)
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+def tar_gz_stream(folder: Folder, root_name: str) -> Iterator[bytes]:
+    """The folder as ``root_name/...`` in a gzip-compressed tar, in chunks."""
+    if isinstance(folder, StoredFolder):
+        yield from _stored_tar_gz_stream(folder, root_name)
+        return
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: the gzip container
+    emit = _gzip_emitter(compressor)
+    seen_dirs: set[str] = set()
+
+    yield from emit(_directory_header(root_name, folder.stat().st_mtime))
     for relative, path, _size in export_files(folder):
         assert isinstance(path, Path)  # a folder on disk lists paths
         parts = relative.split("/")[:-1]
@@ -150,7 +158,7 @@ def tar_gz_stream(folder: Folder, root_name: str) -> Iterator[bytes]:
             sub = "/".join(parts[:depth])
             if sub not in seen_dirs:
                 seen_dirs.add(sub)
-                yield from emit(directory(f"{root_name}/{sub}", (folder / sub).stat().st_mtime))
+                yield from emit(_directory_header(f"{root_name}/{sub}", (folder / sub).stat().st_mtime))
         with path.open("rb") as handle:
             opened = os.fstat(handle.fileno())
             info = tarfile.TarInfo(f"{root_name}/{relative}")
@@ -174,26 +182,16 @@ def _stored_tar_gz_stream(folder: StoredFolder, root_name: str) -> Iterator[byte
     """:func:`tar_gz_stream` of a stored folder: the same headers (sizes and mtimes from its manifest), the
     files' bytes read from the storage as the client reads."""
     compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-
-    def emit(data: bytes) -> Iterator[bytes]:
-        out = compressor.compress(data)
-        if out:
-            yield out
-
-    def directory(name: str, mtime: float) -> bytes:
-        info = tarfile.TarInfo(name)
-        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(mtime)
-        return info.tobuf(format=tarfile.PAX_FORMAT)
-
+    emit = _gzip_emitter(compressor)
     seen_dirs: set[str] = set()
-    yield from emit(directory(root_name, folder.folder_mtime("")))
+    yield from emit(_directory_header(root_name, folder.folder_mtime("")))
     for relative in folder.visible_files():
         parts = relative.split("/")[:-1]
         for depth in range(1, len(parts) + 1):
             sub = "/".join(parts[:depth])
             if sub not in seen_dirs:
                 seen_dirs.add(sub)
-                yield from emit(directory(f"{root_name}/{sub}", folder.folder_mtime(sub)))
+                yield from emit(_directory_header(f"{root_name}/{sub}", folder.folder_mtime(sub)))
         part = _stored_part(folder, relative)
         info = tarfile.TarInfo(f"{root_name}/{relative}")
         info.size, info.mode, info.mtime = part.size, 0o644, part.mtime_ns // 1_000_000_000
