@@ -693,7 +693,17 @@ def plan_job(spec: JobSpec, shapes: Shapes, *, gpu_memory_bytes: int | None, gpu
         stages.append(frozen_stage("weights", "π+ then π− (frozen), " + reference_label, resident,
                                    2 * INFERENCE_BATCH_PAIRS, "weights.source"))
 
-    stages.append(_training_stage(spec, "distill", student_label, student, [], world, gpu_memory_bytes, headroom))
+    # uld and dskd run the frozen teacher live beside the student they train (its next-token distributions and
+    # hidden states are too large to cache); dskd's projector is a few linear layers, left out.
+    live_teacher = spec.method in ("uld", "dskd")
+    teacher_shape = shapes.get("teacher")
+    if live_teacher and teacher_shape is None:
+        stages.append(StagePlan("distill", student_label, world_size=world,
+                                not_checked=_unknown_reason(["teacher"], spec)))
+    else:
+        beside = [("teacher", teacher_shape)] if live_teacher and teacher_shape is not None else []
+        stages.append(_training_stage(spec, "distill", student_label, student, beside, world, gpu_memory_bytes,
+                                      headroom))
     # Evaluation runs on rank 0 alone, with the whole trained student (gathered, under fsdp) and the initial one.
     if student is not None:
         evaluate = frozen_stage(

@@ -16,7 +16,12 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Method = Literal["ctpd", "dpo", "tisdpo"]
+Method = Literal["ctpd", "dpo", "tisdpo", "sft", "uld", "dskd"]
+# The methods that train on the chosen responses alone, SFT-style (method §8), instead of on preference pairs.
+KD_METHODS = ("sft", "uld", "dskd")
+# The methods that read the teacher: CTPD as its reference, ULD and DSKD as the distribution they distil.
+TEACHER_METHODS = ("ctpd", "uld", "dskd")
+UldAlignment = Literal["span", "position"]
 WeightSource = Literal["teacher_contrastive", "student_contrastive", "uniform", "random"]
 Precision = Literal["auto", "fp32", "bf16"]
 LrSchedule = Literal["cosine", "linear", "constant"]
@@ -224,6 +229,33 @@ class LoraSpec(_Strict):
 
 
 
+class KdSpec(_Strict):
+    """The knowledge-distillation baselines (method §8): ``(1 − κ)·CE + κ·KD`` on the chosen responses. Each
+    field is read by the methods named in it; setting one for another method is an error."""
+
+    kappa: float = Field(
+        default=0.5, ge=0, le=1, description="uld, dskd: κ, the weight of the distillation term (paper: 0.5).",
+    )
+    temperature: float = Field(
+        default=2.0, gt=0, le=100.0, description="dskd: the temperature of its KL terms (paper: 2.0).",
+    )
+    uld_alignment: UldAlignment = Field(
+        default="span",
+        description="uld: which student and teacher positions are compared. span: the position predicting the "
+        "first token of each aligned span on both sides, where both models condition on the same text; position: "
+        "the paper's ULD, response token j against response token j from the first answer token on.",
+    )
+    projector_learning_rate: float = Field(
+        default=1e-3, gt=0, le=MAX_LEARNING_RATE,
+        description="dskd: the learning rate of its freshly initialised projector (the student keeps "
+        "training.learning_rate); DSKD's scripts use 1e-3.",
+    )
+
+    def fields_for(self, method: str) -> tuple[str, ...]:
+        return {"uld": ("kappa", "uld_alignment"), "dskd": ("kappa", "temperature", "projector_learning_rate")}.get(
+            method, ())
+
+
 # A URI scheme (RFC 3986): what tells MLflow which store to use; a bare path would be its deprecated file store.
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
 
@@ -343,12 +375,17 @@ class ExportSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    method: Method = Field(default="ctpd", description="ctpd, or a baseline on the student alone: dpo, tisdpo.")
-    teacher: ModelRef | None = Field(default=None, description="The teacher; required for ctpd.")
+    method: Method = Field(
+        default="ctpd",
+        description="ctpd; a preference baseline on the student alone: dpo, tisdpo; or a baseline trained on the "
+        "chosen responses: sft (the student alone), uld or dskd (cross-tokenizer distillation from the teacher).",
+    )
+    teacher: ModelRef | None = Field(default=None, description="The teacher; required for ctpd, uld and dskd.")
     student: ModelRef
     dataset: DatasetRef
     beta: float = Field(default=0.1, gt=0, le=MAX_BETA, description="β of the distillation loss (paper: 0.1).")
     weights: WeightsSpec = WeightsSpec()
+    kd: KdSpec = Field(default=KdSpec(), description="Settings of the uld and dskd baselines.")
     contrastive: ContrastiveSpec = ContrastiveSpec()
     training: TrainingSpec = TrainingSpec()
     sequence: SequenceSpec = SequenceSpec()
@@ -374,11 +411,23 @@ class JobSpec(_Strict):
             "ctpd": "teacher_contrastive",
             "tisdpo": "student_contrastive",
             "dpo": "uniform",
+            **{method: "uniform" for method in KD_METHODS},
         }
         if self.weights.source is None:
             object.__setattr__(self, "weights", self.weights.model_copy(update={"source": default_source[self.method]}))
-        if self.method == "ctpd" and self.teacher is None:
-            raise SpecError("method ctpd needs a teacher: add {\"teacher\": {\"model\": ...}}", "teacher")
+        if self.method in TEACHER_METHODS and self.teacher is None:
+            raise SpecError(f"method {self.method} needs a teacher: add {{\"teacher\": {{\"model\": ...}}}}", "teacher")
+        if self.method in KD_METHODS:
+            self._kd_rules()
+        # A kd setting the method does not read is refused rather than ignored. Compared with the defaults (not
+        # with the fields given), so that the resolved spec, which holds every default, validates again.
+        unread = [name for name in KdSpec.model_fields if name not in self.kd.fields_for(self.method)
+                  and getattr(self.kd, name) != KdSpec.model_fields[name].default]
+        if unread:
+            readers = {"kappa": "uld and dskd", "uld_alignment": "uld", "temperature": "dskd",
+                       "projector_learning_rate": "dskd"}
+            raise SpecError(f"kd.{unread[0]} is read by {readers[unread[0]]} only, and method {self.method} would "
+                            "ignore it; drop it", "kd", unread[0])
         if self.weights.source == "teacher_contrastive" and self.method != "ctpd":
             raise SpecError(
                 f"weights.source teacher_contrastive needs method ctpd (the {self.method} baseline trains the "
@@ -402,6 +451,20 @@ class JobSpec(_Strict):
             raise SpecError("method dpo uses no weights; use tisdpo for weighted DPO, or drop weights.source",
                             "weights", "source")
         return self
+
+    def _kd_rules(self) -> None:
+        if self.weights.source != "uniform":
+            raise SpecError(f"method {self.method} trains on the chosen responses and uses no span weights; drop "
+                            "weights.source (or use tisdpo / ctpd for weighted preference training)", "weights", "source")
+        if self.method == "dskd" and self.gpus_required > 1:
+            raise SpecError("method dskd trains on one device (its cross-model attention is not wired for "
+                            "torch.distributed); set training.devices to 1, or use uld / ctpd on several GPUs",
+                            "training", "devices")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the job reads the teacher (its tokenizer in prepare, its model in a stage)."""
+        return self.method in TEACHER_METHODS
 
     @property
     def needs_contrastive(self) -> bool:

@@ -21,6 +21,7 @@ model's size. The student's last checkpoints stay, weights only, under ``run_dir
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -76,7 +77,7 @@ from ctpd_core.records import (
     save_token_values,
     swap_pairs,
 )
-from ctpd_core.spec import JobSpec, ModelRef
+from ctpd_core.spec import KD_METHODS, JobSpec, ModelRef
 from ctpd_core.train import FitConfig, fit
 from ctpd_core.vocab import Stage, fit_stage
 
@@ -370,6 +371,7 @@ class Weights:
 class Distilled:
     student: nn.Module | None  # trained, in eval mode; None on the ranks other than rank 0 (they are done)
     steps: int
+    projector: nn.Module | None = None  # dskd: the trained dual-space projector, exported beside the student
 
 
 @dataclass(frozen=True)
@@ -484,8 +486,8 @@ def prepare_stage(spec: JobSpec, runner: StageRunner) -> Prepared:
     student_tokenizer = _load_tokenizer(spec.student, context, "student tokenizer")
     teacher_tokenizer = (
         _load_tokenizer(spec.teacher, context, "teacher tokenizer")
-        if _is_ctpd(spec) and spec.teacher is not None
-        else student_tokenizer  # the baselines train the student alone: both "sides" are the student's
+        if spec.uses_teacher and spec.teacher is not None
+        else student_tokenizer  # the student-only baselines: both "sides" are the student's
     )
     train_fingerprint = pairs_fingerprint(train_pairs)
     parts = {
@@ -640,8 +642,9 @@ def weights_stage(
     spec: JobSpec, runner: StageRunner, models: ModelPool, prepared: Prepared, reference: Reference,
     contrastive: Contrastive | None,
 ) -> Weights:
-    """Span (ctpd) or token (tisdpo) importance weights of the training pairs; none for dpo."""
-    if spec.method == "dpo":
+    """Span (ctpd) or token (tisdpo) importance weights of the training pairs; none for dpo and the chosen-response
+    baselines (sft, uld, dskd)."""
+    if spec.method == "dpo" or spec.method in KD_METHODS:
         return Weights(values=None)
     weights_spec = spec.weights
     granularity: Granularity = "span" if _is_ctpd(spec) else "token"
@@ -713,18 +716,45 @@ def distill_stage(
         torch.manual_seed(spec.training.seed)  # before loading: the init of a trainable model is seeded
         student = with_lora(spec, models.fresh(spec.student)[0])
         items = build_items(prepared.data.train, reference.logprobs["train"], weights.values)
-        loss = make_distill_loss(spec.method, spec.beta, policy_side="student", reference_side=reference.side,
-                                 pad_id=prepared.pad_ids["student"], device=runner.context.device)
         config = fit_config(spec, learning_rate=spec.training.learning_rate, epochs=spec.training.epochs,
                             max_steps=spec.training.max_steps)
-        layout = runner.fit_layout(spec, "distill", student)
-        result = fit(student, items, loss, config, runner.context.run_dir / Stage.DISTILL, stage=Stage.DISTILL,
+        if spec.method in KD_METHODS:
+            trained_unit, loss, config = _kd_training(spec, models, prepared, student, config, runner.context.device)
+        else:
+            trained_unit = student
+            loss = make_distill_loss(spec.method, spec.beta, policy_side="student", reference_side=reference.side,
+                                     pad_id=prepared.pad_ids["student"], device=runner.context.device)
+        layout = runner.fit_layout(spec, "distill", trained_unit)
+        result = fit(trained_unit, items, loss, config, runner.context.run_dir / Stage.DISTILL, stage=Stage.DISTILL,
                      device=runner.context.device, **runner.fit_hooks(), **layout)
         summary.update({"steps": result.steps, "resumed_from": result.resumed_from, **result.last_metrics})
+    models.release()  # the live teacher of uld / dskd: evaluation loads the initial student instead
+    projector = getattr(trained_unit, "projector", None)
     trained = trained_model(student, runner, lambda: with_lora(spec, models.load_on_cpu(spec.student)))
     if trained is not None:
         trained.eval()
-    return Distilled(student=trained, steps=result.steps)
+    return Distilled(student=trained, steps=result.steps, projector=projector)
+
+
+def _kd_training(spec: JobSpec, models: ModelPool, prepared: Prepared, student: nn.Module, config: FitConfig,
+                 device: torch.device) -> tuple[nn.Module, Any, FitConfig]:
+    """What sft, uld and dskd train, their loss and fit config: the student on the chosen responses, with the
+    frozen teacher run live for uld and dskd (its full next-token distributions and hidden states are too large to
+    cache), and for dskd the student wrapped with its fresh projector, which learns at its own rate."""
+    from ctpd_core.kd import KdConfig, make_kd_loss
+
+    kd = spec.kd
+    teacher = models.frozen(spec.teacher)[0] if spec.uses_teacher and spec.teacher is not None else None
+    unit: nn.Module = student
+    if spec.method == "dskd":
+        from ctpd_core.dskd import DualSpaceProjector, DualSpaceStudent
+
+        unit = DualSpaceStudent(student, DualSpaceProjector.for_models(student, teacher).to(device))
+        config = dataclasses.replace(config, group_learning_rates=(("projector.", kd.projector_learning_rate),))
+    loss = make_kd_loss(spec.method, KdConfig(kappa=kd.kappa, temperature=kd.temperature,
+                                              uld_alignment=kd.uld_alignment),
+                        teacher=teacher, pad_ids=prepared.pad_ids, device=device)
+    return unit, loss, config
 
 
 def evaluate_stage(
@@ -774,7 +804,7 @@ def card_facts(
 ) -> CardFacts:
     """The model card of ``spec``'s student (or of one of its checkpoints), in public names."""
     title = spec.name or "Distilled student"
-    teacher = spec.teacher.model if spec.teacher is not None and _is_ctpd(spec) else None
+    teacher = spec.teacher.model if spec.teacher is not None and spec.uses_teacher else None
     return CardFacts(
         title=title if checkpoint_step is None else f"{title} (checkpoint, step {checkpoint_step})",
         method=spec.method,
@@ -808,6 +838,10 @@ def export_stage(
                               stage_seconds=runner.stage_seconds)
             export_student(distilled.student, prepared.student_tokenizer, staging, spec=spec.model_dump(mode="json"),
                            metrics=evaluation.metrics, card=card, dtype=dtype)
+            if distilled.projector is not None:  # dskd: the projector that was trained with the student
+                from ctpd_core.dskd import save_projector
+
+                save_projector(distilled.projector, staging)
 
         def may_publish() -> bool:
             return not runner.stop.should_stop() and (context.publish_guard is None or context.publish_guard())

@@ -85,6 +85,38 @@ def test_baseline_defaults():
     assert dpo.weights.source == "uniform" and not dpo.needs_contrastive
 
 
+@pytest.mark.parametrize(
+    "change, message, field",
+    [
+        ({"method": "uld", "teacher": None}, "method uld needs a teacher", ("teacher",)),
+        ({"method": "dskd", "teacher": None}, "method dskd needs a teacher", ("teacher",)),
+        ({"method": "sft", "weights": {"source": "student_contrastive"}}, "uses no span weights", ("weights", "source")),
+        ({"method": "uld", "weights": {"source": "random"}}, "uses no span weights", ("weights", "source")),
+        ({"method": "sft", "kd": {"kappa": 0.3}}, "kd.kappa is read by uld and dskd only", ("kd", "kappa")),
+        ({"method": "uld", "kd": {"temperature": 1.0}}, "kd.temperature is read by dskd only", ("kd", "temperature")),
+        ({"method": "dskd", "kd": {"uld_alignment": "position"}}, "kd.uld_alignment is read by uld only",
+         ("kd", "uld_alignment")),
+        ({"kd": {"kappa": 0.2}}, "method ctpd would ignore it", ("kd", "kappa")),
+        ({"method": "dskd", "training": {"devices": 2}}, "dskd trains on one device", ("training", "devices")),
+    ],
+)
+def test_the_chosen_response_baselines_refuse_what_they_cannot_serve(change, message, field):
+    with pytest.raises(ValidationError, match=message) as raised:
+        JobSpec.model_validate({**MINIMAL, **change})
+    [error] = raised.value.errors()
+    assert (*error["loc"], *error["ctx"]["error"].loc) == field
+
+
+def test_the_chosen_response_baselines_resolve_and_round_trip():
+    sft = JobSpec.model_validate({**MINIMAL, "method": "sft", "teacher": None})
+    assert sft.weights.source == "uniform" and not sft.needs_contrastive and not sft.uses_teacher
+    uld = JobSpec.model_validate({**MINIMAL, "method": "uld", "kd": {"kappa": 0.3, "uld_alignment": "position"}})
+    assert uld.uses_teacher and (uld.kd.kappa, uld.kd.uld_alignment, uld.kd.temperature) == (0.3, "position", 2.0)
+    dskd = JobSpec.model_validate({**MINIMAL, "method": "dskd", "kd": {"temperature": 1.0}})
+    for spec in (sft, uld, dskd):  # the stored resolved spec holds every kd default, and validates again
+        assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
 def test_yaml_json_and_overrides(tmp_path):
     (tmp_path / "spec.json").write_text(json.dumps(MINIMAL))
     (tmp_path / "spec.yaml").write_text(
