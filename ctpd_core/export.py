@@ -38,6 +38,21 @@ CONFIG_DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": 
 # tisdpo baselines trained the student alone.
 DISTILLATION_TAGS = ("distillation", "preference-distillation", "cross-tokenizer")
 BASELINE_TAGS = ("preference-optimization",)
+KD_TAGS = ("distillation", "knowledge-distillation", "cross-tokenizer")  # uld, dskd: on the chosen responses
+SFT_TAGS = ("sft",)
+# What the card says the method did, after "fine-tuned from <base> with **<method>**".
+_METHOD_CLAUSE = {
+    "ctpd": ", distilling the preferences of{teacher} across tokenizers",
+    "uld": ", distilling the next-token distributions of{teacher} across tokenizers on the chosen responses "
+    "(Universal Logit Distillation)",
+    "dskd": ", distilling{teacher} across tokenizers on the chosen responses (Dual-Space KD with cross-model "
+    "attention; its projector is saved beside the weights)",
+    "sft": " on the chosen responses",
+}
+
+
+def _method_tags(method: str) -> tuple[str, ...]:
+    return {"ctpd": DISTILLATION_TAGS, "uld": KD_TAGS, "dskd": KD_TAGS, "sft": SFT_TAGS}.get(method, BASELINE_TAGS)
 _HUB_CACHE_FOLDER = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/[^/]+/?$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
@@ -166,8 +181,7 @@ def model_card(facts: CardFacts, dtype: str) -> str:
     data = ModelCardData(
         model_name=facts.title, base_model=facts.base_model, license=facts.license,
         datasets=list(facts.datasets) or None, library_name="transformers", pipeline_tag="text-generation",
-        tags=list(dict.fromkeys(["ctpd", facts.method,
-                                 *(DISTILLATION_TAGS if facts.method == "ctpd" else BASELINE_TAGS)])),
+        tags=list(dict.fromkeys(["ctpd", facts.method, *_method_tags(facts.method)])),
         eval_results=eval_results or None,
     )
     about = f"`{facts.base_model}`" if facts.base_model else "a local model"
@@ -176,7 +190,7 @@ def model_card(facts: CardFacts, dtype: str) -> str:
         "---", data.to_yaml(), "---", "",
         f"# {facts.title}", "",
         f"A student fine-tuned from {about} with **{facts.method}**"
-        + (f", distilling the preferences of{teacher} across tokenizers" if facts.method == "ctpd" else "")
+        + _METHOD_CLAUSE.get(facts.method, "").format(teacher=teacher)
         + " (CTPD, arXiv 2601.11865), exported by ctpd.", "",
     ]
     if facts.checkpoint_step is not None:
