@@ -19,7 +19,10 @@ The contract, in the order a step runs:
 * **Length.** ``max_steps`` if set, else ``ceil(epochs * steps_per_epoch)`` (fractional epochs stop mid-epoch).
 * **Optimizer and schedule.** AdamW (torch default betas and eps, one parameter group, so weight decay applies
   to every trainable tensor, as in the authors' code) over the parameters with ``requires_grad`` only: a
-  LoRA-wrapped model trains its adapters only. Gradients are clipped to ``max_grad_norm``. The learning rate
+  LoRA-wrapped model trains its adapters only. ``group_learning_rates`` ((name prefix, lr) pairs) gives the
+  parameters whose name starts with a prefix their own base rate (the longest matching prefix wins), e.g. a
+  fresh DSKD projector beside a pre-trained student; the others stay in the first group at ``learning_rate``,
+  every group has the same weight decay, and the schedule scales every group by the same factor. Gradients are clipped to ``max_grad_norm``. The learning rate
   follows the shape of Hugging Face's ``get_{cosine,linear,constant}_schedule_with_warmup`` (what the authors
   ran): a linear warmup ``step / warmup_steps`` over ``round(warmup_ratio * total_steps)`` steps, then cosine to
   0, linear to 0, or constant. Unlike HF, the decay progress is clamped to 1, so the cosine never rises again
@@ -31,7 +34,7 @@ The contract, in the order a step runs:
   config: the method trains with dropout disabled (§6), so callers build their models with dropout 0. fit logs
   a warning when it sees active dropout, rather than silently rewriting the caller's model.
 * **Metrics** (one ``observer.metrics(stage, step, metrics)`` per step): ``loss`` (batch mean), ``grad_norm``
-  (pre-clip), ``learning_rate`` (the one this step used), ``epoch`` (fractional), ``step_seconds``, the mean
+  (pre-clip), ``learning_rate`` (the base one this step used), ``epoch`` (fractional), ``step_seconds``, the mean
   over micro-batches of every ``loss_fn`` stat (weighted by micro-batch size, so per-example stats average to
   the batch mean; non-scalar tensors are averaged first), except ``tokens``, a count, which is summed over the
   step and also gives ``tokens_per_second``. fit's own names win over a stat of the same name.
@@ -179,6 +182,9 @@ class FitConfig:
     seed: int = _training_default("seed")
     checkpoint_every: int = _training_default("checkpoint_every")  # optimizer steps
     keep_checkpoints: int = 2  # not a spec field: how many resume points a stage keeps on disk
+    # Not a spec field: (parameter-name prefix, base lr) pairs, for parameters that learn at their own rate (a
+    # fresh projector beside a pre-trained student). Names are the unwrapped model's (as checkpoints store them).
+    group_learning_rates: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if (
@@ -225,6 +231,7 @@ class FitConfig:
             )
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}.")
+        _validate_group_learning_rates(self.group_learning_rates)
 
 
 @dataclass(frozen=True)
@@ -367,9 +374,19 @@ def fit(
     # By the unwrapped model's names (what both checkpoint formats store), in the optimizer's parameter order.
     trainable = {unwrapped_name(name, model): parameter for name, parameter in _trainable_parameters(model).items()}
     # Built before any resume so the state dicts load into the same structure that wrote them.
-    optimizer = torch.optim.AdamW(
-        trainable.values(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    param_groups = parameter_groups(trainable, config.learning_rate, config.group_learning_rates)
+    if not config.group_learning_rates:  # today's one group, built exactly as before
+        optimizer = torch.optim.AdamW(
+            trainable.values(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+    else:
+        # The groups' order is the optimizer's parameter order, which the checkpoint formats number by.
+        trainable = {name: trainable[name] for group in param_groups for name in group["names"]}
+        optimizer = torch.optim.AdamW(
+            [{"params": [trainable[name] for name in group["names"]], "lr": group["lr"]} for group in param_groups],
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+        )
     scheduler = build_scheduler(
         optimizer, schedule=config.lr_schedule, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps
     )
@@ -485,7 +502,11 @@ def fit(
                 grad_norm = _clip_full_gradient(list(trainable.values()), config.max_grad_norm)
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
-            learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses
+            # The base rate this step uses (LambdaLR's own product; the first group need not be the base one)
+            learning_rate = config.learning_rate * lr_multiplier(
+                scheduler.last_epoch, schedule=config.lr_schedule, warmup_steps=plan.warmup_steps,
+                total_steps=plan.total_steps,
+            )
             optimizer.step()
             scheduler.step()
             step += 1
@@ -649,4 +670,61 @@ def _as_scalar(value: torch.Tensor | float) -> torch.Tensor | float:
 
 
 def _config_dict(config: FitConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(config)))  # as it reads back from state.json
+    values = dataclasses.asdict(config)
+    if not values["group_learning_rates"]:
+        # Without groups the recorded config is what it was before the field existed, so checkpoints written
+        # then still resume (a missing key would read as a changed configuration).
+        del values["group_learning_rates"]
+    return json.loads(json.dumps(values))  # as it reads back from state.json
+
+
+def _validate_group_learning_rates(pairs: object) -> None:
+    if not isinstance(pairs, tuple | list):
+        raise ValueError(
+            f"group_learning_rates must be a tuple of (parameter-name prefix, learning rate) pairs, got {pairs!r}; "
+            "e.g. (('projector.', 1e-3),)."
+        )
+    seen: set[str] = set()
+    for pair in pairs:
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise ValueError(
+                f"group_learning_rates entry {pair!r} is not a (prefix, learning rate) pair; e.g. ('projector.', 1e-3)."
+            )
+        prefix, rate = pair
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(
+                f"group_learning_rates prefix {prefix!r} must be a non-empty string naming parameters (e.g. 'projector.')."
+            )
+        if prefix in seen:
+            raise ValueError(f"group_learning_rates names the prefix {prefix!r} twice; give each prefix one rate.")
+        seen.add(prefix)
+        if not _is_number(rate) or not math.isfinite(rate) or rate <= 0:
+            raise ValueError(f"the learning rate of group {prefix!r} must be a finite number > 0, got {rate!r}.")
+
+
+def parameter_groups(
+    names: Mapping[str, object] | Sequence[str], base_rate: float, group_rates: Sequence[tuple[str, float]]
+) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups as ``{"names": [...], "lr": rate}``, base group first.
+
+    A name goes to the group of the longest prefix it starts with (so ``projector.`` and ``projector.query.``
+    can differ), else to the base group at ``base_rate``; names keep their order within a group. The base group
+    is left out when every name matched a prefix (``torch.distributed.checkpoint``'s optimizer state helpers
+    drop an empty group's settings). A prefix that matches no name is refused: it is almost always a misspelt
+    name, and its parameters would silently train at the base rate.
+    """
+    ordered = sorted(group_rates, key=lambda pair: len(pair[0]), reverse=True)
+    groups: dict[str, list[str]] = {prefix: [] for prefix, _ in group_rates}
+    base: list[str] = []
+    for name in names:
+        prefix = next((prefix for prefix, _ in ordered if name.startswith(prefix)), None)
+        (base if prefix is None else groups[prefix]).append(name)
+    unmatched = [prefix for prefix, members in groups.items() if not members]
+    if unmatched:
+        examples = ", ".join(list(names)[:3])
+        raise ValueError(
+            f"group_learning_rates prefix {unmatched[0]!r} matches no trainable parameter (names look like "
+            f"{examples}); use a prefix of those names."
+        )
+    base_group = [{"names": base, "lr": base_rate}] if base or not group_rates else []
+    return base_group + [{"names": groups[prefix], "lr": float(rate)} for prefix, rate in group_rates]

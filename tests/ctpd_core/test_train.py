@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ctpd_core.checkpoint import checkpoint_steps
 from ctpd_core.observe import NullObserver, Progress, Stopped
-from ctpd_core.train import FitConfig, FitResult, build_scheduler, lr_multiplier, plan_steps
+from ctpd_core.train import FitConfig, FitResult, build_scheduler, lr_multiplier, parameter_groups, plan_steps
 from ctpd_core.train import fit as train_fit
 
 VOCAB, SEQ = 64, 8
@@ -623,3 +623,155 @@ def test_a_resume_replays_the_metrics_of_the_steps_before_its_checkpoint(tmp_pat
     assert result.resumed_from == 3 and sorted(second.seen) == [4, 5]
     assert len(replayed) == 1 and [step for step, _ in replayed[0]] == [1, 2, 3]
     assert dict(replayed[0]) == {step: first.seen[step] for step in (1, 2, 3)}
+
+
+# ------------------------------------------------------------------------------------- per-group learning rates
+
+
+class GroupRatesAtStep:
+    """The optimizer's groups at every step (names of their parameters and the rate each uses), by torch's
+    global pre-step hook, so the test sees what fit's own optimizer does."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.names = {id(parameter): name for name, parameter in model.named_parameters()}
+        self.steps: list[list[tuple[frozenset[str], float]]] = []
+
+    def __enter__(self) -> GroupRatesAtStep:
+        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.steps.append([
+                (frozenset(self.names[id(p)] for p in group["params"]), float(group["lr"]))
+                for group in optimizer.param_groups
+            ])
+
+        self.handle = register_optimizer_step_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+HEAD_RATE = 1e-2
+
+
+def test_a_group_learns_at_its_own_rate_and_the_schedule_scales_every_group(tmp_path: Path) -> None:
+    model = build_model()
+    every = {name for name, _ in model.named_parameters()}
+    run = config(learning_rate=1e-3, lr_schedule="cosine", warmup_ratio=0.2, max_steps=10,
+                 group_learning_rates=(("lm_head.", HEAD_RATE),))  # warmup 2
+    sink = RecordingSink()
+    with GroupRatesAtStep(model) as seen:
+        fit(model, make_items(4), nll_loss, run, tmp_path, observer=sink)
+    assert len(seen.steps) == 10
+    for step, groups in enumerate(seen.steps):
+        factor = lr_multiplier(step, schedule="cosine", warmup_steps=2, total_steps=10)
+        (base_names, base_rate), (head_names, head_rate) = groups  # the base group first, then the head's
+        assert head_names == {"lm_head.weight"} and base_names == every - {"lm_head.weight"}
+        assert base_rate == pytest.approx(1e-3 * factor, rel=1e-12)
+        assert head_rate == pytest.approx(HEAD_RATE * factor, rel=1e-12)
+    # after warmup (step 2) each group is at its own peak; the reported rate is the base group's
+    assert seen.steps[2][0][1] == pytest.approx(1e-3) and seen.steps[2][1][1] == pytest.approx(HEAD_RATE)
+    torch.testing.assert_close(sink.series("learning_rate"), [groups[0][1] for groups in seen.steps], rtol=0, atol=0)
+
+
+def test_a_group_rate_moves_its_parameters_further(tmp_path: Path) -> None:
+    """AdamW's first step moves every weight by about lr (the update is m/√v ≈ ±1): the head, at 10× the base
+    rate, moves about 10× as far as it does in a run without the group, and the other weights do not change."""
+    plain, grouped = build_model(), build_model()
+    before = parameters(plain)
+    one_step = {"max_steps": 1, "weight_decay": 0.0}
+    fit(plain, make_items(4), nll_loss, config(**one_step), tmp_path / "plain")
+    fit(grouped, make_items(4), nll_loss, config(**one_step, group_learning_rates=(("lm_head.", HEAD_RATE),)),
+        tmp_path / "grouped")
+    moved_plain = (parameters(plain)["lm_head.weight"] - before["lm_head.weight"]).abs().mean()
+    moved_grouped = (parameters(grouped)["lm_head.weight"] - before["lm_head.weight"]).abs().mean()
+    assert float(moved_grouped / moved_plain) == pytest.approx(10.0, rel=1e-3)
+    for name, value in parameters(grouped).items():
+        if name != "lm_head.weight":
+            torch.testing.assert_close(value, parameters(plain)[name], rtol=0, atol=0)
+
+
+def test_a_resume_keeps_the_groups_and_their_rates(tmp_path: Path) -> None:
+    items = make_items(14)
+    run = config(lr_schedule="cosine", warmup_ratio=0.2, max_steps=8, checkpoint_every=3,
+                 group_learning_rates=(("lm_head.", HEAD_RATE), ("model.embed_tokens.", 3e-3)))
+    straight_model = build_model()
+    with GroupRatesAtStep(straight_model) as straight:
+        fit(straight_model, items, noisy_nll_loss, run, tmp_path / "straight")
+
+    first_sink = RecordingSink()
+    with pytest.raises(Stopped):
+        fit(build_model(), items, noisy_nll_loss, run, tmp_path / "resumed", observer=first_sink,
+            stop=StopAfter(first_sink, 4))
+    resumed_model = build_model()
+    with GroupRatesAtStep(resumed_model) as resumed:
+        result = fit(resumed_model, items, noisy_nll_loss, run, tmp_path / "resumed")
+    assert result.resumed_from == 4
+    assert resumed.steps == straight.steps[4:]  # same groups, same members, same rates at every step
+    # step 4 of 8 after 2 warmup steps: cosine progress 1/3, factor (1 + cos(π/3)) / 2 = 0.75 on every group
+    assert [rate for _, rate in resumed.steps[0]] == pytest.approx([0.75e-3, 0.75 * HEAD_RATE, 0.75 * 3e-3])
+    # the optimizer state went back into the right groups: the trajectory is the uninterrupted one, exactly
+    torch.testing.assert_close(parameters(resumed_model), parameters(straight_model), rtol=0, atol=0)
+    assert result.checkpoint is not None
+    state = json.loads((result.checkpoint / "state.json").read_text())
+    assert state["config"]["group_learning_rates"] == [["lm_head.", HEAD_RATE], ["model.embed_tokens.", 3e-3]]
+    with pytest.raises(ValueError, match="group_learning_rates: checkpoint .*, now"):
+        fit(build_model(), items, noisy_nll_loss, config(lr_schedule="cosine", warmup_ratio=0.2, max_steps=8,
+            checkpoint_every=3, group_learning_rates=(("lm_head.", 2e-2),)), tmp_path / "resumed")
+
+
+def test_without_groups_the_checkpoint_config_is_what_it_was(tmp_path: Path) -> None:
+    """No groups: one optimizer group, and no new key in state.json, so checkpoints written before the field
+    existed still resume."""
+    model = build_model()
+    with GroupRatesAtStep(model) as seen:
+        result = fit(model, make_items(4), nll_loss, config(max_steps=1), tmp_path)
+    assert len(seen.steps[0]) == 1 and seen.steps[0][0][0] == {name for name, _ in model.named_parameters()}
+    assert result.checkpoint is not None
+    assert "group_learning_rates" not in json.loads((result.checkpoint / "state.json").read_text())["config"]
+
+
+def test_with_every_parameter_in_a_group_the_reported_rate_is_still_the_base_one(tmp_path: Path) -> None:
+    model, sink = build_model(), RecordingSink()
+    run = config(learning_rate=1e-3, lr_schedule="linear", warmup_ratio=0.0, max_steps=4,
+                 group_learning_rates=(("model.", 2e-3), ("lm_head.", HEAD_RATE)))
+    with GroupRatesAtStep(model) as seen:
+        fit(model, make_items(4), nll_loss, run, tmp_path, observer=sink)
+    assert [rate for _, rate in seen.steps[1]] == pytest.approx([0.75 * 2e-3, 0.75 * HEAD_RATE])  # two groups
+    assert sink.series("learning_rate") == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+
+
+def test_parameter_groups_by_longest_prefix_with_the_base_group_first() -> None:
+    names = ["student.a", "projector.query.weight", "projector.t2s.weight", "student.b"]
+    groups = parameter_groups(names, 1e-4, (("projector.", 1e-3), ("projector.query.", 5e-3)))
+    assert groups == [
+        {"names": ["student.a", "student.b"], "lr": 1e-4},
+        {"names": ["projector.t2s.weight"], "lr": 1e-3},
+        {"names": ["projector.query.weight"], "lr": 5e-3},
+    ]
+    everything = parameter_groups(names, 1e-4, (("student.", 2e-4), ("projector.", 1e-3)))
+    assert [group["lr"] for group in everything] == [2e-4, 1e-3]  # no empty base group
+    assert parameter_groups(names, 1e-4, ()) == [{"names": names, "lr": 1e-4}]
+    with pytest.raises(ValueError, match="prefix 'projecter.' matches no trainable parameter.*student.a"):
+        parameter_groups(names, 1e-4, (("projecter.", 1e-3),))
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        ((("projector.", 0.0),), "learning rate of group 'projector.' must be a finite number > 0, got 0.0"),
+        ((("projector.", math.inf),), "learning rate of group 'projector.' must be a finite number > 0"),
+        ((("", 1e-3),), "prefix '' must be a non-empty string"),
+        ((("projector.", 1e-3), ("projector.", 2e-3)), "names the prefix 'projector.' twice"),
+        ((("projector.",),), "is not a \\(prefix, learning rate\\) pair"),
+        ("projector.", "must be a tuple of \\(parameter-name prefix, learning rate\\) pairs"),
+    ],
+)
+def test_bad_group_learning_rates_raise(groups: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        config(group_learning_rates=groups)
+
+
+def test_a_group_prefix_that_names_nothing_is_refused_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="prefix 'lm_haed.' matches no trainable parameter"):
+        fit(build_model(), make_items(4), nll_loss, config(group_learning_rates=(("lm_haed.", 1e-2),)), tmp_path)
+    assert checkpoint_steps(tmp_path) == []
