@@ -100,3 +100,111 @@ SCALES: dict[str, Scale] = {
     ),
 }
 
+
+
+# ------------------------------------------------------------------------------------------------ the frontier
+# Issue 14: does CTPD win at matched KL? Every method is trained at several strengths and each trained model is
+# measured as a (KL, reward) point; the points of one method make its curve (the DPO paper's Figure 2).
+#
+# THE GRID, fixed before any result was seen (do not edit it after a sweep has run; add a new grid instead):
+# - DPO, TIS-DPO, CTPD and CTPD-uniform sweep β over FRONTIER_BETAS: a decade on either side of the paper's 0.1,
+#   in steps of ~3x, which is the knob the DPO paper's frontier sweeps.
+# - SFT, ULD and DSKD have no β. They sweep the learning rate over FRONTIER_LR_FACTORS times the scale's learning
+#   rate (5e-5 on the CPU): the learning rate is the one knob all three share, and with the steps fixed it moves
+#   the trained model away from the initial student monotonically. κ stays at the paper's 0.5 and DSKD's
+#   temperature at 2.0 (method §8); DSKD's projector keeps the spec's own learning rate (1e-3), since it starts
+#   from random weights and its rate is not a distance knob.
+# - ULD compares positions by our aligned spans (``uld_alignment: span``, the spec's default): both models then
+#   read the same text at every compared position, where the paper's first-answer-token alignment pairs
+#   positions whose prefixes differ whenever the tokenizers split the answer differently.
+# - Everything else is the scale's and identical for every method and point: the training pairs (the same seeded
+#   sample per seed), steps, batch, optimizer, schedule, π± settings, sequence budgets and the seeds.
+FRONTIER_VERSION = 1  # bump when bench/quality/frontier*.py changes what a stored frontier number means
+FRONTIER_BETAS: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
+FRONTIER_LR_FACTORS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+KD_KAPPA = 0.5  # the paper's κ for ULD and DSKD
+DSKD_TEMPERATURE = 2.0  # the paper's DSKD temperature
+
+# (key, label, knob, JobSpec fields). knob "beta" sweeps FRONTIER_BETAS, "lr" sweeps FRONTIER_LR_FACTORS.
+FRONTIER_METHODS: tuple[tuple[str, str, str, dict], ...] = (
+    ("dpo", "DPO", "beta", {"method": "dpo"}),
+    ("tisdpo", "TIS-DPO", "beta", {"method": "tisdpo", "weights": {"source": "student_contrastive"}}),
+    ("ctpd_uniform", "CTPD-uniform", "beta", {"method": "ctpd", "weights": {"source": "uniform"}}),
+    ("ctpd", "CTPD", "beta", {"method": "ctpd", "weights": {"source": "teacher_contrastive"}}),
+    ("sft", "SFT", "lr", {"method": "sft"}),
+    ("uld", "ULD (span alignment)", "lr", {"method": "uld", "kd": {"kappa": KD_KAPPA, "uld_alignment": "span"}}),
+    ("dskd", "DSKD", "lr", {"method": "dskd", "kd": {"kappa": KD_KAPPA, "temperature": DSKD_TEMPERATURE}}),
+)
+FRONTIER_LABELS = {key: label for key, label, _, _ in FRONTIER_METHODS}
+# The held-out text sources every frontier model is measured on (bench/quality/heldout.py: HELDOUT_SOURCES).
+FRONTIER_SOURCES: tuple[str, ...] = ("botchan", "jargon")
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One grid point: a method at one β (knob "beta") or one learning-rate factor (knob "lr")."""
+
+    method: str
+    knob: str
+    value: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}-beta{self.value:g}" if self.knob == "beta" else f"{self.method}-lr{self.value:g}x"
+
+    def describe(self, scale: Scale) -> str:
+        if self.knob == "beta":
+            return f"β {self.value:g}"
+        return f"lr {self.value * scale.learning_rate:.3g} (×{self.value:g})"
+
+    def spec_fields(self, scale: Scale) -> dict:
+        """The JobSpec fields of this point on top of the scale's shared ones."""
+        fields = next(f for key, _, _, f in FRONTIER_METHODS if key == self.method)
+        if self.knob == "beta":
+            return {**fields, "beta": self.value}
+        return {**fields, "training": {"learning_rate": self.value * scale.learning_rate}}
+
+
+@dataclass(frozen=True)
+class FrontierScale:
+    """A frontier sweep: the benchmark scale every point shares (``base``), and which part of the fixed grid it
+    runs. A scale may run a subset of the grid (the CPU one does), never other values."""
+
+    name: str
+    base: Scale
+    betas: tuple[float, ...] = FRONTIER_BETAS
+    lr_factors: tuple[float, ...] = FRONTIER_LR_FACTORS
+    methods: tuple[str, ...] = tuple(key for key, _, _, _ in FRONTIER_METHODS)
+    sources: tuple[str, ...] = FRONTIER_SOURCES
+
+    def __post_init__(self) -> None:
+        if not set(self.betas) <= set(FRONTIER_BETAS) or not set(self.lr_factors) <= set(FRONTIER_LR_FACTORS):
+            raise ValueError(
+                f"the frontier grid is fixed (β {FRONTIER_BETAS}, learning-rate factors {FRONTIER_LR_FACTORS}); "
+                f"a scale may use a subset of it, not β {self.betas} / factors {self.lr_factors}"
+            )
+        unknown = sorted(set(self.methods) - set(FRONTIER_LABELS))
+        if unknown:
+            raise ValueError(f"unknown frontier methods {unknown}; choose from {sorted(FRONTIER_LABELS)}")
+        if not self.sources:
+            raise ValueError("a frontier scale needs at least one held-out source")
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return self.base.seeds
+
+    def points(self) -> list[FrontierPoint]:
+        """Every grid point of this scale, method by method (the order the sweep trains them in)."""
+        out = []
+        for key, _, knob, _ in FRONTIER_METHODS:
+            if key in self.methods:
+                out += [FrontierPoint(key, knob, v) for v in (self.betas if knob == "beta" else self.lr_factors)]
+        return out
+
+    def fingerprint(self, device_type: str, row: str | dict, source: str) -> str:
+        """Identifies one stored measurement: the shared settings (:meth:`Scale.fingerprint`, device and
+        precision included), the frontier code's version, what the row trained (a point's JobSpec fields, or the
+        name of an untrained model) and the held-out source (its name and the hash of its prompts)."""
+        values = {"base": self.base.fingerprint(device_type), "version": FRONTIER_VERSION, "row": row,
+                  "source": source}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]

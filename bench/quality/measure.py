@@ -6,7 +6,9 @@
 - ``kl``: Σ over each sample's positions of the exact KL(model ‖ initial model) of the next-token
   distributions, averaged over samples (nats per continuation); 0 for an initial model.
 - ``bits_per_byte``: of the real rest of each held-out sentence, given its prompt.
-- ``preference_accuracy``: on held-out pairs, how often the model raised log p(chosen) − log p(rejected)
+- ``kls``: the per-sample KLs behind ``kl``, ``[prompt][sample]`` as ``rewards`` (the frontier's bootstrap
+  resamples prompts on both axes).
+- ``preference_accuracy``: on held-out pairs (None for an evaluation set without pairs), how often the model raised log p(chosen) − log p(rejected)
   above the initial model's (its implicit reward against the *initial model of its own family*, so it compares
   across methods whatever their training reference was); a tie counts half, so an untrained model scores 0.5.
   ``likelihood_accuracy``: how often log p(chosen) > log p(rejected) outright.
@@ -70,19 +72,26 @@ def measure_model(
         kl = sequence_kl(model, initial_model, flat_prompts, flat_samples, **{**common, "precision": "fp32"})
 
     rest_logps = sequence_logprobs(model, eval_set.prompt_ids, eval_set.rest_ids, **common)
-    chosen, rejected = pair_logprob_sums(model, eval_set, **common)
-    if initial_model is None:
-        initial_chosen, initial_rejected = chosen, rejected
-    else:
-        initial_chosen, initial_rejected = initial_pairs or pair_logprob_sums(initial_model, eval_set, **common)
+    accuracy: float | None = None
+    likelihood: float | None = None
+    if eval_set.pair_prompt_ids:
+        chosen, rejected = pair_logprob_sums(model, eval_set, **common)
+        if initial_model is None:
+            initial_chosen, initial_rejected = chosen, rejected
+        else:
+            initial_chosen, initial_rejected = initial_pairs or pair_logprob_sums(initial_model, eval_set, **common)
+        accuracy = preference_accuracy(chosen - initial_chosen, rejected - initial_rejected)
+        likelihood = float(np.mean(chosen > rejected))
     texts = [s.text for row in samples for s in row]
+    per_prompt = np.cumsum([0] + [len(row) for row in samples])
     return {
         "reward": float(np.mean(rewards)),
         "kl": float(np.mean(kl)),
+        "kls": [kl[a:b].tolist() for a, b in zip(per_prompt[:-1], per_prompt[1:], strict=True)],
         "kl_per_token": float(np.sum(kl) / max(sum(len(t) for t in flat_samples), 1)),
         "bits_per_byte": bits_per_byte(rest_logps, eval_set.rests),
-        "preference_accuracy": preference_accuracy(chosen - initial_chosen, rejected - initial_rejected),
-        "likelihood_accuracy": float(np.mean(chosen > rejected)),
+        "preference_accuracy": accuracy,
+        "likelihood_accuracy": likelihood,
         "mean_tokens": float(np.mean([len(t) for t in flat_samples])),
         "ended_share": float(np.mean([s.ended for row in samples for s in row])),
         "distinct_2": distinct_ngrams(texts, 2),

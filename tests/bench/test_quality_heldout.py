@@ -59,3 +59,42 @@ def test_training_subsets_are_seeded_samples_of_the_training_file(tmp_path):
     assert len(set(first)) == 32 and set(first) <= source
     with pytest.raises(ValueError, match="cannot train on"):
         training_subset(10_000, 0, tmp_path / "d.jsonl")
+
+
+def test_jargon_sentences_keep_prose_and_drop_headwords_fragments_and_pronunciations():
+    from bench.quality.heldout import jargon_sentences
+
+    text = (
+        "Front matter that is not read. It has sentences too.\n"
+        "Glossary\n\n"
+        "   :gobble: vt.\n\n"
+        "   1. To consume, usu.: used with ‘up’. “The output spy gobbles characters out of a {tty} output buffer.”\n\n"
+        "   :Godzillagram: /god·zil'@·gram/, n.\n\n"
+        "   A network packet that in theory is a broadcast to every machine, e.g. a datagram sent to all. Hackers say"
+        " it with a straight face and a /slash/ in it. Another ends\n   without a stop\n\n"
+        "Bibliography\n\nA book that comes after the end of the lexicon.\n"
+    )
+    assert jargon_sentences(text) == [
+        "To consume, usu.: used with 'up'.",
+        '"The output spy gobbles characters out of a tty output buffer."',
+    ]
+    with pytest.raises(ValueError, match="not the Jargon File"):
+        jargon_sentences("no headings here")
+
+
+def test_jargon_prompts_are_a_fixed_sample_of_the_packaged_text_never_trained_on():
+    from bench.quality.heldout import HELDOUT_SOURCES, JARGON, jargon_prompts, prompts_digest
+
+    if not JARGON.exists():
+        pytest.fail(f"{JARGON} is missing: run scripts/setup (it extracts the Jargon File from jargon-text)")
+    prompts = jargon_prompts(64)
+    assert len({p.sentence_index for p in prompts}) == 64
+    assert all(6 <= len(p.prompt.split()) <= 12 and p.rest.strip() for p in prompts)
+    assert not any(c in p.prompt + p.rest for p in prompts for c in "{}“”")
+    assert prompts_digest(jargon_prompts(64)) == prompts_digest(prompts)  # the same prompts on every machine
+    assert prompts_digest(prompts[:10]) != prompts_digest(prompts[1:11])
+    training_prompts = {row["prompt"] for row in _dataset_rows()}
+    assert training_prompts.isdisjoint(p.prompt for p in prompts)
+    assert HELDOUT_SOURCES["jargon"].pairs is False and HELDOUT_SOURCES["botchan"].pairs is True
+    with pytest.raises(ValueError, match="Jargon File prompts are eligible"):
+        jargon_prompts(100_000)
