@@ -357,3 +357,27 @@ def test_kd_config_refuses_bad_values(fields: dict[str, object], message: str) -
     with pytest.raises(ValueError, match=message):
         KdConfig(**fields)  # type: ignore[arg-type]
 
+
+
+def test_dskd_delegates_both_sides_chosen_batches_and_its_settings(
+    records, student, teacher, pad_ids, monkeypatch
+) -> None:
+    """The glue only (DSKD itself is tested with ctpd_core.dskd): a stand-in module records its call."""
+    import sys
+    import types
+
+    calls = []
+
+    def fake_dskd_loss(model, frozen, student_batch, teacher_batch, *, kappa, temperature):
+        calls.append((model, frozen, student_batch, teacher_batch, kappa, temperature))
+        return torch.zeros((), requires_grad=True), {"kd": torch.tensor(1.0)}
+
+    monkeypatch.setitem(sys.modules, "ctpd_core.dskd", types.SimpleNamespace(dskd_loss=fake_dskd_loss))
+    loss_fn = make_kd_loss("dskd", KdConfig(kappa=0.25, temperature=3.0), teacher=teacher, pad_ids=pad_ids, device=CPU)
+    _, stats = loss_fn(student, as_items(records[:2]))
+    ((model, frozen, student_batch, teacher_batch, kappa, temperature),) = calls
+    assert model is student and frozen is teacher and (kappa, temperature) == (0.25, 3.0)
+    chosen = [r.chosen for r in records[:2]]
+    assert torch.equal(student_batch.input_ids, collate_responses(chosen, "student", pad_ids["student"]).input_ids)
+    assert torch.equal(teacher_batch.input_ids, collate_responses(chosen, "teacher", pad_ids["teacher"]).input_ids)
+    assert stats["kd"] == 1.0 and stats["tokens"] == float(student_batch.attention_mask.sum())
