@@ -13,6 +13,7 @@ The noise floor at that size: the standard error of one mean reward over 64 prom
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -208,3 +209,17 @@ class FrontierScale:
         values = {"base": self.base.fingerprint(device_type), "version": FRONTIER_VERSION, "row": row,
                   "source": source}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+FRONTIER_SCALES: dict[str, FrontierScale] = {
+    # A smoke run of the whole sweep: every method at two grid points, one seed, tiny data (under 15 minutes).
+    "quick": FrontierScale(
+        name="quick", base=Scale(name="quick", train_pairs=32, eval_prompts=16, samples_per_prompt=2, seeds=(0,)),
+        betas=(0.1, 1.0), lr_factors=(0.5, 2.0),
+    ),
+    "cpu": FrontierScale(
+        name="cpu", base=Scale(name="cpu", train_pairs=128, eval_prompts=128, samples_per_prompt=2, seeds=(0, 1, 2)),
+        betas=(0.03, 0.3, 1.0), lr_factors=(0.25, 1.0, 2.0),
+    ),
+    "gpu": FrontierScale(name="gpu", base=dataclasses.replace(SCALES["gpu"], eval_prompts=256, samples_per_prompt=4)),
+}

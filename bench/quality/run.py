@@ -43,11 +43,9 @@ from ctpd_core.observe import NullObserver
 DOCS = REPO / "docs"
 
 
-def job_spec(scale: Scale, method: str, seed: int, train_file: Path) -> dict[str, Any]:
-    """The JobSpec (as a mapping) of one method and seed. Every method shares all hyperparameters."""
-    fields = next(f for key, _, f in METHODS if key == method)
-    spec: dict[str, Any] = {
-        **fields,
+def shared_spec(scale: Scale, seed: int, train_file: Path) -> dict[str, Any]:
+    """The JobSpec fields every method and grid point shares (the benchmark's and the frontier's)."""
+    return {
         "student": {"model": scale.student},
         "dataset": {"path": str(train_file), "validation_path": str(VALIDATION_FILE)},
         "beta": scale.beta,
@@ -58,6 +56,15 @@ def job_spec(scale: Scale, method: str, seed: int, train_file: Path) -> dict[str
         },
         "sequence": {"max_prompt_tokens": scale.max_prompt_tokens, "max_response_tokens": scale.max_response_tokens},
         "evaluation": {"max_pairs": scale.job_validation_pairs},
+    }
+
+
+def job_spec(scale: Scale, method: str, seed: int, train_file: Path) -> dict[str, Any]:
+    """The JobSpec (as a mapping) of one method and seed. Every method shares all hyperparameters."""
+    fields = next(f for key, _, f in METHODS if key == method)
+    spec: dict[str, Any] = {
+        **fields,
+        **shared_spec(scale, seed, train_file),
         "name": f"bench-quality {method} seed {seed}",
         "metadata": {"bench": "quality", "scale": scale.name, "seed": str(seed)},
     }
@@ -265,8 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report = Bench(scale, out, device, home / "catalog").run(command)
     if args.publish:
+        from bench.quality.frontier_report import frontier_section, splice_section
+
         DOCS.mkdir(exist_ok=True)
-        shutil.copyfile(out / "results.md", DOCS / "results.md")
+        # The frontier sweep (bench.quality.frontier) publishes its own section into the same page: kept.
+        published = DOCS / "results.md"
+        section = frontier_section(published.read_text(encoding="utf-8")) if published.exists() else None
+        text = (out / "results.md").read_text(encoding="utf-8")
+        published.write_text(splice_section(text, section) if section else text, encoding="utf-8")
         shutil.copyfile(out / PLOT_NAME, DOCS / PLOT_NAME)
         print(f"published {DOCS / 'results.md'} and {DOCS / PLOT_NAME}")
     print(report["markdown"])
