@@ -440,3 +440,34 @@ def test_a_few_fit_steps_lower_the_loss_and_checkpoint_the_projector(
     stored = read_trainable_tensors(result.checkpoint)
     assert {"projector.query.weight", "projector.t2s.bias", "projector.s2t.weight"} <= set(stored)
     assert "student.lm_head.weight" in stored and not any(name.startswith("teacher") for name in stored)
+
+
+def test_a_lora_student_trains_its_adapters_and_the_projector_only(chosen, student_tokenizer, teacher_tokenizer,
+                                                                   teacher) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    student = get_peft_model(build_student(student_tokenizer),
+                             LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    model = dual(student, teacher)
+    loss, _ = dskd_loss(model, teacher, *batches(chosen[:3], student_tokenizer, teacher_tokenizer),
+                        kappa=0.5, temperature=2.0)
+    loss.backward()
+    trained = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert trained == {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in name for name in trained) and any(n.startswith(PROJECTOR_PREFIX) for n in trained)
+    assert not any(name.startswith("student.") and "lora_" not in name for name in trained)
+
+
+def test_under_bf16_autocast_the_dual_space_block_stays_fp32(chosen, student_tokenizer, teacher_tokenizer, teacher
+                                                             ) -> None:
+    model = dual(build_student(student_tokenizer), teacher)
+    batch = batches(chosen[:3], student_tokenizer, teacher_tokenizer)
+    full, _ = dskd_loss(model, teacher, *batch, kappa=0.5, temperature=2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, stats = dskd_loss(model, teacher, *batch, kappa=0.5, temperature=2.0)
+        weights, _ = cross_model_attention(torch.ones(1, 2, 4), torch.ones(1, 3, 4), torch.ones(1, 2, dtype=torch.bool),
+                                           torch.ones(1, 3, dtype=torch.bool))
+    assert mixed.dtype == torch.float32 and weights.dtype == torch.float32
+    torch.testing.assert_close(mixed, full, rtol=5e-2, atol=5e-2)  # bf16 matmuls in the models, nothing worse
+    mixed.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.projector.parameters())
