@@ -177,6 +177,9 @@ class FrontierScale:
     lr_factors: tuple[float, ...] = FRONTIER_LR_FACTORS
     methods: tuple[str, ...] = tuple(key for key, _, _, _ in FRONTIER_METHODS)
     sources: tuple[str, ...] = FRONTIER_SOURCES
+    # How many of ``base.seeds`` one run trains when no --seeds are given: the first ones not yet stored, so that
+    # each run fits its time budget and seeds accumulate across runs and machines. None: all of them.
+    seeds_per_run: int | None = None
 
     def __post_init__(self) -> None:
         if not set(self.betas) <= set(FRONTIER_BETAS) or not set(self.lr_factors) <= set(FRONTIER_LR_FACTORS):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import shutil
@@ -96,6 +95,15 @@ class FrontierStore:
             return None
         stored = json.loads(path.read_text(encoding="utf-8"))
         return stored if stored.get("fingerprint") == fingerprint else None
+
+    def seeds(self, source: str, point_key: str) -> list[int]:
+        """The seeds stored for a grid point on a source (under any fingerprint)."""
+        found = []
+        for path in (self.folder / source).glob(f"{point_key}-seed*.json"):
+            suffix = path.stem[len(point_key) + len("-seed"):]
+            if suffix.isdigit():
+                found.append(int(suffix))
+        return sorted(found)
 
     def put(self, source: str, row: str, fingerprint: str, record: dict[str, Any]) -> None:
         path = self.path(source, row)
@@ -227,22 +235,45 @@ class FrontierBench:
         if not self.keep_models:  # the export and its checkpoints: ~0.3-0.5 GB per point, measured now
             shutil.rmtree(self.out / "runs" / row, ignore_errors=True)
 
-    def run(self, command: str | None = None) -> dict[str, Any]:
+    def is_complete(self, seed: int) -> bool:
+        """Whether every point of ``seed`` is stored on every source under this run's settings."""
+        return all(
+            self.store.get(source, point_row(p, seed), self.fingerprint(p.spec_fields(self.scale.base), source))
+            is not None
+            for p in self.scale.points() for source in self.scale.sources
+        )
+
+    def seeds_to_run(self) -> list[int]:
+        """The scale's seeds, or, with ``seeds_per_run``, the first that many not yet complete."""
+        seeds = list(self.scale.seeds)
+        if self.scale.seeds_per_run is None:
+            return seeds
+        return [s for s in seeds if not self.is_complete(s)][: self.scale.seeds_per_run]
+
+    def run(self, command: str | None = None, *, seeds: list[int] | None = None) -> dict[str, Any]:
+        """Measure the untrained models and every point of ``seeds`` (default :meth:`seeds_to_run`) that is not
+        stored yet; the report is rewritten after every seed."""
         from bench.quality.frontier_report import write_report
 
         command = command or f"python -m bench.quality.frontier --scale {self.scale.name}"
         started = time.monotonic()
         self.measure_untrained()
-        for seed in self.scale.seeds:
-            print(f"seed {seed}", flush=True)
-            train_file = training_subset(self.scale.base.train_pairs, seed,
-                                         self.out / "data" / f"train-seed{seed}.jsonl")
-            for point in self.scale.points():
-                self.run_point(point, seed, train_file)
+        seeds = self.seeds_to_run() if seeds is None else seeds
+        print(f"seeds this run: {seeds or 'none (every seed of the scale is stored)'}", flush=True)
+        for seed in seeds[:-1]:  # the report after each seed; the last one's is the returned one
+            self.run_seed(seed)
             write_report(self.scale, self.store, self.out, device_type=self.device_type, command=command,
                          wall_seconds=time.monotonic() - started, ids=self.source_ids)
+        if seeds:
+            self.run_seed(seeds[-1])
         return write_report(self.scale, self.store, self.out, device_type=self.device_type, command=command,
                             wall_seconds=time.monotonic() - started, ids=self.source_ids)
+
+    def run_seed(self, seed: int) -> None:
+        print(f"seed {seed}", flush=True)
+        train_file = training_subset(self.scale.base.train_pairs, seed, self.out / "data" / f"train-seed{seed}.jsonl")
+        for point in self.scale.points():
+            self.run_point(point, seed, train_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu (default: one seed per run, ~90 min on 2 cores), quick (under 15 min), gpu (one GPU)")
     parser.add_argument("--quick", action="store_const", const="quick", dest="scale", help="same as --scale quick")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="training seeds (default: the scale's); seeds accumulate in the store across runs")
+                        help="training seeds to run (default: the scale's next seeds_per_run seeds not yet stored); "
+                        "the report covers every seed stored, so seeds accumulate across runs and machines")
     parser.add_argument("--out", type=Path, default=None,
                         help="working folder for the stage cache and jobs (default $CTPD_HOME/bench/quality/"
                         "frontier-<scale>)")
@@ -268,15 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     scale = FRONTIER_SCALES[args.scale]
-    if args.seeds:
-        scale = dataclasses.replace(scale, base=dataclasses.replace(scale.base, seeds=tuple(args.seeds)))
     home = Path(os.environ.get("CTPD_HOME", ".ctpd")).expanduser()  # as the ctpd CLI (nothing imports ctpd_cli)
     out = args.out or home / "bench" / "quality" / f"frontier-{scale.name}"
     store = FrontierStore(args.store or MEASUREMENTS / scale.name)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if scale.base.precision == "bf16" and not str(device).startswith("cuda"):
         parser.error(f"the {scale.name} scale runs in bf16 on a GPU; no CUDA device here (use --scale cpu)")
-    print(f"bench.quality.frontier: scale {scale.name}, seeds {list(scale.seeds)}, {len(scale.points())} points, "
+    print(f"bench.quality.frontier: scale {scale.name}, seeds {args.seeds or list(scale.seeds)}"
+          + (f" ({scale.seeds_per_run} per run)" if scale.seeds_per_run and not args.seeds else "")
+          + f", {len(scale.points())} points, "
           f"device {device}, threads {torch.get_num_threads()}, store {store.folder}, out {out}", flush=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
@@ -287,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         report = write_report(scale, store, out, device_type=torch.device(device).type, command=command,
                               wall_seconds=0.0)
     else:
-        report = FrontierBench(scale, out, device, home / "catalog", store, keep_models=args.keep_models).run(command)
+        bench = FrontierBench(scale, out, device, home / "catalog", store, keep_models=args.keep_models)
+        report = bench.run(command, seeds=args.seeds)
     if args.publish:
         from bench.quality.frontier_report import publish
 

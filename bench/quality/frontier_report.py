@@ -40,8 +40,8 @@ RESAMPLES = 2000
 
 
 def collect(scale: FrontierScale, store, *, device_type: str, ids: dict[str, str] | None = None) -> dict[str, Any]:
-    """Every stored measurement of the scale whose fingerprint matches: ``[source]["points"][point][seed]`` and
-    ``[source]["untrained"][family]``."""
+    """Every stored measurement of the scale whose fingerprint matches, whatever run or machine stored it:
+    ``[source]["points"][point][seed]`` (every seed found) and ``[source]["untrained"][family]``."""
     from bench.quality.frontier import point_row, source_ids
 
     ids = ids or source_ids(scale)
@@ -55,7 +55,7 @@ def collect(scale: FrontierScale, store, *, device_type: str, ids: dict[str, str
         points: dict[str, dict[int, dict[str, Any]]] = {}
         for point in scale.points():
             fingerprint = scale.fingerprint(device_type, point.spec_fields(scale.base), ids[source])
-            for seed in scale.seeds:
+            for seed in store.seeds(source, point.key):
                 found = store.get(source, point_row(point, seed), fingerprint)
                 if found is not None:
                     points.setdefault(point.key, {})[seed] = found
@@ -70,7 +70,8 @@ def _method_points(scale: FrontierScale, method: str) -> list[FrontierPoint]:
 def complete_seeds(scale: FrontierScale, measured: dict[str, Any], methods: tuple[str, ...]) -> list[int]:
     """The seeds under which every grid point of every one of ``methods`` is measured (on one source)."""
     keys = [p.key for m in methods for p in _method_points(scale, m)]
-    return [s for s in scale.seeds if keys and all(s in measured["points"].get(k, {}) for k in keys)]
+    seen = sorted({s for k in keys for s in measured["points"].get(k, {})})
+    return [s for s in seen if all(s in measured["points"].get(k, {}) for k in keys)]
 
 
 def method_points(scale: FrontierScale, measured: dict[str, Any], method: str, seeds: list[int]) -> MethodPoints:

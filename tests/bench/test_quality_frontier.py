@@ -28,6 +28,16 @@ def tiny_frontier(tiny_student_folder, tiny_teacher_folder) -> FrontierScale:
     return FrontierScale(name="test", base=base, betas=(0.1, 1.0), lr_factors=(0.5, 2.0), methods=METHODS)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fewer_resamples():
+    """The report's bootstrap is checked in test_quality_frontier_stats; here 200 draws keep the runs fast."""
+    from bench.quality import frontier_report
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(frontier_report, "RESAMPLES", 200)
+        yield
+
+
 @pytest.fixture(scope="module")
 def finished(tiny_frontier, tmp_path_factory):
     out = tmp_path_factory.mktemp("frontier")
@@ -165,3 +175,19 @@ def test_splice_section_appends_once_and_refuses_an_unclosed_section():
     assert splice_section(f"# Doc\n\n{BEGIN}\nold\n{END}\ntail\n", section) == f"# Doc\n\n{section}\ntail\n"
     with pytest.raises(ValueError, match="never closes"):
         splice_section(f"# Doc\n{BEGIN}\nold\n", section)
+
+
+def test_a_run_takes_the_next_seeds_not_yet_stored_and_the_report_covers_every_stored_seed(finished, tiny_frontier):
+    import dataclasses
+
+    from bench.quality.frontier_report import collect
+
+    out, store, _ = finished
+    planned = dataclasses.replace(tiny_frontier, base=dataclasses.replace(tiny_frontier.base, seeds=(0, 1, 2)))
+    one_per_run = dataclasses.replace(planned, seeds_per_run=1)
+    assert FrontierBench(one_per_run, out, "cpu", catalog_cache(), store).seeds_to_run() == [1]
+    assert FrontierBench(planned, out, "cpu", catalog_cache(), store).seeds_to_run() == [0, 1, 2]
+    # Seed 0 is stored; a scale that plans only seed 5 still reports it (seeds accumulate across runs).
+    elsewhere = dataclasses.replace(tiny_frontier, base=dataclasses.replace(tiny_frontier.base, seeds=(5,)))
+    measured = collect(elsewhere, store, device_type="cpu")
+    assert set(measured["botchan"]["points"]["dpo-beta0.1"]) == {0}
