@@ -44,6 +44,7 @@ from ctpd_core.logprobs import _final_hidden_and_head, _run_chunk, label_logprob
 from ctpd_core.records import Side, TrainItem
 
 if TYPE_CHECKING:  # pipeline may come to import this module; the alias is only a type
+    from ctpd_core.dskd import DualSpaceStudent
     from ctpd_core.pipeline import LossFn
 
 KdMethod = Literal["sft", "uld", "dskd"]
@@ -335,10 +336,11 @@ def make_kd_loss(
         student_batch = batch["student"]
         tokens = float(student_batch.attention_mask.sum())
         if method == "dskd":
-            from ctpd_core.dskd import dskd_loss  # lazily: the DSKD module is optional to everything else
+            # Imported when used: sft and uld jobs never load DSKD's code.
+            from ctpd_core.dskd import dskd_loss
 
             loss, stats = dskd_loss(
-                model, frozen_teacher, student_batch, batch["teacher"], kappa=config.kappa, temperature=config.temperature
+                cast("DualSpaceStudent", model), frozen_teacher, student_batch, batch["teacher"], kappa=config.kappa, temperature=config.temperature
             )
             return loss, {**stats, "tokens": tokens}
 

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Method = Literal["ctpd", "dpo", "tisdpo", "sft", "uld", "dskd"]
+PreferenceMethod = Literal["ctpd", "dpo", "tisdpo"]  # trained on preference pairs (ctpd_core.pipeline.make_distill_loss)
 # The methods that train on the chosen responses alone, SFT-style (method §8), instead of on preference pairs.
 KD_METHODS = ("sft", "uld", "dskd")
 # The methods that read the teacher: CTPD as its reference, ULD and DSKD as the distribution they distil.

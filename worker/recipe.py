@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -77,7 +77,7 @@ from ctpd_core.records import (
     save_token_values,
     swap_pairs,
 )
-from ctpd_core.spec import KD_METHODS, JobSpec, ModelRef
+from ctpd_core.spec import KD_METHODS, JobSpec, ModelRef, PreferenceMethod
 from ctpd_core.train import FitConfig, fit
 from ctpd_core.vocab import Stage, fit_stage
 
@@ -371,7 +371,7 @@ class Weights:
 class Distilled:
     student: nn.Module | None  # trained, in eval mode; None on the ranks other than rank 0 (they are done)
     steps: int
-    projector: nn.Module | None = None  # dskd: the trained dual-space projector, exported beside the student
+    projector: Any = None  # dskd: the trained DualSpaceProjector, exported beside the student
 
 
 @dataclass(frozen=True)
@@ -722,7 +722,7 @@ def distill_stage(
             trained_unit, loss, config = _kd_training(spec, models, prepared, student, config, runner.context.device)
         else:
             trained_unit = student
-            loss = make_distill_loss(spec.method, spec.beta, policy_side="student", reference_side=reference.side,
+            loss = make_distill_loss(cast(PreferenceMethod, spec.method), spec.beta, policy_side="student", reference_side=reference.side,
                                      pad_id=prepared.pad_ids["student"], device=runner.context.device)
         layout = runner.fit_layout(spec, "distill", trained_unit)
         result = fit(trained_unit, items, loss, config, runner.context.run_dir / Stage.DISTILL, stage=Stage.DISTILL,
@@ -741,17 +741,18 @@ def _kd_training(spec: JobSpec, models: ModelPool, prepared: Prepared, student: 
     """What sft, uld and dskd train, their loss and fit config: the student on the chosen responses, with the
     frozen teacher run live for uld and dskd (its full next-token distributions and hidden states are too large to
     cache), and for dskd the student wrapped with its fresh projector, which learns at its own rate."""
-    from ctpd_core.kd import KdConfig, make_kd_loss
+    from ctpd_core.kd import KdConfig, KdMethod, make_kd_loss
 
     kd = spec.kd
     teacher = models.frozen(spec.teacher)[0] if spec.uses_teacher and spec.teacher is not None else None
     unit: nn.Module = student
-    if spec.method == "dskd":
-        from ctpd_core.dskd import DualSpaceProjector, DualSpaceStudent
+    if spec.method == "dskd" and teacher is not None:  # the spec refuses dskd without a teacher
+        from ctpd_core.dskd import PROJECTOR_PREFIX, DualSpaceProjector, DualSpaceStudent
 
-        unit = DualSpaceStudent(student, DualSpaceProjector.for_models(student, teacher).to(device))
-        config = dataclasses.replace(config, group_learning_rates=(("projector.", kd.projector_learning_rate),))
-    loss = make_kd_loss(spec.method, KdConfig(kappa=kd.kappa, temperature=kd.temperature,
+        projector = DualSpaceProjector.for_models(student, teacher, seed=spec.training.seed).to(device)
+        unit = DualSpaceStudent(student, projector)
+        config = dataclasses.replace(config, group_learning_rates=((PROJECTOR_PREFIX, kd.projector_learning_rate),))
+    loss = make_kd_loss(cast(KdMethod, spec.method), KdConfig(kappa=kd.kappa, temperature=kd.temperature,
                                               uld_alignment=kd.uld_alignment),
                         teacher=teacher, pad_ids=prepared.pad_ids, device=device)
     return unit, loss, config
@@ -879,6 +880,9 @@ def materialize_checkpoint(spec: JobSpec, checkpoint: StoredCheckpoint, *, model
                                      revision=ref.revision, role="student")
     student = with_lora(spec, base)
     tensors = read_trainable_tensors(checkpoint.folder)  # one file, or a multi-rank run's DCP shards
+    projector = None
+    if spec.method == "dskd":  # trained as a DualSpaceStudent: student.* are the student's, projector.* beside it
+        tensors, projector = _split_dual_space(tensors, checkpoint.id)
     parameters = dict(student.named_parameters())
     unknown = sorted(set(tensors) - set(parameters))
     if unknown:
@@ -898,11 +902,32 @@ def materialize_checkpoint(spec: JobSpec, checkpoint: StoredCheckpoint, *, model
         card = card_facts(spec, held_out={}, checkpoint_step=checkpoint.step, training_metrics=at_step)
         export_student(student, tokenizer, staging, spec=spec.model_dump(mode="json"), metrics=at_step, card=card,
                        dtype=dtype)
+        if projector is not None:
+            from ctpd_core.dskd import save_projector
+
+            save_projector(projector, staging)
 
     # Two requests for one checkpoint may build it at once: the first published wins, the other is discarded.
     publish_folder(target, write, staging_prefix=MODEL_STAGING_PREFIX, held=True,
                    keep_existing=lambda existing: (existing / "config.json").is_file())
     return target
+
+
+def _split_dual_space(tensors: dict[str, torch.Tensor], checkpoint_id: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """A dskd checkpoint's tensors as the student's own (``student.`` dropped) and its projector, rebuilt."""
+    from ctpd_core.dskd import PROJECTOR_PREFIX, DualSpaceProjector
+
+    student_prefix = "student."
+    own = {name[len(student_prefix):]: value for name, value in tensors.items() if name.startswith(student_prefix)}
+    projected = {name[len(PROJECTOR_PREFIX):]: value for name, value in tensors.items()
+                 if name.startswith(PROJECTOR_PREFIX)}
+    if "query.weight" not in projected or len(own) + len(projected) != len(tensors):
+        raise ValueError(f"checkpoint {checkpoint_id} is not a dskd checkpoint (student.* and projector.* tensors); "
+                         "was the job's method changed since it ran?")
+    query = projected["query.weight"]  # [2·d_t, 2·d_s]
+    projector = DualSpaceProjector(int(query.shape[1]) // 2, int(query.shape[0]) // 2)
+    projector.load_state_dict(projected)
+    return own, projector
 
 
 # ------------------------------------------------------------------------------------------------- run

@@ -80,3 +80,25 @@ def test_a_lora_checkpoint_is_merged_into_its_base(tiny_student_folder, tiny_tea
     assert exported.keys() == built.keys()
     assert all(torch.allclose(exported[name], tensor, atol=1e-6) for name, tensor in built.items())
     assert (folder / "adapter").is_dir()
+
+
+def test_a_dskd_checkpoint_makes_the_student_and_its_projector(tiny_student_folder, tiny_teacher_folder,
+                                                               tiny_dataset_path, tmp_path):
+    # dskd trains a DualSpaceStudent, so its checkpoints name tensors student.* and projector.*: made a model, the
+    # last one is the exported student, with the exported projector beside it.
+    from ctpd_core.dskd import load_projector
+
+    spec = tiny_spec(tiny_student_folder, tiny_teacher_folder, tiny_dataset_path, method="dskd",
+                     training={"max_steps": 2, "checkpoint_every": 1}, export={"dtype": "fp32"})
+    run_context = context(tmp_path, "dskd")
+    result = run_spec(spec, run_context)
+    assert result.status == "succeeded"
+    last = stored_checkpoints(run_context.run_dir, "distill")[-1]
+    names = load_file(str(last.folder / TRAINABLE_FILE)).keys()
+    assert {name.split(".")[0] for name in names} == {"student", "projector"}
+    folder = materialize_checkpoint(spec, last, model_cache=run_context.model_cache)
+    exported, built = _weights(result.export_dir), _weights(folder)
+    assert exported.keys() == built.keys()
+    assert all(torch.equal(exported[name], tensor) for name, tensor in built.items())
+    made, trained = load_projector(folder).state_dict(), load_projector(result.export_dir).state_dict()
+    assert made.keys() == trained.keys() and all(torch.equal(made[name], trained[name]) for name in made)

@@ -143,6 +143,50 @@ def test_baselines_and_ablations_run(folders, tmp_path, method, source):
     assert ("teacher_agreement" in result.metrics) == (method == "ctpd")
 
 
+@pytest.mark.parametrize("method", ["sft", "uld", "dskd"])
+def test_the_chosen_response_baselines_run_through_the_job_machinery(folders, tmp_path, method):
+    student, teacher, dataset = folders
+    observer = RecordingObserver()
+    spec = tiny_spec(student, teacher, dataset, method=method, training={"max_steps": 2},
+                     teacher=None if method == "sft" else {"model": str(teacher)})
+    result = run_spec(spec, context(tmp_path, method, observer))
+    assert result.status == "succeeded"
+    stages = [stage for stage, _, _ in observer.finished]
+    assert stages == ["prepare", "reference", "distill", "evaluate", "export"]  # no π±, no span weights
+    distill_rows = [row for stage, _, row in observer.metric_rows if stage == "distill"]
+    assert len(distill_rows) == 2 and all(math.isfinite(row["nll"]) for row in distill_rows)
+    if method == "uld":
+        assert all(row["uld"] > 0 for row in distill_rows)
+    assert result.metrics["kl_from_initial_per_token"] > 0  # the student moved
+    card = (result.export_dir / "README.md").read_text()
+    assert f"**{method}**" in card
+    projector_file = result.export_dir / "dskd_projector.safetensors"
+    assert projector_file.is_file() == (method == "dskd")
+    if method == "dskd":
+        from ctpd_core.dskd import load_projector
+
+        projector = load_projector(result.export_dir)
+        assert sum(parameter.numel() for parameter in projector.parameters()) > 0
+
+
+def test_a_dskd_job_resumes_its_projector_from_the_checkpoint(folders, tmp_path):
+    # The projector trains with the student: a resume that restored only the student would train a fresh projector
+    # from step 3 on, and the losses after the resume would differ from an uninterrupted run's.
+    student, teacher, dataset = folders
+    spec = tiny_spec(student, teacher, dataset, method="dskd", training={"max_steps": 5, "checkpoint_every": 1})
+    straight = RecordingObserver()
+    assert run_spec(spec, context(tmp_path, "straight", straight)).status == "succeeded"
+    interrupted = RecordingObserver()
+    assert run_spec(spec, context(tmp_path, "resumed", interrupted, StopAfter(interrupted, 3))).status == "stopped"
+    resumed = RecordingObserver()
+    assert run_spec(spec, context(tmp_path, "resumed", resumed)).status == "succeeded"
+
+    def losses(observer):
+        return [row["loss"] for stage, _, row in observer.metric_rows if stage == "distill"]
+
+    assert losses(interrupted)[:3] + losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
+
+
 class StopAfter:
     def __init__(self, observer, steps):
         self.observer, self.steps = observer, steps

@@ -117,6 +117,16 @@ def _specs(dataset) -> list[dict[str, Any]]:
             "dataset": {"path": str(dataset), "validation_path": str(dataset)},
             "weights": {"source": "random", "random_low": 0.6, "random_high": 1.4},
         },
+        {  # the ULD baseline: the live teacher, its alignment and κ
+            **common, "method": "uld",
+            "dataset": {"path": str(dataset), "validation_fraction": 0.2},
+            "kd": {"kappa": 0.4, "uld_alignment": "position"},
+        },
+        {  # the DSKD baseline: its temperature and the projector's own learning rate
+            **common, "method": "dskd",
+            "dataset": {"path": str(dataset), "validation_fraction": 0.2},
+            "kd": {"kappa": 0.6, "temperature": 1.5, "projector_learning_rate": 1e-2},
+        },
     ]
 
 
