@@ -239,3 +239,21 @@ def test_ctpd_plans_the_teacher_s_stages_too():
     reference = _stage(refused, "reference")
     assert reference.fits is False and any("never the model" in fix for fix in reference.fixes)
     assert _stage(refused, "weights").fits is None  # the given π± are of unknown size
+
+
+def test_uld_and_dskd_count_the_live_teacher_in_distill_and_sft_does_not():
+    data = {"teacher": {"model": "Qwen/Qwen2.5-1.5B"}, "student": {"model": "Qwen/Qwen2.5-0.5B"},
+            "dataset": {"path": "pairs.jsonl"}}
+    plans = {method: _plan(JobSpec.model_validate({**data, "method": method})) for method in ("sft", "uld", "dskd")}
+    for method, plan in plans.items():
+        assert [s.stage for s in plan.stages] == ["reference", "distill", "evaluate"], method  # no π±, no weights
+        # The reference of every chosen-response baseline is the initial student (for the held-out metrics).
+        assert _stage(plan, "reference").model.startswith("student")
+    teacher_bytes = known_shape("Qwen/Qwen2.5-1.5B").params * 4  # resident frozen weights, fp32
+    sft, uld = _stage(plans["sft"], "distill"), _stage(plans["uld"], "distill")
+    assert not any("teacher" in c.name for c in sft.components)
+    assert [c.bytes for c in uld.components if "teacher" in c.name] == [teacher_bytes]
+    assert uld.peak_bytes == sft.peak_bytes + teacher_bytes
+    # A teacher of unknown size leaves distill unchecked rather than planned without it.
+    unknown = _plan(JobSpec.model_validate({**data, "method": "uld", "teacher": {"model": "someone/unknown"}}))
+    assert _stage(unknown, "distill").fits is None and "teacher" in (_stage(unknown, "distill").not_checked or "")
