@@ -214,15 +214,52 @@ class FrontierScale:
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# How the frontier scales were sized, from the stage times of a first quick run on this 2-core machine (32 pairs,
+# 2 optimizer steps per model, 16 prompts x 2 samples per source; its table is kept in the commit that sized them):
+# - Distill, per optimizer step of 16 pairs (the job's model load and final checkpoint included): DPO, TIS-DPO,
+#   CTPD, CTPD-uniform ~13.5 s; SFT ~7 s (chosen responses only); ULD ~29 s and DSKD ~21 s (the live Gemma
+#   forward, ULD's sorted 262k-vocabulary distributions, DSKD's projector). The job's own evaluate stage: ~17 s
+#   for 16 pairs, so the frontier's jobs evaluate 4 (the sweep measures every model itself).
+# - Once per seed (cached across β): Gemma π± ~37 s per step each, SmolLM2 π± ~16 s; the teacher reference
+#   ~0.5 s per pair, the teacher π± weights ~0.55 s per pair and model, the student's references ~0.23 s per pair.
+# - Measuring one trained student: ~0.5 s per sample (sampling at 64 prompts per call ~0.22 s, the exact KL pass
+#   with both models ~0.27 s) plus ~0.1 s per prompt (bits per byte); 60 held-out pairs would add ~12 s per point,
+#   so the frontier does not score them (its reward and KL do not use them; bench.quality's table does).
+# The cpu scale per seed, at 128 pairs (8 steps, the benchmark's own training): once per seed 2 x 8 x 37 (Gemma
+# π±) + 2 x 8 x 16 (SmolLM2 π±) + ~340 (references, weights) ~ 1,190 s; 14 jobs (2 grid points per method), each
+# 8 steps + ~14 s (evaluate, loads, export): DPO-like 122 s, SFT 70, ULD 246, DSKD 182, so 4 x 2 x 122 + 2 x 70
+# + 2 x 246 + 2 x 182 ~ 1,970 s; 14 measurements of 100 prompts x 1 sample on 2 sources ~ 14 x 2 x 100 x 0.59
+# ~ 1,650 s: ~80 min in all, plus ~5 min for the untrained student and
+# teacher in the first run only. Three grid points per method would leave ~27 prompts per source in the same
+# 90 minutes (a noise floor near 0.06): two points at the ends of the fixed grid (β 0.03 and 1.0, learning rate
+# x1/4 and x2, the widest KL spread for the cost) with four times the prompts.
+# The noise floor at 100 samples per source is ~0.03 per point and seed; seeds accumulate across runs (one per
+# run), and the same prompts and sampling seeds for every model make the differences less noisy than that.
 FRONTIER_SCALES: dict[str, FrontierScale] = {
-    # A smoke run of the whole sweep: every method at two grid points, one seed, tiny data (under 15 minutes).
+    # A smoke run of the whole sweep: every method at two grid points, one seed, tiny data: ~13 min on 2 cores
+    # (2 steps of 8 pairs per model, 8 prompts x 1 sample of 24 tokens per source).
     "quick": FrontierScale(
-        name="quick", base=Scale(name="quick", train_pairs=32, eval_prompts=16, samples_per_prompt=2, seeds=(0,)),
-        betas=(0.1, 1.0), lr_factors=(0.5, 2.0),
+        name="quick",
+        base=Scale(name="quick", train_pairs=16, batch_size=8, micro_batch_size=8, eval_prompts=8,
+                   samples_per_prompt=1, max_new_tokens=24, validation_pairs=0, job_validation_pairs=4,
+                   sampling_batch_size=64, seeds=(0,)),
+        betas=(0.03, 1.0), lr_factors=(0.25, 2.0),
     ),
+    # One seed per run (~85 min on 2 cores, sized above), the next one not yet stored: three runs give 0, 1, 2.
     "cpu": FrontierScale(
-        name="cpu", base=Scale(name="cpu", train_pairs=128, eval_prompts=128, samples_per_prompt=2, seeds=(0, 1, 2)),
-        betas=(0.03, 0.3, 1.0), lr_factors=(0.25, 1.0, 2.0),
+        name="cpu",
+        base=Scale(name="cpu", train_pairs=128, eval_prompts=100, samples_per_prompt=1, validation_pairs=0,
+                   job_validation_pairs=4, sampling_batch_size=64, seeds=(0, 1, 2)),
+        betas=(0.03, 1.0), lr_factors=(0.25, 2.0), seeds_per_run=1,
     ),
-    "gpu": FrontierScale(name="gpu", base=dataclasses.replace(SCALES["gpu"], eval_prompts=256, samples_per_prompt=4)),
+    # One GPU, bf16 (bench/quality/gpu.sh frontier), one seed per run. An estimate, not yet run on a GPU: a job of
+    # 30 steps ~10-15 s there (model loads, the final checkpoint and the export dominate), a measurement of 256
+    # prompts ~5-8 s per source, so 21 points (three per method: the grid's ends and the paper's β 0.1 / the
+    # scale's learning rate) ~8-9 min with π± and the untrained models.
+    "gpu": FrontierScale(
+        name="gpu",
+        base=dataclasses.replace(SCALES["gpu"], eval_prompts=256, samples_per_prompt=1, max_new_tokens=32,
+                                 validation_pairs=0, job_validation_pairs=16, seeds=(0, 1, 2)),
+        betas=(0.03, 0.1, 1.0), lr_factors=(0.25, 1.0, 2.0), seeds_per_run=1,
+    ),
 }

@@ -212,6 +212,13 @@ def markdown(scale: FrontierScale, measured: dict[str, Any], analysis: dict[str,
         "",
         f"![reward against KL, one curve per method]({FRONTIER_PLOT})",
         "",
+    ]
+    if scale.name == "quick":
+        lines += ["> **This is the `--quick` smoke run** (one seed, two grid points per method, "
+                  f"{base.eval_prompts} prompts per source, {steps} training steps): it shows that the sweep, the store "
+                  "and the analysis work end to end on the real models. Its numbers are not a result; the verdicts "
+                  "come from `--scale cpu` (or `gpu`).", ""]
+    lines += [
         "### Does CTPD win at matched KL?",
         "",
     ]
@@ -266,7 +273,7 @@ def markdown(scale: FrontierScale, measured: dict[str, Any], analysis: dict[str,
               "noise floor of a point). Untrained models have no seeds.", ""]
     for source in scale.sources:
         a = analysis[source]
-        has_pairs = HELDOUT_SOURCES[source].pairs
+        has_pairs = HELDOUT_SOURCES[source].pairs and base.validation_pairs > 0
         lines += [f"**{HELDOUT_SOURCES[source].label}**", "",
                   "| method | setting | seeds | reward | KL from the student (nats) | SE | bits/byte"
                   + (" | held-out pref. acc." if has_pairs else "") + " |",
