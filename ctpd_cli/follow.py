@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal, Protocol
 
+from ctpd_core.spec import KD_METHODS
 from ctpd_core.vocab import TERMINAL_STATUSES, EventType, JobStatus, Stage
 
 Kind = Literal["step", "response", "prepare"]  # prepare's pairs are timed on their own (never needed later)
@@ -84,7 +85,7 @@ def _training_steps(epochs: float, max_steps: int | None, batch_size: int, pairs
 def plan_stages(spec: Mapping[str, Any], train_pairs: int | None, validation_pairs: int | None) -> list[StagePlan]:
     """The stages a job with the resolved ``spec`` runs, in order, with the passes of each (module docstring).
     The choice of stages follows ``worker.recipe.run_spec``: contrastive only for contrastive weight sources (and
-    no passes when π+ and π− are given), weights for every method but dpo."""
+    no passes when π+ and π− are given), weights for every method but dpo and the chosen-response baselines."""
     n, v = train_pairs, validation_pairs
     method = spec.get("method", "ctpd")
     weights = spec.get("weights") or {}
@@ -110,7 +111,7 @@ def plan_stages(spec: Mapping[str, Any], train_pairs: int | None, validation_pai
             passes = logprob_passes(n, v) if base_side != reference_side else []
             passes += [Pass("positive", steps, "step"), Pass("negative", steps, "step")]
             plans.append(StagePlan(Stage.CONTRASTIVE, tuple(passes)))
-    if method != "dpo":
+    if method != "dpo" and method not in KD_METHODS:  # sft, uld, dskd train on the chosen responses: no weights
         weights_passes = logprob_passes(n, model="positive") + logprob_passes(n, model="negative")
         plans.append(StagePlan(Stage.WEIGHTS, tuple(weights_passes if contrastive_runs else ())))
     distill_steps = _training_steps(float(training.get("epochs") or 1.0), training.get("max_steps"), batch, n)

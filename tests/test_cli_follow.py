@@ -74,6 +74,9 @@ def test_plan_follows_the_recipe_stages_for_each_method():
               "contrastive": {"max_steps": None, "epochs": 2.0}}
     contrastive = next(p for p in plan_stages(tisdpo, N, V) if p.stage == "contrastive")
     assert [(p.detail, p.steps) for p in contrastive.passes] == [("positive", 4), ("negative", 4)]  # 2 × 8 // 4
+    for method in ("sft", "uld", "dskd"):  # the chosen-response baselines: no π±, no weights, as run_spec
+        kd = {**SPEC, "method": method, "weights": {"source": "uniform"}}
+        assert [p.stage for p in plan_stages(kd, N, V)] == ["prepare", "reference", "distill", "evaluate", "export"]
 
 
 def test_job_eta_is_the_stage_eta_plus_the_stages_to_come_at_the_rates_seen():
