@@ -236,13 +236,15 @@ class FrontierScale:
 # The noise floor at 100 samples per source is ~0.03 per point and seed; seeds accumulate across runs (one per
 # run), and the same prompts and sampling seeds for every model make the differences less noisy than that.
 FRONTIER_SCALES: dict[str, FrontierScale] = {
-    # A smoke run of the whole sweep: every method at two grid points, one seed, tiny data: ~13 min on 2 cores
-    # (2 steps of 8 pairs per model, 8 prompts x 1 sample of 24 tokens per source).
+    # A smoke run of the whole sweep: every method at two grid points, one seed, tiny data (2 steps of 8 pairs per
+    # model, responses cut to 32 tokens, 8 prompts x 1 sample of 16 tokens per source): ~13 min on 2 cores. With
+    # 48-token responses and 24-token samples it took 16.4 min on this machine (π± ~105 s per family, each job
+    # ~16-50 s, mostly model loads and the final checkpoint; ~6.5 s per measurement).
     "quick": FrontierScale(
         name="quick",
         base=Scale(name="quick", train_pairs=16, batch_size=8, micro_batch_size=8, eval_prompts=8,
-                   samples_per_prompt=1, max_new_tokens=24, validation_pairs=0, job_validation_pairs=4,
-                   sampling_batch_size=64, seeds=(0,)),
+                   samples_per_prompt=1, max_new_tokens=16, max_response_tokens=32, validation_pairs=0,
+                   job_validation_pairs=4, sampling_batch_size=64, seeds=(0,)),
         betas=(0.03, 1.0), lr_factors=(0.25, 2.0),
     ),
     # One seed per run (~85 min on 2 cores, sized above), the next one not yet stored: three runs give 0, 1, 2.

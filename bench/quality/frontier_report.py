@@ -156,11 +156,14 @@ def _verdict_sentence(label: str, c: dict[str, Any] | None) -> str:
         return f"not measured against {label} yet"
     if c["verdict"] == NO_OVERLAP:
         (a_low, a_high), (b_low, b_high) = c["kl_range"]
-        return (f"no overlap with {label}: CTPD's points span KL {a_low:.2f}-{a_high:.2f}, {label}'s "
-                f"{b_low:.2f}-{b_high:.2f}, so there is no matched KL to compare at")
+        return (f"no overlap with {label}: CTPD's points span KL {a_low:.3f}-{a_high:.3f}, {label}'s "
+                f"{b_low:.3f}-{b_high:.3f}, so there is no matched KL to compare at")
     word = {"beat": "beat", "below": "is below", "no detectable difference": "shows no detectable difference from"}
+    share = "" if c["overlap_share"] >= 0.995 else (
+        f"; the curves overlap in only {c['overlap_share']:.0%} of the bootstrap draws, and the interval is theirs")
     return (f"CTPD {word[c['verdict']]} {label}: {c['mean']:+.3f} reward at matched KL "
-            f"(95 % interval [{c['low']:+.3f}, {c['high']:+.3f}], over KL {c['overlap'][0]:.2f}-{c['overlap'][1]:.2f})")
+            f"(95 % interval [{c['low']:+.3f}, {c['high']:+.3f}], over KL {c['overlap'][0]:.3f}-{c['overlap'][1]:.3f}"
+            f"{share})")
 
 
 def stage_table(measured_by_source: dict[str, Any], scale: FrontierScale) -> list[str]:
@@ -364,9 +367,14 @@ def plot(scale: FrontierScale, measured: dict[str, Any], analysis: dict[str, Any
         ax.set_xlabel("KL from the initial student (nats per continuation, on its own samples)")
         ax.set_ylabel("mean VADER reward of sampled held-out continuations")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+    # One legend for both panels, below them, so that no curve is hidden under it.
+    handles: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle(f"Reward against KL ({scale.name} scale; bars: std over seeds)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     fig.savefig(out_file, dpi=120)
     plt.close(fig)
 

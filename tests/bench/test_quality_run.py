@@ -120,3 +120,21 @@ def test_changed_settings_do_not_reuse_old_measurements(finished_run, tiny_scale
     # The same settings measured on another device or precision are other measurements too.
     assert MeasurementStore(out / "measurements", tiny_scale.fingerprint("cuda")).get("dpo", 0) is None
     assert MeasurementStore(out / "measurements", tiny_scale.fingerprint("cpu")).get("dpo", 0) is not None
+
+
+def test_publishing_the_table_keeps_the_frontier_section_of_results_md(finished_run, tiny_scale, monkeypatch, tmp_path):
+    from bench.quality import run
+    from bench.quality.frontier_report import BEGIN, END
+
+    out, _ = finished_run
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    section = f"{BEGIN}\n## Frontier: reward against KL\n\nthe sweep's numbers\n{END}"
+    (docs / "results.md").write_text(f"# Old table\n\n{section}\n", encoding="utf-8")
+    monkeypatch.setattr(run, "SCALES", {"test": tiny_scale})
+    monkeypatch.setattr(run, "DOCS", docs)
+    monkeypatch.setattr(run.Bench, "__init__", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no models")))
+    assert run.main(["--scale", "test", "--out", str(out), "--device", "cpu", "--report-only", "--publish"]) == 0
+    published = (docs / "results.md").read_text(encoding="utf-8")
+    assert published.startswith("# Quality benchmark") and "# Old table" not in published
+    assert published.count(BEGIN) == 1 and section in published
