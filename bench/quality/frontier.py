@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import os
+import platform
 import shutil
 import sys
 import time
@@ -60,6 +61,12 @@ def frontier_job_spec(scale: FrontierScale, point: FrontierPoint, seed: int, tra
     if spec["method"] in TEACHER_METHODS:
         spec["teacher"] = {"model": scale.base.teacher}
     return spec
+
+
+def torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def point_row(point: FrontierPoint, seed: int) -> str:
@@ -105,6 +112,18 @@ class FrontierStore:
                 found.append(int(suffix))
         return sorted(found)
 
+    def log_run(self, entry: dict[str, Any]) -> None:
+        """Append one run's command, seeds and wall time to ``<folder>/runs.jsonl`` (the report shows them)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with (self.folder / "runs.jsonl").open("a", encoding="utf-8") as log:
+            log.write(json.dumps(entry, sort_keys=True) + "\n")
+
+    def runs(self) -> list[dict[str, Any]]:
+        path = self.folder / "runs.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
     def put(self, source: str, row: str, fingerprint: str, record: dict[str, Any]) -> None:
         path = self.path(source, row)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +151,7 @@ class FrontierBench:
         from bench.quality.sampling import SamplingConfig
         from ctpd_core.models import load_causal_lm
 
+        self.created = time.monotonic()  # a run's wall time counts the model loads here too
         base = scale.base
         self.scale, self.out, self.device, self.catalog = scale, out, torch.device(device), catalog
         self.device_type = self.device.type
@@ -266,6 +286,11 @@ class FrontierBench:
                          wall_seconds=time.monotonic() - started, ids=self.source_ids)
         if seeds:
             self.run_seed(seeds[-1])
+        self.store.log_run({
+            "command": command, "seeds": seeds, "wall_seconds": round(time.monotonic() - self.created, 1),
+            "date": time.strftime("%Y-%m-%d"), "numerics": self.numerics, "machine": platform.machine(),
+            "threads": torch_threads(),
+        })
         return write_report(self.scale, self.store, self.out, device_type=self.device_type, command=command,
                             wall_seconds=time.monotonic() - started, ids=self.source_ids)
 

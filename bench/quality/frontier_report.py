@@ -166,6 +166,15 @@ def _verdict_sentence(label: str, c: dict[str, Any] | None) -> str:
             f"{share})")
 
 
+def _verdict_cell(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "not measured"
+    if c["mean"] is None:
+        return "no overlap"
+    return (f"**{c['verdict']}** {c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], KL "
+            f"{c['overlap'][0]:.2f}-{c['overlap'][1]:.2f}")
+
+
 def stage_table(measured_by_source: dict[str, Any], scale: FrontierScale) -> list[str]:
     """Mean stage times per method (first source's records: one per job), for sizing the next run."""
     first = measured_by_source[scale.sources[0]]
@@ -188,7 +197,7 @@ def stage_table(measured_by_source: dict[str, Any], scale: FrontierScale) -> lis
 
 
 def markdown(scale: FrontierScale, measured: dict[str, Any], analysis: dict[str, Any], *, command: str,
-             wall_seconds: float, numerics: str) -> str:
+             wall_seconds: float, numerics: str, store_runs: list[dict[str, Any]] | None = None) -> str:
     base = scale.base
     records = [r for src in measured.values() for by_seed in src["points"].values() for r in by_seed.values()]
     untrained = [r for src in measured.values() for r in src["untrained"].values()]
@@ -200,6 +209,13 @@ def markdown(scale: FrontierScale, measured: dict[str, Any], analysis: dict[str,
         BEGIN,
         "## Frontier: reward against KL, and CTPD at matched KL",
         "",
+    ]
+    if scale.name == "quick":
+        lines += ["> **This is the `--quick` smoke run** (one seed, two grid points per method, "
+                  f"{base.eval_prompts} prompts per source, {steps} training steps): it shows that the sweep, the store "
+                  "and the analysis work end to end on the real models. Its numbers are not a result; the verdicts "
+                  "come from `--scale cpu` (or `gpu`), whose runs replace this section.", ""]
+    lines += [
         f"Scale **{scale.name}**: {len(scale.points())} grid points per seed, seeds measured "
         f"{', '.join(map(str, seeds_seen)) or 'none yet'}; every trained student measured on "
         f"{len(scale.sources)} held-out sources. Regenerate with:",
@@ -213,18 +229,30 @@ def markdown(scale: FrontierScale, measured: dict[str, Any], analysis: dict[str,
         + (f"; this invocation ran {wall_seconds / 60:.1f} min" if wall_seconds else "")
         + f"; {numerics}, {platform.machine()}, {time.strftime('%Y-%m-%d')}.",
         "",
+    ]
+    runs = store_runs
+    if runs:
+        lines += ["Runs that trained and measured (wall time of each invocation, from the store's runs.jsonl):", ""]
+        lines += [f"- {r['date']}: `{r['command']}`, seeds {r['seeds'] or 'none new'}, {r['wall_seconds'] / 60:.1f} min "
+                  f"wall ({r['numerics']}, {r['machine']}, {r['threads']} threads)" for r in runs[-8:]]
+        lines.append("")
+    lines += [
         f"![reward against KL, one curve per method]({FRONTIER_PLOT})",
         "",
     ]
-    if scale.name == "quick":
-        lines += ["> **This is the `--quick` smoke run** (one seed, two grid points per method, "
-                  f"{base.eval_prompts} prompts per source, {steps} training steps): it shows that the sweep, the store "
-                  "and the analysis work end to end on the real models. Its numbers are not a result; the verdicts "
-                  "come from `--scale cpu` (or `gpu`).", ""]
     lines += [
         "### Does CTPD win at matched KL?",
         "",
+        "CTPD's reward minus the other method's, averaged over the KL range where both curves exist, with its 95 % "
+        "bootstrap interval over seeds and prompts:",
+        "",
+        "| CTPD against | " + " | ".join(HELDOUT_SOURCES[s].label for s in scale.sources) + " |",
+        "|---|" + "---|" * len(scale.sources),
     ]
+    for other in (o for o in COMPARED if o in scale.methods and OURS in scale.methods):
+        cells = [_verdict_cell(oriented(analysis[source]["comparisons"], OURS, other)) for source in scale.sources]
+        lines.append(f"| {FRONTIER_LABELS[other]} | " + " | ".join(cells) + " |")
+    lines.append("")
     for source in scale.sources:
         a = analysis[source]
         lines += [f"**{HELDOUT_SOURCES[source].label}** (seeds {', '.join(map(str, a['seeds'])) or 'none'}):", ""]
@@ -238,7 +266,8 @@ def markdown(scale: FrontierScale, measured: dict[str, Any], analysis: dict[str,
                      else f"it is **not below** {len(gaps) - above} of the {len(gaps)} gaps, so those differences are "
                      "within the noise of a single point")
             lines += ["", f"Noise floor: the standard error of one mean reward is {floor:.3f} ({base.eval_prompts} "
-                      f"prompts × {base.samples_per_prompt} samples); the matched-KL gaps above are "
+                      f"prompts × {base.samples_per_prompt} sample{'s' if base.samples_per_prompt > 1 else ''}); the matched-KL "
+                      "gaps above are "
                       f"{min(gaps):.3f}-{max(gaps):.3f}: {plain}."]
         lines.append("")
     lines += [
@@ -405,7 +434,7 @@ def write_report(scale: FrontierScale, store, out: Path, *, device_type: str, co
     measured = collect(scale, store, device_type=device_type, ids=ids)
     analysis = analyse(scale, measured)
     text = markdown(scale, measured, analysis, command=command, wall_seconds=wall_seconds,
-                    numerics=scale.base.numerics(device_type))
+                    numerics=scale.base.numerics(device_type), store_runs=store.runs())
     out.mkdir(parents=True, exist_ok=True)
     (out / "frontier.md").write_text(text + "\n", encoding="utf-8")
     plot(scale, measured, analysis, out / FRONTIER_PLOT)

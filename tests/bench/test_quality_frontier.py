@@ -97,6 +97,8 @@ def test_the_sweep_measures_every_point_on_both_sources_as_small_json(finished, 
     text = (out / "frontier.md").read_text()
     assert text.startswith(BEGIN) and text.rstrip().endswith(END)
     assert "### Does CTPD win at matched KL?" in text and "uld_alignment: span" in text
+    (run,) = store.runs()  # each invocation's wall time is kept beside the measurements, and reported
+    assert run["seeds"] == [0] and run["wall_seconds"] > 0 and f"{run['wall_seconds'] / 60:.1f} min wall" in text
     for label in FRONTIER_LABELS.values():
         assert f"| {label} |" in text
     assert (out / "results-frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
