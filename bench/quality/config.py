@@ -180,6 +180,9 @@ class FrontierScale:
     # How many of ``base.seeds`` one run trains when no --seeds are given: the first ones not yet stored, so that
     # each run fits its time budget and seeds accumulate across runs and machines. None: all of them.
     seeds_per_run: int | None = None
+    # What the β methods (DPO, TIS-DPO, CTPD, CTPD-uniform) sweep: "beta" (FRONTIER_BETAS, at the scale's learning
+    # rate) or "lr" (FRONTIER_LR_FACTORS at the paper's β 0.1, the knob every method then shares). See BETA_BARELY_MOVES_KL.
+    beta_methods_sweep: str = "beta"
 
     def __post_init__(self) -> None:
         if not set(self.betas) <= set(FRONTIER_BETAS) or not set(self.lr_factors) <= set(FRONTIER_LR_FACTORS):
@@ -192,6 +195,8 @@ class FrontierScale:
             raise ValueError(f"unknown frontier methods {unknown}; choose from {sorted(FRONTIER_LABELS)}")
         if not self.sources:
             raise ValueError("a frontier scale needs at least one held-out source")
+        if self.beta_methods_sweep not in ("beta", "lr"):
+            raise ValueError(f"beta_methods_sweep must be 'beta' or 'lr', got {self.beta_methods_sweep!r}")
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -202,6 +207,7 @@ class FrontierScale:
         out = []
         for key, _, knob, _ in FRONTIER_METHODS:
             if key in self.methods:
+                knob = "lr" if knob == "beta" and self.beta_methods_sweep == "lr" else knob
                 out += [FrontierPoint(key, knob, v) for v in (self.betas if knob == "beta" else self.lr_factors)]
         return out
 
@@ -235,6 +241,14 @@ class FrontierScale:
 # x1/4 and x2, the widest KL spread for the cost) with four times the prompts.
 # The noise floor at 100 samples per source is ~0.03 per point and seed; seeds accumulate across runs (one per
 # run), and the same prompts and sampling seeds for every model make the differences less noisy than that.
+# BETA_BARELY_MOVES_KL, measured before any cpu or gpu result (the quick run of commit 05d927f, committed under
+# bench/quality/measurements/quick): at a fixed learning rate and step count β hardly changes how far a model moves
+# from the initial student. DPO ended at KL 0.063 (β 0.03) and 0.058 (β 1.0) on Botchan, CTPD at 0.056 and 0.055;
+# the learning-rate sweep of SFT, ULD and DSKD spread KL from ~0.01 (×1/4) to ~0.35 (×2). AdamW normalises the
+# gradient's scale, and β only matters once the sigmoid saturates, which a few hundred pairs never reach. A β sweep
+# therefore gives each DPO-like method a curve too short to meet another's at any KL: no matched-KL comparison. So
+# the cpu and gpu scales sweep the learning rate for every method (the same factors, β 0.1 for the β methods),
+# which traces each curve across the same KL range; the quick scale keeps the β sweep, which is what showed this.
 FRONTIER_SCALES: dict[str, FrontierScale] = {
     # A smoke run of the whole sweep: every method at two grid points, one seed, tiny data (2 steps of 8 pairs per
     # model, responses cut to 32 tokens, 8 prompts x 1 sample of 16 tokens per source): ~13 min on 2 cores. With
@@ -252,7 +266,7 @@ FRONTIER_SCALES: dict[str, FrontierScale] = {
         name="cpu",
         base=Scale(name="cpu", train_pairs=128, eval_prompts=100, samples_per_prompt=1, validation_pairs=0,
                    job_validation_pairs=4, sampling_batch_size=64, seeds=(0, 1, 2)),
-        betas=(0.03, 1.0), lr_factors=(0.25, 2.0), seeds_per_run=1,
+        betas=(0.03, 1.0), lr_factors=(0.25, 2.0), seeds_per_run=1, beta_methods_sweep="lr",
     ),
     # One GPU, bf16 (bench/quality/gpu.sh frontier), one seed per run. An estimate, not yet run on a GPU: a job of
     # 30 steps ~10-15 s there (model loads, the final checkpoint and the export dominate), a measurement of 256
@@ -262,6 +276,6 @@ FRONTIER_SCALES: dict[str, FrontierScale] = {
         name="gpu",
         base=dataclasses.replace(SCALES["gpu"], eval_prompts=256, samples_per_prompt=1, max_new_tokens=32,
                                  validation_pairs=0, job_validation_pairs=16, seeds=(0, 1, 2)),
-        betas=(0.03, 0.1, 1.0), lr_factors=(0.25, 1.0, 2.0), seeds_per_run=1,
+        betas=(0.03, 0.1, 1.0), lr_factors=(0.25, 1.0, 2.0), seeds_per_run=1, beta_methods_sweep="lr",
     ),
 }

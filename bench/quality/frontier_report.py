@@ -334,9 +334,12 @@ def markdown(scale: FrontierScale, measured: dict[str, Any], analysis: dict[str,
         f"- The grid was fixed in `bench/quality/config.py` before any result: DPO, TIS-DPO, CTPD and CTPD-uniform "
         f"sweep β over {', '.join(f'{b:g}' for b in FRONTIER_BETAS)}; SFT, ULD and DSKD have no β and sweep the "
         f"learning rate over {', '.join(f'×{f:g}' for f in FRONTIER_LR_FACTORS)} the scale's {base.learning_rate:g} "
-        f"(κ {KD_KAPPA:g} for ULD and DSKD, DSKD temperature {DSKD_TEMPERATURE:g}). This scale runs β "
-        f"{', '.join(f'{b:g}' for b in scale.betas)} and learning-rate factors "
-        f"{', '.join(f'×{f:g}' for f in scale.lr_factors)}.",
+        f"(κ {KD_KAPPA:g} for ULD and DSKD, DSKD temperature {DSKD_TEMPERATURE:g}). "
+        + (f"This scale runs β {', '.join(f'{b:g}' for b in scale.betas)} and learning-rate factors "
+           f"{', '.join(f'×{f:g}' for f in scale.lr_factors)}." if scale.beta_methods_sweep == "beta" else
+           f"This scale sweeps the learning rate for every method, over {', '.join(f'×{f:g}' for f in scale.lr_factors)}"
+           f" at β {base.beta:g}: the quick run showed that β hardly moves KL at this training length, so a β sweep "
+           "gives curves too short to meet at any KL (`BETA_BARELY_MOVES_KL` in bench/quality/config.py)."),
         "- **ULD uses `uld_alignment: span`**: the positions compared are those predicting the first token of each "
         "aligned span on both sides (both models read the same text there), not the paper's response position j "
         "against response position j.",

@@ -193,3 +193,21 @@ def test_a_run_takes_the_next_seeds_not_yet_stored_and_the_report_covers_every_s
     elsewhere = dataclasses.replace(tiny_frontier, base=dataclasses.replace(tiny_frontier.base, seeds=(5,)))
     measured = collect(elsewhere, store, device_type="cpu")
     assert set(measured["botchan"]["points"]["dpo-beta0.1"]) == {0}
+
+
+def test_a_scale_can_sweep_the_learning_rate_for_the_beta_methods_too(tiny_frontier):
+    # BETA_BARELY_MOVES_KL: the cpu and gpu scales trace every method's curve with the learning rate, at β 0.1.
+    import dataclasses
+
+    from bench.quality.config import FRONTIER_SCALES
+
+    by_lr = dataclasses.replace(tiny_frontier, beta_methods_sweep="lr")
+    assert {p.knob for p in by_lr.points()} == {"lr"}
+    assert {p.key for p in by_lr.points() if p.method == "ctpd"} == {"ctpd-lr0.5x", "ctpd-lr2x"}
+    ctpd = next(p for p in by_lr.points() if p.method == "ctpd")
+    fields = ctpd.spec_fields(by_lr.base)
+    assert "beta" not in fields and fields["training"]["learning_rate"] == 0.5 * by_lr.base.learning_rate
+    assert {p.knob for p in tiny_frontier.points() if p.method == "dpo"} == {"beta"}  # the default is unchanged
+    assert all(FRONTIER_SCALES[name].beta_methods_sweep == "lr" for name in ("cpu", "gpu"))
+    with pytest.raises(ValueError, match="beta_methods_sweep"):
+        dataclasses.replace(tiny_frontier, beta_methods_sweep="kappa")
