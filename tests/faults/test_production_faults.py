@@ -22,9 +22,9 @@ import json
 import os
 import signal
 import time
-from datetime import UTC, datetime
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
