@@ -48,13 +48,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ctpd_core.batching import SideBatch
-from ctpd_core.logprobs import _backbone, _final_logit_softcapping
+from ctpd_core.logprobs import _backbone, _final_logit_softcapping, head_logits
 
 PROJECTOR_FILE = "dskd_projector.safetensors"
 """The projector's weights, beside the exported student."""
@@ -316,15 +315,6 @@ def _head(model: nn.Module, role: str) -> tuple[torch.Tensor, torch.Tensor | Non
     return weight, getattr(head, "bias", None), _final_logit_softcapping(model)
 
 
-def _logits(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
-) -> torch.Tensor:
-    logits = F.linear(hidden.to(weight.dtype), weight, bias).float()  # [n, V]
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits
-
-
 def _response_rows(batch: SideBatch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hidden states, input tokens and target tokens at the response positions: ``[B, R, H]``, ``[B, R]``,
     ``[B, R]`` (padding reads position 0 and token 0; the masks drop it)."""
@@ -355,9 +345,9 @@ def _chunked(function: Callable[..., torch.Tensor], split: Sequence[torch.Tensor
 
 def _student_chunk(hidden: torch.Tensor, t2s_hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None, softcap: float | None, temperature: float) -> torch.Tensor:
-    student_logits = _logits(hidden, weight, bias, softcap)  # [n, V_s]
+    student_logits = head_logits(hidden, weight, bias, softcap)  # [n, V_s]
     # the student's head, detached: CE(t2s) trains the projector, not the head it reads through
-    t2s_logits = _logits(t2s_hidden, weight.detach(), None if bias is None else bias.detach(), softcap)
+    t2s_logits = head_logits(t2s_hidden, weight.detach(), None if bias is None else bias.detach(), softcap)
     terms = student_space_terms(student_logits, t2s_logits, targets, temperature)
     return torch.stack([terms["nll"], terms["t2s_ce"], terms["t2s_kl"], terms["t2s_correct"]], dim=1)  # [n, 4]
 
@@ -366,8 +356,8 @@ def _teacher_chunk(teacher_hidden: torch.Tensor, s2t_hidden: torch.Tensor, targe
                    weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
                    temperature: float) -> torch.Tensor:
     with torch.no_grad():
-        teacher_logits = _logits(teacher_hidden, weight, bias, softcap)  # [n, V_t]
-    s2t_logits = _logits(s2t_hidden, weight.detach(), None if bias is None else bias.detach(), softcap)
+        teacher_logits = head_logits(teacher_hidden, weight, bias, softcap)  # [n, V_t]
+    s2t_logits = head_logits(s2t_hidden, weight.detach(), None if bias is None else bias.detach(), softcap)
     terms = teacher_space_terms(teacher_logits, s2t_logits, targets, temperature)
     return torch.stack([terms["s2t_kl"], terms["s2t_correct"]], dim=1)  # [n, 2]
 

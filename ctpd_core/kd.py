@@ -35,12 +35,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ctpd_core.batching import SideBatch
 from ctpd_core.inference import collate_responses
-from ctpd_core.logprobs import _final_hidden_and_head, _run_chunk, label_logprobs_from_hidden
+from ctpd_core.logprobs import _final_hidden_and_head, _run_chunk, head_logits, label_logprobs_from_hidden
 from ctpd_core.records import Side, TrainItem
 
 if TYPE_CHECKING:  # pipeline may come to import this module; the alias is only a type
@@ -246,16 +245,6 @@ def aligned_positions(
 # ------------------------------------------------------------------------------------ the fit() loss
 
 
-def _head_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
-) -> torch.Tensor:  # [N, V]
-    """The LM head on selected rows, as the model's own head computes it, in fp32 (softcap included)."""
-    logits = F.linear(hidden, weight, bias).float()  # [N, V]
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits
-
-
 def _uld_of_hidden_chunk(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -266,9 +255,9 @@ def _uld_of_hidden_chunk(
     teacher_bias: torch.Tensor | None,
     teacher_softcap: float | None,
 ) -> torch.Tensor:  # [n]
-    student_logits = _head_logits(student_hidden, student_weight, student_bias, student_softcap)  # [n, V_s]
+    student_logits = head_logits(student_hidden, student_weight, student_bias, student_softcap)  # [n, V_s]
     with torch.no_grad():
-        teacher_logits = _head_logits(teacher_hidden, teacher_weight, teacher_bias, teacher_softcap)  # [n, V_t]
+        teacher_logits = head_logits(teacher_hidden, teacher_weight, teacher_bias, teacher_softcap)  # [n, V_t]
     return uld_distance(student_logits, teacher_logits)
 
 

@@ -360,6 +360,17 @@ def span_logprobs(token_logps: torch.Tensor, token_span: torch.Tensor, num_spans
     return spans.scatter_add(1, scatter_index, contributions)  # [B, K]
 
 
+def head_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
+) -> torch.Tensor:  # [N, V]
+    """The LM head on selected hidden states ``[N, H]``, as the model's own head computes it (bias, final-logit
+    softcapping), in fp32: for losses that need whole distributions at a few positions (the KD baselines)."""
+    logits = F.linear(hidden.to(weight.dtype), weight, bias).float()  # [N, V]
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
 def _final_hidden_and_head(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
