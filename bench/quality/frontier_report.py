@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from bench.quality.config import (
 )
 from bench.quality.frontier_stats import NO_OVERLAP, MethodPoints, compare
 from bench.quality.heldout import HELDOUT_SOURCES
+from bench.quality.report import command_and_compute
 from bench.quality.stats import prompt_standard_error, summarize
 
 FRONTIER_PLOT = "results-frontier.png"
@@ -220,14 +219,8 @@ def markdown(scale: FrontierScale, measured: dict[str, Any], analysis: dict[str,
         f"{', '.join(map(str, seeds_seen)) or 'none yet'}; every trained student measured on "
         f"{len(scale.sources)} held-out sources. Regenerate with:",
         "",
-        "```",
-        command,
-        "```",
-        "",
-        f"Compute: {compute / 60:.1f} min of jobs and measurements in all (the sum of the stored timings, so resumes "
-        f"and measurements made on other machines count once)"
-        + (f"; this invocation ran {wall_seconds / 60:.1f} min" if wall_seconds else "")
-        + f"; {numerics}, {platform.machine()}, {time.strftime('%Y-%m-%d')}.",
+        *command_and_compute(command, compute, wall_seconds, numerics,
+                             "so resumes and measurements made on other machines count once"),
         "",
     ]
     runs = store_runs

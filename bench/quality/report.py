@@ -36,6 +36,18 @@ def _labels() -> dict[str, str]:
     return labels
 
 
+def command_and_compute(command: str, compute_seconds: float, wall_seconds: float, numerics: str,
+                        why_summed: str) -> list[str]:
+    """The report lines that say how to regenerate it and what it cost: the command, then the compute summed over
+    the stored timings (``why_summed`` says why a sum and not this run's wall time)."""
+    return [
+        "```", command, "```", "",
+        f"Compute: {compute_seconds / 60:.1f} min of jobs and measurements in all (the sum of the stored timings, "
+        f"{why_summed})" + (f"; this invocation ran {wall_seconds / 60:.1f} min" if wall_seconds else "")
+        + f"; {numerics}, {platform.machine()}, {time.strftime('%Y-%m-%d')}.",
+    ]
+
+
 def collect(scale: Scale, store) -> dict[str, Any]:
     """Every stored measurement, per row and seed, with the win rate against the initial student added."""
     student = store.get(STUDENT_ROW[0], None)
@@ -158,13 +170,7 @@ def markdown(
         f"Scale **{scale.name}**; seeds measured: {', '.join(seeds) or 'none yet'} of "
         f"{', '.join(map(str, scale.seeds))}. Regenerate with:",
         "",
-        "```",
-        command,
-        "```",
-        "",
-        f"Compute: {compute / 60:.1f} min of jobs and measurements in all (the sum of the stored timings, so resumes "
-        f"do not distort it)" + (f"; this invocation ran {wall_seconds / 60:.1f} min" if wall_seconds else "")
-        + f"; {numerics}, {platform.machine()}, {time.strftime('%Y-%m-%d')}.",
+        *command_and_compute(command, compute, wall_seconds, numerics, "so resumes do not distort it"),
         "",
         f"Values are mean ± standard deviation over the {len(seeds)} training seed(s); the untrained models have one "
         "value. Every row is sampled on the same held-out prompts with the same sampling seeds.",
