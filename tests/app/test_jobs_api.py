@@ -69,7 +69,7 @@ def test_invalid_spec_is_a_422_naming_the_field_and_stores_nothing(alice, db, qu
         "dataset.path": {**SPEC, "dataset": {}},
         "teacher": {"student": SPEC["student"], "dataset": SPEC["dataset"]},
         "student": {"teacher": SPEC["teacher"], "dataset": SPEC["dataset"]},
-        "method": {**SPEC, "method": "sft"},
+        "method": {**SPEC, "method": "orpo"},
     }
     for param, body in cases.items():
         response = alice.post("/v1/jobs", json=body)
