@@ -446,6 +446,8 @@ def _trajectory(config: FitConfig) -> dict[str, Any]:
     values = dict(config.__dict__)
     values.pop("checkpoint_every", None)
     values.pop("keep_checkpoints", None)
+    if not values.get("group_learning_rates"):  # none (every stage but dskd's distill): the keys of before they existed
+        values.pop("group_learning_rates", None)
     return values
 
 
