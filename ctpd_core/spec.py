@@ -253,8 +253,13 @@ class KdSpec(_Strict):
     )
 
     def fields_for(self, method: str) -> tuple[str, ...]:
-        return {"uld": ("kappa", "uld_alignment"), "dskd": ("kappa", "temperature", "projector_learning_rate")}.get(
-            method, ())
+        return _KD_FIELDS_READ_BY.get(method, ())
+
+
+# Which kd fields each method reads (every other method reads none): the one table JobSpec checks kd against.
+_KD_FIELDS_READ_BY: dict[str, tuple[str, ...]] = {
+    "uld": ("kappa", "uld_alignment"), "dskd": ("kappa", "temperature", "projector_learning_rate"),
+}
 
 
 # A URI scheme (RFC 3986): what tells MLflow which store to use; a bare path would be its deprecated file store.
@@ -425,9 +430,8 @@ class JobSpec(_Strict):
         unread = [name for name in KdSpec.model_fields if name not in self.kd.fields_for(self.method)
                   and getattr(self.kd, name) != KdSpec.model_fields[name].default]
         if unread:
-            readers = {"kappa": "uld and dskd", "uld_alignment": "uld", "temperature": "dskd",
-                       "projector_learning_rate": "dskd"}
-            raise SpecError(f"kd.{unread[0]} is read by {readers[unread[0]]} only, and method {self.method} would "
+            readers = " and ".join(m for m, names in _KD_FIELDS_READ_BY.items() if unread[0] in names)
+            raise SpecError(f"kd.{unread[0]} is read by {readers} only, and method {self.method} would "
                             "ignore it; drop it", "kd", unread[0])
         if self.weights.source == "teacher_contrastive" and self.method != "ctpd":
             raise SpecError(

@@ -724,8 +724,9 @@ def distill_stage(
             trained_unit, loss, config = _kd_training(spec, models, prepared, student, config, runner.context.device)
         else:
             trained_unit = student
-            loss = make_distill_loss(cast(PreferenceMethod, spec.method), spec.beta, policy_side="student", reference_side=reference.side,
-                                     pad_id=prepared.pad_ids["student"], device=runner.context.device)
+            loss = make_distill_loss(cast(PreferenceMethod, spec.method), spec.beta, policy_side="student",
+                                     reference_side=reference.side, pad_id=prepared.pad_ids["student"],
+                                     device=runner.context.device)
         layout = runner.fit_layout(spec, "distill", trained_unit)
         result = fit(trained_unit, items, loss, config, runner.context.run_dir / Stage.DISTILL, stage=Stage.DISTILL,
                      device=runner.context.device, **runner.fit_hooks(), **layout)
@@ -754,9 +755,9 @@ def _kd_training(spec: JobSpec, models: ModelPool, prepared: Prepared, student: 
         projector = DualSpaceProjector.for_models(student, teacher, seed=spec.training.seed).to(device)
         unit = DualSpaceStudent(student, projector)
         config = dataclasses.replace(config, group_learning_rates=((PROJECTOR_PREFIX, kd.projector_learning_rate),))
-    loss = make_kd_loss(cast(KdMethod, spec.method), KdConfig(kappa=kd.kappa, temperature=kd.temperature,
-                                              uld_alignment=kd.uld_alignment),
-                        teacher=teacher, pad_ids=prepared.pad_ids, device=device)
+    settings = KdConfig(kappa=kd.kappa, temperature=kd.temperature, uld_alignment=kd.uld_alignment)
+    loss = make_kd_loss(cast(KdMethod, spec.method), settings, teacher=teacher, pad_ids=prepared.pad_ids,
+                        device=device)
     return unit, loss, config
 
 
