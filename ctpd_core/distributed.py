@@ -19,13 +19,15 @@ batch mean (see ``ctpd_core.train``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 import torch.distributed as torch_dist
@@ -144,6 +146,29 @@ def init_from_env(device_type: str | None = None) -> DistContext:
         )
         logger.info("rank %d of %d joined the process group (%s, %s)", rank, world_size, backend, device)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a rank process with ``code``: leave the process group (on success), flush, and exit without
+    interpreter finalization.
+
+    Why not a plain return: the process group's C++ side can outlive ``destroy_process_group`` (FSDP2's device
+    meshes and DDP's reducer keep references to it), and when its worker threads are torn down during interpreter
+    finalization the process can abort with "terminate called without an active exception" (pytorch#190489) after
+    all its work is done and written. torchrun then reports the rank as failed, and a job that succeeded is retried
+    as lost. A rank has put everything it produces in files or sent it over the control channel before it calls
+    this, so skipping finalization loses nothing. A failing rank (``code`` not 0) does not leave the group: its
+    peers may be inside a collective it will never join, and torchrun tears them down once it has exited.
+    """
+    try:
+        if code == 0 and torch_dist.is_available() and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+    finally:
+        logging.shutdown()  # flushes every handler (the rank's log lines reach the job process's log)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing left to flush into
+                stream.flush()
+        os._exit(code)
 
 
 def is_distributed(ctx: DistContext | None) -> bool:

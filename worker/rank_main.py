@@ -64,9 +64,6 @@ def main(payload_path: str) -> int:
                 "stage_seconds": result.stage_seconds, "cached_stages": result.cached_stages,
             }), encoding="utf-8")
         client.close()
-        import torch.distributed
-
-        torch.distributed.destroy_process_group()
         return 0
     except Exception as error:  # the rank's process boundary: classified for the job process, then re-raised
         from worker.tasks import _message_of, classify_error
@@ -79,4 +76,6 @@ def main(payload_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    from ctpd_core.distributed import exit_rank
+
+    exit_rank(main(sys.argv[1]))  # leaves the process group and skips the finalization that can abort a rank

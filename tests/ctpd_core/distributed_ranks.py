@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ctpd_core.distributed import DistContext, DistStrategy, init_from_env
+from ctpd_core.distributed import DistContext, DistStrategy, exit_rank, init_from_env
 from ctpd_core.logprobs import IGNORE_INDEX, model_label_logprobs
 from ctpd_core.observe import Stopped
 from ctpd_core.train import FitConfig, fit
@@ -158,7 +158,7 @@ def main() -> None:
     torch.set_num_threads(1)
     ctx = init_from_env("cpu")
     {"suite": suite, "kill": kill}[scenario](out, ctx)
-    torch.distributed.destroy_process_group()
+    exit_rank(0)  # as the worker's ranks end: no interpreter finalization, which can abort a gloo rank
 
 
 if __name__ == "__main__":

@@ -56,6 +56,14 @@ def launch(scenario: str, out: Path, timeout: float) -> subprocess.CompletedProc
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def launch_failure(finished: subprocess.CompletedProcess[str], out: Path) -> str:
+    """What a failed launch left behind: its exit code, the scenarios whose results were written (a rank that
+    died after its last result failed at exit, not in a scenario) and the end of its output."""
+    written = sorted(path.stem for path in out.glob("*.json"))
+    return (f"torchrun exited {finished.returncode}; results written: {written}\n"
+            f"stdout: {finished.stdout[-2000:]}\nstderr: {finished.stderr[-6000:]}")
+
+
 def single_process_run(checkpoint_dir: Path, model: torch.nn.Module | None = None) -> tuple[RecordingSink, Path]:
     sink = RecordingSink()
     result = fit(model or build_model(), make_items(NUM_ITEMS), head_nll_loss, run_config(), checkpoint_dir,
@@ -72,7 +80,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     # A single-process (one-file) checkpoint of step 2 for the 2 ranks to resume.
     shutil.copytree(out / "single" / "step-00000002", out / "resumed_from_single" / "step-00000002")
     finished = launch("suite", out, LAUNCH_TIMEOUT)
-    assert finished.returncode == 0, finished.stderr[-6000:]
+    assert finished.returncode == 0, launch_failure(finished, out)
     loaded = {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in out.glob("*.json")}
     return {"out": out, "reference": reference, "reference_checkpoint": reference_checkpoint,
             "lora_reference": lora_reference, "lora_reference_checkpoint": lora_reference_checkpoint, **loaded}
@@ -244,3 +252,29 @@ def test_the_global_batch_must_split_evenly_over_the_ranks() -> None:
     assert plan_steps(config(batch_size=8, micro_batch_size=2), 5).batch_size == 5
     with pytest.raises(ValueError, match="cannot be shared by 4 ranks"):
         plan_steps(config(batch_size=8, micro_batch_size=2), 3, world_size=4)
+
+
+EXIT_RANK_SCRIPT = """
+import atexit, logging, sys
+from pathlib import Path
+from ctpd_core.distributed import exit_rank
+marker = Path(sys.argv[1])
+atexit.register(lambda: marker.write_text("finalized"))  # would run in a normal interpreter exit
+logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+logging.getLogger("rank").info("the rank's last log line")
+sys.stdout.write("buffered, no newline")  # a pipe is block-buffered: lost without the flush
+exit_rank(int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_a_rank_exits_with_its_code_its_output_flushed_and_no_finalization(tmp_path: Path, code: int) -> None:
+    # Interpreter finalization is where a gloo rank's leftover C++ threads can abort a finished rank (SIGABRT,
+    # "terminate called without an active exception"), so exit_rank must skip it and still lose no output.
+    marker = tmp_path / "atexit-ran"
+    ended = subprocess.run([sys.executable, "-c", EXIT_RANK_SCRIPT, str(marker), str(code)], cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert ended.returncode == code, ended.stderr
+    assert ended.stdout == "buffered, no newline"
+    assert "the rank's last log line" in ended.stderr
+    assert not marker.exists()  # finalization (atexit, then the C++ destructors) was skipped
