@@ -305,6 +305,15 @@ class TrainingLoad:
     precision: str  # "bf16" or "fp32" (auto is bf16 on a GPU)
     lora_rank: int | None = None  # None: full fine-tune
     lora_targets: Sequence[str] | str = "all-linear"
+    # Parameters trained beside the model and never sharded (dskd's projector): fp32 weights, gradients, AdamW.
+    beside_params: int = 0
+
+
+def dskd_projector_params(student_hidden: int, teacher_hidden: int) -> int:
+    """Parameters of DSKD's projector (``ctpd_core.dskd.DualSpaceProjector``: query 2·d_s → 2·d_t, t2s d_t → d_s,
+    s2t d_s → d_t, each a Linear with bias); counted here without torch, pinned against the module by a test."""
+    d_s, d_t = student_hidden, teacher_hidden
+    return (2 * d_s * 2 * d_t + 2 * d_t) + (d_t * d_s + d_s) + (d_s * d_t + d_t)
 
 
 def training_components(model: ModelShape, load: TrainingLoad, *, world_size: int, strategy: str,
@@ -346,6 +355,10 @@ def training_components(model: ModelShape, load: TrainingLoad, *, world_size: in
                            + tokens * model.hidden_size * 4 * 2 + head_gradients))
     for role, shape in resident_frozen:
         parts.append(Component(f"{role} resident (frozen, fp32)", shape.params * FROZEN_WEIGHT_BYTES))
+    if load.beside_params:
+        # Its activations (a micro-batch's cross-model attention over response positions) are megabytes: left out.
+        parts.append(Component("projector (fp32 weights, gradients, AdamW)",
+                               load.beside_params * (MASTER_WEIGHT_BYTES + GRADIENT_BYTES + ADAM_STATE_BYTES)))
     return parts
 
 
@@ -694,7 +707,7 @@ def plan_job(spec: JobSpec, shapes: Shapes, *, gpu_memory_bytes: int | None, gpu
                                    2 * INFERENCE_BATCH_PAIRS, "weights.source"))
 
     # uld and dskd run the frozen teacher live beside the student they train (its next-token distributions and
-    # hidden states are too large to cache); dskd's projector is a few linear layers, left out.
+    # hidden states are too large to cache); dskd also trains its projector beside the student (single device).
     live_teacher = spec.method in ("uld", "dskd")
     teacher_shape = shapes.get("teacher")
     if live_teacher and teacher_shape is None:
@@ -702,8 +715,11 @@ def plan_job(spec: JobSpec, shapes: Shapes, *, gpu_memory_bytes: int | None, gpu
                                 not_checked=_unknown_reason(["teacher"], spec)))
     else:
         beside = [("teacher", teacher_shape)] if live_teacher and teacher_shape is not None else []
+        projector = 0
+        if spec.method == "dskd" and student is not None and teacher_shape is not None:
+            projector = dskd_projector_params(student.hidden_size, teacher_shape.hidden_size)
         stages.append(_training_stage(spec, "distill", student_label, student, beside, world, gpu_memory_bytes,
-                                      headroom))
+                                      headroom, beside_params=projector))
     # Evaluation runs on rank 0 alone, with the whole trained student (gathered, under fsdp) and the initial one.
     if student is not None:
         evaluate = frozen_stage(
@@ -726,12 +742,12 @@ def _unknown_reason(roles: Sequence[str], spec: JobSpec) -> str:
 
 def _training_stage(spec: JobSpec, stage: TrainingStage, label: str, model: ModelShape | None,
                     resident: Sequence[tuple[str, ModelShape]], world: int, gpu_memory_bytes: int | None,
-                    headroom: float) -> StagePlan:
+                    headroom: float, beside_params: int = 0) -> StagePlan:
     section = spec.training if stage == "distill" else spec.contrastive
     field_name = f"{'training' if stage == 'distill' else 'contrastive'}.devices"
     if model is None:
         return StagePlan(stage, label, world_size=world, not_checked=_unknown_reason(["model"], spec))
-    load = training_load(spec, stage, on_gpu=gpu_memory_bytes is not None)
+    load = replace(training_load(spec, stage, on_gpu=gpu_memory_bytes is not None), beside_params=beside_params)
     budget = _usable(gpu_memory_bytes, headroom) if gpu_memory_bytes is not None else None
     strategy = resolve_strategy(model, load, world_size=world, requested=section.strategy,
                                 activation_checkpointing=section.activation_checkpointing,

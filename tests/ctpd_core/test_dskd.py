@@ -33,6 +33,7 @@ from ctpd_core.dskd import (
 )
 from ctpd_core.encoding import EncodingConfig
 from ctpd_core.inference import collate_responses, pad_token_id
+from ctpd_core.memory_plan import dskd_projector_params
 from ctpd_core.observe import NullObserver
 from ctpd_core.pipeline import prepare
 from ctpd_core.records import ResponseRecord
@@ -192,6 +193,8 @@ def test_projector_shapes_between_different_widths(student_tokenizer: Any, teach
     names = [name for name, _ in unit.named_parameters()]
     assert [n for n in names if n.startswith(PROJECTOR_PREFIX)] == [f"projector.{n}" for n, _ in projector.named_parameters()]
     assert all(n.startswith(("student.", PROJECTOR_PREFIX)) for n in names)
+    # the memory planner counts the projector without torch: the same number as the module has
+    assert dskd_projector_params(STUDENT_HIDDEN, TEACHER_HIDDEN) == sum(p.numel() for p in projector.parameters())
 
 
 def test_a_seeded_projector_is_reproducible_and_leaves_the_global_rng_alone(student_tokenizer: Any, teacher: Any

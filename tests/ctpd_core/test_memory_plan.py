@@ -254,6 +254,12 @@ def test_uld_and_dskd_count_the_live_teacher_in_distill_and_sft_does_not():
     assert not any("teacher" in c.name for c in sft.components)
     assert [c.bytes for c in uld.components if "teacher" in c.name] == [teacher_bytes]
     assert uld.peak_bytes == sft.peak_bytes + teacher_bytes
+    # dskd trains its projector beside the student: 16 bytes per parameter (weights, gradients, AdamW), on top of uld.
+    dskd = _stage(plans["dskd"], "distill")
+    projector = memory_plan.dskd_projector_params(known_shape("Qwen/Qwen2.5-0.5B").hidden_size,
+                                                  known_shape("Qwen/Qwen2.5-1.5B").hidden_size)
+    assert [c.bytes for c in dskd.components if "projector" in c.name] == [projector * 16]
+    assert dskd.peak_bytes == uld.peak_bytes + projector * 16
     # A teacher of unknown size leaves distill unchecked rather than planned without it.
     unknown = _plan(JobSpec.model_validate({**data, "method": "uld", "teacher": {"model": "someone/unknown"}}))
     assert _stage(unknown, "distill").fits is None and "teacher" in (_stage(unknown, "distill").not_checked or "")
