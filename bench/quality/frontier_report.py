@@ -262,6 +262,7 @@ def markdown(scale: FrontierScale, measured: dict[str, Any], analysis: dict[str,
                       f"prompts × {base.samples_per_prompt} sample{'s' if base.samples_per_prompt > 1 else ''}); the matched-KL "
                       "gaps above are "
                       f"{min(gaps):.3f}-{max(gaps):.3f}: {plain}."]
+        lines += _trust_caveats(a)
         lines.append("")
     lines += [
         "\"Beat\" means the 95 % bootstrap interval of the reward difference at matched KL lies above 0, \"below\" "
@@ -437,6 +438,24 @@ def write_report(scale: FrontierScale, store, out: Path, *, device_type: str, co
     document = {"scale": scale.name, "analysis": analysis, "command": command, "wall_seconds": wall_seconds}
     (out / "frontier.json").write_text(json.dumps(_json_safe(document), indent=1, allow_nan=False), encoding="utf-8")
     return {**document, "measured": measured, "markdown": text}
+
+
+def _trust_caveats(source_analysis: dict[str, Any]) -> list[str]:
+    """What limits the verdicts of one source beyond the noise floor: a single seed (the interval then has no
+    seed-to-seed spread in it) and curves of two points (matched KL is then read off one straight chord each)."""
+    lines: list[str] = []
+    if len(source_analysis["seeds"]) < 2:
+        lines += ["", "One seed: the interval resamples prompts only, so the spread between training seeds is not in "
+                  "it. Each further run of the sweep adds the next seed."]
+    curves = {m: sorted(p["kl"]["mean"] for p in pts) for m, pts in source_analysis["points"].items() if pts}
+    if curves and OURS in curves and max(len(kls) for kls in curves.values()) <= 2:
+        ends = sorted((kls[-1], FRONTIER_LABELS[m]) for m, kls in curves.items())
+        lines += ["", "Every curve has 2 points, so reward at matched KL is read off one straight chord per method. "
+                  f"The chords end far apart: {ends[0][1]} at KL {ends[0][0]:.2f}, {ends[-1][1]} at {ends[-1][0]:.2f}, "
+                  f"CTPD at {curves[OURS][-1]:.2f}. A curve that rises and then flattens lies above its chord, and "
+                  "more so for a longer chord, so a comparison between chords of different lengths says as much "
+                  "about where the grid put the far point as about the method."]
+    return lines
 
 
 def splice_section(document: str, section: str) -> str:
