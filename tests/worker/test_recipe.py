@@ -178,6 +178,10 @@ def test_a_dskd_job_resumes_its_projector_from_the_checkpoint(folders, tmp_path)
     assert run_spec(spec, context(tmp_path, "straight", straight)).status == "succeeded"
     interrupted = RecordingObserver()
     assert run_spec(spec, context(tmp_path, "resumed", interrupted, StopAfter(interrupted, 3))).status == "stopped"
+    # The projector trains at its own rate (kd.projector_learning_rate), which the checkpoint's config records.
+    states = [json.loads(path.read_text()) for path in (tmp_path / "runs" / "resumed").rglob("step-*/state.json")]
+    rates = [state["config"]["group_learning_rates"] for state in states if state["stage"] == "distill"]
+    assert rates and all(rate == [["projector.", spec.kd.projector_learning_rate]] for rate in rates)
     resumed = RecordingObserver()
     assert run_spec(spec, context(tmp_path, "resumed", resumed)).status == "succeeded"
 
