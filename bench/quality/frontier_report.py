@@ -447,12 +447,21 @@ def _trust_caveats(source_analysis: dict[str, Any]) -> list[str]:
     if len(source_analysis["seeds"]) < 2:
         lines += ["", "One seed: the interval resamples prompts only, so the spread between training seeds is not in "
                   "it. Each further run of the sweep adds the next seed."]
-    curves = {m: sorted(p["kl"]["mean"] for p in pts) for m, pts in source_analysis["points"].items() if pts}
+    # The verdicts compare the seeds every method has measured: the chords are drawn over those seeds only.
+    seeds = set(source_analysis["seeds"])
+
+    def verdict_kl(point: dict[str, Any]) -> float | None:
+        kls = [kl for seed, kl in zip(point["seeds"], point["kl"]["values"], strict=True) if seed in seeds]
+        return sum(kls) / len(kls) if kls else None
+
+    curves = {m: sorted(kl for p in pts if (kl := verdict_kl(p)) is not None)
+              for m, pts in source_analysis["points"].items()}
+    curves = {m: kls for m, kls in curves.items() if kls}
     if curves and OURS in curves and max(len(kls) for kls in curves.values()) <= 2:
         ends = sorted((kls[-1], FRONTIER_LABELS[m]) for m, kls in curves.items())
-        lines += ["", "Every curve has 2 points, so reward at matched KL is read off one straight chord per method. "
-                  f"The chords end far apart: {ends[0][1]} at KL {ends[0][0]:.2f}, {ends[-1][1]} at {ends[-1][0]:.2f}, "
-                  f"CTPD at {curves[OURS][-1]:.2f}. A curve that rises and then flattens lies above its chord, and "
+        lines += ["", "No curve has more than 2 points, so reward at matched KL is read off one straight chord per "
+                  f"method. The chords end far apart: {ends[0][1]} at KL {ends[0][0]:.2f}, {ends[-1][1]} at "
+                  f"{ends[-1][0]:.2f}, {FRONTIER_LABELS[OURS]} at {curves[OURS][-1]:.2f}. A curve that rises and then flattens lies above its chord, and "
                   "more so for a longer chord, so a comparison between chords of different lengths says as much "
                   "about where the grid put the far point as about the method."]
     return lines

@@ -6,6 +6,7 @@ results.md."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -216,12 +217,16 @@ def test_a_scale_can_sweep_the_learning_rate_for_the_beta_methods_too(tiny_front
 def test_the_report_says_when_one_seed_and_two_point_chords_limit_verdicts() -> None:
     from bench.quality.frontier_report import _trust_caveats
 
-    def curve(*kls: float) -> list[dict[str, dict[str, float]]]:
-        return [{"kl": {"mean": kl}} for kl in kls]
+    def curve(*kls: float) -> list[dict[str, Any]]:
+        return [{"seeds": [0], "kl": {"mean": kl, "values": [kl]}} for kl in kls]
 
     thin = _trust_caveats({"seeds": [0], "points": {"ctpd": curve(0.1, 4.0), "dpo": curve(0.02, 1.4)}})
     text = " ".join(thin)
-    assert "One seed" in text and "2 points" in text
+    assert "One seed" in text and "more than 2 points" in text
     assert "DPO at KL 1.40" in text and "CTPD at 4.00" in text
+    # A seed only one method has (not in the verdicts' seeds) does not move its chord's end.
+    partial = curve(0.1, 4.0)
+    partial[1] = {"seeds": [0, 1], "kl": {"mean": 3.0, "values": [4.0, 2.0]}}
+    assert "CTPD at 4.00" in " ".join(_trust_caveats({"seeds": [0], "points": {"ctpd": partial}}))
     # Two seeds and three points per curve: nothing to add beyond the noise floor.
     assert _trust_caveats({"seeds": [0, 1], "points": {"ctpd": curve(0.1, 1, 4), "dpo": curve(0.02, 0.5, 1.4)}}) == []

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ctpd_core.models as models_module
+from ctpd_core.dskd import PROJECTOR_PREFIX
 from ctpd_core.observe import NullObserver
 from ctpd_core.spec import JobSpec
 from worker import recipe as recipe_module
@@ -181,7 +182,7 @@ def test_a_dskd_job_resumes_its_projector_from_the_checkpoint(folders, tmp_path)
     # The projector trains at its own rate (kd.projector_learning_rate), which the checkpoint's config records.
     states = [json.loads(path.read_text()) for path in (tmp_path / "runs" / "resumed").rglob("step-*/state.json")]
     rates = [state["config"]["group_learning_rates"] for state in states if state["stage"] == "distill"]
-    assert rates and all(rate == [["projector.", spec.kd.projector_learning_rate]] for rate in rates)
+    assert rates and all(rate == [[PROJECTOR_PREFIX, spec.kd.projector_learning_rate]] for rate in rates)
     resumed = RecordingObserver()
     assert run_spec(spec, context(tmp_path, "resumed", resumed)).status == "succeeded"
 
