@@ -181,6 +181,9 @@ class Dataset(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     path: Mapped[str] = mapped_column(Text)  # absolute path of the file under the artifact root
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # What the upload's validator counted, and per tokenizer the token lengths measured later (0007_dataset_stats);
+    # None for datasets stored before it.
+    stats: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 # --------------------------------------------------------------------------------------------- webhooks
