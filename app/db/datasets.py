@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -31,10 +32,11 @@ def create_dataset(
     size_bytes: int,
     path: str | Path,
     dataset_id: str | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> Dataset:
     row = Dataset(
         id=dataset_id or new_dataset_id(), tenant=tenant, filename=filename, format=format, num_rows=num_rows,
-        sha256=sha256, size_bytes=size_bytes, path=str(path), created_at=utcnow(),
+        sha256=sha256, size_bytes=size_bytes, path=str(path), created_at=utcnow(), stats=stats,
     )
     with db.write() as session:
         session.add(row)
@@ -48,6 +50,34 @@ def get_dataset(db: Database, dataset_id: str, tenant: str | None = None) -> Dat
         if tenant is not None:
             query = query.where(Dataset.tenant == tenant)
         return session.scalars(query).one_or_none()
+
+
+class DatasetGone(Exception):
+    """The dataset was deleted (or never existed) when its token lengths came to be recorded."""
+
+    def __init__(self, dataset_id: str) -> None:
+        self.dataset_id = dataset_id
+        super().__init__(f"dataset {dataset_id} does not exist (deleted?); its token lengths were not recorded")
+
+
+def record_token_lengths(db: Database, dataset_id: str, tokenizer: str, lengths: dict[str, Any]) -> None:
+    """Merge ``stats["token_lengths"][tokenizer] = lengths`` into the dataset's stats in one transaction (a
+    dataset stored before 0007_dataset_stats, stats NULL, gets ``{"token_lengths": {tokenizer: lengths}}``);
+    another tokenizer's lengths and the upload's counts are kept, the same tokenizer's are replaced.
+
+    The row is locked first (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serialises
+    writers), so two preflights recording two tokenizers at once both land: neither overwrites the other's
+    read-modify-write. :class:`DatasetGone` when there is no such dataset."""
+    with db.write() as session:
+        row = session.scalars(select(Dataset).where(Dataset.id == dataset_id).with_for_update()).one_or_none()
+        if row is None:
+            raise DatasetGone(dataset_id)
+        stats = dict(row.stats or {})
+        token_lengths = dict(stats.get("token_lengths") or {})
+        token_lengths[tokenizer] = lengths
+        stats["token_lengths"] = token_lengths
+        # A new object: the JSON column does not track changes made inside the old one.
+        row.stats = stats
 
 
 def list_datasets(db: Database, tenant: str, *, limit: int, after: str | None = None) -> tuple[list[Dataset], bool]:
