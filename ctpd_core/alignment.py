@@ -228,6 +228,22 @@ def align_texts(student_tokenizer: Any, teacher_tokenizer: Any, texts: Sequence[
     return [align_spans(s, t, text) for s, t, text in zip(student, teacher, texts, strict=True)]
 
 
+# Span lengths in bytes, binned by powers of two: a span is a run of bytes both tokenizations end a token on, so
+# its length says how coarse the common segmentation is (1-4 bytes: about word pieces; 33+: whole phrases).
+SPAN_BYTES_BIN_STARTS = (1, 2, 3, 5, 9, 17, 33, 65)
+
+
+def span_length_histogram(alignments: Sequence[SpanAlignment]) -> dict[str, list[str] | list[int]]:
+    """How many spans of ``alignments`` fall in each span-length bin (bytes): ``{"bins": ["1", "2", "3-4", ...,
+    "65+"], "spans": [count, ...]}``, the counts summing to the number of spans."""
+    lengths = [a.span_ends - a.span_starts for a in alignments if a.num_spans]
+    span_bytes = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)  # [spans]
+    starts = np.asarray(SPAN_BYTES_BIN_STARTS)
+    counts = np.bincount(np.searchsorted(starts, span_bytes, side="right") - 1, minlength=starts.size)
+    bins = [str(lo) if hi - lo == 1 else f"{lo}-{hi - 1}" for lo, hi in zip(starts[:-1], starts[1:], strict=True)]
+    return {"bins": [*bins, f"{starts[-1]}+"], "spans": [int(count) for count in counts]}
+
+
 def alignment_stats(alignments: Sequence[SpanAlignment]) -> dict[str, float | int]:
     """Span statistics pooled over all spans of ``alignments`` (one example or a whole dataset).
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctpd_core.alignment import AlignmentError, alignment_stats
+from ctpd_core.alignment import AlignmentError, alignment_stats, span_length_histogram
 from ctpd_core.batching import SideBatch, pad_ragged, response_logprobs
 from ctpd_core.data import PreferencePair
 from ctpd_core.encoding import EncodingConfig, PairEncoder
@@ -108,6 +108,7 @@ def prepare(
         "dropped": dropped,
         "truncated_responses": truncated,
         "alignment": alignment_stats(alignments),
+        "span_length_histogram": span_length_histogram(alignments),  # the dashboard's histogram (bytes per span)
     }
     return PreparedData(train=splits["train"], validation=splits["validation"], stats=stats)
 
