@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI
 from app.api import api_keys, checkpoints, datasets, health, jobs, models, tenants, webhooks
 from app.api.deps import refuse_nul_characters
 from app.api.errors import install_error_handlers
+from app.api.preflights import router as preflights_router
 from app.db.engine import Database
 from app.metrics import install_metrics, process_exiting
 from app.queue import CeleryTaskQueue, TaskQueue
@@ -83,6 +84,7 @@ def create_app(settings: Settings, queue: TaskQueue | None = None) -> FastAPI:
     for router in (jobs.router, checkpoints.router, datasets.router, api_keys.router, webhooks.router,
                    tenants.router):
         app.include_router(router, dependencies=[Depends(refuse_nul_characters)])
+    app.include_router(preflights_router, dependencies=[Depends(refuse_nul_characters)])  # GET /v1/preflights/{id}
     for router in (models.router, health.router):
         app.include_router(router)
     return app

@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -172,3 +172,179 @@ def check_job(spec: JobSpec, settings: Settings, db: Database | None = None) -> 
     if not plan.fits:
         logger.info("preflight refused a job: %s", "; ".join(s.summary() for s in plan.stages if s.fits is False))
         raise PreflightRefused(plan)
+
+
+# --------------------------------------------------------------------------------------------- the dry run
+# POST /v1/jobs?dry_run=true (app/api/preflights.py): the API's part of the report is the memory plan above, the
+# live workers and the checks every submission runs; a worker adds the data part (worker/preflight.py, which may
+# open the files and load the tokenizers); the duration is estimated when the report is read, from the stages
+# this deployment's finished jobs measured.
+
+_THROUGHPUT_JOBS = 50  # the most recent succeeded jobs the duration is estimated from
+
+
+def issue(level: str, code: str, message: str, fix: str, param: str | None = None) -> dict[str, Any]:
+    """One problem of a preflight report (the same shape as the worker's, worker/preflight.py)."""
+    return {"level": level, "code": code, "param": param, "message": message, "fix": fix}
+
+
+def memory_issues(plan: MemoryPlan) -> list[dict[str, Any]]:
+    """Each stage that does not fit one GPU: an error whose fix is the planner's (what submission refuses, 422)."""
+    failing = [stage for stage in plan.stages if stage.fits is False]
+    # problems() walks the same stages in the same order: each failing stage's numbers and fixes.
+    return [issue("error", "does_not_fit", message, "; ".join(stage.fixes) if stage.fixes else
+                  "no single change fits: a GPU with more memory, LoRA, or more devices", param)
+            for stage, (param, message) in zip(failing, plan.problems(), strict=True)]
+
+
+def worker_facts(spec: JobSpec, settings: Settings, db: Database) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The live workers that could run the job, and a warning when none could right now (it would wait)."""
+    workers = _live_workers(db)
+    if workers is None:
+        return {"live": None, "note": "the workers table cannot be read"}, []
+    needed = spec.gpus_required
+    able = [worker_id for worker_id, gpus, _ in workers if gpus >= needed or (needed == 1 and gpus == 0)]
+    facts = {"live": len(workers), "able": len(able), "gpus_required": needed,
+             "gpus": sorted({gpus for _, gpus, _ in workers})}
+    if able:
+        return facts, []
+    if not workers:
+        return facts, [issue("warning", "no_live_worker",
+                             "no worker that consumes the train queue has been seen recently: the job would wait",
+                             "start one (ctpd worker --queues train), or submit anyway: it waits queued")]
+    return facts, [issue("warning", "no_worker_with_gpus",
+                         f"the job needs {needed} GPUs on one worker and no live worker has them: it would wait",
+                         f"lower training.devices / contrastive.devices to at most {max(g for _, g, _ in workers)}, "
+                         "or start a worker with more GPUs")]
+
+
+def _sequence_tokens(spec: dict[str, Any]) -> int:
+    sequence = spec.get("sequence") or {}
+    return int(sequence.get("max_prompt_tokens") or 1) + int(sequence.get("max_response_tokens") or 1)
+
+
+def _stage_work(spec: dict[str, Any], stage: str, counts: dict[str, float]) -> tuple[str | None, float | None]:
+    """(the model whose speed a stage runs at, its work in pair-tokens) for a spec and its counts: train/validation
+    pairs and the training steps (contrastive: both runs together)."""
+    tokens = _sequence_tokens(spec)
+    student = (spec.get("student") or {}).get("model")
+    teacher = (spec.get("teacher") or {}).get("model")
+    method = spec.get("method")
+    train, validation = counts.get("train_pairs"), counts.get("validation_pairs")
+    if stage == "prepare":
+        return f"{student}+{teacher}", None if train is None or validation is None else (train + validation) * tokens
+    if stage == "reference":
+        model = teacher if method == "ctpd" else student
+        return model, None if train is None or validation is None else (train + validation) * tokens
+    if stage == "contrastive":
+        source = (spec.get("weights") or {}).get("source")
+        model = teacher if source == "teacher_contrastive" else student
+        steps, batch = counts.get("contrastive_steps"), (spec.get("training") or {}).get("batch_size") or 1
+        return model, None if steps is None else steps * batch * tokens
+    if stage == "weights":
+        source = (spec.get("weights") or {}).get("source")
+        model = teacher if source == "teacher_contrastive" else student
+        return model, None if train is None else 2 * train * tokens  # π+ and π− over the training pairs
+    if stage == "distill":
+        steps, batch = counts.get("distill_steps"), (spec.get("training") or {}).get("batch_size") or 1
+        return f"{student}:{method}", None if steps is None else steps * batch * tokens
+    if stage == "evaluate":
+        return student, None if validation is None else max(validation, 1) * tokens
+    return student, 1.0  # export: one write of the student
+
+
+_ESTIMATED_STAGES = ("prepare", "reference", "contrastive", "weights", "distill", "evaluate", "export")
+
+
+def stages_run(spec: JobSpec) -> list[str]:
+    """The stages of ``spec`` that cost time (a fixed-weights or given-π± stage is seconds: not estimated)."""
+    stages = ["prepare", "reference"]
+    if spec.method != "dpo" and spec.trains_contrastive:
+        stages.append("contrastive")
+    if spec.method in ("ctpd", "tisdpo") and spec.needs_contrastive:
+        stages.append("weights")
+    return [*stages, "distill", "evaluate", "export"]
+
+
+def measured_rates(db: Database) -> dict[tuple[str, str], list[float]]:
+    """Seconds per unit of work of each (stage, model) from this deployment's recent succeeded jobs: the
+    ``stage_finished`` events (not cached) over the work their spec and counts give (:func:`_stage_work`);
+    contrastive steps are the highest steps its two runs recorded as metrics."""
+    from sqlalchemy import func
+
+    from app.db.models import Job, JobEvent, MetricPoint
+
+    with db.read() as session:
+        jobs = session.execute(select(Job.id, Job.spec).where(Job.status == "succeeded")
+                               .order_by(Job.finished_at.desc()).limit(_THROUGHPUT_JOBS)).all()
+        ids = [job_id for job_id, _ in jobs]
+        events = session.execute(select(JobEvent.job_id, JobEvent.stage, JobEvent.data)
+                                 .where(JobEvent.job_id.in_(ids), JobEvent.type == "stage_finished")
+                                 .order_by(JobEvent.id)).all() if ids else []
+        contrastive_steps = session.execute(
+            select(MetricPoint.job_id, MetricPoint.stage, func.max(MetricPoint.step))
+            .where(MetricPoint.job_id.in_(ids), MetricPoint.stage.like("contrastive:%"))
+            .group_by(MetricPoint.job_id, MetricPoint.stage)).all() if ids else []
+    finished: dict[str, dict[str, dict[str, Any]]] = {}
+    for job_id, stage, data in events:
+        summary = (data or {}).get("summary") or {}
+        if stage == "contrastive" and "positive" not in summary:
+            continue  # the reference pass of π±' own base, reported under contrastive too
+        finished.setdefault(job_id, {})[str(stage)] = data or {}  # the last attempt's
+    steps: dict[str, float] = {}
+    for job_id, _stage, step in contrastive_steps:
+        steps[job_id] = steps.get(job_id, 0.0) + float(step or 0)
+    rates: dict[tuple[str, str], list[float]] = {}
+    for job_id, spec in jobs:
+        stages = finished.get(job_id) or {}
+        prepared = (stages.get("prepare") or {}).get("summary") or {}
+        counts = {"train_pairs": prepared.get("train_pairs"), "validation_pairs": prepared.get("validation_pairs"),
+                  "distill_steps": ((stages.get("distill") or {}).get("summary") or {}).get("steps"),
+                  "contrastive_steps": steps.get(job_id)}
+        for stage, data in stages.items():
+            if data.get("cached") or not isinstance(data.get("seconds"), int | float):
+                continue
+            model, work = _stage_work(spec or {}, stage, {k: v for k, v in counts.items() if v is not None})
+            if model is not None and work:
+                rates.setdefault((stage, model), []).append(float(data["seconds"]) / work)
+    return rates
+
+
+def estimate_duration(db: Database, spec: JobSpec, counts: dict[str, float] | None) -> dict[str, Any]:
+    """Seconds per stage on this deployment's workers, from what its finished jobs measured, or "unknown" with
+    the reason. ``counts`` (train/validation pairs and training steps) come from the worker's part."""
+    if counts is None:
+        return {"seconds": None, "status": "unknown",
+                "reason": "the dataset's pairs and the training steps are not known yet (the worker's part is pending "
+                          "or failed)"}
+    try:
+        rates = measured_rates(db)
+    except SQLAlchemyError as error:
+        return {"seconds": None, "status": "unknown", "reason": f"the finished jobs cannot be read ({error})"}
+    data = spec.model_dump(mode="json")
+    stages: dict[str, Any] = {}
+    total, unknown = 0.0, []
+    for stage in stages_run(spec):
+        model, work = _stage_work(data, stage, counts)
+        samples = sorted(rates.get((stage, model or ""), []))
+        if work is None or not samples:
+            unknown.append(stage)
+            stages[stage] = {"seconds": None, "reason": (
+                f"no succeeded job on this deployment has run the {stage} stage with {model} (not from its cache)"
+                if work is not None else "its work is not known")}
+            continue
+        seconds = samples[len(samples) // 2] * work  # the median rate: one slow job does not move it
+        total += seconds
+        stages[stage] = {"seconds": round(seconds, 1), "measured_jobs": len(samples)}
+    status = "estimated" if not unknown else ("partial" if len(unknown) < len(stages) else "unknown")
+    result: dict[str, Any] = {
+        "seconds": round(total, 1) if not unknown else None, "status": status, "stages": stages,
+        "basis": "the median seconds per pair-token of each stage with the same model in this deployment's last "
+                 f"{_THROUGHPUT_JOBS} succeeded jobs; stages a finished job already computed with the same inputs "
+                 "come from the stage cache in seconds",
+    }
+    if unknown:
+        result["known_seconds"] = round(total, 1)
+        result["reason"] = (f"no measurement for {', '.join(unknown)}: the first job that runs "
+                            f"{'them' if len(unknown) > 1 else 'it'} with these models measures it")
+    return result

@@ -25,11 +25,12 @@ class TaskQueue(Protocol):
     def enqueue_job(self, job_id: str) -> None: ...
     def enqueue_reaper(self) -> None: ...
     def enqueue_checkpoint_model(self, job_id: str, checkpoint_id: str) -> None: ...
+    def enqueue_preflight(self, preflight_id: str) -> None: ...
 
 
 class CeleryTaskQueue:
-    """Publishes ``ctpd.run_job`` (queue ``train``), ``ctpd.reap_stale_jobs`` and ``ctpd.materialize_checkpoint``
-    (queue ``default``)."""
+    """Publishes ``ctpd.run_job`` (queue ``train``), ``ctpd.reap_stale_jobs``, ``ctpd.materialize_checkpoint`` and
+    ``ctpd.preflight`` (queue ``default``)."""
 
     def __init__(self, broker_url: str) -> None:
         self.broker_url = broker_url
@@ -70,6 +71,12 @@ class CeleryTaskQueue:
         """A checkpoint made into a model folder: light work (a base model load and a write) for ``default``."""
         self._send(TaskName.MATERIALIZE_CHECKPOINT, [job_id, checkpoint_id], QueueName.DEFAULT)
         logger.info("enqueued %s for %s of job %s", TaskName.MATERIALIZE_CHECKPOINT, checkpoint_id, job_id)
+
+    def enqueue_preflight(self, preflight_id: str) -> None:
+        """A dry run's data part: tokenizers and a sample of the dataset, light work for ``default`` (a training
+        job on a ``train`` worker never delays it)."""
+        self._send(TaskName.PREFLIGHT, [preflight_id], QueueName.DEFAULT)
+        logger.info("enqueued %s for %s", TaskName.PREFLIGHT, preflight_id)
 
     def close(self) -> None:
         with self._lock:

@@ -130,6 +130,16 @@ class Settings(BaseSettings):
         "the memory plan at submission (app/preflight.py) when no live worker with the job's GPUs has advertised "
         "its own. 0: a CPU-only deployment, where no job is refused for GPU memory.",
     )
+    preflight_wait_seconds: float = Field(
+        default=90.0, ge=0, le=3600,
+        description="How long POST /v1/jobs?dry_run=true waits for a worker's part of the preflight (tokenizers, "
+        "alignment and truncation on a sample of the dataset) before it answers 202 with the API's part and a "
+        "GET /v1/preflights/{id} to poll.",
+    )
+    preflight_sample_pairs: int = Field(
+        default=256, ge=1, le=100_000,
+        description="Dataset pairs a preflight encodes and aligns with both tokenizers (every row is validated).",
+    )
     # ---------------------------------------------------------------------------------- experiment tracking
     mlflow_tracking_uri: str = Field(
         default="",

@@ -92,6 +92,7 @@ class TaskName(StrEnum):
     RUN_JOB = "ctpd.run_job"
     REAP_STALE_JOBS = "ctpd.reap_stale_jobs"
     MATERIALIZE_CHECKPOINT = "ctpd.materialize_checkpoint"  # default queue: a checkpoint as a model folder
+    PREFLIGHT = "ctpd.preflight"  # default queue: a dry run's data report (tokenizers, alignment, truncation)
 
 
 class WebhookEventType(StrEnum):

@@ -13,8 +13,9 @@ Every setting below follows from that:
   worker sitting on it), ``worker_max_tasks_per_child=1`` (the child that ran a job exits and returns every
   byte of GPU memory; the parent never touches CUDA, so forking is safe).
 * No result backend (``task_ignore_result=True``): status, metrics and artifacts are rows in SQL.
-* Two queues: ``train`` for jobs (GPU workers) and ``default`` for light work (the reaper), routed by task
-  name, so the reaper never waits behind a training job on a worker that consumes only ``train``.
+* Two queues: ``train`` for jobs (GPU workers) and ``default`` for light work (the reaper, checkpoint models,
+  preflights), routed by task name, so light work never waits behind a training job on a worker that consumes
+  only ``train``.
 
 Run one worker per GPU, each seeing one device::
 
@@ -88,6 +89,7 @@ def celery_conf(settings: Settings) -> dict[str, Any]:
             TaskName.RUN_JOB: {"queue": QueueName.TRAIN, "routing_key": QueueName.TRAIN},
             TaskName.REAP_STALE_JOBS: {"queue": QueueName.DEFAULT, "routing_key": QueueName.DEFAULT},
             TaskName.MATERIALIZE_CHECKPOINT: {"queue": QueueName.DEFAULT, "routing_key": QueueName.DEFAULT},
+            TaskName.PREFLIGHT: {"queue": QueueName.DEFAULT, "routing_key": QueueName.DEFAULT},
         },
         # --- beat: the reaper every reaper_interval_seconds (30 s). A reaper message nobody ran within one interval is dropped (a
         # newer one follows), so a busy single-worker setup does not pile them up behind a training job.

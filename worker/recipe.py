@@ -956,3 +956,47 @@ def run_spec(spec: JobSpec, context: RunContext) -> RunResult:
         logger.info("run stopped in %s", stopped.stage)
         return RunResult("stopped", {}, None, runner.stage_seconds, runner.cached_stages)
     return RunResult("succeeded", evaluation.metrics, exported.path, runner.stage_seconds, runner.cached_stages)
+
+
+# ------------------------------------------------------------------------------------------- preflight
+# What a dry run (worker/preflight.py) asks of the recipe: the same tokenizers, encoding and step arithmetic the
+# stages above use, without running them, so a preflight cannot drift from what a job then does.
+
+
+def encoding_config(spec: JobSpec) -> EncodingConfig:
+    """How prepare cuts and encodes responses: the spec's ``sequence`` section."""
+    return EncodingConfig(**spec.sequence.model_dump())
+
+
+def job_tokenizer(spec: JobSpec, role: Literal["student", "teacher"], model_cache: Path) -> Any:
+    """One side's tokenizer as :func:`prepare_stage` loads it: the teacher side is the student's for the student-only
+    baselines. Raises ModelLoadError (not loadable) or TokenizerOffsetsError (a slow tokenizer)."""
+    ref = spec.teacher if role == "teacher" and spec.uses_teacher and spec.teacher is not None else spec.student
+    return load_tokenizer(ref.model, cache_dir=model_cache, trust_remote_code=ref.trust_remote_code,
+                          revision=ref.revision, role=f"{role} tokenizer")
+
+
+def prepare_sample(spec: JobSpec, pairs: list[PreferencePair], student_tokenizer: Any, teacher_tokenizer: Any) -> PreparedData:
+    """The prepare stage's encoding and alignment of ``pairs`` (all as training pairs), not cached: its ``stats``
+    are what the job's prepare stage would report for them. Raises ValueError when none survives (as prepare does)."""
+    return prepare(pairs, [], student_tokenizer, teacher_tokenizer, encoding_config(spec))
+
+
+def stage_step_plans(spec: JobSpec, train_pairs: int) -> dict[str, Any]:
+    """The optimizer steps of each training stage the job runs over ``train_pairs`` pairs, as fit() will take them
+    (``ctpd_core.train.plan_steps`` on the stage's fit config, on the job's ranks): ``{"contrastive": StepPlan,
+    "distill": StepPlan}``, contrastive only when the job trains π+ / π− (each of the two takes that many).
+    Raises ValueError where fit would (no pairs, fewer pairs than ranks, a batch the ranks cannot share)."""
+    from ctpd_core.train import plan_steps
+
+    plans: dict[str, Any] = {}
+    world_size = spec.gpus_required  # every training stage trains on all of the job's ranks (fit_layout)
+    if spec.method != "dpo" and spec.method not in KD_METHODS and spec.trains_contrastive:
+        contrastive = spec.contrastive
+        config = fit_config(spec, learning_rate=contrastive.learning_rate, epochs=contrastive.epochs,
+                            max_steps=contrastive.max_steps)
+        plans[Stage.CONTRASTIVE] = plan_steps(config, train_pairs, world_size)
+    config = fit_config(spec, learning_rate=spec.training.learning_rate, epochs=spec.training.epochs,
+                        max_steps=spec.training.max_steps)
+    plans[Stage.DISTILL] = plan_steps(config, train_pairs, world_size)
+    return plans

@@ -8,6 +8,9 @@
     (``invalid_dataset``, ``model_not_found``, ``invalid_spec``) or a system error (``internal_error``).
     A restarted attempt resumes from the checkpoints in the job's run folder (the recipe does that itself).
 
+``ctpd.preflight(preflight_id)``
+    (``default`` queue) the worker's part of a dry run (``POST /v1/jobs?dry_run=true``): worker/preflight.py.
+
 ``ctpd.reap_stale_jobs()``
     (beat, every 30 s, ``default`` queue) puts jobs whose lease ran out back to ``queued`` (or fails them
     with ``worker_lost`` after ``max_attempts``) and enqueues them again, together with queued jobs no worker
@@ -443,6 +446,19 @@ def materialize_checkpoint(self: Any, job_id: str, checkpoint_id: str) -> str:
 
     settings = _settings_of(self.app)
     return build_checkpoint_model(_database(settings.database_url), settings, job_id, checkpoint_id)
+
+
+# ------------------------------------------------------------------------------------------ preflights
+
+
+@shared_task(name=TaskName.PREFLIGHT, bind=True, ignore_result=True)
+def preflight(self: Any, preflight_id: str) -> str:
+    """A dry run's data part (``default`` queue; worker/preflight.py): the tokenizers, the whole dataset read and
+    validated, a sample encoded and aligned, written to the ``preflights`` row the API polls."""
+    from worker.preflight import run_preflight
+
+    settings = _settings_of(self.app)
+    return run_preflight(_database(settings.database_url), settings, preflight_id)
 
 
 # ---------------------------------------------------------------------------------------- worker set-up

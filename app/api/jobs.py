@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.api.artifacts import (
@@ -25,6 +25,7 @@ from app.api.artifacts import (
 )
 from app.api.deps import DbDep, PrincipalDep, QueueDep, SettingsDep, StorageDep
 from app.api.errors import ApiError, error_responses, invalid_request
+from app.api.preflights import PreflightReport, dry_run
 from app.api.schemas import (
     Artifact,
     ArtifactList,
@@ -109,12 +110,21 @@ def _view(db: Database, settings: Settings, job: orm.Job) -> Job:
         "**Idempotency:** with an `Idempotency-Key` header, the first request creates the job (201); repeating "
         "the same key with the same body returns that same job with **200** and `Idempotent-Replayed: true`, "
         "and nothing is enqueued again; the same key with a different body is a 409 `idempotency_conflict`. "
-        "Keys are per tenant and never expire."
+        "Keys are per tenant and never expire.\n\n"
+        "**Dry run:** with `dry_run=true` nothing is stored as a job and nothing is queued: the answer is a "
+        "preflight report (the resolved spec, errors and warnings each with its fix, tokenizers, alignment and "
+        "truncation on a sample of the dataset, steps per stage, the memory plan, an estimated duration): 200 when "
+        "complete, 202 with `status: pending` while a worker's part is still due (poll `GET /v1/preflights/{id}`)."
     ),
     responses={
-        200: {"model": Job, "description": "Replay of an earlier request with the same Idempotency-Key and body.",
-              "headers": {"Idempotent-Replayed": {"description": "`true`: the job an earlier request created.",
-                                                  "schema": {"type": "string", "enum": ["true"]}, "required": True}}},
+        200: {"model": Job | PreflightReport,
+              "description": "Replay of an earlier request with the same Idempotency-Key and body (a Job); with "
+                             "`dry_run=true`, the complete preflight report.",
+              "headers": {"Idempotent-Replayed": {"description": "`true`: the job an earlier request created "
+                                                                 "(absent from a dry run's report).",
+                                                  "schema": {"type": "string", "enum": ["true"]}}}},
+        202: {"model": PreflightReport,
+              "description": "`dry_run=true`: the API's part of the report; a worker's part is pending (`poll`)."},
         **error_responses((403, 409, 422, 429), {
             403: "`trust_remote_code` without the deployment's and an admin's permission (`remote_code_forbidden`).",
             409: "The Idempotency-Key was used with a different body (`idempotency_conflict`).",
@@ -138,7 +148,14 @@ def create_job(
         Header(alias="Idempotency-Key", min_length=1, max_length=255,
                description="Any unique string (e.g. a UUID); retrying with it never creates a second job."),
     ] = None,
-) -> Job:
+    dry_run_only: Annotated[
+        bool,
+        Query(alias="dry_run", description="Check the job and report (a preflight) instead of queueing it."),
+    ] = False,
+) -> Job | JSONResponse:
+    if dry_run_only:  # nothing of the job is stored or queued; the Idempotency-Key has nothing to protect
+        report, status_code = dry_run(spec, principal, db, queue, settings)
+        return JSONResponse(report.model_dump(mode="json"), status_code=status_code)
     try:
         submitted = job_service.submit_job(db, queue, settings, principal, spec, request_hash=_request_hash(body),
                                            idempotency_key=idempotency_key)

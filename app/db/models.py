@@ -297,3 +297,26 @@ class TenantLimits(Base):
     max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_queued: Mapped[int | None] = mapped_column(Integer, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+# ------------------------------------------------------------------------------------------- preflights
+# app/db/preflights.py: a dry run of a job (POST /v1/jobs?dry_run=true), its report written by the API and a worker (0008).
+
+
+class Preflight(Base):
+    """A dry run: the API's part of the report (spec, memory plan, steps) is written at creation; a worker's task
+    (``ctpd.preflight``) adds the data part (tokenizers, alignment, truncation) and sets ``finished_at``."""
+
+    __tablename__ = "preflights"
+    __table_args__ = (Index("ix_preflights_tenant_created_at", "tenant", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # pf_<uuid4 hex>
+    tenant: Mapped[str] = mapped_column(String(200))
+    # Whether an admin key asked: the worker applies the same path and remote-code policy as to a job.
+    submitted_by_admin: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # the resolved spec
+    status: Mapped[str] = mapped_column(String(16))  # pending (the worker's part is due) | done
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)  # {"api": {...}, "data": {...} | absent}
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)  # the worker's task failed: why (also a report error)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -45,6 +45,7 @@ class RecordingQueue:
         self.jobs: list[str] = []
         self.reaper_calls = 0
         self.checkpoint_models: list[tuple[str, str]] = []
+        self.preflights: list[str] = []
         self.fail_with: Exception | None = None
         self.on_enqueue = None  # optional callback(job_id), e.g. to look at the database at that moment
 
@@ -62,6 +63,11 @@ class RecordingQueue:
         if self.fail_with is not None:
             raise self.fail_with
         self.checkpoint_models.append((job_id, checkpoint_id))
+
+    def enqueue_preflight(self, preflight_id: str) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.preflights.append(preflight_id)
 
 
 @pytest.fixture(scope="session")
@@ -123,6 +129,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         home=home, database_url=database_url, broker_url="memory://", artifact_root=home / "artifacts",
         model_cache=home / "catalog", lease_seconds=60, max_attempts=3, requeue_after_seconds=300,
         max_upload_bytes=1024 * 1024,
+        preflight_wait_seconds=0,  # no worker answers a dry run here: a 202 at once (tests/app/test_dry_run.py)
         # Most tests are about the API's shape and use server paths as the embedded single-user service allows;
         # the multi-tenant default (off) is what tests/app/test_policy.py checks.
         allow_server_paths=True,

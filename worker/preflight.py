@@ -1,0 +1,409 @@
+"""The worker's part of a preflight (``ctpd.preflight``): what only a process with the tokenizers can check.
+
+The API (``app/preflight.py``) checks the spec, the references, the memory plan and the duration; it cannot load a
+tokenizer (``app/`` imports no transformers), so it stores a ``preflights`` row and sends this task. Here, with the
+recipe's own functions (``worker/recipe.py``: the same loading, splitting, encoding and step arithmetic a job
+uses):
+
+* the models each role names exist where the worker would load them (catalog package, folder with config.json and
+  safetensors), and their configs' vocabulary and positions fit their tokenizers and the sequence budget;
+* both tokenizers load and give offsets; the encoder accepts them (EOS for ``eos_span``, a chat template for
+  ``prompt_format: chat_template``);
+* the whole dataset is read and validated (every row, as the job's loader does) and split as the job splits it;
+* a seeded sample of pairs goes through the prepare stage's encoding and alignment: spans per response, the share
+  of 1:1 spans, the span length histogram, pairs dropped, and how many responses (and prompts) the length budget
+  truncates and by how many tokens, measured with the counting tokenizer on the uncut text;
+* the steps of each training stage (``ctpd_core.train.plan_steps``), refusing what fit() would refuse.
+
+Every problem is an issue (``level`` error or warning, ``code``, ``param``, ``message``, ``fix``); the task never
+fails for a bad dataset or an unloadable model: that is the report. The token lengths measured on an uploaded
+dataset are recorded on it (``app.db.datasets.record_token_lengths``) per tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.db import datasets as dataset_rows
+from app.db import preflights as preflight_rows
+from app.db.engine import Database
+from app.policy import PolicyViolation
+from app.settings import Settings
+from ctpd_core.alignment import AlignmentError, TokenizerOffsetsError
+from ctpd_core.catalog import CATALOG, ModelLoadError, catalog_gguf_path
+from ctpd_core.data import DatasetError, PreferencePair
+from ctpd_core.encoding import PairEncoder
+from ctpd_core.records import Side
+from ctpd_core.spec import JobSpec, ModelRef
+from ctpd_core.vocab import Stage
+
+logger = logging.getLogger(__name__)
+
+Issue = dict[str, Any]
+SAMPLE_SEED = 0  # the sample is the same for the same dataset: two preflights of one spec agree
+SIDES: tuple[Side, ...] = ("student", "teacher")
+TRUNCATION_WARNING_SHARE = 0.10  # more responses cut than this: a warning naming the budget that would keep 95 %
+
+
+def issue(level: str, code: str, message: str, fix: str, param: str | None = None) -> Issue:
+    return {"level": level, "code": code, "param": param, "message": message, "fix": fix}
+
+
+def _percentile(values: list[int], q: float) -> int:
+    return int(np.percentile(np.asarray(values), q, method="higher")) if values else 0
+
+
+def _length_summary(values: list[int]) -> dict[str, Any]:
+    if not values:
+        return {"count": 0}
+    return {"count": len(values), "mean": round(float(np.mean(values)), 2), "p50": _percentile(values, 50),
+            "p95": _percentile(values, 95), "max": max(values)}
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def _model_config(ref: ModelRef, model_cache: Path) -> tuple[Path | None, str | None]:
+    """Where the worker would load ``ref``'s weights from (a folder; None: a hub id, checked through its
+    tokenizer), or why it cannot. Cheap: a catalog entry's package is located, not converted."""
+    reference = ref.model
+    if reference in CATALOG:
+        try:
+            catalog_gguf_path(reference, model_cache)
+        except ModelLoadError as error:
+            return None, str(error)
+        converted = model_cache / reference / "model"
+        return (converted if (converted / "config.json").is_file() else None), None
+    folder = Path(reference).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            return None, f"{folder} has no config.json; it is not a Hugging Face model folder"
+        if not any(folder.glob("*.safetensors")):
+            return None, (f"{folder} holds no *.safetensors weights (pickled .bin weights are refused: loading them can "
+                          "run code); convert them once with model.save_pretrained(dir, safe_serialization=True)")
+        return folder, None
+    if folder.exists():
+        return None, f"{folder} is a file; a model is a Hugging Face folder (config.json + *.safetensors)"
+    return None, None
+
+
+def model_facts(role: str, ref: ModelRef, model_cache: Path, issues: list[Issue]) -> dict[str, Any]:
+    """What the worker sees of one model: loadable, and its config's vocabulary and positions (when on disk)."""
+    param = f"{role}.model"
+    folder, problem = _model_config(ref, model_cache)
+    facts: dict[str, Any] = {"model": ref.model, "loadable": problem is None}
+    if problem is not None:
+        issues.append(issue("error", "model_not_found", f"the {role} {ref.model!r} cannot be loaded: {problem}",
+                            f"fix {param}: a catalog name ({', '.join(sorted(CATALOG))}), or a folder with "
+                            "config.json and *.safetensors", param))
+        return facts
+    if folder is None:
+        return facts
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=ref.trust_remote_code)
+    except (OSError, ValueError) as error:
+        facts["loadable"] = False
+        issues.append(issue("error", "model_not_found", f"the {role} config in {folder} cannot be read: {error}",
+                            f"fix {param}: a folder whose config.json transformers knows (or set "
+                            f"{role}.trust_remote_code where the deployment allows it)", param))
+        return facts
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    facts["vocab_size"] = getattr(text_config, "vocab_size", None)
+    facts["max_position_embeddings"] = getattr(text_config, "max_position_embeddings", None)
+    return facts
+
+
+def _vocabulary_check(role: str, tokenizer: Any, facts: dict[str, Any], issues: list[Issue]) -> None:
+    vocab = facts.get("vocab_size")
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        issues.append(issue(
+            "error", "tokenizer_mismatch",
+            f"the {role} tokenizer has {len(tokenizer)} tokens but the {role} model's embedding has {vocab}: token "
+            f"ids from {vocab} up would fail the first forward pass",
+            f"use the tokenizer that came with the {role} model (the same folder or catalog name)", f"{role}.model"))
+
+
+def _tokenizer_facts(tokenizer: Any) -> dict[str, Any]:
+    return {"class": type(tokenizer).__name__, "tokens": len(tokenizer), "offsets": bool(getattr(tokenizer, "is_fast", False)),
+            "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token,
+            "chat_template": bool(getattr(tokenizer, "chat_template", None))}
+
+
+# ------------------------------------------------------------------------------------------------ the sample
+
+
+def _sample(train: list[PreferencePair], validation: list[PreferencePair], size: int) -> list[PreferencePair]:
+    pairs = train + validation
+    if len(pairs) <= size:
+        return pairs
+    chosen = sorted(random.Random(SAMPLE_SEED).sample(range(len(pairs)), size))
+    return [pairs[i] for i in chosen]
+
+
+def _token_count(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+
+def sample_report(spec: JobSpec, pairs: list[PreferencePair], student_tokenizer: Any, teacher_tokenizer: Any,
+                  issues: list[Issue]) -> tuple[dict[str, Any], dict[str, dict[str, Any]], float]:
+    """The prepare stage's statistics on ``pairs``, the truncation the budget makes, and the token lengths per
+    tokenizer; returns (report, lengths by tokenizer reference, the share of pairs that survive encoding)."""
+    from worker.recipe import prepare_sample
+
+    sequence = spec.sequence
+    counting = student_tokenizer if sequence.length_unit == "student" else teacher_tokenizer
+    response_tokens = [_token_count(counting, text) for pair in pairs for text in (pair.chosen, pair.rejected)]
+    prompt_tokens = [_token_count(counting, pair.prompt) for pair in pairs]
+    cut = [n - sequence.max_response_tokens for n in response_tokens if n > sequence.max_response_tokens]
+    prompt_cut = [n - sequence.max_prompt_tokens for n in prompt_tokens if n > sequence.max_prompt_tokens]
+    report: dict[str, Any] = {
+        "pairs": len(pairs),
+        "truncation": {
+            "length_unit": sequence.length_unit,
+            "responses": len(response_tokens),
+            "truncated_responses": len(cut),
+            "truncated_share": round(len(cut) / len(response_tokens), 4) if response_tokens else 0.0,
+            "tokens_cut_mean": round(float(np.mean(cut)), 2) if cut else 0.0,
+            "tokens_cut_max": max(cut, default=0),
+            "response_tokens": _length_summary(response_tokens),
+            "max_response_tokens": sequence.max_response_tokens,
+            "truncated_prompts": len(prompt_cut),
+            "prompt_tokens": _length_summary(prompt_tokens),
+            "max_prompt_tokens": sequence.max_prompt_tokens,
+        },
+    }
+    roles = {"student": student_tokenizer} if teacher_tokenizer is student_tokenizer else \
+        {"student": student_tokenizer, "teacher": teacher_tokenizer}
+    lengths: dict[str, dict[str, Any]] = {}
+    for role, tokenizer in roles.items():
+        reference = (spec.student if role == "student" else spec.teacher or spec.student).model
+        measured = tokenizer is counting
+        lengths[reference] = {
+            "prompt": _length_summary(prompt_tokens if measured else [_token_count(tokenizer, p.prompt) for p in pairs]),
+            "chosen": _length_summary(response_tokens[0::2] if measured else [_token_count(tokenizer, p.chosen) for p in pairs]),
+            "rejected": _length_summary(response_tokens[1::2] if measured else [_token_count(tokenizer, p.rejected) for p in pairs]),
+            "sampled_pairs": len(pairs),
+        }
+    share = report["truncation"]["truncated_share"]
+    if share > TRUNCATION_WARNING_SHARE:
+        keep = _percentile(response_tokens, 95)
+        issues.append(issue(
+            "warning", "responses_truncated",
+            f"{share:.0%} of responses are truncated to sequence.max_response_tokens={sequence.max_response_tokens} "
+            f"{sequence.length_unit} tokens (by {report['truncation']['tokens_cut_mean']:g} tokens on average, at most "
+            f"{report['truncation']['tokens_cut_max']}); a truncated response gets no EOS span",
+            f"raise sequence.max_response_tokens to {keep} (95 % of responses fit), or accept the cut",
+            "sequence.max_response_tokens"))
+    prompt_share = len(prompt_cut) / len(prompt_tokens) if prompt_tokens else 0.0
+    if prompt_share > TRUNCATION_WARNING_SHARE:
+        keep = _percentile(prompt_tokens, 95)
+        issues.append(issue(
+            "warning", "prompts_truncated",
+            f"{prompt_share:.0%} of prompts are cut to their last sequence.max_prompt_tokens={sequence.max_prompt_tokens} "
+            f"{sequence.length_unit} tokens",
+            f"raise sequence.max_prompt_tokens to {keep} (95 % of prompts fit), or accept the cut",
+            "sequence.max_prompt_tokens"))
+
+    try:
+        prepared = prepare_sample(spec, pairs, student_tokenizer, teacher_tokenizer)
+    except (AlignmentError, ValueError) as error:  # no pair survived: the job's prepare stage refuses it the same way
+        issues.append(issue("error", "no_usable_pairs",
+                            f"none of the {len(pairs)} sampled pairs survives encoding and alignment: {error}",
+                            "check that the responses are text both tokenizers cover (and are not empty once cut to "
+                            "sequence.max_response_tokens); ctpd align --student ... --teacher ... shows one response",
+                            "dataset"))
+        return report, lengths, 0.0
+    stats = prepared.stats
+    responses = [response for record in prepared.train for response in (record.chosen, record.rejected)]
+    spans = [response.num_spans for response in responses]
+    report.update({
+        "kept_pairs": len(prepared.train),
+        "dropped": stats["dropped"],
+        "spans_per_response": _length_summary(spans),
+        "alignment": stats["alignment"],
+        "span_length_histogram": stats["span_length_histogram"],
+        "sequence_tokens": {side: max((len(r.ids(side)) for r in responses), default=0) for side in SIDES},
+    })
+    dropped = sum(stats["dropped"].values())
+    if dropped:
+        issues.append(issue(
+            "warning", "pairs_dropped",
+            f"{dropped} of {len(pairs)} sampled pairs would be dropped by the prepare stage "
+            f"({stats['dropped']['unalignable']} unalignable, {stats['dropped']['empty_response']} empty once cut)",
+            "remove or fix those rows (ctpd align shows how both tokenizers split a response), or accept the loss",
+            "dataset"))
+    return report, lengths, len(prepared.train) / len(pairs) if pairs else 0.0
+
+
+def _position_checks(sample: dict[str, Any], models: dict[str, dict[str, Any]], issues: list[Issue]) -> None:
+    """A sequence longer than a model's positions fails (or silently degrades) its forward pass."""
+    longest = sample.get("sequence_tokens") or {}
+    for role in ("student", "teacher"):
+        limit = (models.get(role) or {}).get("max_position_embeddings")
+        if isinstance(limit, int) and longest.get(role, 0) > limit:
+            issues.append(issue(
+                "error", "sequence_too_long",
+                f"the {role} reads at most {limit} positions, but the longest sampled sequence (prompt, response and "
+                f"EOS) is {longest[role]} of its tokens",
+                f"lower sequence.max_prompt_tokens and sequence.max_response_tokens so that they sum below {limit}",
+                "sequence.max_response_tokens"))
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def data_report(spec: JobSpec, *, model_cache: Path, dataset_resolver: Callable[[str], Path] | None,
+                sample_pairs: int) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The worker's part of the report, and the token lengths per tokenizer reference (for the dataset's stats)."""
+    from worker.recipe import export_dtype, job_tokenizer, split_dataset, stage_step_plans
+
+    issues: list[Issue] = []
+    report: dict[str, Any] = {"issues": issues}
+    roles: dict[str, ModelRef] = {"student": spec.student}
+    if spec.uses_teacher and spec.teacher is not None:
+        roles["teacher"] = spec.teacher
+    for direction in ("positive", "negative"):
+        given = getattr(spec.contrastive, direction)
+        if spec.needs_contrastive and given is not None:
+            roles[f"contrastive.{direction}"] = given
+    models = {role: model_facts(role, ref, model_cache, issues) for role, ref in roles.items()}
+    report["models"] = models
+
+    tokenizers: dict[str, Any] = {}
+    for role in ("student", "teacher"):
+        param = f"{role}.model" if role == "student" or spec.uses_teacher else "student.model"
+        try:
+            tokenizers[role] = (tokenizers["student"] if role == "teacher" and not spec.uses_teacher
+                                else job_tokenizer(spec, role, model_cache))
+        except TokenizerOffsetsError as error:
+            issues.append(issue("error", "tokenizer_without_offsets", str(error),
+                                f"give {param} a fast tokenizer (a folder with tokenizer.json)", param))
+        except (ModelLoadError, OSError, ValueError) as error:
+            issues.append(issue("error", "tokenizer_not_loadable", f"the {role} tokenizer cannot be loaded: {error}",
+                                f"fix {param}: a catalog name, a Hugging Face folder or a tokenizer.json", param))
+    if len(tokenizers) < 2:
+        return report, {}
+    student_tokenizer, teacher_tokenizer = tokenizers["student"], tokenizers["teacher"]
+    report["tokenizers"] = {"student": _tokenizer_facts(student_tokenizer)}
+    if teacher_tokenizer is not student_tokenizer:
+        report["tokenizers"]["teacher"] = _tokenizer_facts(teacher_tokenizer)
+    for role, tokenizer in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
+        if role in models:
+            _vocabulary_check(role, tokenizer, models[role], issues)
+    try:
+        from worker.recipe import encoding_config
+
+        PairEncoder(student_tokenizer, teacher_tokenizer, encoding_config(spec))
+    except ValueError as error:
+        fix = "set sequence.prompt_format: raw" if "chat template" in str(error) else "set sequence.eos_span: false"
+        issues.append(issue("error", "encoding_refused", str(error), fix, "sequence"))
+        return report, {}
+
+    try:
+        train, validation = split_dataset(spec, dataset_resolver)
+    except DatasetError as error:
+        rows = [f"row {e.row}: {e.message}" for e in error.errors]
+        report["dataset"] = {"valid": False, "row_errors": rows, "total_errors": error.total_errors}
+        issues.append(issue("error", "invalid_dataset", str(error),
+                            "fix or remove the rows listed (row numbers are lines of a JSONL file) and upload again"
+                            if rows else "give a readable .jsonl, .json or .parquet file of prompt/chosen/rejected rows",
+                            "dataset"))
+        return report, {}
+    except ValueError as error:
+        issues.append(issue("error", "invalid_dataset", str(error), "add rows or lower dataset.validation_fraction",
+                            "dataset"))
+        return report, {}
+    report["dataset"] = {"valid": True, "train_pairs": len(train), "validation_pairs": len(validation)}
+
+    pairs = _sample(train, validation, sample_pairs)
+    sample, lengths, surviving = sample_report(spec, pairs, student_tokenizer, teacher_tokenizer, issues)
+    report["sample"] = sample
+    _position_checks(sample, models, issues)
+
+    # Steps over the pairs expected to survive prepare: exact when the sample is the whole dataset.
+    expected_train = len(train) if surviving >= 1.0 else math.floor(len(train) * surviving)
+    steps: dict[str, Any] = {"train_pairs": expected_train, "validation_pairs": len(validation),
+                             "estimated": len(pairs) < len(train) + len(validation) and surviving < 1.0}
+    if expected_train > 0:
+        try:
+            for stage, plan in stage_step_plans(spec, expected_train).items():
+                steps[stage] = {"total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
+                                "batch_size": plan.batch_size, "warmup_steps": plan.warmup_steps}
+                if stage == Stage.CONTRASTIVE:
+                    steps[stage]["runs"] = 2  # π+ and π−, each this many steps
+        except ValueError as error:
+            issues.append(issue("error", "steps_refused", str(error),
+                                "give more training pairs, or change training.batch_size / training.devices",
+                                "training"))
+        if expected_train < spec.training.batch_size:
+            issues.append(issue(
+                "warning", "small_dataset",
+                f"{expected_train} training pairs is less than training.batch_size={spec.training.batch_size}: each "
+                "step trains on every pair", "add pairs or lower training.batch_size", "training.batch_size"))
+    steps[Stage.EVALUATE] = {"pairs": len(validation),
+                             "batches": math.ceil(len(validation) / spec.evaluation.batch_size)}
+    if not validation:
+        issues.append(issue("warning", "no_validation",
+                            "no held-out pairs: the evaluation stage has nothing to measure",
+                            "set dataset.validation_fraction above 0 or give dataset.validation_path / validation_id",
+                            "dataset.validation_fraction"))
+    report["steps"] = steps
+    try:
+        report["export_dtype"] = export_dtype(spec)
+    except (ValueError, OSError) as error:
+        issues.append(issue("error", "export_dtype", f"the export dtype cannot be resolved: {error}",
+                            "set export.dtype to float32, bfloat16 or float16", "export.dtype"))
+    return report, lengths
+
+
+def run_preflight(db: Database, settings: Settings, preflight_id: str) -> str:
+    """The body of ``ctpd.preflight``: the data report of one preflight row, written back; never raises for what
+    the spec names (that is the report), only when the database itself fails."""
+    from ctpd_core.spec import JobSpec as Spec
+    from worker.policy import enforce_job_policy
+    from worker.tasks import dataset_resolver
+
+    row = preflight_rows.get_preflight(db, preflight_id)
+    if row is None or row.status != preflight_rows.PENDING:
+        logger.info("preflight %s: %s; nothing to do", preflight_id, "gone" if row is None else "already done")
+        return "skipped"
+    error_text: str | None = None
+    lengths: dict[str, dict[str, Any]] = {}
+    spec: JobSpec | None = None
+    try:
+        # The same policy a job's worker applies (the row carries the tenant and whether an admin asked).
+        spec = enforce_job_policy(db, Spec.model_validate(row.spec), row, settings)  # type: ignore[arg-type]
+        from app.storage import configured_storage
+
+        storage = configured_storage(settings, check=False)
+        report, lengths = data_report(
+            spec, model_cache=settings.model_cache,
+            dataset_resolver=dataset_resolver(db, row.tenant, storage, settings.artifact_root),
+            sample_pairs=settings.preflight_sample_pairs)
+    except PolicyViolation as violation:
+        report = {"issues": [issue("error", "policy_violation", message, "name only what this API key may use", param)
+                             for param, message in violation.problems]}
+    except Exception as failure:  # the task boundary: a bug or a fault here is an error entry, never a lost answer
+        logger.exception("preflight %s: the worker's part failed", preflight_id)
+        error_text = f"{type(failure).__name__}: {failure}"
+        report = {"issues": [issue("error", "preflight_failed", f"the worker's preflight failed: {error_text}",
+                                   "this is not a problem of the spec; retry, and report it with the worker log if it "
+                                   "persists")]}
+    dataset_id = spec.dataset.id if spec is not None else None
+    if dataset_id is not None:
+        for tokenizer, measured in lengths.items():
+            try:
+                dataset_rows.record_token_lengths(db, dataset_id, tokenizer, measured)
+            except dataset_rows.DatasetGone:
+                logger.info("preflight %s: dataset %s is gone; its token lengths are not recorded", preflight_id, dataset_id)
+    finished = preflight_rows.finish_preflight(db, preflight_id, report, error_text)
+    return "done" if finished else "skipped"
