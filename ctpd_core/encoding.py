@@ -19,6 +19,15 @@ Rules (method §3.5, and where we deliberately differ from the authors' code):
   prompt, and the response follows it. When a side's prompt would be empty, its EOS token stands in as the
   start of context (the GPT-2 convention), since the first response token needs a position to be predicted
   from.
+* **A conversation is rendered by each model's chat template.** A conversational row (``PreferencePair.messages``:
+  system turns, several turns) has its prompt rendered by each tokenizer's own template
+  (:func:`render_prompt`: ``apply_chat_template(messages, add_generation_prompt=True)``) whatever
+  ``prompt_format`` says, falling back to the plain rendering (``ctpd_core.data.plain_prompt``, after the
+  tokenizer's own start tokens) for a tokenizer without one. The response stays the identical text on both
+  sides, so the byte-level span alignment is unchanged. Over ``max_prompt_tokens`` (counted on the counting
+  tokenizer's rendering), the oldest exchanges are dropped first (a first system turn and the last user turn
+  stay), then the last user turn is cut keeping its end; both sides render the same shortened conversation.
+  Anything else that renders a student prompt (sampling, chat) calls :func:`render_prompt` too.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ctpd_core.alignment import SpanAlignment, TokenizedText, align_spans, tokenize_with_byte_offsets
+from ctpd_core.data import Message, plain_prompt
 from ctpd_core.spec import SequenceSpec
 
 PromptFormat = Literal["raw", "chat_template"]
@@ -124,6 +134,28 @@ def truncate_text(text: str, tokenizer: Any, max_tokens: int, keep: Literal["sta
     raise ValueError(f"could not truncate a text to {max_tokens} tokens in 16 rounds; shorten it in the dataset")
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[Message]) -> str | None:
+    """``messages`` as ``tokenizer``'s own chat template renders them for the model to answer (the generation
+    prompt added, special tokens as text), or None when the tokenizer has no template. The one rendering of a
+    conversational prompt: the prepare stage's, and any sampling from or chat with the student."""
+    if not has_chat_template(tokenizer):
+        return None
+    conversation = [{"role": role, "content": content} for role, content in messages]
+    try:
+        rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    except Exception as error:  # jinja2's TemplateError (a template's raise_exception), or a missing variable
+        raise ValueError(f"the tokenizer's chat template refuses this conversation ({error}); make it a first "
+                         "system turn (optional) then alternating user and assistant turns ending with a user turn") \
+            from error
+    if not isinstance(rendered, str):
+        raise ValueError(f"the tokenizer's chat template rendered a {type(rendered).__name__}, not text")
+    return rendered
+
+
 class PairEncoder:
     """Encodes (prompt, response) pairs for a student/teacher tokenizer pair under one :class:`EncodingConfig`."""
 
@@ -145,9 +177,16 @@ class PairEncoder:
     def counting_tokenizer(self) -> Any:
         return self.student_tokenizer if self.config.length_unit == "student" else self.teacher_tokenizer
 
-    def prompt_ids(self, prompt: str, role: Literal["student", "teacher"]) -> list[int]:
-        """The prompt's token ids on one side (after :meth:`truncate_prompt`)."""
-        tokenizer = self.student_tokenizer if role == "student" else self.teacher_tokenizer
+    def _tokenizer(self, role: Literal["student", "teacher"]) -> Any:
+        return self.student_tokenizer if role == "student" else self.teacher_tokenizer
+
+    def prompt_ids(self, prompt: str, role: Literal["student", "teacher"],
+                   messages: Sequence[Message] | None = None) -> list[int]:
+        """The prompt's token ids on one side (after :meth:`truncate_prompt`, or for ``messages`` after
+        :meth:`truncate_messages`): a conversation through the side's chat template, or its plain rendering."""
+        tokenizer = self._tokenizer(role)
+        if messages is not None:
+            return self._conversation_ids(tokenizer, role, messages)
         if self.config.prompt_format == "chat_template":
             rendered = tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -157,16 +196,64 @@ class PairEncoder:
             ids = self._prefix[role] + (list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else [])
         return ids or [tokenizer.eos_token_id]
 
+    def _conversation_ids(self, tokenizer: Any, role: Literal["student", "teacher"],
+                          messages: Sequence[Message]) -> list[int]:
+        rendered = render_prompt(tokenizer, messages)
+        if rendered is not None:
+            ids = list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        else:
+            ids = self._prefix[role] + list(tokenizer(plain_prompt(messages), add_special_tokens=False)["input_ids"])
+        return ids or [tokenizer.eos_token_id]
+
+    def _counted(self, messages: Sequence[Message]) -> int:
+        role: Literal["student", "teacher"] = "student" if self.config.length_unit == "student" else "teacher"
+        return len(self._conversation_ids(self.counting_tokenizer, role, messages))
+
+    def truncate_messages(self, messages: Sequence[Message]) -> tuple[Message, ...]:
+        """The conversation within ``max_prompt_tokens`` of the counting tokenizer's rendering: the oldest
+        exchanges (a user turn and the assistant reply after it) dropped first, keeping a first system turn and
+        the last user turn, then the last user turn cut keeping its end (the text closest to the response)."""
+        limit = self.config.max_prompt_tokens
+        kept = list(messages)
+        if self._counted(kept) <= limit:
+            return tuple(kept)
+        first = 1 if kept[0][0] == "system" else 0
+        while len(kept) - first > 1 and self._counted(kept) > limit:
+            del kept[first:first + 2]  # rows alternate user/assistant from `first` (ctpd_core.data checks)
+        over = self._counted(kept) - limit
+        role, content = kept[-1]
+        for _ in range(8):
+            if over <= 0:
+                return tuple(kept)
+            budget = len(self.counting_tokenizer(content, add_special_tokens=False)["input_ids"]) - over
+            if budget < 1:
+                raise ValueError(
+                    f"sequence.max_prompt_tokens ({limit}) leaves no room for the last user turn once the chat "
+                    "template and the system turn are counted; raise max_prompt_tokens or shorten the system turn"
+                )
+            content = truncate_text(content, self.counting_tokenizer, budget, keep="end")
+            kept[-1] = (role, content)
+            over = self._counted(kept) - limit
+        raise ValueError(f"could not fit a conversation into {limit} prompt tokens; shorten its last user turn")
+
     def truncate_prompt(self, prompt: str) -> str:
         return truncate_text(prompt, self.counting_tokenizer, self.config.max_prompt_tokens, keep="end")
 
     def truncate_response(self, response: str) -> str:
         return truncate_text(response, self.counting_tokenizer, self.config.max_response_tokens, keep="start")
 
-    def encode_responses(self, prompt: str, responses: Sequence[str]) -> list[EncodedResponse]:
-        """Encode several responses to one prompt (a chosen and a rejected one, or samples)."""
-        prompt = self.truncate_prompt(prompt)
-        prompt_ids = {role: self.prompt_ids(prompt, role) for role in ("student", "teacher")}
+    def encode_responses(self, prompt: str, responses: Sequence[str],
+                         messages: Sequence[Message] | None = None) -> list[EncodedResponse]:
+        """Encode several responses to one prompt (a chosen and a rejected one, or samples); a conversational
+        prompt comes as ``messages`` (``prompt`` is then its plain rendering, unused: each side renders the
+        messages itself)."""
+        prompt_ids: dict[str, list[int]]
+        if messages is not None:
+            kept = self.truncate_messages(messages)
+            prompt_ids = {role: self.prompt_ids("", role, kept) for role in ("student", "teacher")}
+        else:
+            prompt = self.truncate_prompt(prompt)
+            prompt_ids = {role: self.prompt_ids(prompt, role) for role in ("student", "teacher")}
         cut = [self.truncate_response(response) for response in responses]
         student = tokenize_with_byte_offsets(self.student_tokenizer, cut, role="student tokenizer")
         teacher = tokenize_with_byte_offsets(self.teacher_tokenizer, cut, role="teacher tokenizer")

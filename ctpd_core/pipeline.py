@@ -82,7 +82,8 @@ def prepare(
         for pair in pairs:
             done += 1
             try:
-                chosen, rejected = encoder.encode_responses(pair.prompt, [pair.chosen, pair.rejected])
+                chosen, rejected = encoder.encode_responses(pair.prompt, [pair.chosen, pair.rejected],
+                                                            messages=pair.messages)
             except AlignmentError as error:
                 logger.warning("dropping a pair that cannot be aligned: %s", error)
                 dropped["unalignable"] += 1

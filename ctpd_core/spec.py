@@ -105,11 +105,24 @@ class DatasetRef(_Strict):
     ]}})
 
     path: Text | None = Field(
-        default=None, description="A JSONL, JSON or Parquet file of preference pairs (prompt, chosen, rejected)."
+        default=None, description="A JSONL, JSON or Parquet file of preference pairs (TRL's preference formats, "
+        "standard or conversational, or OpenAI's preference fine-tuning rows), or a Hugging Face datasets folder "
+        "written by save_to_disk (docs/datasets.md).",
     )
     id: Text | None = Field(default=None, description="The id of a dataset uploaded with POST /v1/datasets.")
+    split: Text | None = Field(
+        default=None, min_length=1, max_length=200,
+        description="The split of a DatasetDict folder (dataset.path written by DatasetDict.save_to_disk) to train "
+        "on; needed when it has more than one.",
+    )
     validation_path: Text | None = Field(
-        default=None, description="A separate held-out file; when unset, `validation_fraction` of the rows is held out."
+        default=None, description="A separate held-out file (or save_to_disk folder); when unset, "
+        "`validation_fraction` of the rows is held out."
+    )
+    validation_split: Text | None = Field(
+        default=None, min_length=1, max_length=200,
+        description="The split of a DatasetDict folder to hold out: of dataset.validation_path, or of dataset.path "
+        "itself when no validation_path or validation_id is given (e.g. split train, validation_split test).",
     )
     validation_id: Text | None = Field(
         default=None, description="The id of an uploaded dataset to hold out (instead of `validation_path`)."
@@ -123,6 +136,15 @@ class DatasetRef(_Strict):
     def _one_source(self) -> DatasetRef:
         if (self.path is None) == (self.id is None):
             raise SpecError("give exactly one of dataset.path (a file) or dataset.id (an uploaded dataset)", "path")
+        if self.split is not None and self.id is not None:
+            raise SpecError("dataset.split chooses a split of a save_to_disk folder (dataset.path), and dataset.id "
+                            "is an upload (one file); drop split", "split")
+        if self.validation_split is not None and self.validation_id is not None:
+            raise SpecError("dataset.validation_split chooses a split of a save_to_disk folder, and "
+                            "dataset.validation_id is an upload (one file); drop validation_split", "validation_split")
+        if self.validation_split is not None and self.validation_path is None and self.path is None:
+            raise SpecError("dataset.validation_split chooses a split of a save_to_disk folder: give it "
+                            "dataset.path or dataset.validation_path as that folder", "validation_split")
         if self.validation_path is not None and self.validation_id is not None:
             raise SpecError("give at most one of dataset.validation_path (a file) or dataset.validation_id (an "
                             "uploaded dataset)", "validation_path")

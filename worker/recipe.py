@@ -388,7 +388,9 @@ class Exported:
 
 
 def split_dataset(spec: JobSpec, resolver: Callable[[str], Path] | None) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Train and validation pairs: a given validation file, or a seeded hold-out of ``validation_fraction``."""
+    """Train and validation pairs: a given validation file (or split of a save_to_disk folder), or a seeded
+    hold-out of ``validation_fraction``. A conversational row keeps its prompt as messages; the prepare stage
+    renders them with each model's chat template (``ctpd_core.encoding.render_prompt``)."""
     dataset = spec.dataset
     if dataset.id is not None:
         if resolver is None:
@@ -398,14 +400,16 @@ def split_dataset(spec: JobSpec, resolver: Callable[[str], Path] | None) -> tupl
         path = Path(dataset.path)
     else:  # the spec's validators require one of the two
         raise ValueError("the dataset needs dataset.path or dataset.id")
-    pairs = load_pairs(path)
+    pairs = load_pairs(path, split=dataset.split)
     if dataset.validation_id is not None:
         if resolver is None:
             raise ValueError("dataset.validation_id needs the service (uploaded datasets); locally, use "
                              "dataset.validation_path")
         train, validation = pairs, load_pairs(resolver(dataset.validation_id))
     elif dataset.validation_path is not None:
-        train, validation = pairs, load_pairs(dataset.validation_path)
+        train, validation = pairs, load_pairs(dataset.validation_path, split=dataset.validation_split)
+    elif dataset.validation_split is not None:  # another split of the same save_to_disk folder
+        train, validation = pairs, load_pairs(path, split=dataset.validation_split)
     else:
         order = list(range(len(pairs)))
         random.Random(spec.training.seed).shuffle(order)

@@ -1,4 +1,5 @@
-"""Dataset parsing: TRL's three preference formats, row-level errors with line numbers, all-or-nothing."""
+"""Dataset parsing: the standard preference formats, row-level errors with line numbers, all-or-nothing.
+(The conversational and OpenAI shapes, the datasets folders and the statistics: test_data_formats.py.)"""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def test_conversational_format():
         "chosen": [{"role": "assistant", "content": "Hello!"}],
         "rejected": {"role": "assistant", "content": "Go away."},
     }
-    assert parse_pairs(json.dumps([row]).encode(), ".json") == [PreferencePair("Hi?", "Hello!", "Go away.")]
+    assert parse_pairs(json.dumps([row]).encode(), ".json") == [
+        PreferencePair("Hi?", "Hello!", "Go away.", messages=(("user", "Hi?"),))
+    ]
 
 
 def test_json_with_data_key_and_parquet(tmp_path):
@@ -51,7 +54,7 @@ def test_row_errors_name_the_line_and_nothing_is_returned():
     data = (
         _jsonl([{"prompt": "ok", "chosen": "a", "rejected": "b"}])
         + b"{not json}\n"
-        + _jsonl([{"prompt": "x", "chosen": "a"}, {"prompt": "x", "chosen": "same", "rejected": "same"}])
+        + _jsonl([{"prompt": "x", "chosen": "a"}, {"prompt": "x", "chosen": "a", "rejected": " "}])
         + b"\n"
         + _jsonl([{"prompt": "x", "chosen": "", "rejected": "b"}, {"prompt": 3, "chosen": "a", "rejected": "b"}])
     )
@@ -62,7 +65,7 @@ def test_row_errors_name_the_line_and_nothing_is_returned():
     messages = {e.row: e.message for e in error.errors}
     assert "invalid JSON" in messages[2]
     assert "missing field(s) rejected" in messages[3]
-    assert "identical" in messages[4]
+    assert "rejected is empty" in messages[4]
     assert "chosen is empty" in messages[6]
     assert "prompt must be a string or a non-empty list of messages" in messages[7]
     assert "5 invalid row(s); nothing was loaded" in str(error)
@@ -81,11 +84,16 @@ def test_file_level_errors():
         load_pairs("/nonexistent/pairs.jsonl")
 
 
-def test_multi_turn_conversations_are_refused_clearly():
-    row = {"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                      {"role": "user", "content": "c"}], "chosen": "x", "rejected": "y"}
-    with pytest.raises(DatasetError, match="single-turn"):
-        parse_pairs(_jsonl([row]), ".jsonl")
+def test_identical_responses_are_counted_and_left_out_of_training(tmp_path):
+    """Valid rows (a tie in a ranked dataset), but no preference to learn: load_pairs drops them."""
+    rows = [{"prompt": "x", "chosen": "same", "rejected": "same"}, {"prompt": "y", "chosen": "a", "rejected": "b"}]
+    assert len(parse_pairs(_jsonl(rows), ".jsonl")) == 2
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(_jsonl(rows))
+    assert load_pairs(path) == [PreferencePair("y", "a", "b")]
+    path.write_bytes(_jsonl(rows[:1]))
+    with pytest.raises(DatasetError, match="none carries a preference"):
+        load_pairs(path)
 
 
 def test_fingerprint_is_content_not_format():

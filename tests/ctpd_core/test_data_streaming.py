@@ -26,7 +26,7 @@ ROWS = [
     {"chosen": "Paris is in France.", "rejected": "Paris is in Spain."},
     {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
      "rejected": {"role": "assistant", "content": "Go away."}},
-    {"prompt": "x", "chosen": "same", "rejected": "same"},  # a bad row: identical
+    {"prompt": "x", "chosen": "same", "rejected": ""},  # a bad row: an empty response
     {"prompt": "line\u2028separator", "chosen": " a\u0085b", "rejected": " c"},  # not line breaks in JSONL
 ]
 
@@ -125,7 +125,7 @@ def test_a_lone_surrogate_is_a_row_error_in_every_field_and_format(tmp_path):
     messages = [error.message for error in caught.value.errors]
     assert messages[0].startswith("prompt contains a lone UTF-16 surrogate (\\ud800 at character 1)")
     assert messages[1].startswith("chosen contains") and messages[2].startswith("chosen contains")
-    assert messages[3].startswith("the user message's content contains")
+    assert messages[3].startswith("prompt's message 1's content contains")
     assert all("fix the \\u escape" in message for message in messages)
 
     # the worker's loader gives the same error, before anything is tokenized
