@@ -284,6 +284,16 @@ class Client:
         key = idempotency_key or f"ctpd-cli-{uuid.uuid4()}"
         return self.request("POST", "/v1/jobs", json=dict(spec), headers={"Idempotency-Key": key}, idempotent=True)
 
+    def preflight(self, spec: Mapping[str, Any], *, wait_seconds: float = 90.0) -> dict[str, Any]:
+        """A dry run of ``spec`` (``POST /v1/jobs?dry_run=true``): the report, complete or ``status: pending``. Safe to
+        retry (it stores a report, never a job); the service may hold the answer ``wait_seconds`` (its
+        CTPD_PREFLIGHT_WAIT_SECONDS) for a worker, so the read timeout covers that."""
+        return self.request("POST", "/v1/jobs", params={"dry_run": "true"}, json=dict(spec), idempotent=True,
+                            timeout=httpx.Timeout(self.http.timeout.connect, read=wait_seconds + 30.0))
+
+    def get_preflight(self, preflight_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/preflights/{preflight_id}")
+
     def job(self, job_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/jobs/{job_id}")
 

@@ -1,12 +1,13 @@
 """``ctpd up``: the embedded service on one machine (design.md, "Two ways to run, one code path").
 
 SQLite for state and Celery's SQLAlchemy transport as the broker, both under ``$CTPD_HOME``; the API
-(``ctpd serve``) and one worker with beat (``ctpd worker --beat``) run as child processes of ``ctpd up``, each
-in its own process group, logging to ``$CTPD_HOME/logs``. Before they start, ``ctpd up`` migrates the database,
+(``ctpd serve``), a worker for jobs (``ctpd worker --queues train``) and a light one for everything else with beat
+(``ctpd worker --queues default --beat``: the reaper, checkpoint models, preflights, never behind a training job)
+run as child processes of ``ctpd up``, each in its own process group, logging to ``$CTPD_HOME/logs``. Before they start, ``ctpd up`` migrates the database,
 makes sure there is an admin key (``$CTPD_HOME/api-key``, mode 0600), declares the queues and, since it owns
 its database, hands the jobs a previous run left behind to the worker's own reaper pass
 (:func:`worker.tasks.reap`) with every lease counted as lost. While they run it restarts an API that dies
-(the worker's running job is not its business) and stops everything if the worker dies; on Ctrl-C or SIGTERM
+(the worker's running job is not its business) and stops everything if a worker dies; on Ctrl-C or SIGTERM
 it stops both, giving a running job ``--stop-timeout`` seconds to checkpoint and hand itself back.
 """
 
@@ -228,12 +229,18 @@ def run_embedded(settings: Settings, *, host: str, port: int, start_timeout: flo
     stop = threading.Event()
     previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
     api_argv = [*command, "serve", "--host", host, "--port", str(port)]
-    worker_argv = [*command, "worker", "--queues", ",".join((QueueName.TRAIN, QueueName.DEFAULT)), "--beat"]
+    # Two workers: jobs on `train` (concurrency 1, so a job runs alone), and light work on `default` with beat (the
+    # reaper, checkpoint models, preflights), so a dry run is answered in seconds even while a job trains. One
+    # worker on both queues would leave a preflight queued behind a training job for as long as the job runs.
+    worker_argv = [*command, "worker", "--queues", QueueName.TRAIN]
+    light_argv = [*command, "worker", "--queues", QueueName.DEFAULT, "--beat", "--hostname", "ctpd-light@%h"]
     children = [
         ServiceProcess("API", api_argv, logs / "api.log", env, signal.SIGTERM),
         # SIGTERM (a warm shutdown) also if ctpd up dies: the running job checkpoints and hands itself back
         # within CTPD_SHUTDOWN_GRACE_SECONDS (worker/tasks.py), so the next start resumes it.
         ServiceProcess("worker", worker_argv, logs / "worker.log", env, signal.SIGTERM),
+        # The same log file (appended line by line; each line names its worker): one place to read the workers.
+        ServiceProcess("light worker", light_argv, logs / "worker.log", env, signal.SIGTERM),
     ]
     api_restarts: list[float] = []
     local_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
@@ -256,7 +263,7 @@ def run_embedded(settings: Settings, *, host: str, port: int, start_timeout: flo
               f"artifacts {settings.artifact_root}")
         print(f"logs: {logs / 'api.log'}, {logs / 'worker.log'}. Ctrl-C stops.", flush=True)
         while not stop.wait(0.5):
-            if not children[0].alive() and children[1].alive() and _may_restart(api_restarts):
+            if not children[0].alive() and all(child.alive() for child in children[1:]) and _may_restart(api_restarts):
                 # The API died (OOM, a crash): the worker's running job is not its business. Start a new API
                 # beside it instead of stopping everything.
                 print(f"ctpd up: the API exited (code {children[0].process.returncode}); restarting it "

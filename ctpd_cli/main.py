@@ -318,7 +318,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    """The embedded service: SQLite state, Celery's SQLAlchemy transport, the API and one worker (with beat)."""
+    """The embedded service: SQLite state, Celery's SQLAlchemy transport, the API, a job worker and a light one (with beat)."""
     from ctpd_cli.embedded import run_embedded
 
     return run_embedded(_service_settings(), host=args.host, port=args.port, start_timeout=args.start_timeout,
@@ -434,15 +434,23 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--follow", action="store_true",
                         help="a progress bar per stage, the loss and the job's ETA until it ends (Ctrl-C stops "
                         "following; the job keeps running)")
+    submit.add_argument("--dry-run", action="store_true",
+                        help="queue nothing: print the preflight report (errors and warnings with their fixes, "
+                        "tokenizers, alignment and truncation on a sample, steps, memory, duration); exit 1 if it has "
+                        "errors, 3 if no worker answered within --wait")
+    submit.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+                        help="--dry-run: how long to poll a pending report (default 300)")
+    submit.add_argument("--json", action="store_true", help="--dry-run: print the report object as JSON")
     remote.add_follow_flags(submit)
     submit.set_defaults(handler=remote.cmd_submit)
     remote.add_commands(commands)
 
     up = commands.add_parser(
         "up",
-        help="the embedded service: API + one worker, SQLite state and broker under CTPD_HOME",
+        help="the embedded service: API + workers, SQLite state and broker under CTPD_HOME",
         description="Runs the migrations, creates an admin key on first start (stored in $CTPD_HOME/api-key), "
-        "starts the API and one worker (with beat) as child processes, and stops both on Ctrl-C or SIGTERM.",
+        "starts the API, a worker for jobs and a light one for everything else (with beat: the reaper, checkpoint "
+        "models, preflights) as child processes, and stops them on Ctrl-C or SIGTERM.",
     )
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)

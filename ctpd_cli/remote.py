@@ -158,11 +158,42 @@ def _upload_datasets(client: Any, train_file: Path, dataset: dict) -> dict:
     return resolved
 
 
+EXIT_PREFLIGHT_PENDING = 3  # no worker answered within --wait: the report is incomplete
+
+
+def _dry_run(args: argparse.Namespace, client: Any, spec: dict) -> int:
+    """``submit --dry-run``: the preflight report (nothing is queued); polls while a worker's part is pending. Exit 0
+    clean (warnings allowed), 1 with errors, 3 still pending after ``--wait`` seconds."""
+    import contextlib
+
+    from ctpd_cli.preflight_text import report_text
+
+    if args.upload:  # the upload is stored (a dataset, not a job): the preflight reads it as the job would
+        with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+            spec["dataset"] = _upload_datasets(client, Path(args.upload), spec.get("dataset") or {})
+    report = client.preflight(spec)
+    deadline = time.monotonic() + args.wait
+    if report["status"] == "pending":
+        print(f"preflight {report['id']}: waiting for a worker's part (up to {args.wait:g} s)", file=sys.stderr)
+    while report["status"] == "pending" and time.monotonic() < deadline:
+        time.sleep(min(args.poll, max(0.0, deadline - time.monotonic())))
+        report = client.get_preflight(report["id"])
+    if args.json:
+        print_json(report)
+    else:
+        print(report_text(report))
+    if report["status"] == "pending":
+        return EXIT_PREFLIGHT_PENDING
+    return 1 if report["errors"] else 0
+
+
 @remote_command
 def cmd_submit(args: argparse.Namespace, client: Any) -> int:
     from ctpd_core.spec import apply_overrides, read_spec_data
 
     spec = apply_overrides(read_spec_data(args.spec), args.set)
+    if args.dry_run:
+        return _dry_run(args, client, spec)
     if args.upload:
         spec["dataset"] = _upload_datasets(client, Path(args.upload), spec.get("dataset") or {})
     job = client.create_job(spec, idempotency_key=args.idempotency_key)

@@ -224,7 +224,7 @@ def sample_report(spec: JobSpec, pairs: list[PreferencePair], student_tokenizer:
         return report, lengths, 0.0
     stats = prepared.stats
     responses = [response for record in prepared.train for response in (record.chosen, record.rejected)]
-    spans = [response.num_spans for response in responses]
+    spans = [response.num_spans for response in responses]  # as the loss sees them: the EOS span included
     report.update({
         "kept_pairs": len(prepared.train),
         "dropped": stats["dropped"],
