@@ -4,7 +4,8 @@ Starlette's ``request.form()`` writes the whole file to a spooled temporary file
 so a chunked body of any size reached the disk before a size check could run. Here the handler reads
 ``request.stream()`` itself (:func:`receive_dataset`) and feeds python-multipart's ``MultipartParser``; the
 ``file`` part goes straight to a held ``datasets/.incoming-*`` file (``app.storage_gc``) while it is counted,
-hashed and, for JSONL and JSON, validated row by row (``ctpd_core.data.streaming_validator``). So:
+hashed and, for JSONL and JSON, validated row by row (``ctpd_core.data.streaming_validator``), which also
+counts the dataset's statistics (``ReceivedDataset.stats``, stored as ``datasets.stats``). So:
 
 * the first byte past ``max_upload_bytes`` in the file (or past it plus ``MULTIPART_OVERHEAD`` in the whole
   body) ends the request with a 413: at most the limit reaches the disk, and nothing stays there;
@@ -24,7 +25,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -87,6 +88,8 @@ class ReceivedDataset:
     path: Path
     handle: BinaryIO = field(repr=False)
     published: bool = False
+    # What the validator counted (ctpd_core.data.DatasetStats): stored as datasets.stats.
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def publish(self, final: Path) -> None:
         """Rename into place; the hold is released only afterwards, so no cleaner ever sees it unheld."""
@@ -144,13 +147,13 @@ class _Receiver:
         self.handle.flush()
         try:
             if self._validator is not None:
-                num_rows = self._validator.finish().num_rows
+                validated = self._validator.finish()
             else:  # Parquet: from the file on disk, in record batches
-                num_rows = validate_file(self.path, self.suffix, keep_pairs=False).num_rows
+                validated = validate_file(self.path, self.suffix, keep_pairs=False)
         except DatasetError as error:
             raise invalid_dataset(error) from None
-        return ReceivedDataset(self.filename, self.suffix, self.size, self._digest.hexdigest(), num_rows,
-                               self.path, self.handle)
+        return ReceivedDataset(self.filename, self.suffix, self.size, self._digest.hexdigest(), validated.num_rows,
+                               self.path, self.handle, stats=validated.stats or {})
 
     def close(self) -> None:
         """After a failure: remove the partial file and release it."""

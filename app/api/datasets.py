@@ -1,4 +1,5 @@
-"""/v1/datasets: upload (validated row by row, all or nothing), list, read and delete.
+"""/v1/datasets: upload (validated row by row, all or nothing, its statistics counted), list, read, statistics
+and delete.
 
 An upload is received as a stream (``app.upload_stream``): the file goes to a held temporary file under
 ``<artifact root>/datasets/`` while it is counted against the size limit, hashed and validated with the same
@@ -27,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.artifacts import storage_unavailable
 from app.api.deps import DbDep, PrincipalDep, SettingsDep, StorageDep
 from app.api.errors import ApiError, error_responses
-from app.api.schemas import Dataset, dataset_object
+from app.api.schemas import Dataset, DatasetStats, dataset_object, dataset_stats_object
 from app.db import datasets as dataset_rows
 from app.db import models as orm
 from app.db.auth import Principal
@@ -59,7 +60,9 @@ _UPLOAD_BODY: dict[str, Any] = {
                             "type": "string",
                             "format": "binary",
                             "description": "Preference pairs as .jsonl, .json or .parquet (the format comes from "
-                            "the filename's extension), in TRL's preference formats. The part's filename must "
+                            "the filename's extension), in TRL's preference formats (standard or conversational, "
+                            "explicit or implicit prompt) or OpenAI's preference fine-tuning format "
+                            "(docs/datasets.md). The part's filename must "
                             "end in `.jsonl`, `.json` or `.parquet` (any case; e.g. `pairs.jsonl`); any other "
                             "filename, or none, is a 422 with `error.param` `file`.",
                         }
@@ -99,7 +102,7 @@ def _publish(received: ReceivedDataset, principal: Principal, db: Database, sett
         row = dataset_rows.create_dataset(
             db, tenant=principal.tenant, filename=final.name, format=FORMATS[received.suffix],
             num_rows=received.num_rows, sha256=received.sha256, size_bytes=received.size_bytes, path=str(final),
-            dataset_id=dataset_id,
+            dataset_id=dataset_id, stats=received.stats,
         )
     except BaseException:
         shutil.rmtree(final_dir, ignore_errors=True)
@@ -130,10 +133,12 @@ def _remove_stored(storage: Storage | None, dataset_id: str) -> None:
     response_model=Dataset,
     summary="Upload a dataset",
     description=(
-        "Multipart upload, field `file`: JSONL, JSON or Parquet preference pairs (prompt/chosen/rejected, "
-        "implicit-prompt chosen/rejected, or single-turn conversational). Every row is validated; any bad row "
+        "Multipart upload, field `file`: JSONL, JSON or Parquet preference pairs: TRL's preference formats "
+        "(prompt/chosen/rejected text, implicit-prompt chosen/rejected, conversational with system turns and "
+        "several turns, whole chosen/rejected conversations as in ultrafeedback_binarized) or OpenAI's preference "
+        "fine-tuning rows (input/preferred_output/non_preferred_output). Every row is validated; any bad row "
         "makes it a 422 `invalid_dataset` whose `error.errors` lists `{row, message}` (JSONL: the line number), "
-        "and nothing is stored. Over the size limit: 413."
+        "and nothing is stored. The rows' statistics are counted as they arrive (`stats`). Over the size limit: 413."
     ),
     responses=error_responses((400, 413, 422), {
         400: "The multipart body is malformed (no boundary, bad part headers, cut short) or the client "
@@ -166,6 +171,24 @@ def get_dataset(dataset_id: str, principal: PrincipalDep, db: DbDep) -> Dataset:
     if row is None:
         raise ApiError(404, "not_found", f"no dataset {dataset_id!r} for this API key", "dataset_id")
     return dataset_object(row)
+
+
+@router.get(
+    "/{dataset_id}/stats",
+    operation_id="get_dataset_stats",
+    response_model=DatasetStats,
+    summary="Get a dataset's statistics",
+    description="What the upload's validator counted (rows per shape, system and multi-turn rows, duplicate rows "
+                "and prompts, identical chosen/rejected pairs, length distributions in characters) and the token "
+                "lengths per tokenizer that preflights measured. A dataset stored before statistics existed has "
+                "`counted` false and `missing` says how to get them (upload it again).",
+    responses=error_responses((404,), {404: "No such dataset for this API key's tenant (`not_found`)."}),
+)
+def get_dataset_stats(dataset_id: str, principal: PrincipalDep, db: DbDep) -> DatasetStats:
+    row = dataset_rows.get_dataset(db, dataset_id, principal.tenant)
+    if row is None:
+        raise ApiError(404, "not_found", f"no dataset {dataset_id!r} for this API key", "dataset_id")
+    return dataset_stats_object(row)
 
 
 # ------------------------------------------------------------------------------------- listing and deleting

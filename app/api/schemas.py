@@ -174,6 +174,55 @@ class ArtifactList(BaseModel):
     has_more: bool = False
 
 
+class LengthDistribution(BaseModel):
+    """Lengths over the rows (nearest-rank percentiles)."""
+
+    min: int
+    mean: float
+    p50: int
+    p90: int
+    p99: int
+    max: int
+
+
+STATS_MISSING = ("stored before dataset statistics existed (migration 0007_dataset_stats): upload the file again "
+                 "(POST /v1/datasets) to have them counted; token lengths appear once a preflight measures them")
+
+
+class DatasetStats(BaseModel):
+    """What an upload's rows hold, counted by the upload's validator, and the token lengths measured per tokenizer
+    by a job's preflight (``POST /v1/jobs?dry_run=true``). docs/datasets.md, "Statistics"."""
+
+    object: Literal["dataset.stats"] = "dataset.stats"
+    dataset_id: str
+    counted: bool = Field(description="Whether the upload's counts below exist: false for a dataset stored before "
+                                      "they were computed (see `missing`).")
+    missing: str | None = Field(default=None, description="Why the counts are absent, and how to get them.")
+    rows: int | None = None
+    shapes: dict[str, int] | None = Field(
+        default=None, description="Rows per detected row shape: standard_explicit, standard_implicit, "
+        "conversational_explicit, conversational_implicit (ultrafeedback's), openai_preference.")
+    system_turn_rows: int | None = Field(default=None, description="Conversational rows whose prompt has a system turn.")
+    multi_turn_rows: int | None = Field(default=None, description="Conversational rows with more than one user turn.")
+    duplicate_rows: int | None = Field(default=None, description="Rows equal to an earlier row (prompt, chosen, rejected).")
+    duplicate_prompts: int | None = Field(default=None, description="Rows whose prompt (text or messages) an earlier "
+                                          "row has.")
+    identical_pairs: int | None = Field(default=None, description="Rows whose chosen and rejected are identical: valid, "
+                                        "but they carry no preference and are left out of training.")
+    length_chars: dict[str, LengthDistribution] | None = Field(
+        default=None, description="Characters of prompt (a conversation's plain rendering), chosen and rejected.")
+    token_lengths: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per tokenizer (model reference), the lengths a preflight measured.")
+
+
+def dataset_stats_object(row: orm.Dataset) -> DatasetStats:
+    stats = dict(row.stats or {})
+    token_lengths = stats.pop("token_lengths", None) or {}
+    counted = "rows" in stats
+    return DatasetStats(dataset_id=row.id, counted=counted, missing=None if counted else STATS_MISSING,
+                        token_lengths=token_lengths, **(stats if counted else {}))
+
+
 class Dataset(BaseModel):
     id: str = Field(description="Reference it in a spec as {\"dataset\": {\"id\": ...}}.")
     object: Literal["dataset"] = "dataset"
@@ -183,6 +232,8 @@ class Dataset(BaseModel):
     sha256: str = Field(description="sha256 of the uploaded file's bytes.")
     size_bytes: int
     created_at: datetime
+    stats: DatasetStats = Field(description="What the rows hold (also at GET /v1/datasets/{id}/stats); `counted` "
+                                            "is false for a dataset stored before statistics were computed.")
 
 
 class Model(BaseModel):
@@ -305,7 +356,7 @@ def event_object(row: orm.JobEvent) -> JobEvent:
 def dataset_object(row: orm.Dataset) -> Dataset:
     return Dataset(
         id=row.id, filename=row.filename, format=row.format, num_rows=row.num_rows,  # type: ignore[arg-type]
-        sha256=row.sha256, size_bytes=row.size_bytes, created_at=row.created_at,
+        sha256=row.sha256, size_bytes=row.size_bytes, created_at=row.created_at, stats=dataset_stats_object(row),
     )
 
 

@@ -79,7 +79,7 @@ def test_row_errors_name_the_lines_and_store_nothing(alice, db, settings):
     lines = (
         json.dumps(ROWS[0]) + "\n"
         + "\n"  # blank lines are skipped, but still counted
-        + '{"prompt": "x", "chosen": " same", "rejected": " same"}\n'  # line 3
+        + '{"prompt": "x", "chosen": " same", "rejected": ""}\n'  # line 3
         + "{broken\n"  # line 4
         + json.dumps(ROWS[1]) + "\n"
         + '{"prompt": "y", "rejected": " r"}\n'  # line 6
@@ -89,7 +89,7 @@ def test_row_errors_name_the_lines_and_store_nothing(alice, db, settings):
     error = response.json()["error"]
     assert error["code"] == "invalid_dataset" and error["param"] == "file" and error["total_errors"] == 3
     assert [item["row"] for item in error["errors"]] == [3, 4, 6]
-    assert "identical" in error["errors"][0]["message"] and "invalid JSON" in error["errors"][1]["message"]
+    assert "rejected is empty" in error["errors"][0]["message"] and "invalid JSON" in error["errors"][1]["message"]
     assert "chosen" in error["errors"][2]["message"] and "row 3" in error["message"]
 
     bad_json = json.dumps([ROWS[0], {"prompt": "p", "chosen": "", "rejected": "r"}]).encode()
