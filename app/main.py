@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from fastapi import Depends, FastAPI
 
-from app.api import api_keys, checkpoints, datasets, health, jobs, models, tenants, webhooks
+from app.api import api_keys, checkpoints, dashboard, datasets, health, jobs, models, tenants, webhooks
 from app.api.deps import refuse_nul_characters
 from app.api.errors import install_error_handlers
 from app.api.preflights import router as preflights_router
@@ -87,6 +87,7 @@ def create_app(settings: Settings, queue: TaskQueue | None = None) -> FastAPI:
     app.include_router(preflights_router, dependencies=[Depends(refuse_nul_characters)])  # GET /v1/preflights/{id}
     for router in (models.router, health.router):
         app.include_router(router)
+    app.include_router(dashboard.router)  # the pages at / (app/dashboard); their data comes from /v1
     return app
 
 
