@@ -187,10 +187,8 @@ class PairEncoder:
         tokenizer = self._tokenizer(role)
         if messages is not None:
             return self._conversation_ids(tokenizer, role, messages)
-        if self.config.prompt_format == "chat_template":
-            rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
+        if self.config.prompt_format == "chat_template":  # a text prompt as one user turn (the template is checked)
+            rendered = render_prompt(tokenizer, [("user", prompt)]) or ""
             ids = list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
         else:
             ids = self._prefix[role] + (list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else [])

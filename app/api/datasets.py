@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.artifacts import storage_unavailable
 from app.api.deps import DbDep, PrincipalDep, SettingsDep, StorageDep
-from app.api.errors import ApiError, error_responses
+from app.api.errors import ApiError, error_responses, invalid_request
 from app.api.schemas import Dataset, DatasetStats, dataset_object, dataset_stats_object
 from app.db import datasets as dataset_rows
 from app.db import models as orm
@@ -72,6 +72,15 @@ _UPLOAD_BODY: dict[str, Any] = {
         },
     },
 }
+
+
+def _refuse_unknown_query(request: Request, allowed: tuple[str, ...]) -> None:
+    """Refused rather than ignored, as on GET /v1/jobs: a typo (``?limt=5``) would otherwise answer as if unasked."""
+    for key in request.query_params:
+        if key not in allowed:
+            shown = key or "(a parameter without a name)"
+            use = f"use {', '.join(allowed)}" if allowed else "this route takes none"
+            raise invalid_request([(key or None, f"{shown}: unknown query parameter; {use}")])
 
 
 def _safe_filename(name: str, suffix: str) -> str:
@@ -166,7 +175,8 @@ async def upload_dataset(request: Request, principal: PrincipalDep, db: DbDep, s
     summary="Get a dataset",
     responses=error_responses((404,), {404: "No such dataset for this API key's tenant (`not_found`)."}),
 )
-def get_dataset(dataset_id: str, principal: PrincipalDep, db: DbDep) -> Dataset:
+def get_dataset(dataset_id: str, request: Request, principal: PrincipalDep, db: DbDep) -> Dataset:
+    _refuse_unknown_query(request, ())
     row = dataset_rows.get_dataset(db, dataset_id, principal.tenant)
     if row is None:
         raise ApiError(404, "not_found", f"no dataset {dataset_id!r} for this API key", "dataset_id")
@@ -184,7 +194,8 @@ def get_dataset(dataset_id: str, principal: PrincipalDep, db: DbDep) -> Dataset:
                 "`counted` false and `missing` says how to get them (upload it again).",
     responses=error_responses((404,), {404: "No such dataset for this API key's tenant (`not_found`)."}),
 )
-def get_dataset_stats(dataset_id: str, principal: PrincipalDep, db: DbDep) -> DatasetStats:
+def get_dataset_stats(dataset_id: str, request: Request, principal: PrincipalDep, db: DbDep) -> DatasetStats:
+    _refuse_unknown_query(request, ())
     row = dataset_rows.get_dataset(db, dataset_id, principal.tenant)
     if row is None:
         raise ApiError(404, "not_found", f"no dataset {dataset_id!r} for this API key", "dataset_id")
@@ -209,6 +220,7 @@ class DatasetList(BaseModel):
                 "`after` for the next one, while `has_more` is true.",
 )
 def list_datasets(
+    request: Request,
     principal: PrincipalDep,
     db: DbDep,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
@@ -217,6 +229,7 @@ def list_datasets(
         Query(min_length=1, description="The id of the last dataset of the previous page; leave it out for the first."),
     ] = None,
 ) -> DatasetList:
+    _refuse_unknown_query(request, ("limit", "after"))
     try:
         rows, has_more = dataset_rows.list_datasets(db, principal.tenant, limit=limit, after=after)
     except InvalidCursor as error:

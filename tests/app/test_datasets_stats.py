@@ -91,3 +91,12 @@ def test_a_bad_conversational_row_is_a_422_naming_it(alice):
     assert response.status_code == 422
     (error,) = response.json()["error"]["errors"]
     assert error["row"] == 2 and error["message"].startswith("input.messages must end with a user turn")
+
+
+def test_unknown_query_parameters_are_refused(alice):
+    """As on GET /v1/jobs: a typo must not answer as if it had not been asked."""
+    body = _upload(alice, "pairs.jsonl", (FORMATS / "standard_explicit.jsonl").read_bytes())
+    for url in ("/v1/datasets?limt=5", f"/v1/datasets/{body['id']}?x=1", f"/v1/datasets/{body['id']}/stats?=1"):
+        refused = alice.get(url)
+        assert refused.status_code == 422 and "unknown query parameter" in refused.json()["error"]["message"], url
+    assert alice.get("/v1/datasets?limit=5").status_code == 200
