@@ -310,6 +310,17 @@ def measured_rates(db: Database) -> dict[tuple[str, str], list[float]]:
     return rates
 
 
+def _described(stage: str, model: str | None) -> str:
+    """A rate's model key (:func:`_stage_work`) for a person."""
+    if stage == "prepare" and model and "+" in model:
+        student, teacher = model.split("+", 1)
+        return f"the tokenizers of student {student} and teacher {teacher}"
+    if stage == "distill" and model and ":" in model:
+        student, method = model.rsplit(":", 1)
+        return f"student {student} (method {method})"
+    return f"model {model}"
+
+
 def estimate_duration(db: Database, spec: JobSpec, counts: dict[str, float] | None) -> dict[str, Any]:
     """Seconds per stage on this deployment's workers, from what its finished jobs measured, or "unknown" with
     the reason. ``counts`` (train/validation pairs and training steps) come from the worker's part."""
@@ -330,8 +341,8 @@ def estimate_duration(db: Database, spec: JobSpec, counts: dict[str, float] | No
         if work is None or not samples:
             unknown.append(stage)
             stages[stage] = {"seconds": None, "reason": (
-                f"no succeeded job on this deployment has run the {stage} stage with {model} (not from its cache)"
-                if work is not None else "its work is not known")}
+                f"no succeeded job on this deployment has run the {stage} stage with {_described(stage, model)} "
+                "(not from its cache)" if work is not None else "its work is not known")}
             continue
         seconds = samples[len(samples) // 2] * work  # the median rate: one slow job does not move it
         total += seconds

@@ -314,9 +314,10 @@ def data_report(spec: JobSpec, *, model_cache: Path, dataset_resolver: Callable[
         rows = [f"row {e.row}: {e.message}" for e in error.errors]
         report["dataset"] = {"valid": False, "row_errors": rows, "total_errors": error.total_errors}
         issues.append(issue("error", "invalid_dataset", str(error),
-                            "fix or remove the rows listed (row numbers are lines of a JSONL file) and upload again"
-                            if rows else "give a readable .jsonl, .json or .parquet file of prompt/chosen/rejected rows",
-                            "dataset"))
+                            "fix or remove the rows listed (lines of a JSONL file, rows of a JSON list or Parquet "
+                            "file), then upload the file again or point dataset.path at the fixed one" if rows else
+                            "change the dataset as the message says, then upload it again (or point dataset.path at "
+                            "the fixed file)", "dataset"))
         return report, {}
     except ValueError as error:
         issues.append(issue("error", "invalid_dataset", str(error), "add rows or lower dataset.validation_fraction",
