@@ -211,7 +211,7 @@ def test_finished_jobs_their_pages_the_list_and_the_comparison(dashboard_stack: 
     # The comparison: both jobs' metrics, and their curves on one chart per metric.
     browser.get(f"{stack.base_url}/compare?jobs={first['id']},{second['id']}")
     _wait(browser, lambda d: d.find_element(By.ID, "compare-results").is_displayed(), "the comparison", stack)
-    table = _text(browser, "#compare-table").lower()  # the header is upper-cased by the style sheet
+    table = _text(browser, "#compare-table")
     assert first["name"] in table and second["name"] in table
     assert "preference accuracy (initial → distilled)" in table and "\npairs 8 8" in table.replace("\t", " ")
     charts = browser.find_elements(By.CSS_SELECTOR, "#compare-charts .chart")
@@ -219,7 +219,7 @@ def test_finished_jobs_their_pages_the_list_and_the_comparison(dashboard_stack: 
                                                                         "Learning rate"]
     assert all(int(chart.get_attribute("data-points")) == 60 for chart in charts)  # 30 distill steps of each job
     if shots_dir:
-        browser.set_window_size(1400, 1300)
+        browser.set_window_size(1400, 1750)
         time.sleep(0.5)
         browser.save_screenshot(str(shots_dir / "dashboard-compare.png"))
 

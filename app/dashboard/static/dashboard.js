@@ -53,7 +53,7 @@ function formatNumber(value) {
   if (typeof value !== "number") return String(value);
   if (Number.isInteger(value)) return value.toLocaleString("en");
   const magnitude = Math.abs(value);
-  if (magnitude !== 0 && (magnitude < 1e-3 || magnitude >= 1e6)) return value.toExponential(3);
+  if (magnitude !== 0 && (magnitude < 1e-3 || magnitude >= 1e6)) return Number(value.toPrecision(4)).toExponential(); // 3e-4, 2.076e-4
   return value.toFixed(4).replace(/\.?0+$/, "");
 }
 
@@ -227,8 +227,9 @@ async function trySignIn(event) {
 
 // ------------------------------------------------------------------------------------------ charts
 
-function chartWidth(container) {
-  return Math.max(280, Math.min(container.clientWidth || 480, 620));
+// The width of the grid cell the chart sits in (the style sheet lays charts out two to a row).
+function chartWidth(box) {
+  return Math.max(260, (box.clientWidth || 480) - 4);
 }
 
 // A line chart of ``series`` ([{label, colour}]) against step; ``chart.update(data)`` redraws it in place.
@@ -237,10 +238,10 @@ function lineChart(container, title, series, { logY = false } = {}) {
   container.append(box);
   const options = {
     title,
-    width: chartWidth(container.parentElement || container) - 10,
+    width: chartWidth(box),
     height: 220,
     scales: { x: { time: false }, y: logY ? { distr: 3 } : {} },
-    axes: [{ label: "step" }, { size: 60, values: (_, ticks) => ticks.map(formatNumber) }],
+    axes: [{ label: "step" }, { size: 64, values: (_, ticks) => ticks.map((tick) => formatNumber(Number(tick.toPrecision(3)))) }],
     series: [{ label: "step" }, ...series.map(({ label, colour }) => ({
       label, stroke: colour, width: 2, spanGaps: true, points: { show: false },
       value: (_, v) => (v === null || v === undefined ? "—" : formatNumber(v)),
@@ -362,7 +363,7 @@ function renderJobHead(job) {
   const spec = job.spec;
   const dataset = spec.dataset && spec.dataset.id
     ? el("a", { href: `/datasets/${encodeURIComponent(spec.dataset.id)}` }, spec.dataset.id) : (spec.dataset && spec.dataset.path) || "—";
-  byId("job-facts").replaceChildren(
+  byId("job-facts").replaceChildren(...[
     fact("id", job.id),
     fact("status", job.status),
     fact("stage", job.stage || "—"),
@@ -376,7 +377,7 @@ function renderJobHead(job) {
     fact("finished", formatTime(job.finished_at)),
     job.queue ? fact("queue", `#${job.queue.position}: ${job.queue.detail}`) : null,
     Object.keys(job.metadata).length ? fact("metadata", Object.entries(job.metadata).map(([k, v]) => `${k}=${v}`).join(" ")) : null,
-  );
+  ].filter(Boolean));
   setError("job-error", job.error ? `${job.error.code}: ${job.error.message}` : "");
   const cancel = byId("cancel-job");
   cancel.hidden = !(CANCELLABLE.has(job.status) || job.status === "cancelling");
@@ -471,8 +472,8 @@ async function renderArtifacts(job) {
     el("td", {}, formatBytes(file.size_bytes))));
   const whole = job.model ? el("p", {}, button("the whole folder (model.tar.gz)", job.model.download_url, `${job.id}-model.tar.gz`),
     el("span", { className: "muted" }, ` · use it as a model: `), el("code", {}, job.model.id)) : null;
-  byId("artifacts").replaceChildren(whole,
-    rows.length ? el("table", { className: "list", id: "artifacts-table" }, el("tbody", {}, rows)) : el("p", { className: "muted" }, "No files."));
+  byId("artifacts").replaceChildren(el("div", {}, whole,
+    rows.length ? el("table", { className: "list", id: "artifacts-table" }, el("tbody", {}, rows)) : el("p", { className: "muted" }, "No files.")));
 }
 
 async function jobPage() {
