@@ -99,7 +99,10 @@ def report_object(db: Database, row: Preflight) -> PreflightReport:
     issues = [*api.get("issues", []), *(part.get("issues") or [])]
     done = row.status == preflight_rows.DONE
     errors = [PreflightIssue(**entry) for entry in issues if entry["level"] == "error"]
-    spec = JobSpec.model_validate(row.spec)
+    try:
+        spec: JobSpec | None = JobSpec.model_validate(row.spec)
+    except ValueError:  # stored by an older build whose spec this one no longer accepts: the report still reads
+        spec = None
     return PreflightReport(
         id=row.id, status="done" if done else "pending",
         ok=not errors if done else None, errors=errors,
@@ -107,7 +110,8 @@ def report_object(db: Database, row: Preflight) -> PreflightReport:
         spec=row.spec, memory=api.get("memory"), workers=api.get("workers"),
         models=part.get("models"), tokenizers=part.get("tokenizers"), dataset=part.get("dataset"),
         sample=part.get("sample"), steps=part.get("steps"),
-        duration=preflight.estimate_duration(db, spec, _step_counts(part.get("steps"))),
+        duration=preflight.estimate_duration(db, spec, _step_counts(part.get("steps"))) if spec is not None else
+        {"seconds": None, "status": "unknown", "reason": "the stored spec is not valid for this version of the service"},
         created_at=row.created_at, finished_at=row.finished_at,
         poll=None if done else f"/v1/preflights/{row.id}",
     )
@@ -123,10 +127,11 @@ def _api_part(db: Database, spec: JobSpec, settings: Settings, principal: Princi
                               "set trust_remote_code only where the deployment allows it (CTPD_ALLOW_REMOTE_CODE) "
                               "and submit with an admin key", param)
               for param, message in policy.remote_code_problems(spec, caller)]
+    issues += [preflight.issue("error", "invalid_metadata", message, "shorten or drop the metadata the message "
+                               "names", param) for param, message in job_service.metadata_problems(spec.metadata)]
     issues += [preflight.issue("error", "invalid_reference", message,
                                "name only models and files this API key may use (the message says which)", param)
-               for param, message in job_service.metadata_problems(spec.metadata)
-               + job_service.reference_problems(db, spec, principal, settings)]
+               for param, message in job_service.reference_problems(db, spec, principal, settings)]
     part: dict[str, Any] = {"memory": None, "workers": None, "issues": issues}
     if issues:  # the plan opens the folders the spec names: only those the caller may use
         return part, False
