@@ -318,17 +318,19 @@ def parse_row(row: Any) -> PreferencePair:
 # ------------------------------------------------------------------------------------------ statistics
 
 
-def _percentile(ordered: list[int], fraction: float) -> int:
-    """Nearest-rank percentile of a sorted, non-empty list."""
-    return ordered[min(len(ordered) - 1, max(0, int(round(fraction * len(ordered) + 0.5)) - 1))]
+def _percentile(ordered: list[int], percent: int) -> int:
+    """Nearest-rank percentile of a sorted, non-empty list: the smallest value with at least ``percent`` % of the
+    values at or below it (integer arithmetic: 0.9 * 10 is not 9 in floating point)."""
+    rank = max(1, (percent * len(ordered) + 99) // 100)
+    return ordered[rank - 1]
 
 
 def _distribution(values: array) -> dict[str, float | int]:
     ordered = sorted(values)
     if not ordered:
         return {}
-    return {"min": ordered[0], "mean": round(sum(ordered) / len(ordered), 2), "p50": _percentile(ordered, 0.5),
-            "p90": _percentile(ordered, 0.9), "p99": _percentile(ordered, 0.99), "max": ordered[-1]}
+    return {"min": ordered[0], "mean": round(sum(ordered) / len(ordered), 2), "p50": _percentile(ordered, 50),
+            "p90": _percentile(ordered, 90), "p99": _percentile(ordered, 99), "max": ordered[-1]}
 
 
 def _digest(prompt: str | tuple[Message, ...], *texts: str) -> int:

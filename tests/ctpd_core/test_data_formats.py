@@ -241,6 +241,14 @@ def test_statistics_count_duplicates_identical_pairs_and_lengths():
     assert stats["length_chars"]["rejected"]["mean"] == 2.8
 
 
+def test_length_percentiles_are_nearest_rank():
+    """p90 of ten lengths 1..10 is the 9th (ceil(0.9 * 10)); a float rank (9.000000000000002) would give the 10th."""
+    rows = [{"prompt": "p" * length, "chosen": "a", "rejected": "b"} for length in range(10, 0, -1)]
+    prompt = parse_stats(rows)["length_chars"]["prompt"]
+    assert (prompt["min"], prompt["p50"], prompt["p90"], prompt["p99"], prompt["max"]) == (1, 5, 9, 10, 10)
+    assert prompt["mean"] == 5.5
+
+
 def parse_stats(rows) -> dict:
     validator_result = validate_bytes(_jsonl(rows))
     assert validator_result.stats is not None
