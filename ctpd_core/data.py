@@ -758,22 +758,23 @@ def datasets_folder_splits(path: str | Path) -> list[str] | None:
     return [str(split) for split in splits]
 
 
-def _datasets_folder_rows(path: Path, split: str | None) -> Iterator[Any]:
-    """The rows of a ``save_to_disk`` folder, memory-mapped: one row at a time in memory."""
+def _datasets_folder_rows(path: Path, split: str | None, split_field: str) -> Iterator[Any]:
+    """The rows of a ``save_to_disk`` folder, memory-mapped: one row at a time in memory. ``split_field`` is the
+    spec field that names the split, for the errors."""
     splits = datasets_folder_splits(path)
     if splits is None:
         if split is not None:
-            raise DatasetError(f"{path} holds one Dataset (no splits), so dataset split {split!r} does not apply; "
-                               "leave the split out")
+            raise DatasetError(f"{path} holds one Dataset (no splits), so {split_field} {split!r} does not apply; "
+                               f"leave {split_field} out")
         folder = path
     else:
         if split is None:
             if len(splits) != 1:
                 raise DatasetError(f"{path} is a DatasetDict with splits {', '.join(splits)}; choose one with "
-                                   "dataset.split (and dataset.validation_split for a held-out one)")
+                                   f"{split_field}")
             split = splits[0]
         elif split not in splits:
-            raise DatasetError(f"{path} has no split {split!r}; its splits are {', '.join(splits)}")
+            raise DatasetError(f"{path} has no split {split!r} ({split_field}); its splits are {', '.join(splits)}")
         folder = path / split
     try:
         # datasets imports no torch by itself (tests/test_boundaries.py checks ctpd_core.data stays torch-free).
@@ -800,15 +801,15 @@ def _validate_rows(rows: Iterable[Any], keep_pairs: bool) -> ValidatedDataset:
 
 
 def validate_file(path: str | Path, file_format: str | None = None, *, keep_pairs: bool = True,
-                  split: str | None = None) -> ValidatedDataset:
+                  split: str | None = None, split_field: str = "dataset.split") -> ValidatedDataset:
     """Validate a file on disk, reading it in chunks (``file_format`` defaults to the path's suffix), or a
     ``datasets`` folder written by ``save_to_disk`` (``split`` chooses a DatasetDict's split)."""
     path = Path(path)
     if file_format is None and is_datasets_folder(path):
-        return _validate_rows(_datasets_folder_rows(path, split), keep_pairs)
+        return _validate_rows(_datasets_folder_rows(path, split, split_field), keep_pairs)
     if split is not None:
-        raise DatasetError(f"dataset split {split!r} applies to a Hugging Face datasets folder, and {path} is a "
-                           "file; leave the split out")
+        raise DatasetError(f"{split_field} {split!r} applies to a Hugging Face datasets folder, and {path} is a "
+                           f"file; leave {split_field} out")
     file_format = _check_format(file_format or path.suffix)
     if file_format == ".parquet":
         return _validate_parquet(path, keep_pairs)
@@ -832,7 +833,7 @@ def parse_pairs(data: bytes, file_format: str) -> list[PreferencePair]:
     return dataset.pairs
 
 
-def load_pairs(path: str | Path, split: str | None = None) -> list[PreferencePair]:
+def load_pairs(path: str | Path, split: str | None = None, *, split_field: str = "dataset.split") -> list[PreferencePair]:
     """The training pairs of a dataset (the worker's loader): a file read in chunks, or a ``datasets`` folder
     (``split`` chooses a DatasetDict's split), validated row by row. Rows whose chosen and rejected are
     identical carry no preference and are left out (logged; the statistics count them)."""
@@ -844,7 +845,7 @@ def load_pairs(path: str | Path, split: str | None = None) -> list[PreferencePai
         else:
             found = "does not exist; name the .jsonl, .json or .parquet file, or a save_to_disk folder"
         raise DatasetError(f"dataset {path} {found}")
-    pairs = validate_file(path, split=split).pairs
+    pairs = validate_file(path, split=split, split_field=split_field).pairs
     assert pairs is not None  # keep_pairs=True
     kept = [pair for pair in pairs if pair.carries_preference]
     if len(kept) < len(pairs):

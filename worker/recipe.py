@@ -407,9 +407,11 @@ def split_dataset(spec: JobSpec, resolver: Callable[[str], Path] | None) -> tupl
                              "dataset.validation_path")
         train, validation = pairs, load_pairs(resolver(dataset.validation_id))
     elif dataset.validation_path is not None:
-        train, validation = pairs, load_pairs(dataset.validation_path, split=dataset.validation_split)
+        train, validation = pairs, load_pairs(dataset.validation_path, split=dataset.validation_split,
+                                              split_field="dataset.validation_split")
     elif dataset.validation_split is not None:  # another split of the same save_to_disk folder
-        train, validation = pairs, load_pairs(path, split=dataset.validation_split)
+        train, validation = pairs, load_pairs(path, split=dataset.validation_split,
+                                              split_field="dataset.validation_split")
     else:
         order = list(range(len(pairs)))
         random.Random(spec.training.seed).shuffle(order)

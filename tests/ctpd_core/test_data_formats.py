@@ -162,7 +162,7 @@ def test_a_saved_dataset_folder(tmp_path):
     rows[2]["input"]["messages"][-1]["content"] = "I eat one. How many are left?"
     Dataset.from_list(rows).save_to_disk(str(folder))
     assert load_pairs(folder) == CONVERSATIONS
-    with pytest.raises(DatasetError, match="holds one Dataset .no splits.*leave the split out"):
+    with pytest.raises(DatasetError, match="holds one Dataset .no splits.*leave dataset.split out"):
         load_pairs(folder, split="train")
 
 
@@ -178,7 +178,7 @@ def test_a_saved_dataset_dict_needs_its_split_named(tmp_path):
     assert load_pairs(folder, split="test")[0].prompt == "The capital of France is"
     with pytest.raises(DatasetError, match="splits train, test; choose one with dataset.split"):
         load_pairs(folder)
-    with pytest.raises(DatasetError, match="no split 'validation'; its splits are train, test"):
+    with pytest.raises(DatasetError, match="no split 'validation' .dataset.split.; its splits are train, test"):
         load_pairs(folder, split="validation")
     one = tmp_path / "one"
     DatasetDict({"train": Dataset.from_list(_rows("standard_explicit.jsonl"))}).save_to_disk(str(one))

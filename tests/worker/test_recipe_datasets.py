@@ -52,6 +52,8 @@ def test_a_split_is_held_out_by_fraction_without_validation_split(dataset_dict: 
 def test_an_unnamed_split_of_a_dataset_dict_is_a_clear_error(dataset_dict: Path):
     with pytest.raises(ValueError, match="splits train_prefs, test_prefs; choose one with dataset.split"):
         split_dataset(_spec(path=str(dataset_dict)), None)
+    with pytest.raises(ValueError, match="no split 'test' .dataset.validation_split.; its splits are train_prefs"):
+        split_dataset(_spec(path=str(dataset_dict), split="train_prefs", validation_split="test"), None)
 
 
 def test_split_fields_the_spec_refuses():
