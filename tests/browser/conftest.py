@@ -83,6 +83,7 @@ def browser_console(driver: Any) -> str:
 class DashboardStack:
     base_url: str
     key: str
+    other_key: str  # another tenant's
     client: httpx.Client
     api: Proc
     worker: Proc
@@ -122,6 +123,7 @@ def dashboard_stack(tmp_path_factory, dashboard_postgres, tiny_dataset_path) -> 
                       lease_seconds="20", allow_server_paths="true")
     run_cli(["db", "upgrade"], env)
     key = create_key(env, "dashboard")
+    other_key = create_key(env, "another-tenant")
     port = free_port()
     api = api_process(env, port, home / "api.log")
     worker = worker_process("dashboard", env, home / "worker.log", queues="train,default")
@@ -133,7 +135,7 @@ def dashboard_stack(tmp_path_factory, dashboard_postgres, tiny_dataset_path) -> 
         assert api.alive(), api.tail(60)
         wait_until(lambda: worker_ready(worker), 90, "the worker to consume", lambda: worker.tail(60))
         assert worker.alive(), worker.tail(80)
-        yield DashboardStack(base_url, key, client, api, worker, home, upload_dataset(client, tiny_dataset_path))
+        yield DashboardStack(base_url, key, other_key, client, api, worker, home, upload_dataset(client, tiny_dataset_path))
     finally:
         client.close()
         worker.kill()

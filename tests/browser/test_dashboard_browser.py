@@ -35,7 +35,7 @@ def _wait(driver: Any, condition: Any, what: str, stack: DashboardStack, timeout
                     f"--- browser console ---\n{browser_console(driver)}\n{stack.logs()}")
 
 
-def _sign_in(driver: Any, stack: DashboardStack, path: str) -> None:
+def _sign_in(driver: Any, stack: DashboardStack, path: str, key: str | None = None) -> None:
     from selenium.webdriver.common.by import By
 
     driver.get(stack.base_url + path)
@@ -46,7 +46,7 @@ def _sign_in(driver: Any, stack: DashboardStack, path: str) -> None:
     driver.find_element(By.ID, "sign-in-button").click()
     _wait(driver, lambda d: "refused" in d.find_element(By.ID, "sign-in-error").text, "a refused key's message", stack)
     field.clear()
-    field.send_keys(stack.key)
+    field.send_keys(key or stack.key)
     driver.find_element(By.ID, "sign-in-button").click()
     _wait(driver, lambda d: d.find_element(By.ID, "main").is_displayed(), "the page after signing in", stack)
 
@@ -233,3 +233,12 @@ def test_finished_jobs_their_pages_the_list_and_the_comparison(dashboard_stack: 
         assert shown.find_elements(By.CSS_SELECTOR, "table.kv")
     else:
         assert shown.find_element(By.ID, "no-dataset-stats").is_displayed()
+
+    # Another tenant's key sees none of it: the same pages, and the API's answers for that key.
+    browser.find_element(By.ID, "sign-out").click()
+    _sign_in(browser, stack, f"/jobs/{first['id']}", key=stack.other_key)
+    _wait(browser, lambda d: "No job" in _text(d, "#job-error"), "another tenant's job to be not found", stack)
+    assert _chart_points(browser, "Loss") == 0 and first["name"] not in browser.page_source
+    browser.get(f"{stack.base_url}/")
+    _wait(browser, lambda d: d.find_element(By.ID, "jobs-empty").is_displayed(), "an empty list for the other tenant", stack)
+    assert _listed_jobs(browser) == []
