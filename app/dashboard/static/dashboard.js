@@ -170,9 +170,14 @@ async function download(path, filename) {
 
 const timers = [];
 
+// ``task`` every ``ms``, never two at once: a slow answer must not let a second read of the same events overlap.
 function every(ms, task) {
+  let busy = false;
   const run = async () => {
+    if (busy) return;
+    busy = true;
     try { await task(); } catch (error) { if (!(error instanceof ApiError && error.status === 401)) console.error(error); }
+    finally { busy = false; }
   };
   timers.push(setInterval(run, ms));
 }
@@ -516,11 +521,16 @@ async function jobPage() {
     }
   };
 
+  // The metric series are read again only when the job moved on: a long job's series are large, and its
+  // progress (written with its metrics, at most every few seconds) says when there is something new.
+  let seen = null;
   const refresh = async () => {
     if (finished) return;
     const job = await apiJson(base);
     renderJobHead(job);
-    await Promise.all([refreshMetrics(), refreshEvents()]);
+    const moved = `${job.status} ${job.stage} ${job.progress.detail} ${job.progress.step} ${job.attempt}`;
+    await Promise.all([moved !== seen || TERMINAL.has(job.status) ? refreshMetrics() : null, refreshEvents()]);
+    seen = moved;
     if (TERMINAL.has(job.status)) {
       finished = true; // one last read above saw everything the job wrote
       if (!artifactsShown) { artifactsShown = true; await renderArtifacts(job); }
