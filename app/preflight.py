@@ -326,8 +326,8 @@ def estimate_duration(db: Database, spec: JobSpec, counts: dict[str, float] | No
     the reason. ``counts`` (train/validation pairs and training steps) come from the worker's part."""
     if counts is None:
         return {"seconds": None, "status": "unknown",
-                "reason": "the dataset's pairs and the training steps are not known yet (the worker's part is pending "
-                          "or failed)"}
+                "reason": "the dataset's pairs and the training steps are not known: the worker's part is pending, "
+                          "or stopped at an error above"}
     try:
         rates = measured_rates(db)
     except SQLAlchemyError as error:
