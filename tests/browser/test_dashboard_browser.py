@@ -227,6 +227,8 @@ def test_finished_jobs_their_pages_the_list_and_the_comparison(dashboard_stack: 
     browser.get(f"{stack.base_url}/datasets/{stack.dataset_id}")
     _wait(browser, lambda d: d.find_element(By.ID, "dataset-detail").is_displayed(), "the dataset's page", stack)
     assert stack.dataset_id in browser.find_element(By.ID, "datasets-body").text
+    if shots_dir:
+        browser.save_screenshot(str(shots_dir / "dashboard-datasets.png"))
     stats = stack.client.get(f"/v1/datasets/{stack.dataset_id}").json().get("stats")
     shown = browser.find_element(By.ID, "dataset-stats")
     if stats:

@@ -114,7 +114,9 @@ function valueTable(value) {
     return el("div", {}, value.map((item) => valueTable(item)));
   }
   if (typeof value === "object") {
-    const rows = Object.entries(value).map(([key, item]) => el("tr", {}, el("th", {}, key), el("td", {}, valueTable(item))));
+    const entries = Object.entries(value).filter(([key]) => key !== "object"); // the API's type tag says nothing here
+    if (!entries.length) return el("span", { className: "muted" }, "none");
+    const rows = entries.map(([key, item]) => el("tr", {}, el("th", {}, key.replaceAll("_", " ")), el("td", {}, valueTable(item))));
     return el("table", { className: "kv" }, el("tbody", {}, rows));
   }
   return el("span", {}, formatNumber(value));
