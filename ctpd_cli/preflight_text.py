@@ -124,6 +124,8 @@ def report_text(report: Mapping[str, Any]) -> str:
         lines.append(f"duration: about {_seconds(duration['seconds'])} on this deployment's workers")
     else:
         lines.append(f"duration: {duration.get('status', 'unknown')}: {duration.get('reason')}")
+    if duration.get("basis"):
+        lines.append(f"  basis: {duration['basis']}")
     for stage, estimate in (duration.get("stages") or {}).items():
         if estimate.get("seconds") is not None:
             lines.append(f"  {stage:<12} {_seconds(estimate['seconds'])} (from {estimate['measured_jobs']} job(s))")

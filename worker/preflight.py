@@ -198,7 +198,7 @@ def sample_report(spec: JobSpec, pairs: list[PreferencePair], student_tokenizer:
         keep = _percentile(response_tokens, 95)
         issues.append(issue(
             "warning", "responses_truncated",
-            f"{share:.0%} of responses are truncated to sequence.max_response_tokens={sequence.max_response_tokens} "
+            f"{share * 100:.0f} % of responses are truncated to sequence.max_response_tokens={sequence.max_response_tokens} "
             f"{sequence.length_unit} tokens (by {report['truncation']['tokens_cut_mean']:g} tokens on average, at most "
             f"{report['truncation']['tokens_cut_max']}); a truncated response gets no EOS span",
             f"raise sequence.max_response_tokens to {keep} (95 % of responses fit), or accept the cut",
@@ -208,7 +208,7 @@ def sample_report(spec: JobSpec, pairs: list[PreferencePair], student_tokenizer:
         keep = _percentile(prompt_tokens, 95)
         issues.append(issue(
             "warning", "prompts_truncated",
-            f"{prompt_share:.0%} of prompts are cut to their last sequence.max_prompt_tokens={sequence.max_prompt_tokens} "
+            f"{prompt_share * 100:.0f} % of prompts are cut to their last sequence.max_prompt_tokens={sequence.max_prompt_tokens} "
             f"{sequence.length_unit} tokens",
             f"raise sequence.max_prompt_tokens to {keep} (95 % of prompts fit), or accept the cut",
             "sequence.max_prompt_tokens"))

@@ -100,7 +100,7 @@ def test_truncation_is_measured_on_the_uncut_text_and_the_warning_names_the_budg
     p95 = sorted(lengths)[math.ceil(0.95 * (len(lengths) - 1))]
     assert warning["param"] == "sequence.max_response_tokens"
     assert f"raise sequence.max_response_tokens to {p95}" in warning["fix"]
-    assert f"{len(cut) / len(lengths):.0%} of responses are truncated" in warning["message"]
+    assert f"{100 * len(cut) / len(lengths):.0f} % of responses are truncated" in warning["message"]
     assert _errors(report) == []  # truncation is a warning: the job runs
 
 
