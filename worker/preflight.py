@@ -13,6 +13,7 @@ uses):
 * a seeded sample of pairs goes through the prepare stage's encoding and alignment: spans per response, the share
   of 1:1 spans, the span length histogram, pairs dropped, and how many responses (and prompts) the length budget
   truncates and by how many tokens, measured with the counting tokenizer on the uncut text;
+* LoRA ``target_modules`` exist in the student (its modules listed on the meta device, no weights loaded);
 * the steps of each training stage (``ctpd_core.train.plan_steps``), refusing what fit() would refuse.
 
 Every problem is an issue (``level`` error or warning, ``code``, ``param``, ``message``, ``fix``); the task never
@@ -120,6 +121,38 @@ def model_facts(role: str, ref: ModelRef, model_cache: Path, issues: list[Issue]
     facts["vocab_size"] = getattr(text_config, "vocab_size", None)
     facts["max_position_embeddings"] = getattr(text_config, "max_position_embeddings", None)
     return facts
+
+
+def _lora_check(spec: JobSpec, facts: dict[str, Any], model_cache: Path, issues: list[Issue]) -> None:
+    """LoRA ``target_modules`` the student lacks make peft refuse the distill stage after prepare, reference and
+    contrastive already ran: the module names are read from the student's config on the meta device (no weights)."""
+    targets = spec.lora.target_modules
+    if not spec.lora.enabled or targets == "all-linear" or not facts.get("loadable"):
+        return
+    folder, _ = _model_config(spec.student, model_cache)
+    if folder is None:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                            trust_remote_code=spec.student.trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.student.trust_remote_code)
+    except (OSError, ValueError, ImportError) as error:  # the config itself is reported by model_facts
+        logger.info("preflight: the student's modules cannot be listed (%s); LoRA targets not checked", error)
+        return
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in skeleton.named_modules() if name}
+    missing = [target for target in targets if target not in leaves]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        issues.append(issue(
+            "error", "lora_targets_missing",
+            f"lora.target_modules {missing} name no module of the student {spec.student.model!r}; peft would refuse "
+            "the distill stage after the earlier stages ran",
+            f"use its linear layers ({', '.join(linear)}) or lora.target_modules: all-linear", "lora.target_modules"))
 
 
 def _vocabulary_check(role: str, tokenizer: Any, facts: dict[str, Any], issues: list[Issue]) -> None:
@@ -277,6 +310,7 @@ def data_report(spec: JobSpec, *, model_cache: Path, dataset_resolver: Callable[
             roles[f"contrastive.{direction}"] = given
     models = {role: model_facts(role, ref, model_cache, issues) for role, ref in roles.items()}
     report["models"] = models
+    _lora_check(spec, models["student"], model_cache, issues)
 
     tokenizers: dict[str, Any] = {}
     for role in ("student", "teacher"):

@@ -158,6 +158,19 @@ def test_a_tokenizer_larger_than_its_models_embedding_is_an_error(
     assert error["code"] == "tokenizer_mismatch" and "embedding has 100" in error["message"]
 
 
+def test_lora_targets_the_student_lacks_are_an_error_naming_its_linear_layers(
+        db, settings, tiny_student_folder, tiny_teacher_folder, tiny_dataset_path):
+    """peft refuses them in distill, after prepare, reference and contrastive have run."""
+    spec = _tiny_spec(tiny_student_folder, tiny_teacher_folder, tiny_dataset_path,
+                      lora={"enabled": True, "target_modules": ["q_proj", "query_key_value"]})
+    (error,) = _errors(_preflight(db, settings, spec))
+    assert error["code"] == "lora_targets_missing" and "['query_key_value']" in error["message"]
+    assert "q_proj" in error["fix"] and "v_proj" in error["fix"]
+    fine = _tiny_spec(tiny_student_folder, tiny_teacher_folder, tiny_dataset_path,
+                      lora={"enabled": True, "target_modules": ["q_proj", "v_proj"]})
+    assert _errors(_preflight(db, settings, fine)) == []
+
+
 def test_an_uploaded_dataset_gets_the_measured_token_lengths_of_each_tokenizer(
         db, settings, tiny_student_folder, tiny_teacher_folder, tiny_dataset_path):
     row = dataset_rows.create_dataset(db, tenant="acme", filename="pairs.jsonl", format="jsonl", num_rows=40,
