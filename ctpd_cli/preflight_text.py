@@ -41,7 +41,8 @@ def report_text(report: Mapping[str, Any]) -> str:
     errors, warnings = report.get("errors") or [], report.get("warnings") or []
     pending = report.get("status") == "pending"
     verdict = ("incomplete: a worker has not answered yet" if pending else
-               "refused: a job with this spec would fail" if errors else "ok: no problem a preflight can see")
+               "refused: a job with this spec would fail" if errors else
+               "ok: it can run; read the warnings below first" if warnings else "ok: no problem a preflight can see")
     lines = [f"preflight {report['id']}: {len(errors)} error(s), {len(warnings)} warning(s): {verdict}"]
     if pending:
         lines.append(f"  poll: {report.get('poll')} (the data part below is missing until a worker answers)")
