@@ -186,16 +186,93 @@ def _token_count(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
 
+def _counting_role(spec: JobSpec) -> Side:
+    return "student" if spec.sequence.length_unit == "student" else "teacher"
+
+
+def _budgeted_prompt_tokens(encoder: PairEncoder, role: Side, pair: PreferencePair) -> int:
+    """The prompt's length as prepare measures it against ``max_prompt_tokens``: a conversation's ids through the
+    counting side's chat template (``truncate_messages``), a text prompt's own tokens (``truncate_prompt``)."""
+    if pair.messages is not None:
+        return len(encoder.prompt_ids("", role, pair.messages))
+    return _token_count(encoder.student_tokenizer if role == "student" else encoder.teacher_tokenizer, pair.prompt)
+
+
+def _fed_prompt_tokens(encoder: PairEncoder, role: Side, pair: PreferencePair) -> int:
+    """The uncut prompt's ids as prepare feeds them to ``role``'s model: its chat template's rendering of a
+    conversation (or of a text prompt under ``prompt_format: chat_template``), the start tokens included."""
+    return len(encoder.prompt_ids(pair.prompt, role, pair.messages))
+
+
+def _conversation_label(pair: PreferencePair) -> str:
+    last_user = next((content for role, content in reversed(pair.messages or ()) if role == "user"), pair.prompt)
+    roles = ", ".join(role for role, _ in pair.messages or ())
+    return f"the conversation ({roles}) ending {last_user[-60:]!r}"
+
+
+def conversation_check(encoder: PairEncoder, pairs: list[PreferencePair], issues: list[Issue]) -> set[int]:
+    """Conversations prepare would raise on (and so fail the job, whichever row it is): a chat template that refuses
+    their turns (Gemma's refuses a system turn), or a ``max_prompt_tokens`` the template and a kept system turn leave
+    no room in. Both depend on the turns' roles and the system turn, not on the rest of the text, so each distinct
+    (roles, system turn) of the whole dataset is tried once (on both sides); returns the indexes of refused pairs."""
+    tried: dict[tuple[Any, ...], str | None] = {}
+    refused: dict[str, list[int]] = {}
+    budget: dict[str, list[int]] = {}
+    for index, pair in enumerate(pairs):
+        if pair.messages is None:
+            continue
+        key = (tuple(role for role, _ in pair.messages),
+               pair.messages[0][1] if pair.messages[0][0] == "system" else None)
+        if key not in tried:
+            tried[key] = None
+            try:
+                for role in SIDES:
+                    encoder.prompt_ids("", role, pair.messages)
+            except ValueError as error:
+                tried[key] = f"refused:{error}"
+            else:
+                try:
+                    kept = encoder.truncate_messages(pair.messages)
+                    for role in SIDES:
+                        encoder.prompt_ids("", role, kept)
+                except ValueError as error:
+                    tried[key] = f"budget:{error}"
+        problem = tried[key]
+        if problem is not None:
+            kind, _, message = problem.partition(":")
+            (refused if kind == "refused" else budget).setdefault(message, []).append(index)
+    for message, indexes in refused.items():
+        issues.append(issue(
+            "error", "conversation_refused",
+            f"{len(indexes)} of {len(pairs)} pairs have a prompt a chat template refuses, e.g. "
+            f"{_conversation_label(pairs[indexes[0]])}; the prepare stage would fail the job on it: {message}",
+            "give those rows the turns the models' templates accept (without a system turn if one refuses it: fold "
+            "it into the first user turn), or choose models whose chat templates accept them", "dataset"))
+    for message, indexes in budget.items():
+        issues.append(issue(
+            "error", "conversation_refused",
+            f"{len(indexes)} of {len(pairs)} conversations do not fit sequence.max_prompt_tokens="
+            f"{encoder.config.max_prompt_tokens}, e.g. {_conversation_label(pairs[indexes[0]])}: {message}",
+            "raise sequence.max_prompt_tokens (the chat template and a system turn are counted in it), or shorten "
+            "the system turn", "sequence.max_prompt_tokens"))
+    return {index for indexes in (*refused.values(), *budget.values()) for index in indexes}
+
+
 def sample_report(spec: JobSpec, pairs: list[PreferencePair], student_tokenizer: Any, teacher_tokenizer: Any,
                   issues: list[Issue]) -> tuple[dict[str, Any], dict[str, dict[str, Any]], float]:
     """The prepare stage's statistics on ``pairs``, the truncation the budget makes, and the token lengths per
-    tokenizer; returns (report, lengths by tokenizer reference, the share of pairs that survive encoding)."""
-    from worker.recipe import prepare_sample
+    tokenizer; returns (report, lengths by tokenizer reference, the share of pairs that survive encoding).
+
+    Prompts are counted as prepare counts them (``PairEncoder``): a conversation through each side's chat
+    template, never its plain rendering. ``pairs`` are ones :func:`conversation_check` accepts."""
+    from worker.recipe import encoding_config, prepare_sample
 
     sequence = spec.sequence
-    counting = student_tokenizer if sequence.length_unit == "student" else teacher_tokenizer
+    encoder = PairEncoder(student_tokenizer, teacher_tokenizer, encoding_config(spec))
+    counting_role = _counting_role(spec)
+    counting = encoder.counting_tokenizer
     response_tokens = [_token_count(counting, text) for pair in pairs for text in (pair.chosen, pair.rejected)]
-    prompt_tokens = [_token_count(counting, pair.prompt) for pair in pairs]
+    prompt_tokens = [_budgeted_prompt_tokens(encoder, counting_role, pair) for pair in pairs]
     cut = [n - sequence.max_response_tokens for n in response_tokens if n > sequence.max_response_tokens]
     prompt_cut = [n - sequence.max_prompt_tokens for n in prompt_tokens if n > sequence.max_prompt_tokens]
     report: dict[str, Any] = {
@@ -214,14 +291,14 @@ def sample_report(spec: JobSpec, pairs: list[PreferencePair], student_tokenizer:
             "max_prompt_tokens": sequence.max_prompt_tokens,
         },
     }
-    roles = {"student": student_tokenizer} if teacher_tokenizer is student_tokenizer else \
+    roles: dict[Side, Any] = {"student": student_tokenizer} if teacher_tokenizer is student_tokenizer else \
         {"student": student_tokenizer, "teacher": teacher_tokenizer}
     lengths: dict[str, dict[str, Any]] = {}
     for role, tokenizer in roles.items():
         reference = (spec.student if role == "student" else spec.teacher or spec.student).model
         measured = tokenizer is counting
-        lengths[reference] = {
-            "prompt": _length_summary(prompt_tokens if measured else [_token_count(tokenizer, p.prompt) for p in pairs]),
+        lengths[reference] = {  # the prompt as this model is fed it, uncut; the responses' own tokens
+            "prompt": _length_summary([_fed_prompt_tokens(encoder, role, p) for p in pairs]),
             "chosen": _length_summary(response_tokens[0::2] if measured else [_token_count(tokenizer, p.chosen) for p in pairs]),
             "rejected": _length_summary(response_tokens[1::2] if measured else [_token_count(tokenizer, p.rejected) for p in pairs]),
             "sampled_pairs": len(pairs),
@@ -336,7 +413,7 @@ def data_report(spec: JobSpec, *, model_cache: Path, dataset_resolver: Callable[
     try:
         from worker.recipe import encoding_config
 
-        PairEncoder(student_tokenizer, teacher_tokenizer, encoding_config(spec))
+        encoder = PairEncoder(student_tokenizer, teacher_tokenizer, encoding_config(spec))
     except ValueError as error:
         fix = "set sequence.prompt_format: raw" if "chat template" in str(error) else "set sequence.eos_span: false"
         issues.append(issue("error", "encoding_refused", str(error), fix, "sequence"))
@@ -359,7 +436,13 @@ def data_report(spec: JobSpec, *, model_cache: Path, dataset_resolver: Callable[
         return report, {}
     report["dataset"] = {"valid": True, "train_pairs": len(train), "validation_pairs": len(validation)}
 
-    pairs = _sample(train, validation, sample_pairs)
+    # A conversation prepare would raise on fails the whole job, whichever row it is: every row is tried (once per
+    # distinct turns and system turn); the sample's statistics are of the others.
+    refused = conversation_check(encoder, train + validation, issues)
+    usable = [pair for index, pair in enumerate(train + validation) if index not in refused]
+    if not usable:
+        return report, {}
+    pairs = _sample(usable, [], sample_pairs)
     sample, lengths, surviving = sample_report(spec, pairs, student_tokenizer, teacher_tokenizer, issues)
     report["sample"] = sample
     _position_checks(sample, models, issues)
