@@ -28,6 +28,7 @@ from app import policy, preflight
 from app.api.deps import DbDep, PrincipalDep
 from app.api.errors import ApiError, error_responses
 from app.db import preflights as preflight_rows
+from app.db import tenants as tenant_rows
 from app.db.auth import Principal
 from app.db.engine import Database
 from app.db.models import Preflight
@@ -132,6 +133,7 @@ def _api_part(db: Database, spec: JobSpec, settings: Settings, principal: Princi
     issues += [preflight.issue("error", "invalid_reference", message,
                                "name only models and files this API key may use (the message says which)", param)
                for param, message in job_service.reference_problems(db, spec, principal, settings)]
+    issues += _queue_room(db, principal.tenant, settings)
     part: dict[str, Any] = {"memory": None, "workers": None, "issues": issues}
     if issues:  # the plan opens the folders the spec names: only those the caller may use
         return part, False
@@ -141,6 +143,22 @@ def _api_part(db: Database, spec: JobSpec, settings: Settings, principal: Princi
     part["workers"], waits = preflight.worker_facts(spec, settings, db)
     issues += waits
     return part, True
+
+
+def _queue_room(db: Database, tenant: str, settings: Settings) -> list[dict[str, Any]]:
+    """The submission's 429 seen ahead: the tenant already has ``max_queued`` queued jobs. A warning, not an error:
+    it changes as queued jobs start or are cancelled, and the submission counts again (app/db/jobs.py)."""
+    limits = tenant_rows.get_limits(db, tenant, settings.tenant_max_running, settings.tenant_max_queued)
+    with db.read() as session:
+        _, queued = tenant_rows.job_counts(session, tenant).get(tenant, (0, 0))
+    if queued < limits.max_queued:
+        return []
+    return [preflight.issue(
+        "warning", "queue_full",
+        f"tenant {tenant} has {queued} queued jobs, its limit (max_queued {limits.max_queued}): submitted now, this "
+        "job would be refused with a 429 (queue_full)",
+        f"wait for queued jobs to start, cancel some (POST /v1/jobs/{{id}}/cancel), or ask an admin to raise the "
+        f"limit (PUT /v1/tenants/{tenant}/limits)", None)]
 
 
 def dry_run(spec: JobSpec, principal: Principal, db: Database, queue: TaskQueue,

@@ -90,16 +90,20 @@ def _saved_dataset_dict(folder: Path) -> Path:
 DATASETS = [*sorted(path.name for path in FORMATS.glob("*.jsonl")), "save_to_disk"]
 
 
+@pytest.mark.parametrize("method", ["ctpd", "dpo"])
 @pytest.mark.parametrize("source", DATASETS)
-def test_a_clean_preflight_means_the_job_succeeds(source, db, settings, chat_student, chat_teacher, tmp_path):
-    """Every shipped format (and a save_to_disk folder with named splits), through two chat templates: the
-    preflight reports no error, then the real job on the same spec runs every stage to the end."""
+def test_a_clean_preflight_means_the_job_succeeds(source, method, db, settings, chat_student, chat_teacher,
+                                                  tiny_student_folder, tmp_path):
+    """Every shipped format (and a save_to_disk folder with named splits): ctpd through two chat templates, and
+    dpo on a student without one (the plain rendering). The preflight reports no error, then the real job on the
+    same spec runs every stage to the end."""
     if source == "save_to_disk":
         dataset = {"path": str(_saved_dataset_dict(tmp_path / "folder")), "split": "train_prefs",
                    "validation_split": "test_prefs"}
     else:
         dataset = {"path": str(FORMATS / source)}
-    spec = _spec(chat_student, chat_teacher, dataset)
+    spec = _spec(chat_student, chat_teacher, dataset) if method == "ctpd" else \
+        {**_spec(tiny_student_folder, tiny_student_folder, dataset), "method": "dpo", "teacher": None}
     report = _preflight(db, settings, spec)
     assert _errors(report) == [], report["issues"]
     assert report["sample"]["kept_pairs"] == report["sample"]["pairs"]
