@@ -484,6 +484,45 @@ def cmd_datasets_list(args: argparse.Namespace, client: Any) -> int:
     return 0
 
 
+def _lengths_text(lengths: Mapping[str, Any]) -> str:
+    """``chosen: mean 12.5, p50 12, p95 30, max 41`` for each part that has lengths (a part measured on no row:
+    ``none``)."""
+    parts = []
+    for part, summary in lengths.items():
+        if not isinstance(summary, Mapping):
+            continue
+        numbers = [f"{key} {summary[key]:g}" for key in ("min", "mean", "p50", "p90", "p95", "p99", "max")
+                   if isinstance(summary.get(key), int | float)]
+        parts.append(f"{part}: {', '.join(numbers) if numbers else 'none'}")
+    return "; ".join(parts)
+
+
+def dataset_stats_text(stats: Mapping[str, Any] | None) -> list[str]:
+    """The statistics of a Dataset object as lines under its table: the upload's counts, then the token lengths
+    each preflight measured (per tokenizer, the prompt as that model is fed it)."""
+    if not stats:
+        return []
+    if not stats.get("counted"):
+        lines = [f"statistics: not counted ({stats.get('missing') or 'unknown why'})"]
+    else:
+        shapes = ", ".join(f"{shape} {count}" for shape, count in (stats.get("shapes") or {}).items()) or "none"
+        lines = [f"rows:              {stats.get('rows')} ({shapes})",
+                 f"system turns:      {stats.get('system_turn_rows')} rows; multi-turn: {stats.get('multi_turn_rows')} rows",
+                 f"duplicates:        {stats.get('duplicate_rows')} rows, {stats.get('duplicate_prompts')} prompts",
+                 f"identical pairs:   {stats.get('identical_pairs')} (left out of training: no preference)"]
+        if stats.get("length_chars"):
+            lines.append(f"characters:        {_lengths_text(stats['length_chars'])}")
+    token_lengths = stats.get("token_lengths") or {}
+    if token_lengths:
+        lines.append("tokens (measured by preflights):")
+        lines += [f"  {tokenizer}: {_lengths_text(lengths)}"
+                  + (f" (over {lengths['sampled_pairs']} sampled pairs)" if "sampled_pairs" in lengths else "")
+                  for tokenizer, lengths in token_lengths.items()]
+    else:
+        lines.append("tokens:            none measured yet (ctpd submit SPEC --dry-run on a job naming it measures them)")
+    return lines
+
+
 @remote_command
 def cmd_datasets_get(args: argparse.Namespace, client: Any) -> int:
     dataset = client.dataset(args.dataset_id)
@@ -491,6 +530,9 @@ def cmd_datasets_get(args: argparse.Namespace, client: Any) -> int:
         print_json(dataset)
     else:
         print(table((*DATASET_HEADERS, "sha256"), [(*_dataset_row(dataset), dataset["sha256"])]))
+        lines = dataset_stats_text(dataset.get("stats"))
+        if lines:
+            print("\n" + "\n".join(lines))
     return 0
 
 
