@@ -107,7 +107,11 @@ function progressCell(job) {
 }
 
 // A nested object as a definition table (dataset statistics, whatever shape they have).
-function valueTable(value) {
+// Objects whose keys are data, not field names: a dataset's token_lengths are keyed by model reference (a folder
+// path or hub id such as "/models/my_student"), shown as written, never with "_" read as a space.
+const VERBATIM_KEYS = new Set(["token_lengths"]);
+
+function valueTable(value, verbatim = false) {
   if (value === null || value === undefined) return el("span", { className: "muted" }, "—");
   if (Array.isArray(value)) {
     if (value.every((item) => item === null || typeof item !== "object")) return el("span", {}, value.map(formatNumber).join(", "));
@@ -116,7 +120,8 @@ function valueTable(value) {
   if (typeof value === "object") {
     const entries = Object.entries(value).filter(([key]) => key !== "object"); // the API's type tag says nothing here
     if (!entries.length) return el("span", { className: "muted" }, "none");
-    const rows = entries.map(([key, item]) => el("tr", {}, el("th", {}, key.replaceAll("_", " ")), el("td", {}, valueTable(item))));
+    const rows = entries.map(([key, item]) => el("tr", {},
+      el("th", {}, verbatim ? key : key.replaceAll("_", " ")), el("td", {}, valueTable(item, VERBATIM_KEYS.has(key)))));
     return el("table", { className: "kv" }, el("tbody", {}, rows));
   }
   return el("span", {}, formatNumber(value));
@@ -676,10 +681,22 @@ async function datasetsPage() {
     id: dataset.id, format: dataset.format, rows: dataset.num_rows, size: formatBytes(dataset.size_bytes),
     sha256: dataset.sha256, uploaded: formatTime(dataset.created_at),
   }));
-  // stats: added to the Dataset object by the datasets work; absent or null for uploads made before it.
-  byId("dataset-stats").replaceChildren(dataset.stats
-    ? valueTable(dataset.stats)
-    : el("p", { className: "muted", id: "no-dataset-stats" }, "No statistics recorded for this dataset (uploaded before they were computed)."));
+  byId("dataset-stats").replaceChildren(datasetStats(dataset.stats));
+}
+
+// A Dataset object's stats: the upload's counts (or why there are none: stored before they were counted), then the
+// token lengths preflights measured per tokenizer. The id is in the facts above; counted/missing are said, not listed.
+function datasetStats(stats) {
+  if (!stats) return el("p", { className: "muted", id: "no-dataset-stats" }, "No statistics recorded for this dataset.");
+  const { dataset_id: _id, counted, missing, token_lengths: tokenLengths, ...counts } = stats;
+  const measured = Object.keys(tokenLengths || {}).length > 0;
+  return el("div", {},
+    counted ? valueTable(counts)
+      : el("p", { className: "muted", id: "no-dataset-stats" }, `Not counted: ${missing || "no counts were stored for this dataset"}.`),
+    el("h4", {}, "Token lengths, per tokenizer (measured by preflights)"),
+    measured ? el("div", { id: "dataset-token-lengths" }, valueTable(tokenLengths, true))
+      : el("p", { className: "muted", id: "no-token-lengths" },
+        "None measured yet: a dry run of a job on this dataset (ctpd submit SPEC --dry-run) measures them."));
 }
 
 // ------------------------------------------------------------------------------------------ start
