@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 Issue = dict[str, Any]
 SAMPLE_SEED = 0  # the sample is the same for the same dataset: two preflights of one spec agree
 SIDES: tuple[Side, ...] = ("student", "teacher")
+MAX_CONVERSATION_SHAPES = 2048  # distinct (roles, system turn) a preflight renders: a few seconds of templates
 TRUNCATION_WARNING_SHARE = 0.10  # more responses cut than this: a warning naming the budget that would keep 95 %
 
 
@@ -210,19 +211,26 @@ def _conversation_label(pair: PreferencePair) -> str:
     return f"the conversation ({roles}) ending {last_user[-60:]!r}"
 
 
-def conversation_check(encoder: PairEncoder, pairs: list[PreferencePair], issues: list[Issue]) -> set[int]:
+def conversation_check(encoder: PairEncoder, pairs: list[PreferencePair],
+                       issues: list[Issue]) -> tuple[set[int], dict[str, int]]:
     """Conversations prepare would raise on (and so fail the job, whichever row it is): a chat template that refuses
     their turns (Gemma's refuses a system turn), or a ``max_prompt_tokens`` the template and a kept system turn leave
     no room in. Both depend on the turns' roles and the system turn, not on the rest of the text, so each distinct
-    (roles, system turn) of the whole dataset is tried once (on both sides); returns the indexes of refused pairs."""
+    (roles, system turn) of the whole dataset is tried once (on both sides), up to ``MAX_CONVERSATION_SHAPES`` of
+    them. Returns the indexes of refused pairs and the counts (rows, shapes tried, rows left untried)."""
     tried: dict[tuple[Any, ...], str | None] = {}
     refused: dict[str, list[int]] = {}
     budget: dict[str, list[int]] = {}
+    conversations = untried = 0
     for index, pair in enumerate(pairs):
         if pair.messages is None:
             continue
+        conversations += 1
         key = (tuple(role for role, _ in pair.messages),
                pair.messages[0][1] if pair.messages[0][0] == "system" else None)
+        if key not in tried and len(tried) >= MAX_CONVERSATION_SHAPES:
+            untried += 1
+            continue
         if key not in tried:
             tried[key] = None
             try:
@@ -255,7 +263,16 @@ def conversation_check(encoder: PairEncoder, pairs: list[PreferencePair], issues
             f"{encoder.config.max_prompt_tokens}, e.g. {_conversation_label(pairs[indexes[0]])}: {message}",
             "raise sequence.max_prompt_tokens (the chat template and a system turn are counted in it), or shorten "
             "the system turn", "sequence.max_prompt_tokens"))
-    return {index for indexes in (*refused.values(), *budget.values()) for index in indexes}
+    if untried:
+        issues.append(issue(
+            "warning", "conversations_unchecked",
+            f"{untried} of {conversations} conversations were not rendered through the chat templates: the dataset "
+            f"has more than {MAX_CONVERSATION_SHAPES} distinct turn patterns and system turns, and only that many "
+            "are tried; one of the others that a template refuses, or whose system turn leaves no room in "
+            "sequence.max_prompt_tokens, would fail the job in prepare", "accept the risk, or use fewer distinct "
+            "system turns", "dataset"))
+    summary = {"rows": conversations, "shapes_tried": len(tried), "untried_rows": untried}
+    return {index for indexes in (*refused.values(), *budget.values()) for index in indexes}, summary
 
 
 def sample_report(spec: JobSpec, pairs: list[PreferencePair], student_tokenizer: Any, teacher_tokenizer: Any,
@@ -319,7 +336,9 @@ def sample_report(spec: JobSpec, pairs: list[PreferencePair], student_tokenizer:
         issues.append(issue(
             "warning", "prompts_truncated",
             f"{prompt_share * 100:.0f} % of prompts are cut to their last sequence.max_prompt_tokens={sequence.max_prompt_tokens} "
-            f"{sequence.length_unit} tokens",
+            f"{sequence.length_unit} tokens" + (
+                " (a conversation, counted with its chat template, loses its oldest exchanges first, keeping a system "
+                "turn and the last user turn)" if any(pair.messages is not None for pair in pairs) else ""),
             f"raise sequence.max_prompt_tokens to {keep} (95 % of prompts fit), or accept the cut",
             "sequence.max_prompt_tokens"))
 
@@ -438,7 +457,9 @@ def data_report(spec: JobSpec, *, model_cache: Path, dataset_resolver: Callable[
 
     # A conversation prepare would raise on fails the whole job, whichever row it is: every row is tried (once per
     # distinct turns and system turn); the sample's statistics are of the others.
-    refused = conversation_check(encoder, train + validation, issues)
+    refused, conversations = conversation_check(encoder, train + validation, issues)
+    if conversations["rows"]:
+        report["dataset"]["conversations"] = conversations
     usable = [pair for index, pair in enumerate(train + validation) if index not in refused]
     if not usable:
         return report, {}

@@ -94,15 +94,16 @@ DATASETS = [*sorted(path.name for path in FORMATS.glob("*.jsonl")), "save_to_dis
 @pytest.mark.parametrize("source", DATASETS)
 def test_a_clean_preflight_means_the_job_succeeds(source, method, db, settings, chat_student, chat_teacher,
                                                   tiny_student_folder, tmp_path):
-    """Every shipped format (and a save_to_disk folder with named splits): ctpd through two chat templates, and
-    dpo on a student without one (the plain rendering). The preflight reports no error, then the real job on the
+    """Every shipped format (and a save_to_disk folder with named splits): ctpd through two chat templates (text
+    prompts too: prompt_format chat_template), and dpo on a student without one (raw text, the plain rendering). The preflight reports no error, then the real job on the
     same spec runs every stage to the end."""
     if source == "save_to_disk":
         dataset = {"path": str(_saved_dataset_dict(tmp_path / "folder")), "split": "train_prefs",
                    "validation_split": "test_prefs"}
     else:
         dataset = {"path": str(FORMATS / source)}
-    spec = _spec(chat_student, chat_teacher, dataset) if method == "ctpd" else \
+    spec = _spec(chat_student, chat_teacher, dataset, sequence={"prompt_format": "chat_template"}) \
+        if method == "ctpd" else \
         {**_spec(tiny_student_folder, tiny_student_folder, dataset), "method": "dpo", "teacher": None}
     report = _preflight(db, settings, spec)
     assert _errors(report) == [], report["issues"]
@@ -132,6 +133,8 @@ def test_conversational_prompts_are_counted_as_each_template_renders_them(settin
     truncation = report["sample"]["truncation"]
     assert truncation["prompt_tokens"]["max"] == max(fed["student"])
     assert truncation["truncated_prompts"] == sum(n > 40 for n in fed["student"]) == 2
+    (warning,) = [entry for entry in report["issues"] if entry["code"] == "prompts_truncated"]
+    assert "loses its oldest exchanges first" in warning["message"] and "to 81" in warning["fix"]
     assert lengths[str(chat_student)]["prompt"]["max"] == max(fed["student"])
     assert lengths[str(chat_teacher)]["prompt"]["max"] == max(fed["teacher"])
 
@@ -164,3 +167,19 @@ def test_a_system_turn_longer_than_the_prompt_budget_is_an_error(db, settings, c
     assert errors[0]["param"] == "sequence.max_prompt_tokens" and "raise sequence.max_prompt_tokens" in errors[0]["fix"]
     with pytest.raises(ValueError, match="leaves no room for the last user turn"):
         run_spec(JobSpec.model_validate(spec), context(tmp_path, "no-room"))
+
+
+def test_past_the_shapes_it_renders_the_preflight_says_what_it_left_unchecked(db, settings, chat_student, chat_teacher,
+                                                                            monkeypatch):
+    """Three conversations of three distinct turn patterns; with room to try one, two are left untried, and the
+    report says so instead of passing them as checked."""
+    import worker.preflight
+
+    spec = _spec(chat_student, chat_teacher, {"path": str(FORMATS / "conversational_explicit.jsonl")})
+    assert _preflight(db, settings, spec)["dataset"]["conversations"] == {"rows": 3, "shapes_tried": 3,
+                                                                          "untried_rows": 0}
+    monkeypatch.setattr(worker.preflight, "MAX_CONVERSATION_SHAPES", 1)
+    report = _preflight(db, settings, spec)
+    assert report["dataset"]["conversations"] == {"rows": 3, "shapes_tried": 1, "untried_rows": 2}
+    (warning,) = [entry for entry in report["issues"] if entry["code"] == "conversations_unchecked"]
+    assert warning["level"] == "warning" and warning["message"].startswith("2 of 3 conversations were not rendered")
