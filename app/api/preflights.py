@@ -67,7 +67,9 @@ class PreflightReport(BaseModel):
     workers: dict[str, Any] | None = Field(description="The live workers and how many could run the job.")
     models: dict[str, Any] | None = Field(description="Per role: loadable, vocabulary size, positions.")
     tokenizers: dict[str, Any] | None = Field(description="Per side: class, tokens, offsets, EOS, chat template.")
-    dataset: dict[str, Any] | None = Field(description="Valid or not (the bad rows), train and validation pairs.")
+    dataset: dict[str, Any] | None = Field(description="Valid or not (the bad rows), train and validation pairs; "
+                                           "`conversations`: rows, shapes rendered through the chat templates, "
+                                           "rows left untried.")
     sample: dict[str, Any] | None = Field(description="The prepare stage on a sample: spans per response, alignment "
                                           "(share_1:1 ...), span_length_histogram, dropped pairs, truncation.")
     steps: dict[str, Any] | None = Field(description="Steps per training stage (contrastive: each of π+ and π−), "
