@@ -214,6 +214,7 @@ def test_finished_jobs_their_pages_the_list_and_the_comparison(dashboard_stack: 
     table = _text(browser, "#compare-table")
     assert first["name"] in table and second["name"] in table
     assert "preference accuracy (initial → distilled)" in table and "\npairs 8 8" in table.replace("\t", " ")
+    assert "\ndistill steps 30 30" in table.replace("\t", " "), table
     charts = browser.find_elements(By.CSS_SELECTOR, "#compare-charts .chart")
     assert [chart.get_attribute("data-metric") for chart in charts] == ["Loss", "Reward accuracy", "Reward margin",
                                                                         "Learning rate"]

@@ -585,14 +585,20 @@ async function comparePicker() {
   button.onclick = () => { location.href = `/compare?jobs=${[...chosen].join(",")}`; };
 }
 
-function specRows(jobs) {
+function specRows(jobs, metrics) {
+  // An epochs-driven job has no max_steps in its spec: the steps it ran are its distill curve's last step.
+  const distillSteps = (job, series) => {
+    if (job.spec.training.max_steps != null) return job.spec.training.max_steps;
+    const losses = (series && series["distill/loss"]) || [];
+    return losses.length ? losses[losses.length - 1].step : null;
+  };
   const duration = (job) => (job.started_at && job.finished_at ? (Date.parse(job.finished_at) - Date.parse(job.started_at)) / 1000 : null);
   return [
     ["status", jobs.map((j) => statusBadge(j.status))],
     ["method", jobs.map((j) => j.spec.method)],
     ["student", jobs.map((j) => modelName(j.spec.student))],
     ["teacher", jobs.map((j) => modelName(j.spec.teacher))],
-    ["distill steps", jobs.map((j) => formatNumber(j.spec.training.max_steps))],
+    ["distill steps", jobs.map((j, i) => formatNumber(distillSteps(j, metrics[i])))],
     ["learning rate", jobs.map((j) => formatNumber(j.spec.training.learning_rate))],
     ["beta", jobs.map((j) => formatNumber(j.spec.beta))],
     ["wall time", jobs.map((j) => formatDuration(duration(j)))],
@@ -620,7 +626,7 @@ async function comparePage() {
   const evaluation = jobs.map((_, i) => new Map(evaluationRows(metrics[i]).map((row) => [row.name, row])));
   const names = [...new Set(evaluation.flatMap((rows) => [...rows.keys()]))];
   const rows = [
-    ...specRows(jobs),
+    ...specRows(jobs, metrics),
     ...names.map((name) => [`${name.replaceAll("_", " ")}${evaluation.some((rows) => rows.get(name) && rows.get(name).initial !== undefined) ? " (initial → distilled)" : ""}`, evaluation.map((rows) => {
       const row = rows.get(name);
       if (!row) return "—";
