@@ -55,8 +55,22 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
+# Each page: its title and the name its script dispatches on (body data-page). The frame they share (head,
+# navigation, sign-in) is layout.html once; pages/<name>.html holds only what goes in its <main>.
+_PAGES = {"jobs": "Jobs", "job": "Job", "compare": "Compare", "datasets": "Datasets"}
+
+
+@cache
+def _page_html(name: str) -> bytes:
+    layout = _read(DASHBOARD_DIR / "layout.html").decode("utf-8")
+    main = _read(PAGES_DIR / f"{name}.html").decode("utf-8")
+    return (layout.replace("{{title}}", _PAGES[name]).replace("{{page}}", name)
+            .replace("{{main}}", main)).encode("utf-8")
+
+
 def _page(name: str) -> Response:
-    return Response(_read(PAGES_DIR / name), media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
+    return Response(_page_html(name.removesuffix(".html")), media_type="text/html; charset=utf-8",
+                    headers=_PAGE_HEADERS)
 
 
 @router.get("/")

@@ -149,7 +149,20 @@ def test_no_page_can_put_the_key_in_a_url():
 def test_the_package_ships_every_dashboard_file():
     """A non-editable install (the API image's ``pip install --no-deps .``) carries only what package-data names."""
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["app"]
-    needed = [*(f"pages/{page.name}" for page in PAGES_DIR.glob("*.html")), *(f"static/{name}" for name in STATIC_FILES)]
+    needed = ["layout.html", *(f"pages/{page.name}" for page in PAGES_DIR.glob("*.html")),
+              *(f"static/{name}" for name in STATIC_FILES)]
     for relative in needed:
         assert (DASHBOARD_DIR / relative).is_file(), relative
         assert any(fnmatch.fnmatch(f"dashboard/{relative}", pattern) for pattern in patterns), relative
+
+
+@pytest.mark.parametrize("path", list(PAGES))
+def test_each_page_is_its_body_in_the_shared_frame(client, path):
+    """layout.html holds the head, navigation and sign-in once; a page is its own <main> content put in it."""
+    html = client.get(path).text
+    assert "{{" not in html and "}}" not in html, "a layout placeholder was left unfilled"
+    assert html.count("<main id=\"main\" hidden>") == 1 and html.count("</main>") == 1
+    assert html.count('id="sign-in"') == 1 and html.count("<nav>") == 1
+    assert html.count("<h1") == 2  # the sign-in's and the page's own: the body is in the frame exactly once
+    assert html.rstrip().endswith("</html>")
+    assert re.search(r"<title>(Jobs|Job|Compare|Datasets) · ctpd</title>", html)
