@@ -38,6 +38,29 @@ def reachable(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+SHARED_PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=5"
+
+
+@contextlib.contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A database of its own on the shared PostgreSQL (127.0.0.1:5432; skips the test when it is not running),
+    dropped afterwards even with connections still open: yields its SQLAlchemy URL."""
+    if not reachable(5432):
+        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432 (.ci/run starts it)")
+    import uuid
+
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(SHARED_PG_ADMIN, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(SHARED_PG_ADMIN, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

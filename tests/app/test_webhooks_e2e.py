@@ -9,7 +9,6 @@ outbox rows in their own transactions. The receiver verifies every signature wit
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
 
@@ -23,6 +22,7 @@ from app.settings import Settings
 from tests.live_service import (
     TERMINAL,
     reachable,
+    scratch_database,
     service_env,
     serving,
     tiny_job,
@@ -35,21 +35,12 @@ from tests.live_service import (
 from tests.webhook_receiver import WebhookReceiver
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=5"
 
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    if not reachable(5432):
-        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
-    import psycopg
-
-    name = f"ctpd_webhooks_e2e_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database("ctpd_webhooks_e2e") as url:
+        yield url
 
 
 def test_a_real_job_notifies_the_receiver(tmp_path, postgres_url, tiny_student_folder, tiny_teacher_folder,

@@ -9,7 +9,6 @@ browser skips these tests; under ``CI=true`` it fails them, so CI cannot pass wi
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from tests.live_service import (
     free_port,
     reachable,
     run_cli,
+    scratch_database,
     service_env,
     upload_dataset,
     wait_until,
@@ -37,7 +37,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 INSTALL_HINT = "install Debian's browser and its driver: `apt-get install -y chromium chromium-driver` (.ci/run does)"
 REDIS_URL = "redis://127.0.0.1:6379/9"  # a database of its own on the shared Redis (flushed here)
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=5"
 WINDOW = (1400, 1000)
 
 
@@ -96,16 +95,8 @@ class DashboardStack:
 
 @pytest.fixture(scope="module")
 def dashboard_postgres() -> Iterator[str]:
-    if not reachable(5432):
-        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432 (.ci/run starts it)")
-    import psycopg
-
-    name = f"ctpd_dashboard_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database("ctpd_dashboard") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

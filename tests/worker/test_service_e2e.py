@@ -37,6 +37,7 @@ from tests.live_service import (
     job_events,
     reachable,
     run_cli,
+    scratch_database,
     service_env,
     tiny_job,
     up_logs,
@@ -46,7 +47,6 @@ from tests.live_service import (
 )
 
 REDIS_URL = "redis://127.0.0.1:6379/7"
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=5"
 
 
 def assert_succeeded_with_metrics_and_artifacts(client: httpx.Client, job: dict[str, Any], logs: str) -> None:
@@ -99,16 +99,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def postgres_url():
-    if not reachable(5432):
-        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432 (.ci/run starts it)")
-    import psycopg
-
-    name = f"ctpd_e2e_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database("ctpd_e2e") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
