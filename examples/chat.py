@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     from ctpd_core.encoding import EncodingConfig, PairEncoder, has_chat_template
     from ctpd_core.models import load_causal_lm
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     cache = Path(os.environ.get("CTPD_HOME", REPO / ".ctpd")) / "catalog"
     model, tokenizer = load_causal_lm(args.model, cache_dir=cache)
     model.eval().requires_grad_(False)

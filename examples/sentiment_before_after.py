@@ -60,6 +60,9 @@ def compare(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from bench.quality.measure import vader_scorer
     from ctpd_core.models import load_causal_lm
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a bar per model load would bury the report
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     device = torch.device("cpu")
     cache = Path(os.environ.get("CTPD_HOME", REPO / ".ctpd")) / "catalog"
