@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    from transformers.utils import logging as transformers_logging
+
     from ctpd_core.encoding import EncodingConfig, PairEncoder, has_chat_template
     from ctpd_core.models import load_causal_lm
-
-    from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     cache = Path(os.environ.get("CTPD_HOME", REPO / ".ctpd")) / "catalog"

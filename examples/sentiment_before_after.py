@@ -55,12 +55,11 @@ def _measure(model: Any, tokenizer: Any, prompts: list[Any], args: argparse.Name
 
 def compare(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
+    from transformers.utils import logging as transformers_logging
 
     from bench.quality.heldout import heldout_prompts
     from bench.quality.measure import vader_scorer
     from ctpd_core.models import load_causal_lm
-
-    from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # a bar per model load would bury the report
     torch.set_num_threads(max(1, os.cpu_count() or 1))
