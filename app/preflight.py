@@ -184,7 +184,7 @@ _THROUGHPUT_JOBS = 50  # the most recent succeeded jobs the duration is estimate
 
 
 def issue(level: str, code: str, message: str, fix: str, param: str | None = None) -> dict[str, Any]:
-    """One problem of a preflight report (the same shape as the worker's, worker/preflight.py)."""
+    """One problem of a preflight report (the API's and the worker's, worker/preflight.py, alike)."""
     return {"level": level, "code": code, "param": param, "message": message, "fix": fix}
 
 
@@ -251,9 +251,6 @@ def _stage_work(spec: dict[str, Any], stage: str, counts: dict[str, float]) -> t
     if stage == "evaluate":
         return student, None if validation is None else max(validation, 1) * tokens
     return student, 1.0  # export: one write of the student
-
-
-_ESTIMATED_STAGES = ("prepare", "reference", "contrastive", "weights", "distill", "evaluate", "export")
 
 
 def stages_run(spec: JobSpec) -> list[str]:

@@ -174,8 +174,13 @@ class PairEncoder:
         self._prefix = {"student": _special_prefix(student_tokenizer), "teacher": _special_prefix(teacher_tokenizer)}
 
     @property
+    def counting_role(self) -> Literal["student", "teacher"]:
+        """The side whose tokens the length budgets count (``length_unit``)."""
+        return "student" if self.config.length_unit == "student" else "teacher"
+
+    @property
     def counting_tokenizer(self) -> Any:
-        return self.student_tokenizer if self.config.length_unit == "student" else self.teacher_tokenizer
+        return self._tokenizer(self.counting_role)
 
     def _tokenizer(self, role: Literal["student", "teacher"]) -> Any:
         return self.student_tokenizer if role == "student" else self.teacher_tokenizer
@@ -204,8 +209,7 @@ class PairEncoder:
         return ids or [tokenizer.eos_token_id]
 
     def _counted(self, messages: Sequence[Message]) -> int:
-        role: Literal["student", "teacher"] = "student" if self.config.length_unit == "student" else "teacher"
-        return len(self._conversation_ids(self.counting_tokenizer, role, messages))
+        return len(self._conversation_ids(self.counting_tokenizer, self.counting_role, messages))
 
     def truncate_messages(self, messages: Sequence[Message]) -> tuple[Message, ...]:
         """The conversation within ``max_prompt_tokens`` of the counting tokenizer's rendering: the oldest

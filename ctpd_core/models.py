@@ -165,6 +165,18 @@ def resolve_model_folder(reference: str, *, cache_dir: Path) -> Path | None:
     return None
 
 
+def check_model_folder(folder: Path) -> None:
+    """Refuse a folder :func:`load_causal_lm` cannot load safely (raises ModelLoadError naming the fix): no
+    config.json, or no safetensors weights (a pickled ``.bin`` can run code when loaded). Cheap: nothing is read."""
+    if not (folder / "config.json").exists():
+        raise ModelLoadError(f"{folder} has no config.json; it is not a Hugging Face model folder")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"{folder} holds no *.safetensors weights; pickled .bin weights are refused because loading them "
+            "can run arbitrary code. Convert them once with model.save_pretrained(dir, safe_serialization=True)"
+        )
+
+
 def load_causal_lm(
     reference: str,
     *,
@@ -186,13 +198,7 @@ def load_causal_lm(
     dtype = dtype or torch.float32
     folder = resolve_model_folder(reference, cache_dir=cache_dir)
     if folder is not None:
-        if not (folder / "config.json").exists():
-            raise ModelLoadError(f"{folder} has no config.json; it is not a Hugging Face model folder")
-        if not any(folder.glob("*.safetensors")):
-            raise ModelLoadError(
-                f"{folder} holds no *.safetensors weights; pickled .bin weights are refused because loading them "
-                "can run arbitrary code. Convert them once with model.save_pretrained(dir, safe_serialization=True)"
-            )
+        check_model_folder(folder)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 str(folder), local_files_only=True, use_safetensors=True, dtype=dtype,

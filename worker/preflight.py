@@ -36,11 +36,13 @@ from app.db import datasets as dataset_rows
 from app.db import preflights as preflight_rows
 from app.db.engine import Database
 from app.policy import PolicyViolation
+from app.preflight import issue
 from app.settings import Settings
 from ctpd_core.alignment import AlignmentError, TokenizerOffsetsError
 from ctpd_core.catalog import CATALOG, ModelLoadError, catalog_gguf_path
 from ctpd_core.data import DatasetError, PreferencePair
-from ctpd_core.encoding import PairEncoder
+from ctpd_core.encoding import PairEncoder, has_chat_template
+from ctpd_core.models import check_model_folder, resolve_model_folder
 from ctpd_core.records import Side
 from ctpd_core.spec import JobSpec, ModelRef
 from ctpd_core.vocab import Stage
@@ -52,10 +54,6 @@ SAMPLE_SEED = 0  # the sample is the same for the same dataset: two preflights o
 SIDES: tuple[Side, ...] = ("student", "teacher")
 MAX_CONVERSATION_SHAPES = 2048  # distinct (roles, system turn) a preflight renders: a few seconds of templates
 TRUNCATION_WARNING_SHARE = 0.10  # more responses cut than this: a warning naming the budget that would keep 95 %
-
-
-def issue(level: str, code: str, message: str, fix: str, param: str | None = None) -> Issue:
-    return {"level": level, "code": code, "param": param, "message": message, "fix": fix}
 
 
 def _percentile(values: list[int], q: float) -> int:
@@ -83,17 +81,13 @@ def _model_config(ref: ModelRef, model_cache: Path) -> tuple[Path | None, str | 
             return None, str(error)
         converted = model_cache / reference / "model"
         return (converted if (converted / "config.json").is_file() else None), None
-    folder = Path(reference).expanduser()
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            return None, f"{folder} has no config.json; it is not a Hugging Face model folder"
-        if not any(folder.glob("*.safetensors")):
-            return None, (f"{folder} holds no *.safetensors weights (pickled .bin weights are refused: loading them can "
-                          "run code); convert them once with model.save_pretrained(dir, safe_serialization=True)")
-        return folder, None
-    if folder.exists():
-        return None, f"{folder} is a file; a model is a Hugging Face folder (config.json + *.safetensors)"
-    return None, None
+    try:  # a folder, checked as the loader checks it; None for a hub id (not a catalog name: nothing converts)
+        folder = resolve_model_folder(reference, cache_dir=model_cache)
+        if folder is not None:
+            check_model_folder(folder)
+    except ModelLoadError as error:
+        return None, str(error)
+    return folder, None
 
 
 def model_facts(role: str, ref: ModelRef, model_cache: Path, issues: list[Issue]) -> dict[str, Any]:
@@ -169,14 +163,13 @@ def _vocabulary_check(role: str, tokenizer: Any, facts: dict[str, Any], issues: 
 def _tokenizer_facts(tokenizer: Any) -> dict[str, Any]:
     return {"class": type(tokenizer).__name__, "tokens": len(tokenizer), "offsets": bool(getattr(tokenizer, "is_fast", False)),
             "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token,
-            "chat_template": bool(getattr(tokenizer, "chat_template", None))}
+            "chat_template": has_chat_template(tokenizer)}
 
 
 # ------------------------------------------------------------------------------------------------ the sample
 
 
-def _sample(train: list[PreferencePair], validation: list[PreferencePair], size: int) -> list[PreferencePair]:
-    pairs = train + validation
+def _sample(pairs: list[PreferencePair], size: int) -> list[PreferencePair]:
     if len(pairs) <= size:
         return pairs
     chosen = sorted(random.Random(SAMPLE_SEED).sample(range(len(pairs)), size))
@@ -185,10 +178,6 @@ def _sample(train: list[PreferencePair], validation: list[PreferencePair], size:
 
 def _token_count(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-
-
-def _counting_role(spec: JobSpec) -> Side:
-    return "student" if spec.sequence.length_unit == "student" else "teacher"
 
 
 def _budgeted_prompt_tokens(encoder: PairEncoder, role: Side, pair: PreferencePair) -> int:
@@ -218,7 +207,7 @@ def conversation_check(encoder: PairEncoder, pairs: list[PreferencePair],
     no room in. Both depend on the turns' roles and the system turn, not on the rest of the text, so each distinct
     (roles, system turn) of the whole dataset is tried once (on both sides), up to ``MAX_CONVERSATION_SHAPES`` of
     them. Returns the indexes of refused pairs and the counts (rows, shapes tried, rows left untried)."""
-    tried: dict[tuple[Any, ...], str | None] = {}
+    tried: dict[tuple[Any, ...], tuple[str, str] | None] = {}  # shape -> None (fine) or (kind, message)
     refused: dict[str, list[int]] = {}
     budget: dict[str, list[int]] = {}
     conversations = untried = 0
@@ -237,17 +226,17 @@ def conversation_check(encoder: PairEncoder, pairs: list[PreferencePair],
                 for role in SIDES:
                     encoder.prompt_ids("", role, pair.messages)
             except ValueError as error:
-                tried[key] = f"refused:{error}"
+                tried[key] = ("refused", str(error))
             else:
                 try:
                     kept = encoder.truncate_messages(pair.messages)
                     for role in SIDES:
                         encoder.prompt_ids("", role, kept)
                 except ValueError as error:
-                    tried[key] = f"budget:{error}"
+                    tried[key] = ("budget", str(error))
         problem = tried[key]
         if problem is not None:
-            kind, _, message = problem.partition(":")
+            kind, message = problem
             (refused if kind == "refused" else budget).setdefault(message, []).append(index)
     for message, indexes in refused.items():
         issues.append(issue(
@@ -286,7 +275,7 @@ def sample_report(spec: JobSpec, pairs: list[PreferencePair], student_tokenizer:
 
     sequence = spec.sequence
     encoder = PairEncoder(student_tokenizer, teacher_tokenizer, encoding_config(spec))
-    counting_role = _counting_role(spec)
+    counting_role = encoder.counting_role
     counting = encoder.counting_tokenizer
     response_tokens = [_token_count(counting, text) for pair in pairs for text in (pair.chosen, pair.rejected)]
     prompt_tokens = [_budgeted_prompt_tokens(encoder, counting_role, pair) for pair in pairs]
@@ -463,7 +452,7 @@ def data_report(spec: JobSpec, *, model_cache: Path, dataset_resolver: Callable[
     usable = [pair for index, pair in enumerate(train + validation) if index not in refused]
     if not usable:
         return report, {}
-    pairs = _sample(usable, [], sample_pairs)
+    pairs = _sample(usable, sample_pairs)
     sample, lengths, surviving = sample_report(spec, pairs, student_tokenizer, teacher_tokenizer, issues)
     report["sample"] = sample
     _position_checks(sample, models, issues)

@@ -479,9 +479,17 @@ def with_lora(spec: JobSpec, student: Any) -> Any:
     )
 
 
-def _load_tokenizer(ref: ModelRef, context: RunContext, role: str) -> Any:
-    return load_tokenizer(ref.model, cache_dir=context.model_cache, trust_remote_code=ref.trust_remote_code,
-                          revision=ref.revision, role=role)
+def encoding_config(spec: JobSpec) -> EncodingConfig:
+    """How prepare cuts and encodes responses: the spec's ``sequence`` section."""
+    return EncodingConfig(**spec.sequence.model_dump())
+
+
+def job_tokenizer(spec: JobSpec, role: Literal["student", "teacher"], model_cache: Path) -> Any:
+    """One side's tokenizer as the prepare stage (and a preflight) loads it: the teacher side is the student's for
+    the student-only baselines. Raises ModelLoadError (not loadable) or TokenizerOffsetsError (a slow tokenizer)."""
+    ref = spec.teacher if role == "teacher" and spec.uses_teacher and spec.teacher is not None else spec.student
+    return load_tokenizer(ref.model, cache_dir=model_cache, trust_remote_code=ref.trust_remote_code,
+                          revision=ref.revision, role=f"{role} tokenizer")
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -491,12 +499,10 @@ def prepare_stage(spec: JobSpec, runner: StageRunner) -> Prepared:
     """Tokenize and align every pair with both tokenizers (cached by data, tokenizers and ``sequence``)."""
     context = runner.context
     train_pairs, validation_pairs = split_dataset(spec, context.dataset_resolver)
-    student_tokenizer = _load_tokenizer(spec.student, context, "student tokenizer")
-    teacher_tokenizer = (
-        _load_tokenizer(spec.teacher, context, "teacher tokenizer")
-        if spec.uses_teacher and spec.teacher is not None
-        else student_tokenizer  # the student-only baselines: both "sides" are the student's
-    )
+    student_tokenizer = job_tokenizer(spec, "student", context.model_cache)
+    teacher_tokenizer = (job_tokenizer(spec, "teacher", context.model_cache)
+                         if spec.uses_teacher and spec.teacher is not None
+                         else student_tokenizer)  # the student-only baselines: both "sides" are the student's
     train_fingerprint = pairs_fingerprint(train_pairs)
     parts = {
         "stage": Stage.PREPARE,
@@ -510,8 +516,7 @@ def prepare_stage(spec: JobSpec, runner: StageRunner) -> Prepared:
     key = content_key(parts)
 
     def write(out: Path) -> None:
-        encoding = EncodingConfig(**spec.sequence.model_dump())
-        data = prepare(train_pairs, validation_pairs, student_tokenizer, teacher_tokenizer, encoding,
+        data = prepare(train_pairs, validation_pairs, student_tokenizer, teacher_tokenizer, encoding_config(spec),
                        observer=runner.observer, stop=runner.stop)
         save_prepared(out, data)
 
@@ -967,19 +972,6 @@ def run_spec(spec: JobSpec, context: RunContext) -> RunResult:
 # ------------------------------------------------------------------------------------------- preflight
 # What a dry run (worker/preflight.py) asks of the recipe: the same tokenizers, encoding and step arithmetic the
 # stages above use, without running them, so a preflight cannot drift from what a job then does.
-
-
-def encoding_config(spec: JobSpec) -> EncodingConfig:
-    """How prepare cuts and encodes responses: the spec's ``sequence`` section."""
-    return EncodingConfig(**spec.sequence.model_dump())
-
-
-def job_tokenizer(spec: JobSpec, role: Literal["student", "teacher"], model_cache: Path) -> Any:
-    """One side's tokenizer as :func:`prepare_stage` loads it: the teacher side is the student's for the student-only
-    baselines. Raises ModelLoadError (not loadable) or TokenizerOffsetsError (a slow tokenizer)."""
-    ref = spec.teacher if role == "teacher" and spec.uses_teacher and spec.teacher is not None else spec.student
-    return load_tokenizer(ref.model, cache_dir=model_cache, trust_remote_code=ref.trust_remote_code,
-                          revision=ref.revision, role=f"{role} tokenizer")
 
 
 def prepare_sample(spec: JobSpec, pairs: list[PreferencePair], student_tokenizer: Any, teacher_tokenizer: Any) -> PreparedData:

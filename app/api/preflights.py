@@ -27,8 +27,8 @@ from pydantic import BaseModel, Field
 from app import policy, preflight
 from app.api.deps import DbDep, PrincipalDep
 from app.api.errors import ApiError, error_responses
+from app.db import jobs as job_rows
 from app.db import preflights as preflight_rows
-from app.db import tenants as tenant_rows
 from app.db.auth import Principal
 from app.db.engine import Database
 from app.db.models import Preflight
@@ -150,14 +150,13 @@ def _api_part(db: Database, spec: JobSpec, settings: Settings, principal: Princi
 def _queue_room(db: Database, tenant: str, settings: Settings) -> list[dict[str, Any]]:
     """The submission's 429 seen ahead: the tenant already has ``max_queued`` queued jobs. A warning, not an error:
     it changes as queued jobs start or are cancelled, and the submission counts again (app/db/jobs.py)."""
-    limits = tenant_rows.get_limits(db, tenant, settings.tenant_max_running, settings.tenant_max_queued)
     with db.read() as session:
-        _, queued = tenant_rows.job_counts(session, tenant).get(tenant, (0, 0))
-    if queued < limits.max_queued:
+        full = job_rows.queue_full(session, tenant, settings.tenant_max_queued)
+    if full is None:
         return []
     return [preflight.issue(
         "warning", "queue_full",
-        f"tenant {tenant} has {queued} queued jobs, its limit (max_queued {limits.max_queued}): submitted now, this "
+        f"tenant {tenant} has {full.queued} queued jobs, its limit (max_queued {full.max_queued}): submitted now, this "
         "job would be refused with a 429 (queue_full)",
         f"wait for queued jobs to start, cancel some (POST /v1/jobs/{{id}}/cancel), or ask an admin to raise the "
         f"limit (PUT /v1/tenants/{tenant}/limits)", None)]

@@ -150,14 +150,21 @@ def create_job(
     raise RuntimeError(f"could not create or read back the job for Idempotency-Key {idempotency_key!r}")
 
 
+def queue_full(session: Session, tenant: str, default_max_queued: int) -> QueueFull | None:
+    """The tenant already has its ``max_queued`` queued jobs (what a submission is refused for), or None. The
+    submission asks it under its per-tenant lock; a dry run asks it too, to warn ahead."""
+    max_queued = tenant_rows.effective_limits(session, [tenant], 1, default_max_queued)[tenant].max_queued
+    queued = session.scalar(select(func.count()).where(Job.tenant == tenant, Job.status == JobStatus.QUEUED)) or 0
+    return QueueFull(tenant, int(queued), max_queued) if queued >= max_queued else None
+
+
 def _check_queue_room(db: Database, session: Session, tenant: str, default_max_queued: int) -> None:
     if not db.is_sqlite:
         session.execute(text("SELECT pg_advisory_xact_lock(:lock_class, hashtext(:tenant))"),
                         {"lock_class": _SUBMIT_LOCK_CLASS, "tenant": tenant})
-    max_queued = tenant_rows.effective_limits(session, [tenant], 1, default_max_queued)[tenant].max_queued
-    queued = session.scalar(select(func.count()).where(Job.tenant == tenant, Job.status == JobStatus.QUEUED)) or 0
-    if queued >= max_queued:
-        raise QueueFull(tenant, int(queued), max_queued)  # rolls the transaction back: nothing stored
+    full = queue_full(session, tenant, default_max_queued)
+    if full is not None:
+        raise full  # rolls the transaction back: nothing stored
 
 
 def _job_by_idempotency_key(db: Database, tenant: str, key: str) -> Job | None:
