@@ -217,12 +217,14 @@ class PairEncoder:
         the last user turn, then the last user turn cut keeping its end (the text closest to the response)."""
         limit = self.config.max_prompt_tokens
         kept = list(messages)
-        if self._counted(kept) <= limit:
+        count = self._counted(kept)  # a render and a tokenization: counted again only once `kept` changed
+        if count <= limit:
             return tuple(kept)
         first = 1 if kept[0][0] == "system" else 0
-        while len(kept) - first > 1 and self._counted(kept) > limit:
+        while len(kept) - first > 1 and count > limit:
             del kept[first:first + 2]  # rows alternate user/assistant from `first` (ctpd_core.data checks)
-        over = self._counted(kept) - limit
+            count = self._counted(kept)
+        over = count - limit
         role, content = kept[-1]
         for _ in range(8):
             if over <= 0:

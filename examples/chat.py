@@ -26,13 +26,14 @@ def reply(model: Any, tokenizer: Any, prompt_ids: list[int], args: argparse.Name
     import torch
 
     from bench.quality.sampling import control_token_ids
+    from ctpd_core.inference import pad_token_id
 
     torch.manual_seed(args.seed)
     input_ids = torch.tensor([prompt_ids])
     output = model.generate(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
         temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
-        eos_token_id=sorted(control_token_ids(tokenizer)), pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        eos_token_id=sorted(control_token_ids(tokenizer)), pad_token_id=pad_token_id(tokenizer),
     )
     return tokenizer.decode(output[0, len(prompt_ids):], skip_special_tokens=True)
 

@@ -32,11 +32,13 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: bench/ and ctpd_
 POSITIVE = 0.05  # VADER's documented threshold for "positive" (compound >= 0.05)
 
 
-def _bootstrap(per_prompt_change: np.ndarray, resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, per_prompt_change.size, size=(resamples, per_prompt_change.size))
-    low, high = np.percentile(per_prompt_change[draws].mean(axis=1), [2.5, 97.5])
-    return float(low), float(high)
+def _interval(after: np.ndarray, before: np.ndarray) -> tuple[float, float]:
+    """95 % interval of the mean change over prompts (``[prompts, samples]`` scores on each side): the quality
+    benchmark's bootstrap, with this one trained model as its one seed."""
+    from bench.quality.stats import bootstrap_difference
+
+    change = bootstrap_difference([after.tolist()], [before.tolist()])
+    return change["low"], change["high"]
 
 
 def _measure(model: Any, tokenizer: Any, prompts: list[Any], args: argparse.Namespace, device: Any,
@@ -74,16 +76,15 @@ def compare(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         measured[role] = _measure(model, tokenizer, prompts, args, device, reward)
         del model
     before, after = measured["before"]["scores"], measured["after"]["scores"]
-    positive_change = (after >= POSITIVE).mean(axis=1) - (before >= POSITIVE).mean(axis=1)  # [prompts]
-    sentiment_change = after.mean(axis=1) - before.mean(axis=1)
-    example = int(np.argmax(sentiment_change))
+    positive_before, positive_after = (before >= POSITIVE).astype(float), (after >= POSITIVE).astype(float)
+    example = int(np.argmax(after.mean(axis=1) - before.mean(axis=1)))  # the prompt whose sentiment rose most
     return {
         "prompts": len(prompts),
         "samples_per_prompt": args.samples,
-        "positive_share": {"before": float((before >= POSITIVE).mean()), "after": float((after >= POSITIVE).mean()),
-                           "change_ci95": _bootstrap(positive_change)},
+        "positive_share": {"before": float(positive_before.mean()), "after": float(positive_after.mean()),
+                           "change_ci95": _interval(positive_after, positive_before)},
         "mean_sentiment": {"before": float(before.mean()), "after": float(after.mean()),
-                           "change_ci95": _bootstrap(sentiment_change)},
+                           "change_ci95": _interval(after, before)},
         "example": {"prompt": prompts[example].prompt, "before": measured["before"]["texts"][example][0],
                     "after": measured["after"]["texts"][example][0]},
     }

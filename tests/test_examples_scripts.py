@@ -42,11 +42,12 @@ def test_the_verdict_follows_the_interval(before_after):
 
 
 def test_the_bootstrap_interval_brackets_the_mean_and_excludes_zero_only_for_a_clear_change(before_after):
-    clear = np.full(40, 0.25) + np.linspace(-0.05, 0.05, 40)
-    low, high = before_after._bootstrap(clear)
+    before = np.zeros((40, 1))  # [prompts, samples]
+    clear = (np.full(40, 0.25) + np.linspace(-0.05, 0.05, 40))[:, None]
+    low, high = before_after._interval(clear, before)
     assert 0 < low <= 0.25 <= high
-    noisy = np.array([1.0, -1.0] * 20)
-    low, high = before_after._bootstrap(noisy)
+    noisy = np.array([1.0, -1.0] * 20)[:, None]
+    low, high = before_after._interval(noisy, before)
     assert low < 0 < high
 
 

@@ -168,6 +168,18 @@ async def upload_dataset(request: Request, principal: PrincipalDep, db: DbDep, s
     return dataset_object(row)
 
 
+def _not_found(dataset_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no dataset {dataset_id!r} for this API key", "dataset_id")
+
+
+def _tenant_dataset(db: Database, dataset_id: str, principal: Principal) -> orm.Dataset:
+    """The caller's tenant's dataset, or the 404 (another tenant's id reads as no dataset at all)."""
+    row = dataset_rows.get_dataset(db, dataset_id, principal.tenant)
+    if row is None:
+        raise _not_found(dataset_id)
+    return row
+
+
 @router.get(
     "/{dataset_id}",
     operation_id="get_dataset",
@@ -177,10 +189,7 @@ async def upload_dataset(request: Request, principal: PrincipalDep, db: DbDep, s
 )
 def get_dataset(dataset_id: str, request: Request, principal: PrincipalDep, db: DbDep) -> Dataset:
     _refuse_unknown_query(request, ())
-    row = dataset_rows.get_dataset(db, dataset_id, principal.tenant)
-    if row is None:
-        raise ApiError(404, "not_found", f"no dataset {dataset_id!r} for this API key", "dataset_id")
-    return dataset_object(row)
+    return dataset_object(_tenant_dataset(db, dataset_id, principal))
 
 
 @router.get(
@@ -196,10 +205,7 @@ def get_dataset(dataset_id: str, request: Request, principal: PrincipalDep, db: 
 )
 def get_dataset_stats(dataset_id: str, request: Request, principal: PrincipalDep, db: DbDep) -> DatasetStats:
     _refuse_unknown_query(request, ())
-    row = dataset_rows.get_dataset(db, dataset_id, principal.tenant)
-    if row is None:
-        raise ApiError(404, "not_found", f"no dataset {dataset_id!r} for this API key", "dataset_id")
-    return dataset_stats_object(row)
+    return dataset_stats_object(_tenant_dataset(db, dataset_id, principal))
 
 
 # ------------------------------------------------------------------------------------- listing and deleting
@@ -262,7 +268,7 @@ def delete_dataset(dataset_id: str, principal: PrincipalDep, db: DbDep, settings
                        f"{', '.join(error.job_ids)}; cancel them or wait until they end, then delete it",
                        "dataset_id") from None
     if row is None:
-        raise ApiError(404, "not_found", f"no dataset {dataset_id!r} for this API key", "dataset_id")
+        raise _not_found(dataset_id)
     # Its own folder (datasets/<id>/, where the upload put it), and nothing outside the upload area.
     folder = datasets_dir(settings) / dataset_id
     if Path(row.path).parent == folder:
